@@ -1,0 +1,45 @@
+# Every entry point of the project; CI calls only these.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.deps-installed
+export PYO3_PYTHON := $(abspath $(PY))
+
+.PHONY: help install build demo test test-rust test-py lint bench fuzz soak clean
+
+help:  ## list the entry points
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml \
+		pytest pytest-timeout hypothesis numpy mypy torch
+	touch $(STAMP)
+
+install: $(STAMP) build  ## create .venv with every dependency and build the extension
+
+build: $(STAMP)  ## build the Rust extension into .venv (release mode)
+	$(VENV)/bin/maturin develop --release -q
+
+demo: install  ## run the spec's flow: controller + worker, then the spec's /lookup
+	$(PY) -m lmcache_rs.demo
+
+test: install test-rust test-py  ## run every test (cargo test + pytest)
+
+test-rust:
+	cargo test --release
+
+test-py:
+	$(PY) -m pytest -q
+
+lint:  ## rustfmt, clippy and the type stub check
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	$(PY) -m mypy.stubtest lmcache_rs._core
+
+bench: install  ## benchmarks side by side with the anchors (see BENCHMARKS.md)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf target $(VENV)

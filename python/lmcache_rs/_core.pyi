@@ -1,0 +1,98 @@
+"""Type stub of the native module. Users import from ``lmcache_rs``, never ``_core``."""
+
+import os
+from typing import Any, Iterable, Sequence, Union
+
+__version__: str
+
+# Anything holding token ids: list[int], array.array, numpy int32/int64/uint32 arrays,
+# CPU torch tensors, or bytes/memoryview of little-endian u32.
+TokensLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
+# Chunk keys: list[int], array.array('Q'), numpy uint64, or bytes of little-endian u64.
+HashesLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
+
+class LMCacheError(Exception):
+    """Root of every error the index raises."""
+
+class InvalidArgumentError(LMCacheError, ValueError):
+    """An argument has the right type but a bad value (negative token, unknown op, ...)."""
+
+class InvalidTypeError(LMCacheError, TypeError):
+    """An argument has a type the index does not accept."""
+
+class SnapshotError(LMCacheError, ValueError):
+    """A dump file is corrupt, truncated, of another format version or for another index."""
+
+def chunk_hashes(tokens: TokensLike, chunk_size: int = 256, seed: int = 0) -> list[int]:
+    """Chained seeded xxh3-64 keys of the chunks of ``tokens`` (see rust/README.md).
+
+    Raises InvalidTypeError / InvalidArgumentError on bad tokens or chunk_size == 0.
+    """
+
+class Index:
+    def __init__(self, chunk_size: int = 256, seed: int = 0) -> None: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    def register_worker(self, instance_id: str, worker_id: int) -> None: ...
+    def remove_worker(self, instance_id: str, worker_id: int) -> int:
+        """Unregister the worker and drop all its holdings; returns holdings dropped."""
+    def workers(self) -> dict[str, list[int]]:
+        """Live workers per instance."""
+    def admit(
+        self,
+        instance_id: str,
+        worker_id: int,
+        location: str,
+        tokens: TokensLike | None = None,
+        hashes: HashesLike | None = None,
+    ) -> int:
+        """Record that the worker holds these chunks at location; exactly one of tokens/hashes.
+
+        An unknown worker is registered. Returns the number of new (holder, chunk) holdings.
+        """
+    def evict(
+        self,
+        instance_id: str,
+        worker_id: int,
+        location: str,
+        tokens: TokensLike | None = None,
+        hashes: HashesLike | None = None,
+    ) -> int:
+        """Forget that the worker holds these chunks at location; returns holdings removed."""
+    def apply_batch(self, events: Iterable[tuple[str, str, int, str, HashesLike]]) -> tuple[int, int]:
+        """Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events.
+
+        Validated as a whole first (a bad event raises and nothing is applied), then applied
+        and published at once: readers see all of it or none. Returns (admitted, evicted).
+        """
+    def clear(self, instance_id: str, location: str | None = None) -> int:
+        """Drop the instance's holdings (at one location, or all); returns holdings dropped."""
+    def lookup(self, tokens: TokensLike) -> dict[str, tuple[str, int]]:
+        """instance_id -> (location, matched_prefix_length) for every instance with a match."""
+    def lookup_detailed(self, tokens: TokensLike) -> dict[str, dict[str, Any]]:
+        """instance_id -> {"location": str, "matched_prefix_length": int,
+        "locations": {location: n}, "workers": {worker_id: {location: n}}} where
+        ``locations`` gives the instance-wide match per location (all live workers) and
+        ``workers`` each worker's own prefix per location. Instances where some worker
+        holds a prefix appear even when the instance as a whole has none (n = 0)."""
+    def lookup_json(self, body: bytes, event_id: str, detail: bool = False) -> bytes:
+        """Parse a /lookup body ``{"tokens": [...], ...}`` and return the response body:
+        ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}``
+        (with detail: ``"detail": {...lookup_detailed...}`` added).
+        Raises InvalidArgumentError naming the problem on a malformed body."""
+    def holder_counts(self) -> list[tuple[str, int, str, int]]:
+        """(instance_id, worker_id, location, chunks held) for every holder."""
+    def stats(self) -> dict[str, int]:
+        """chunks (distinct chunk keys = tree nodes), nodes, holders, holdings
+        ((holder, chunk) pairs), instances, workers, holder_sets, bytes (heap bytes, both copies)."""
+    def check_invariants(self) -> None:
+        """Raise LMCacheError describing the first broken invariant."""
+    def dump(self, path: str | os.PathLike[str]) -> None:
+        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename)."""
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Replace the contents with a snapshot. A corrupt, foreign or mismatched
+        (chunk_size/seed) file raises SnapshotError and leaves the index as it was."""
+    def __len__(self) -> int:
+        """Number of distinct chunk keys."""
