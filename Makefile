@@ -8,7 +8,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 .PHONY: help install build demo test test-rust test-py lint bench fuzz soak clean
 
 help:  ## list the entry points
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
