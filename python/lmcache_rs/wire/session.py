@@ -1,0 +1,387 @@
+"""Session layer: msgpack RPC over framed TCP (docs/protocol.md, "Command connection").
+
+One :class:`Session` is the ``asyncio.Protocol`` of one connection. Either side may
+call the other:
+
+* ``await session.call(op, args)`` sends ``{"t": "command", "id", "op", "args"}`` and
+  resolves with the ``result`` of the matching ``reply`` (raises :class:`RemoteError`
+  on ``ok: false``, :class:`RequestTimeout` after ``timeout``, :class:`SessionClosed`
+  when the connection goes away first). At most ``max_pending`` calls are in flight;
+  further calls wait for a slot.
+* Incoming ``command`` frames are dispatched by ``op`` through the ``handlers`` table
+  (``op -> callable(args) -> result or awaitable``). At most ``max_concurrency`` run at
+  once; the rest queue, and reading pauses when the queue reaches its high-water mark.
+  A handler that raises (or an unknown op) answers ``ok: false`` with the error; the
+  connection stays open.
+* Any other frame type goes to ``on_message(message)`` (a plain function). Without one,
+  or when it raises :class:`FrameError`, the peer gets an ``error`` frame and the
+  connection is closed -- as for a frame that cannot be decoded.
+
+Usage::
+
+    server = await serve("localhost", 8001, {"health": health})
+    session = await connect("localhost", 8001)
+    print(await session.call("health"))
+    session.close(); await session.wait_closed()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import itertools
+import logging
+from typing import Any, Awaitable, Callable, Mapping, Union
+
+from .flow_control import FlowControl
+from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, encode_frame
+
+log = logging.getLogger("lmcache_rs.wire")
+
+Handler = Callable[[dict], Union[Any, Awaitable[Any]]]
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_MAX_CONCURRENCY = 64
+DEFAULT_MAX_PENDING = 1024
+
+
+class SessionError(Exception):
+    """Root of the session layer's errors."""
+
+
+class SessionClosed(SessionError, ConnectionError):
+    """The connection closed (or was never open) before the reply arrived."""
+
+
+class RequestTimeout(SessionError, TimeoutError):
+    """No reply within the call's timeout; a late reply is ignored."""
+
+
+class RemoteError(SessionError):
+    """The peer answered ``ok: false``; ``op`` and the peer's ``error`` text are kept."""
+
+    def __init__(self, op: str, error: str):
+        super().__init__(f"{op}: {error}")
+        self.op = op
+        self.error = error
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+class Session(asyncio.Protocol):
+    """One framed msgpack connection with request/reply in both directions."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler] | None = None,
+        *,
+        on_message: Callable[[dict], None] | None = None,
+        on_close: Callable[["Session", BaseException | None], None] | None = None,
+        on_open: Callable[["Session"], None] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+        handler_timeout: float | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        name: str = "",
+    ):
+        if max_concurrency < 1 or max_pending < 1:
+            raise ValueError("max_concurrency and max_pending must be at least 1")
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.on_message = on_message
+        self.on_close = on_close
+        self.on_open = on_open
+        self.request_timeout = request_timeout
+        self.handler_timeout = handler_timeout
+        self.max_concurrency = max_concurrency
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.remote_error: tuple[str, str] | None = None  # (code, message) of an error frame received
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, str]] = {}
+        self._slots = asyncio.Semaphore(max_pending)
+        self._running: set[asyncio.Task] = set()
+        self._backlog: collections.deque[dict] = collections.deque()
+        self._closing = False
+        self._closed: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport, high_water=2 * self.max_concurrency)
+        self._closed = asyncio.get_running_loop().create_future()
+        if not self.name:
+            peer = transport.get_extra_info("peername")
+            self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "session"
+        if self.on_open is not None:
+            self.on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except FrameError as exc:
+            self._reject(exc.code, str(exc))
+            return
+        for message in messages:
+            if self._closing:
+                return
+            try:
+                self._dispatch(message)
+            except FrameError as exc:
+                self._reject(exc.code, str(exc))
+                return
+            except Exception:  # a bug in on_message: never let it escape into the loop
+                log.exception("session %s: frame handler failed", self.name)
+                self._reject("internal_error", "the receiver failed to process the frame")
+                return
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closing = True
+        pending, self._pending = self._pending, {}
+        reason = "connection closed"
+        if self.remote_error is not None:
+            reason = f"peer refused a frame: {self.remote_error[0]}: {self.remote_error[1]}"
+        elif exc is not None:
+            reason = f"connection lost: {exc}"
+        for future, op in pending.values():
+            if not future.done():
+                future.set_exception(SessionClosed(f"{op}: {reason}"))
+        for task in list(self._running):
+            task.cancel()
+        self._backlog.clear()
+        if self.flow is not None:
+            self.flow.connection_lost()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_close is not None:
+            try:
+                self.on_close(self, exc)
+            except Exception:
+                log.exception("session %s: on_close failed", self.name)
+
+    def pause_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.resume_writing()
+
+    # -- sending --------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closing or self.transport is None
+
+    def send(self, message: dict) -> None:
+        """Write one frame now (dropped when the connection is closing)."""
+        if self._closing or self.transport is None:
+            raise SessionClosed(f"session {self.name} is closed")
+        self.transport.write(encode_frame(message))
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self.flow is not None:
+            await self.flow.drain()
+
+    async def call(self, op: str, args: dict | None = None, *, timeout: float | None = -1.0) -> Any:
+        """Send a command and return the peer's ``result``.
+
+        ``timeout`` defaults to the session's ``request_timeout``; None waits forever.
+        Raises RemoteError, RequestTimeout or SessionClosed.
+        """
+        if timeout is not None and timeout < 0:
+            timeout = self.request_timeout
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            if self._closing or self.transport is None:
+                raise SessionClosed(f"{op}: session {self.name} is closed")
+            request_id = next(self._ids)
+            frame = encode_frame({"t": "command", "id": request_id, "op": op, "args": args if args is not None else {}})
+            future = loop.create_future()
+            self._pending[request_id] = (future, op)
+            self.transport.write(frame)
+            timer = None
+            if timeout is not None:
+                timer = loop.call_later(timeout, self._expire, request_id, timeout)
+            try:
+                return await future
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._pending.pop(request_id, None)
+
+    def _expire(self, request_id: int, timeout: float) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(RequestTimeout(f"{entry[1]}: no reply within {timeout:g} s"))
+
+    def close(self) -> None:
+        """Flush what was written and close."""
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self._closing = True
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    def _reject(self, code: str, message: str) -> None:
+        """Answer a bad frame with an error frame and close (docs/protocol.md, Framing)."""
+        log.warning("session %s: rejecting frame: %s: %s", self.name, code, message)
+        if self.transport is not None and not self._closing:
+            self.transport.write(encode_frame({"t": "error", "code": code, "message": message}))
+        self.close()
+
+    # -- receiving ------------------------------------------------------------------------
+    def _dispatch(self, message: dict) -> None:
+        kind = message["t"]
+        if kind == "reply":
+            self._on_reply(message)
+        elif kind == "command":
+            self._on_command(message)
+        elif kind == "error":
+            code, text = message.get("code"), message.get("message")
+            self.remote_error = (str(code), str(text))
+            log.warning("session %s: peer sent error %s: %s", self.name, code, text)
+            if self.on_message is not None:
+                self.on_message(message)
+            self.close()
+        elif self.on_message is not None:
+            self.on_message(message)
+        else:
+            raise FrameError("unknown_type", f"unexpected frame type {kind!r} on this connection")
+
+    def _on_reply(self, message: dict) -> None:
+        request_id = message.get("id")
+        ok = message.get("ok")
+        if not _is_int(request_id) or type(ok) is not bool:
+            raise FrameError("bad_field", 'reply needs an integer "id" and a boolean "ok"')
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            log.debug("session %s: reply to unknown or expired request %d", self.name, request_id)
+            return
+        future, op = entry
+        if future.done():
+            return
+        if ok:
+            future.set_result(message.get("result"))
+        else:
+            error = message.get("error")
+            future.set_exception(RemoteError(op, error if isinstance(error, str) else "unknown error"))
+
+    def _on_command(self, message: dict) -> None:
+        request_id, op = message.get("id"), message.get("op")
+        args = message.get("args")
+        if args is None:
+            args = message["args"] = {}
+        if not _is_int(request_id) or not isinstance(op, str) or not isinstance(args, dict):
+            raise FrameError("bad_field", 'command needs an integer "id", a string "op" and a map "args"')
+        if len(self._running) >= self.max_concurrency:
+            self._backlog.append(message)
+            assert self.flow is not None
+            self.flow.update(len(self._running) + len(self._backlog))
+            return
+        self._start(message)
+
+    def _start(self, message: dict) -> None:
+        request_id, op, args = message["id"], message["op"], message["args"]
+        handler = self.handlers.get(op)
+        if handler is None:
+            self._reply_error(request_id, f"unknown op {op!r}")
+            return
+        try:
+            result = handler(args)
+        except Exception as exc:
+            self._reply_error(request_id, _describe(exc))
+            return
+        if not inspect.isawaitable(result):
+            self._reply_ok(request_id, result)
+            return
+        task = asyncio.ensure_future(self._finish(request_id, op, result))
+        self._running.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _finish(self, request_id: int, op: str, awaitable: Awaitable[Any]) -> None:
+        try:
+            if self.handler_timeout is not None:
+                result = await asyncio.wait_for(awaitable, self.handler_timeout)
+            else:
+                result = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, asyncio.TimeoutError):
+            self._reply_error(request_id, f"{op} timed out after {self.handler_timeout:g} s")
+        except Exception as exc:
+            log.warning("session %s: command %s failed: %s", self.name, op, _describe(exc))
+            self._reply_error(request_id, _describe(exc))
+        else:
+            self._reply_ok(request_id, result)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        while self._backlog and len(self._running) < self.max_concurrency and not self._closing:
+            self._start(self._backlog.popleft())
+        if self.flow is not None:
+            self.flow.update(len(self._running) + len(self._backlog))
+
+    def _reply_ok(self, request_id: int, result: Any) -> None:
+        if self._closing or self.transport is None:
+            return
+        try:
+            frame = encode_frame({"t": "reply", "id": request_id, "ok": True, "result": result})
+        except Exception as exc:  # result not serialisable: answer the error instead
+            self._reply_error(request_id, f"result cannot be encoded: {exc}")
+            return
+        self.transport.write(frame)
+
+    def _reply_error(self, request_id: int, error: str) -> None:
+        if self._closing or self.transport is None:
+            return
+        self.transport.write(encode_frame({"t": "reply", "id": request_id, "ok": False, "error": error}))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def connect(
+    host: str,
+    port: int,
+    handlers: Mapping[str, Handler] | None = None,
+    *,
+    connect_timeout: float = 5.0,
+    **session_kwargs: Any,
+) -> Session:
+    """Open a TCP connection and return its Session. Raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    _, session = await asyncio.wait_for(
+        loop.create_connection(lambda: Session(handlers, **session_kwargs), host, port), connect_timeout
+    )
+    return session
+
+
+async def serve(
+    host: str | None,
+    port: int,
+    handlers: Mapping[str, Handler] | None = None,
+    **session_kwargs: Any,
+) -> asyncio.Server:
+    """Listen on host:port; every accepted connection gets its own Session over ``handlers``."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: Session(handlers, **session_kwargs), host, port)
