@@ -10,7 +10,7 @@ from __future__ import annotations
 import array
 import struct
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import msgpack
 
@@ -46,26 +46,39 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
-        out: list[dict[str, Any]] = []
-        while True:
-            if self._need is None:
-                if len(self._buf) < _HEADER.size:
-                    return out
-                (length,) = _HEADER.unpack_from(self._buf)
-                if length > self.max_frame_bytes:
-                    raise FrameError(
-                        "frame_too_large",
-                        f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}",
-                    )
-                del self._buf[: _HEADER.size]
-                self._need = length
-            if len(self._buf) < self._need:
-                return out
-            body = bytes(self._buf[: self._need])
-            del self._buf[: self._need]
-            self._need = None
-            out.append(decode_body(body))
+        """All complete messages in the stream so far; raises FrameError at the first bad one
+        (the good frames before it are lost: use :meth:`frames` to act on them)."""
+        return list(self.frames(data))
+
+    def frames(self, data: bytes) -> Iterator[dict[str, Any]]:
+        """Like :meth:`feed`, one message at a time: the frames before a bad one are
+        yielded before FrameError is raised. Consume the iterator fully before feeding again."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        try:
+            while True:
+                if self._need is None:
+                    if len(buf) - pos < _HEADER.size:
+                        return
+                    (length,) = _HEADER.unpack_from(buf, pos)
+                    if length > self.max_frame_bytes:
+                        raise FrameError(
+                            "frame_too_large",
+                            f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}",
+                        )
+                    pos += _HEADER.size
+                    self._need = length
+                if len(buf) - pos < self._need:
+                    return
+                end = pos + self._need
+                body = bytes(buf[pos:end])
+                pos = end
+                self._need = None
+                yield decode_body(body)
+        finally:
+            if pos:
+                del buf[:pos]
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

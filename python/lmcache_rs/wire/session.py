@@ -125,22 +125,15 @@ class Session(asyncio.Protocol):
         if self._closing:
             return
         try:
-            messages = self._decoder.feed(data)
+            for message in self._decoder.frames(data):
+                if self._closing:
+                    return
+                self._dispatch(message)
         except FrameError as exc:
             self._reject(exc.code, str(exc))
-            return
-        for message in messages:
-            if self._closing:
-                return
-            try:
-                self._dispatch(message)
-            except FrameError as exc:
-                self._reject(exc.code, str(exc))
-                return
-            except Exception:  # a bug in on_message: never let it escape into the loop
-                log.exception("session %s: frame handler failed", self.name)
-                self._reject("internal_error", "the receiver failed to process the frame")
-                return
+        except Exception:  # a bug in on_message: never let it escape into the loop
+            log.exception("session %s: frame handler failed", self.name)
+            self._reject("internal_error", "the receiver failed to process the frame")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

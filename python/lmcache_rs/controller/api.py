@@ -1,0 +1,355 @@
+"""HTTP endpoints: /lookup on the hot path, LMCache's management endpoints, metrics, dashboard.
+
+Request and response shapes follow LMCache's controller API server (see docs/controller.md).
+Every handler validates its JSON body first and answers 400 ``{"error": ...}`` naming the
+problem; nothing raised here reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from ..wire import pack_u32s
+from .dashboard import DASHBOARD_HTML
+from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
+from .operations import OperationError, Operations
+from .registry import Registry
+
+_U32 = 2**32
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _ok(payload: dict) -> Response:
+    return (200, JSON, json.dumps(payload).encode())
+
+
+def _error(status: int, message: str) -> Response:
+    return (status, JSON, error_body(message))
+
+
+def _parse(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _field(data: dict, name: str, kind: type | tuple, what: str, optional: bool = False, default: Any = None) -> Any:
+    if name not in data or data[name] is None:
+        if optional:
+            return default
+        raise BadRequest(f"missing field {name!r} ({what})")
+    value = data[name]
+    if kind is int and (type(value) is not int):
+        raise BadRequest(f"field {name!r} must be {what}, got {type(value).__name__}")
+    if kind is bool and type(value) is not bool:
+        raise BadRequest(f"field {name!r} must be {what}, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise BadRequest(f"field {name!r} must be {what}, got {type(value).__name__}")
+    if isinstance(value, str) and not value:
+        raise BadRequest(f"field {name!r} must not be empty")
+    return value
+
+
+def _tokens(data: dict, optional: bool = False) -> list[int]:
+    tokens = _field(data, "tokens", list, "a list of token ids", optional=optional, default=[])
+    for i, t in enumerate(tokens):
+        if type(t) is not int or not 0 <= t < _U32:
+            raise BadRequest(f"tokens[{i}] must be an integer in [0, 2^32), got {t!r:.40}")
+    return tokens
+
+
+def _position(data: dict, name: str) -> tuple[str, str]:
+    value = _field(data, name, list, "[instance_id, location]")
+    if len(value) != 2 or not all(isinstance(v, str) and v for v in value):
+        raise BadRequest(f"field {name!r} must be [instance_id, location] (two non-empty strings)")
+    return value[0], value[1]
+
+
+class Api:
+    """Routes requests to handlers; ``__call__`` is the HTTP server's app."""
+
+    def __init__(self, controller: Any):
+        self.c = controller
+        self.index = controller.index
+        self.metrics = controller.metrics
+        self.registry: Registry = controller.registry
+        self.ops: Operations = controller.ops
+        self.event_ids = controller.event_ids
+        self.chunk_size = controller.settings.chunk_size
+        self._lookup_tag = f"Lookup-{self.event_ids.tag}-"
+        self._lookup_counter = 0
+        posts: dict[str, Callable[[Request], Any]] = {
+            "/clear": self.clear,
+            "/pin": self.pin,
+            "/unpin": self.unpin,
+            "/move": self.move,
+            "/compress": self.compress,
+            "/decompress": self.decompress,
+            "/health": self.health,
+            "/check_finish": self.check_finish,
+            "/query_worker_info": self.query_worker_info,
+            "/query_instance": self.query_instance,
+        }
+        gets: dict[str, Callable[[Request], Any]] = {
+            "/metrics": self.metrics_page,
+            "/healthz": self.healthz,
+            "/": self.dashboard,
+            "/dashboard.json": self.dashboard_json,
+        }
+        self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
+        for path, handler in posts.items():
+            self.routes.setdefault(path.encode(), {})[b"POST"] = self._guard(path, handler)
+        for path, handler in gets.items():
+            self.routes.setdefault(path.encode(), {})[b"GET"] = self._guard(path, handler)
+        self.routes[b"/lookup"] = {b"POST": self.lookup}
+
+    def __call__(self, request: Request) -> Any:
+        methods = self.routes.get(request.path)
+        if methods is None:
+            self.metrics.count_rejected(404)
+            return _error(404, f"no such endpoint: {request.path.decode('latin-1')!s:.200}")
+        handler = methods.get(request.method)
+        if handler is None:
+            self.metrics.count_rejected(405)
+            allowed = ", ".join(sorted(m.decode() for m in methods))
+            return (405, JSON, error_body(f"method {request.method.decode('latin-1')} not allowed; use {allowed}"),
+                    b"Allow: " + allowed.encode() + b"\r\n")
+        return handler(request)
+
+    # -- the hot path ----------------------------------------------------------------------
+    def lookup(self, request: Request) -> Response:
+        start = time.perf_counter()
+        self._lookup_counter += 1
+        detail = False
+        if request.query:
+            detail = _truthy(request.query, b"detail")
+        try:
+            body = self.index.lookup_json(request.body, self._lookup_tag + str(self._lookup_counter), detail)
+        except (ValueError, TypeError) as exc:  # the index's InvalidArgument/InvalidType errors
+            self.metrics.lookup_errors += 1
+            self.metrics.count_rejected(400)
+            return (400, JSON, error_body(str(exc)))
+        self.metrics.observe_lookup(time.perf_counter() - start)
+        return (200, JSON, body)
+
+    # -- management endpoints --------------------------------------------------------------
+    def _guard(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """Turn BadRequest/OperationError into answers, sync or async."""
+        metrics = self.metrics
+
+        def guarded(request: Request) -> Any:
+            try:
+                result = handler(request)
+            except BadRequest as exc:
+                metrics.count_rejected(400)
+                metrics.count_request(path, 400)
+                return _error(400, str(exc))
+            except OperationError as exc:
+                metrics.count_request(path, exc.status)
+                return _error(exc.status, str(exc))
+            if isinstance(result, tuple):
+                metrics.count_request(path, result[0])
+                return result
+            return self._finish_async(path, result)
+
+        return guarded
+
+    async def _finish_async(self, path: str, coro) -> Response:
+        try:
+            result = await coro
+        except BadRequest as exc:
+            self.metrics.count_rejected(400)
+            result = _error(400, str(exc))
+        except OperationError as exc:
+            result = _error(exc.status, str(exc))
+        self.metrics.count_request(path, result[0])
+        return result
+
+    def clear(self, request: Request):
+        data = _parse(request.body)
+        instance_id = _field(data, "instance_id", str, "a string")
+        location = _field(data, "location", str, "a location name", optional=True)
+        if location in ("all", "*"):
+            location = None
+        event_id = self.event_ids.new("Clear")
+
+        async def run() -> Response:
+            num_tokens = await self.ops.clear(instance_id, location)
+            return _ok({"event_id": event_id, "num_tokens": num_tokens})
+
+        return run()
+
+    def _token_op(self, request: Request, op: str, kind: str, needs_method: bool):
+        data = _parse(request.body)
+        instance_id = _field(data, "instance_id", str, "a string")
+        location = _field(data, "location", str, "a location name", optional=not needs_method)
+        tokens = _tokens(data, optional=needs_method)
+        args: dict[str, Any] = {"tokens": pack_u32s(tokens)}
+        if needs_method:
+            args["method"] = _field(data, "method", str, "a compression method name")
+            args["location"] = location
+        event_id = self.event_ids.new(kind)
+
+        async def run() -> Response:
+            num_tokens = await self.ops.per_token_op(instance_id, op, args, len(tokens))
+            self.ops.events.finish(event_id)
+            return _ok({"event_id": event_id, "num_tokens": num_tokens})
+
+        return run()
+
+    def pin(self, request: Request):
+        return self._token_op(request, "pin", "Pin", needs_method=False)
+
+    def unpin(self, request: Request):
+        return self._token_op(request, "unpin", "Unpin", needs_method=False)
+
+    def compress(self, request: Request):
+        return self._token_op(request, "compress", "Compress", needs_method=True)
+
+    def decompress(self, request: Request):
+        return self._token_op(request, "decompress", "Decompress", needs_method=True)
+
+    def move(self, request: Request) -> Response:
+        data = _parse(request.body)
+        source = _position(data, "old_position")
+        target = _position(data, "new_position")
+        tokens = _tokens(data, optional=True)
+        copy = data.get("copy", data.get("should_copy", False))
+        if copy is None:
+            copy = False
+        if type(copy) is not bool:
+            raise BadRequest("field 'copy' must be a boolean")
+        # tokens of the prefix the source instance holds at the source location
+        self.registry.flush()
+        detail = self.index.lookup_detailed(tokens) if tokens else {}
+        held = detail.get(source[0], {}).get("locations", {}).get(source[1], 0)
+        event_id = self.event_ids.new("Move")
+        self.ops.start_move(event_id, source, target, pack_u32s(tokens[:held]), copy)
+        return _ok({"event_id": event_id, "num_tokens": held})
+
+    def health(self, request: Request):
+        data = _parse(request.body)
+        instance_id = _field(data, "instance_id", str, "a string")
+        event_id = self.event_ids.new("Health")
+
+        async def run() -> Response:
+            codes = await self.ops.health(instance_id)
+            return _ok({"event_id": event_id, "error_codes": codes})
+
+        return run()
+
+    def check_finish(self, request: Request) -> Response:
+        data = _parse(request.body)
+        event_id = _field(data, "event_id", str, "a string")
+        status = self.ops.events.get(event_id)
+        out = {"status": status}
+        error = self.ops.events.errors.get(event_id)
+        if error:
+            out["error"] = error
+        return _ok(out)
+
+    def query_worker_info(self, request: Request):
+        data = _parse(request.body)
+        instance_id = _field(data, "instance_id", str, "a string")
+        worker_ids = _field(data, "worker_ids", list, "a list of worker ids", optional=True)
+        if worker_ids is not None and not all(type(w) is int for w in worker_ids):
+            raise BadRequest("field 'worker_ids' must be a list of integers")
+        event_id = self.event_ids.new("QueryWorkerInfo")
+
+        async def run() -> Response:
+            infos = await self.ops.worker_info(instance_id, worker_ids)
+            return _ok({"event_id": event_id, "worker_infos": infos})
+
+        return run()
+
+    def query_instance(self, request: Request) -> Response:
+        data = _parse(request.body)
+        ip = _field(data, "ip", str, "a host address")
+        event_id = data.get("event_id")
+        if not isinstance(event_id, str) or not event_id:
+            event_id = self.event_ids.new("QueryInst")
+        for instance_id, records in self.registry.instances().items():
+            if any(r.host == ip or r.p2p_host == ip for r in records):
+                return _ok({"event_id": event_id, "res": instance_id})
+        raise OperationError(404, f"no instance has a worker at {ip!r}")
+
+    # -- observability ---------------------------------------------------------------------
+    def healthz(self, request: Request) -> Response:
+        return _ok({"status": "ok", "workers": len(self.registry.workers)})
+
+    def metrics_page(self, request: Request) -> Response:
+        self.registry.flush()
+        stats = self.index.stats()
+        gauges: dict[str, tuple[str, list]] = {
+            "lmcache_index_chunks": ("Distinct chunk keys in the index.", [({}, stats.get("chunks", 0))]),
+            "lmcache_index_holdings": ("(holder, chunk) pairs in the index.", [({}, stats.get("holdings", 0))]),
+            "lmcache_index_holders": ("(instance, worker, location) holders.", [({}, stats.get("holders", 0))]),
+            "lmcache_index_bytes": ("Heap bytes used by the index.", [({}, stats.get("bytes", 0))]),
+            "lmcache_instances": ("Instances with a registered worker.", [({}, len(self.registry.instances()))]),
+            "lmcache_workers": ("Registered workers, by state.", [
+                ({"state": st}, sum(1 for r in self.registry.workers.values() if _state(r) == st))
+                for st in ("live", "syncing", "need_sync", "disconnected")
+            ]),
+            "lmcache_holder_chunks": ("Chunks held, by instance, worker and location.", [
+                ({"instance": i, "worker": str(w), "location": loc}, n)
+                for i, w, loc, n in sorted(self.index.holder_counts())
+            ]),
+            "lmcache_http_connections": ("Open HTTP connections.", [({}, len(self.c.http_state.connections))]),
+            "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
+        }
+        return (200, PROMETHEUS, self.metrics.render(gauges))
+
+    def dashboard(self, request: Request) -> Response:
+        return (200, HTML, DASHBOARD_HTML)
+
+    def dashboard_json(self, request: Request) -> Response:
+        self.registry.flush()
+        holders: dict[tuple[str, int], dict[str, int]] = {}
+        for instance_id, worker_id, location, n in self.index.holder_counts():
+            holders.setdefault((instance_id, worker_id), {})[location] = n
+        instances = []
+        now = time.monotonic()
+        for instance_id, records in self.registry.instances().items():
+            locations: dict[str, int] = {}
+            workers = []
+            for r in records:
+                held = holders.get(r.key, {})
+                for loc, n in held.items():
+                    locations[loc] = max(locations.get(loc, 0), n)
+                workers.append({
+                    "worker_id": r.worker_id, "host": r.host, "worker_port": r.worker_port,
+                    "p2p": f"{r.p2p_host}:{r.p2p_port}", "state": _state(r),
+                    "last_seen_s": round(now - r.last_seen, 1), "chunks": held,
+                })
+            instances.append({"instance_id": instance_id, "workers": workers, "locations": locations})
+        stats = self.index.stats()
+        m = self.metrics
+        return _ok({
+            "instances": instances,
+            "chunks": stats.get("chunks", 0),
+            "holdings": stats.get("holdings", 0),
+            "lookups": m.lookups,
+            "lookup_rate": round(m.lookup_rate, 1),
+            "ingest_rate": round(m.ingest_rate, 1),
+            "uptime_s": round(time.time() - m.started, 1),
+            "chunk_size": self.chunk_size,
+        })
+
+
+def _state(record) -> str:
+    return "disconnected" if record.conn is None else record.state
+
+
+def _truthy(query: bytes, name: bytes) -> bool:
+    values = parse_qs(query.decode("latin-1")).get(name.decode())
+    return bool(values) and values[-1].lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,408 @@
+"""HTTP/1.1 server on an asyncio Protocol, parsed by httptools (llhttp).
+
+One :class:`HttpProtocol` per connection. State is grouped the usual way:
+
+* server  -- :class:`HttpServerState`: settings, metrics, the open connections, the app;
+* connection -- the protocol object: parser, response queue, flow control;
+* request -- a few slots reset by ``on_message_begin``.
+
+Requests are answered in order (pipelining): a handler that returns a response
+synchronously is written at once when nothing is queued ahead of it, which is the
+/lookup hot path; an awaitable response holds a slot in the queue and later
+responses wait behind it. Reading pauses when the queue reaches the high-water mark.
+
+Bad input is answered, never raised: a parse error is a 400, an oversized body a 413
+(refused from its Content-Length before the body is read), oversized headers a 431,
+a slow client a 408, then the connection is closed. Handler failures are logged and
+answered with a bare 500. Idle connections are closed after the keep-alive timeout by
+a periodic sweep (no timer per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+from typing import Any, Awaitable, Callable, Union
+
+import httptools
+
+from ..wire import FlowControl
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("lmcache_rs.controller.http")
+
+JSON = b"application/json"
+TEXT = b"text/plain; charset=utf-8"
+HTML = b"text/html; charset=utf-8"
+PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+
+# (status, content type, body) and optionally extra header lines (each ending in CRLF).
+Response = Union[tuple[int, bytes, bytes], tuple[int, bytes, bytes, bytes]]
+Handler = Callable[["Request"], Union[Response, Awaitable[Response]]]
+
+REASONS = {
+    200: b"OK", 202: b"Accepted", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def encode_response(status: int, content_type: bytes, body: bytes, close: bool = False, extra: bytes = b"") -> bytes:
+    return b"".join((
+        status_line(status),
+        b"Content-Type: ", content_type,
+        b"\r\nContent-Length: ", str(len(body)).encode(),
+        b"\r\nConnection: close\r\n" if close else b"\r\n",
+        extra,
+        b"\r\n",
+        body,
+    ))
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def _encode(result: Any, close: bool) -> bytes:
+    if len(result) == 3:
+        return encode_response(result[0], result[1], result[2], close)
+    return encode_response(result[0], result[1], result[2], close, result[3])
+
+
+class Request:
+    """The parts of a request a handler reads."""
+
+    __slots__ = ("method", "path", "query", "body", "keep_alive")
+
+    def __init__(self, method: bytes, path: bytes, query: bytes, body: bytes, keep_alive: bool):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class HttpServerState:
+    """What every connection of one server shares."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, app: Callable[[Request], Any]):
+        self.settings = settings
+        self.metrics = metrics
+        self.app = app  # app(request) -> Response or awaitable Response
+        self.connections: set[HttpProtocol] = set()
+        self.accepting = True
+
+
+class _Abort(Exception):
+    """Raised inside a parser callback to stop parsing after a canned error response."""
+
+
+class _Slot:
+    __slots__ = ("data", "close")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.close = False
+
+
+class HttpProtocol(asyncio.Protocol):
+    # Responses queued (pipelined requests not yet written) at which reading pauses.
+    HIGH_WATER = 64
+
+    def __init__(self, state: HttpServerState):
+        self.state = state
+        self.settings = state.settings
+        self.metrics = state.metrics
+        self.app = state.app
+        self.max_body = state.settings.max_body_bytes
+        self.max_header = state.settings.max_header_bytes
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[_Slot] = collections.deque()
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+        # activity counters read by the sweeper (cheaper than a timer per request)
+        self.activity = 0
+        self.begun = 0
+        self.receiving = False
+        # request state
+        self._url = b""
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._header_bytes = 0
+        self._partial_header_bytes = 0
+        self._headers_done = False
+        self._content_length = -1
+        self._expect_continue = False
+
+    # -- connection ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        high_water = min(self.HIGH_WATER, self.settings.max_pipelined)
+        self.flow = FlowControl(transport, high_water=max(1, high_water))
+        state = self.state
+        if not state.accepting or len(state.connections) >= self.settings.max_connections:
+            self.metrics.connections_refused += 1
+            self.metrics.count_rejected(503)
+            transport.write(encode_response(503, JSON, error_body("too many connections"), close=True))  # type: ignore[attr-defined]
+            self.closing = True
+            transport.close()
+            return
+        state.connections.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closing = True
+        self.state.connections.discard(self)
+        for task in self.tasks:
+            task.cancel()
+        self.queue.clear()
+        if self.flow is not None:
+            self.flow.connection_lost()
+
+    def pause_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.pause_writing()
+        self.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.resume_writing()
+        self.flow.update(len(self.queue))
+
+    def eof_received(self) -> bool | None:
+        # The client finished sending; answer what is queued, then close.
+        if not self.queue:
+            return None
+        self._close_after_queue()
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.activity += 1
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Abort):
+                log.exception("http: callback failed")
+                self._fail(500, "internal error")
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrade is not supported")
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self.receiving and not self._headers_done:
+            # headers still incomplete: bound what a client can make us buffer
+            self._partial_header_bytes += len(data)
+            if self._partial_header_bytes > self.max_header:
+                self._fail(431, f"request headers exceed {self.max_header} bytes")
+
+    # -- parser callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        self.receiving = True
+        self._url = b""
+        self._body = []
+        self._body_len = 0
+        self._header_bytes = 0
+        self._partial_header_bytes = 0
+        self._headers_done = False
+        self._content_length = -1
+        self._expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.max_header:
+            self._fail(431, f"request line and headers exceed {self.max_header} bytes")
+            raise _Abort
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.max_header:
+            self._fail(431, f"request headers exceed {self.max_header} bytes")
+            raise _Abort
+        lname = name.lower()
+        if lname == b"content-length":
+            try:
+                self._content_length = int(value)
+            except ValueError:
+                self._fail(400, "invalid Content-Length")
+                raise _Abort from None
+        elif lname == b"expect" and value.lower() == b"100-continue":
+            self._expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        if self._content_length > self.max_body:
+            self._fail(413, f"request body of {self._content_length} bytes exceeds the limit of {self.max_body}")
+            raise _Abort
+        if self._expect_continue and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.max_body:
+            self._fail(413, f"request body exceeds the limit of {self.max_body} bytes")
+            raise _Abort
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.receiving = False
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        url = self._url
+        q = url.find(b"?")
+        if q >= 0:
+            path, query = url[:q], url[q + 1:]
+        else:
+            path, query = url, b""
+        body = self._body
+        request = Request(
+            parser.get_method(), path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive
+        )
+        try:
+            result = self.app(request)
+        except Exception:
+            log.exception("http: handler for %s failed", path)
+            result = (500, JSON, error_body("internal error"))
+        if inspect.isawaitable(result):
+            slot = _Slot()
+            slot.close = not keep_alive
+            self.queue.append(slot)
+            task = asyncio.ensure_future(self._await(result, slot))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            assert self.flow is not None
+            self.flow.update(len(self.queue))
+            return
+        data = _encode(result, not keep_alive)
+        if not self.queue:
+            assert self.transport is not None
+            self.transport.write(data)
+            if not keep_alive:
+                self.closing = True
+                self.transport.close()
+                raise _Abort  # nothing after a closing response is read
+            return
+        slot = _Slot()
+        slot.data = data
+        slot.close = not keep_alive
+        self.queue.append(slot)
+        assert self.flow is not None
+        self.flow.update(len(self.queue))
+
+    # -- responses -------------------------------------------------------------------------
+    async def _await(self, awaitable: Awaitable[Response], slot: _Slot) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("http: async handler failed")
+            result = (500, JSON, error_body("internal error"))
+        slot.data = _encode(result, slot.close)
+        self._flush()
+
+    def _flush(self) -> None:
+        queue = self.queue
+        transport = self.transport
+        while queue and queue[0].data is not None:
+            slot = queue.popleft()
+            if transport is None or transport.is_closing():
+                queue.clear()
+                return
+            transport.write(slot.data)  # type: ignore[arg-type]
+            if slot.close:
+                queue.clear()
+                self.closing = True
+                transport.close()
+                return
+        if self.flow is not None and not self.flow.write_paused:
+            self.flow.update(len(queue))
+
+    def _close_after_queue(self) -> None:
+        if self.queue:
+            self.queue[-1].close = True
+            if self.queue[-1].data is not None:
+                self._flush()
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _fail(self, status: int, message: str, force: bool = False) -> None:
+        """Answer a canned error after what is queued, then close the connection."""
+        if self.closing and not force:
+            return
+        log.warning("http: %d %s", status, message)
+        self.metrics.count_rejected(status)
+        self.receiving = False
+        slot = _Slot()
+        slot.data = encode_response(status, JSON, error_body(message), close=True)
+        slot.close = True
+        self.queue.append(slot)
+        self.closing = True  # read nothing more
+        self._flush()
+
+    # -- timeouts (called by the server's sweeper) -----------------------------------------
+    def timeout(self, status: int, message: str) -> None:
+        if status:
+            self._fail(status, message, force=True)
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closing = True
+            self.transport.abort()
+
+
+class Sweeper:
+    """Closes idle keep-alive connections and times out slow requests, a few times a second."""
+
+    def __init__(self, state: HttpServerState):
+        self.state = state
+        s = state.settings
+        self.interval = max(0.02, min(1.0, s.keepalive_timeout / 4, s.request_timeout / 4))
+        self._seen: dict[HttpProtocol, tuple[int, int, float, float]] = {}
+
+    def sweep(self, now: float) -> None:
+        s = self.state.settings
+        seen = self._seen
+        live = self.state.connections
+        for conn in list(seen):
+            if conn not in live:
+                del seen[conn]
+        for conn in list(live):
+            previous = seen.get(conn)
+            if previous is None:
+                seen[conn] = (conn.activity, conn.begun, now, now)
+                continue
+            activity, begun, active_at, begun_at = previous
+            if conn.activity != activity:
+                active_at = now
+            if conn.begun != begun:
+                begun_at = now
+            seen[conn] = (conn.activity, conn.begun, active_at, begun_at)
+            if conn.closing:
+                continue
+            if conn.receiving:
+                if now - begun_at > s.request_timeout:
+                    conn.timeout(408, f"request not received within {s.request_timeout:g} s")
+            elif not conn.queue and not conn.tasks and now - active_at > s.keepalive_timeout:
+                conn.timeout(0, "idle")

@@ -1,0 +1,245 @@
+"""Orchestration: LMCache's management endpoints carried out by the workers.
+
+Each operation sends ``command`` frames (docs/protocol.md, "Command connection") to the
+workers of an instance over a :class:`~lmcache_rs.wire.Session` that the controller opens
+to ``host:worker_port`` on first use and reopens after a failure. Operations that take
+time (move) run in the background under an event id that ``/check_finish`` reports on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+from typing import Any
+
+from ..wire import RemoteError, SessionError, connect
+from .registry import Registry, WorkerRecord
+
+log = logging.getLogger("lmcache_rs.controller.ops")
+
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+NOT_FOUND = "not_found"
+
+
+class OperationError(Exception):
+    """An operation that cannot be carried out; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class EventIds:
+    """Unique event ids: a kind, a per-process random tag and a counter."""
+
+    def __init__(self) -> None:
+        self.tag = os.urandom(4).hex()
+        self._counter = itertools.count(1)
+
+    def new(self, kind: str) -> str:
+        return f"{kind}-{self.tag}-{next(self._counter)}"
+
+
+class EventTracker:
+    """Status of asynchronous operations by event id, keeping the last ``history`` finished ones."""
+
+    def __init__(self, history: int):
+        self.history = history
+        self.status: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self._finished: collections.deque[str] = collections.deque()
+
+    def start(self, event_id: str) -> None:
+        self.status[event_id] = RUNNING
+
+    def finish(self, event_id: str, error: str | None = None) -> None:
+        self.status[event_id] = FAILED if error else COMPLETED
+        if error:
+            self.errors[event_id] = error
+        self._finished.append(event_id)
+        while len(self._finished) > self.history:
+            old = self._finished.popleft()
+            self.status.pop(old, None)
+            self.errors.pop(old, None)
+
+    def get(self, event_id: str) -> str:
+        return self.status.get(event_id, NOT_FOUND)
+
+
+class Operations:
+    def __init__(self, registry: Registry, chunk_size: int, command_timeout: float, events: EventTracker):
+        self.registry = registry
+        self.chunk_size = chunk_size
+        self.command_timeout = command_timeout
+        self.events = events
+        self.tasks: set[asyncio.Task] = set()
+        self._connecting: dict[tuple[str, int], asyncio.Future] = {}
+
+    # -- command connections ---------------------------------------------------------------
+    async def session(self, record: WorkerRecord):
+        command = record.command
+        if command is not None and not command.closed:
+            return command
+        key = record.key
+        pending = self._connecting.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._connecting[key] = future
+        try:
+            session = await connect(record.host, record.worker_port, connect_timeout=min(5.0, self.command_timeout),
+                                    request_timeout=self.command_timeout, name=f"{key[0]}/{key[1]}")
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else SessionError("cancelled"))
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            self._connecting.pop(key, None)
+        if self.registry.workers.get(key) is not record:
+            session.close()  # removed while connecting
+            raise SessionError(f"worker {key[0]}/{key[1]} went away")
+        record.command = session
+        future.set_result(session)
+        return session
+
+    async def call(self, record: WorkerRecord, op: str, args: dict | None = None) -> Any:
+        """One command to one worker. Raises SessionError, OSError or TimeoutError on failure."""
+        session = await self.session(record)
+        return await session.call(op, args or {})
+
+    async def call_all(self, records: list[WorkerRecord], op: str, args: dict | None = None) -> list[Any]:
+        """The same command to several workers at once; raises OperationError (502) naming the failures."""
+        results = await asyncio.gather(*(self.call(r, op, args) for r in records), return_exceptions=True)
+        failures = [f"{r.instance_id}/{r.worker_id}: {_describe(x)}" for r, x in zip(records, results)
+                    if isinstance(x, BaseException)]
+        if failures:
+            raise OperationError(502, f"{op} failed on " + "; ".join(failures))
+        return results
+
+    def workers_of(self, instance_id: str) -> list[WorkerRecord]:
+        records = self.registry.instance_workers(instance_id)
+        if not records:
+            raise OperationError(404, f"unknown instance {instance_id!r}")
+        return records
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- operations ------------------------------------------------------------------------
+    async def clear(self, instance_id: str, location: str | None) -> int:
+        records = self.workers_of(instance_id)
+        results = await self.call_all(records, "clear", {"location": location})
+        chunks = max((_count(r, "cleared") for r in results), default=0)
+        # The workers report the evictions too; clearing here makes the effect visible now.
+        self.registry.flush()
+        self.registry.index.clear(instance_id, location)
+        return chunks * self.chunk_size
+
+    async def per_token_op(self, instance_id: str, op: str, args: dict, num_tokens: int) -> int:
+        records = self.workers_of(instance_id)
+        results = await self.call_all(records, op, args)
+        chunks = min((_count(r, "chunks") for r in results), default=0)
+        return min(chunks * self.chunk_size, num_tokens)
+
+    async def health(self, instance_id: str) -> dict[str, int]:
+        records = self.workers_of(instance_id)
+        results = await asyncio.gather(*(self.call(r, "health") for r in records), return_exceptions=True)
+        codes = {}
+        for record, result in zip(records, results):
+            ok = isinstance(result, dict) and result.get("ok") is True
+            codes[str(record.worker_id)] = 0 if ok else -1
+            if not ok:
+                log.warning("health of %s/%d: %s", record.instance_id, record.worker_id, _describe(result))
+        return codes
+
+    async def worker_info(self, instance_id: str, worker_ids: list[int] | None) -> list[dict]:
+        records = self.workers_of(instance_id)
+        if worker_ids is not None:
+            wanted = set(worker_ids)
+            missing = wanted - {r.worker_id for r in records}
+            if missing:
+                raise OperationError(404, f"instance {instance_id!r} has no worker {sorted(missing)}")
+            records = [r for r in records if r.worker_id in wanted]
+        results = await asyncio.gather(*(self.call(r, "info") for r in records), return_exceptions=True)
+        infos = []
+        for record, result in zip(records, results):
+            info = {
+                "instance_id": record.instance_id,
+                "worker_id": record.worker_id,
+                "ip": record.host,
+                "port": record.worker_port,
+                "distributed_url": f"{record.p2p_host}:{record.p2p_port}",
+                "registration_time": record.registered_at,
+                "last_heartbeat_time": record.last_seen_wall,
+            }
+            if isinstance(result, dict) and isinstance(result.get("locations"), dict):
+                info["locations"] = result["locations"]
+            else:
+                info["error"] = _describe(result)
+            infos.append(info)
+        return infos
+
+    def start_move(self, event_id: str, source: tuple[str, str], target: tuple[str, str], tokens: bytes,
+                   copy: bool) -> None:
+        """Check the move can start, then run it in the background under ``event_id``."""
+        src_records = self.workers_of(source[0])
+        dst_records = self.workers_of(target[0])
+        if len(src_records) != len(dst_records):
+            raise OperationError(
+                400, f"cannot move between {source[0]!r} ({len(src_records)} tensor-parallel workers) and "
+                f"{target[0]!r} ({len(dst_records)})")
+        if source == target:
+            raise OperationError(400, "old_position and new_position are the same")
+        self.events.start(event_id)
+        self.spawn(self._move(event_id, src_records, dst_records, source[1], target[1], tokens, copy))
+
+    async def _move(self, event_id: str, src: list[WorkerRecord], dst: list[WorkerRecord], src_loc: str,
+                    dst_loc: str, tokens: bytes, copy: bool) -> None:
+        try:
+            fetches = await asyncio.gather(
+                *(self.call(d, "fetch", {"tokens": tokens, "source": [s.p2p_host, s.p2p_port], "location": dst_loc})
+                  for s, d in zip(src, dst)),
+                return_exceptions=True,
+            )
+            failures = [f"{d.instance_id}/{d.worker_id}: {_describe(x)}" for d, x in zip(dst, fetches)
+                        if isinstance(x, BaseException)]
+            if failures:
+                raise OperationError(502, "fetch failed on " + "; ".join(failures))
+            if not copy:
+                await self.call_all(src, "evict", {"tokens": tokens, "location": src_loc})
+        except asyncio.CancelledError:
+            self.events.finish(event_id, "cancelled")
+            raise
+        except Exception as exc:
+            log.warning("move %s failed: %s", event_id, _describe(exc))
+            self.events.finish(event_id, _describe(exc))
+        else:
+            log.info("move %s completed", event_id)
+            self.events.finish(event_id)
+
+
+def _count(result: Any, field: str) -> int:
+    if isinstance(result, dict):
+        value = result.get(field)
+        if type(value) is int and value >= 0:
+            return value
+    raise OperationError(502, f"worker replied without an integer {field!r}: {result!r:.200}")
+
+
+def _describe(exc: Any) -> str:
+    if isinstance(exc, RemoteError):
+        return exc.error
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"no reply in time ({type(exc).__name__})"
+    if isinstance(exc, BaseException):
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return repr(exc)

@@ -1,0 +1,222 @@
+"""Workers known to the controller and the path from their reports into the index.
+
+Each worker is a :class:`WorkerRecord` keyed by ``(instance_id, worker_id)``. Its report
+connection moves it through three states:
+
+``need_sync``  after ``hello`` or a sequence gap: ``events`` are ignored;
+``syncing``    between ``sync_start`` and ``sync_end``: keys and later events are buffered;
+``live``       ``events`` are applied when their ``seq`` is the next one expected.
+
+Ingest is coalesced: event frames validated in one loop iteration are applied with one
+``Index.apply_batch`` call scheduled with ``call_soon``. A full sync replaces the worker's
+holdings at ``sync_end`` with ``remove_worker`` + ``register_worker`` + one ``apply_batch``
+of the synced keys and the events buffered during the sync. The controller is one thread
+and those calls are back to back with no ``await`` between them, so no lookup can see the
+worker half-replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .metrics import Metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..wire import Session
+    from .monitor import MonitorProtocol
+
+log = logging.getLogger("lmcache_rs.controller")
+
+NEED_SYNC = "need_sync"
+SYNCING = "syncing"
+LIVE = "live"
+
+Event = tuple  # ("admit" | "evict", instance_id, worker_id, location, hashes bytes)
+
+
+class WorkerRecord:
+    __slots__ = (
+        "instance_id", "worker_id", "host", "worker_port", "p2p_host", "p2p_port",
+        "conn", "state", "expected_seq", "sync_chunks", "sync_keys", "sync_events",
+        "registered_at", "last_seen", "last_seen_wall", "disconnected_at", "command", "syncs",
+    )
+
+    def __init__(self, instance_id: str, worker_id: int):
+        self.instance_id = instance_id
+        self.worker_id = worker_id
+        self.host = ""
+        self.worker_port = 0
+        self.p2p_host = ""
+        self.p2p_port = 0
+        self.conn: MonitorProtocol | None = None
+        self.state = NEED_SYNC
+        self.expected_seq = 0
+        self.sync_chunks: list[tuple[str, bytes]] = []
+        self.sync_keys = 0
+        self.sync_events: list[Event] = []
+        self.registered_at = time.time()
+        self.last_seen = time.monotonic()
+        self.last_seen_wall = time.time()
+        self.disconnected_at: float | None = None
+        self.command: Session | None = None  # command connection, opened on first use
+        self.syncs = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.instance_id, self.worker_id)
+
+    def reset_sync(self) -> None:
+        self.sync_chunks = []
+        self.sync_keys = 0
+        self.sync_events = []
+
+
+class Registry:
+    """Workers by (instance_id, worker_id), and the coalescing writer into the index."""
+
+    def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float):
+        self.index = index
+        self.metrics = metrics
+        self.heartbeat_timeout = heartbeat_timeout
+        self.workers: dict[tuple[str, int], WorkerRecord] = {}
+        self._pending: list[Event] = []
+        self._pending_frames = 0
+        self._flush_handle: asyncio.Handle | None = None
+
+    # -- membership ------------------------------------------------------------------------
+    def instance_workers(self, instance_id: str) -> list[WorkerRecord]:
+        """Workers of an instance, by rank."""
+        return sorted((r for r in self.workers.values() if r.instance_id == instance_id), key=lambda r: r.worker_id)
+
+    def instances(self) -> dict[str, list[WorkerRecord]]:
+        out: dict[str, list[WorkerRecord]] = {}
+        for record in sorted(self.workers.values(), key=lambda r: (r.instance_id, r.worker_id)):
+            out.setdefault(record.instance_id, []).append(record)
+        return out
+
+    def attach(self, conn: MonitorProtocol, hello: dict) -> WorkerRecord:
+        """A worker said hello on ``conn``: (re)register it; it must full-sync next."""
+        key = (hello["instance_id"], hello["worker_id"])
+        record = self.workers.get(key)
+        if record is None:
+            record = WorkerRecord(*key)
+            self.workers[key] = record
+            self.index.register_worker(*key)
+            log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello["host"], hello["worker_port"])
+        else:
+            old = record.conn
+            if old is not None and old is not conn:
+                log.info("worker %s/%d: new connection replaces the old one", *key)
+                old.detach(replaced=True)
+            if (record.host, record.worker_port) != (hello["host"], hello["worker_port"]) and record.command is not None:
+                record.command.close()
+                record.command = None
+            log.info("worker %s/%d reconnected", *key)
+        record.host = hello["host"]
+        record.worker_port = hello["worker_port"]
+        record.p2p_host = hello["p2p_host"]
+        record.p2p_port = hello["p2p_port"]
+        record.conn = conn
+        record.disconnected_at = None
+        record.state = NEED_SYNC
+        record.reset_sync()
+        self.touch(record)
+        return record
+
+    def touch(self, record: WorkerRecord) -> None:
+        record.last_seen = time.monotonic()
+        record.last_seen_wall = time.time()
+
+    def detached(self, record: WorkerRecord) -> None:
+        """The worker's connection dropped: keep its entries for heartbeat_timeout."""
+        record.conn = None
+        record.disconnected_at = time.monotonic()
+        record.state = NEED_SYNC
+        record.reset_sync()
+        log.info("worker %s/%d disconnected; kept for %g s", record.instance_id, record.worker_id,
+                 self.heartbeat_timeout)
+
+    def remove(self, record: WorkerRecord, reason: str) -> int:
+        """Drop the worker and all its holdings now."""
+        if self.workers.get(record.key) is not record:
+            return 0
+        self.flush()
+        del self.workers[record.key]
+        dropped = self.index.remove_worker(record.instance_id, record.worker_id)
+        if record.command is not None:
+            record.command.close()
+            record.command = None
+        conn, record.conn = record.conn, None
+        if conn is not None:
+            conn.detach(replaced=True)
+        log.info("worker %s/%d removed (%s): %d holdings dropped", record.instance_id, record.worker_id, reason, dropped)
+        return dropped
+
+    def expire(self, now: float) -> None:
+        """Remove workers silent (or gone) for longer than heartbeat_timeout."""
+        timeout = self.heartbeat_timeout
+        for record in list(self.workers.values()):
+            if record.conn is None:
+                if record.disconnected_at is not None and now - record.disconnected_at > timeout:
+                    self.metrics.workers_expired += 1
+                    self.remove(record, "did not reconnect")
+            elif now - record.last_seen > timeout:
+                self.metrics.workers_expired += 1
+                self.remove(record, f"silent for {timeout:g} s")
+
+    # -- ingest ----------------------------------------------------------------------------
+    def queue(self, events: list[Event]) -> None:
+        """Apply these (already validated) events with the others of this loop iteration."""
+        self._pending.extend(events)
+        self._pending_frames += 1
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply what is queued now (also called before anything that must see it applied)."""
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:
+            handle.cancel()
+        pending, self._pending = self._pending, []
+        frames, self._pending_frames = self._pending_frames, 0
+        if not pending:
+            return
+        try:
+            self.index.apply_batch(pending)
+        except Exception as exc:  # validated before queuing; the index still has the last word
+            log.error("index refused a batch of %d events (%s); applying frame by frame", len(pending), exc)
+            for event in pending:
+                try:
+                    self.index.apply_batch([event])
+                except Exception as exc2:
+                    log.error("index refused %s for %s/%d at %s: %s", event[0], event[1], event[2], event[3], exc2)
+                    record = self.workers.get((event[1], event[2]))
+                    if record is not None and record.conn is not None:
+                        record.conn.resync(f"index refused an event: {exc2}")
+        self.metrics.ingest_batches += 1
+        self.metrics.ingest_frames += frames
+
+    def replace_holdings(self, record: WorkerRecord) -> None:
+        """sync_end: the synced keys (plus events sent during the sync) become the worker's holdings."""
+        self.flush()
+        events: list[Event] = []
+        by_location: dict[str, list[bytes]] = {}
+        for location, hashes in record.sync_chunks:
+            by_location.setdefault(location, []).append(hashes)
+        for location, parts in by_location.items():
+            events.append(("admit", record.instance_id, record.worker_id, location,
+                           parts[0] if len(parts) == 1 else b"".join(parts)))
+        events.extend(record.sync_events)
+        index = self.index
+        # Back to back, no await: readers on this loop see the old holdings or the new ones.
+        index.remove_worker(record.instance_id, record.worker_id)
+        index.register_worker(record.instance_id, record.worker_id)
+        if events:
+            index.apply_batch(events)
+        record.reset_sync()
+        record.state = LIVE
+        record.syncs += 1
+        self.metrics.syncs += 1

@@ -1,0 +1,159 @@
+"""Controller settings: command-line flags, the shared YAML config, and their defaults.
+
+Chunk size and hash seed come from the same YAML file the workers read (``chunk_size``,
+``hash_seed``); a worker whose ``hello`` disagrees is refused. Every limit here has a
+flag; the defaults are listed in docs/controller.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from ..wire import DEFAULT_MAX_FRAME_BYTES
+
+PROTOCOL_VERSION = 1
+
+
+@dataclasses.dataclass
+class Settings:
+    host: str = "localhost"
+    port: int = 9000
+    monitor_port: int = 9001
+    chunk_size: int = 256
+    hash_seed: int = 0
+    api_key: str | None = None
+    # HTTP limits
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 4096
+    keepalive_timeout: float = 75.0
+    request_timeout: float = 30.0  # a request must arrive in full within this (slow clients)
+    max_pipelined: int = 64  # queued responses per connection before reading pauses
+    # monitor port
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    hello_timeout: float = 10.0
+    # commands to workers
+    command_timeout: float = 30.0
+    event_history: int = 10000  # finished async events remembered for /check_finish
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        for name in ("port", "monitor_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be a TCP port (0-65535), got {value}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if not 0 <= self.hash_seed < 2**64:
+            raise ValueError(f"hash_seed must be an unsigned 64-bit integer, got {self.hash_seed}")
+        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
+                     "hello_timeout", "command_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+# YAML keys the controller reads (the rest of the workers' config is ignored here).
+_YAML_KEYS = {
+    "chunk_size": int,
+    "hash_seed": int,
+    "controller_api_key": str,
+    "max_frame_bytes": int,
+}
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """The controller's keys from a worker config file. Raises ValueError on a bad file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, kind in _YAML_KEYS.items():
+        if key in data and data[key] is not None:
+            value = data[key]
+            if kind is int and (type(value) is not int):
+                raise ValueError(f"config {path}: {key} must be an integer, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"config {path}: {key} must be a string, got {value!r}")
+            out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="lmcache_controller",
+        description="KV-cache lookup controller: HTTP API on --port, workers on --monitor-port.",
+    )
+    p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    p.add_argument("--monitor-port", type=int, default=d.monitor_port, help="worker port (default %(default)s)")
+    p.add_argument("--config", help="worker YAML config (chunk_size, hash_seed); default $LMCACHE_CONFIG_FILE")
+    p.add_argument("--chunk-size", type=int, help="overrides the config's chunk_size (default 256)")
+    p.add_argument("--hash-seed", type=int, help="overrides the config's hash_seed (default 0)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout)
+    p.add_argument("--max-pipelined", type=int, default=d.max_pipelined)
+    p.add_argument("--max-frame-bytes", type=int)
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
+    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout)
+    p.add_argument("--hello-timeout", type=float, default=d.hello_timeout)
+    p.add_argument("--command-timeout", type=float, default=d.command_timeout)
+    p.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    """Parse flags (and the config file they name). Raises ValueError on a bad value."""
+    args = build_parser().parse_args(argv)
+    s = Settings(
+        host=args.host,
+        port=args.port,
+        monitor_port=args.monitor_port,
+        max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_connections=args.max_connections,
+        keepalive_timeout=args.keepalive_timeout,
+        request_timeout=args.request_timeout,
+        max_pipelined=args.max_pipelined,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        hello_timeout=args.hello_timeout,
+        command_timeout=args.command_timeout,
+        log_level=args.log_level,
+    )
+    config = args.config or os.environ.get("LMCACHE_CONFIG_FILE")
+    if config:
+        values = read_yaml(config)
+        s.chunk_size = values.get("chunk_size", s.chunk_size)
+        s.hash_seed = values.get("hash_seed", s.hash_seed)
+        s.api_key = values.get("controller_api_key")
+        s.max_frame_bytes = values.get("max_frame_bytes", s.max_frame_bytes)
+    if args.chunk_size is not None:
+        s.chunk_size = args.chunk_size
+    if args.hash_seed is not None:
+        s.hash_seed = args.hash_seed
+    if args.max_frame_bytes is not None:
+        s.max_frame_bytes = args.max_frame_bytes
+    s.validate()
+    return s
