@@ -1,0 +1,268 @@
+"""KVWorker as a library: bit-exact store/retrieve, LRU eviction, pinning, compression."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from lmcache_rs import chunk_hashes
+from lmcache_rs.config import GB, config_from_dict
+from lmcache_rs.worker import KVWorker, synthetic_kv
+from lmcache_rs.worker import compression
+
+CS = 4  # tokens per chunk
+SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=8)
+
+
+def make_config(slots: int = 64, **extra):
+    per_token = SHAPE["num_layers"] * 2 * SHAPE["num_kv_heads"] * SHAPE["head_dim"] * 2
+    size = slots * per_token * CS / GB
+    return config_from_dict({"chunk_size": CS, "max_local_cpu_size": size, **SHAPE, **extra})
+
+
+def random_kv(n: int, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE["num_layers"], 2, n, SHAPE["num_kv_heads"], SHAPE["head_dim"], generator=g).to(dtype)
+
+
+@pytest.fixture
+def worker():
+    w = KVWorker(make_config())
+    yield w
+    w.check()
+    w.close()
+
+
+def test_store_then_retrieve_is_bit_exact(worker):
+    tokens = list(range(1000, 1018))  # 4 full chunks and a partial one
+    kv = random_kv(len(tokens))
+    assert worker.store(tokens, kv) == 18
+    matched, out = worker.retrieve(tokens)
+    assert matched == 18
+    assert out.dtype == kv.dtype and torch.equal(out.view(torch.int16), kv.view(torch.int16))
+    assert worker.lookup(tokens) == 18
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtypes_and_non_contiguous_input(worker, dtype):
+    tokens = list(range(9))
+    base = random_kv(9, dtype).transpose(3, 4).contiguous().transpose(3, 4)  # strided view
+    assert not base.is_contiguous()
+    worker.store(tokens, base)
+    _, out = worker.retrieve(tokens)
+    assert out.dtype == dtype and torch.equal(out, base)
+
+
+def test_float32_needs_a_wide_enough_pool(worker):
+    with pytest.raises(ValueError, match="kv_dtype"):
+        worker.store([1, 2, 3], random_kv(3, torch.float32))
+    w32 = KVWorker(make_config(kv_dtype="float32"))
+    try:
+        kv = random_kv(6, torch.float32)
+        w32.store(list(range(6)), kv)
+        assert torch.equal(w32.retrieve(list(range(6)))[1], kv)
+        half = random_kv(6, torch.float16, seed=3)  # narrower dtypes fit too
+        w32.store(list(range(50, 56)), half)
+        assert torch.equal(w32.retrieve(list(range(50, 56)))[1], half)
+    finally:
+        w32.close()
+
+
+def test_longest_prefix_and_divergence(worker):
+    a = list(range(12))
+    kv = random_kv(12)
+    worker.store(a, kv)
+    b = a[:8] + [99, 98, 97]
+    matched, out = worker.retrieve(b)
+    assert matched == 8 and torch.equal(out, kv[:, :, :8])
+    assert worker.lookup([5] + a) == 0
+    matched, out = worker.retrieve([5])
+    assert matched == 0 and out.shape == (2, 2, 0, 2, 8)
+    # the partial last chunk is a chunk of its own: a longer prompt does not match it
+    worker.store(list(range(6)), kv[:, :, :6])
+    assert worker.lookup(list(range(7))) == 4
+
+
+def test_store_validates_shape(worker):
+    with pytest.raises(ValueError, match="shape"):
+        worker.store([1, 2, 3], random_kv(4))
+    with pytest.raises(ValueError, match="floating"):
+        worker.store([1], torch.zeros(2, 2, 1, 2, 8, dtype=torch.int32))
+    assert worker.store([], random_kv(0)) == 0
+
+
+def test_keys_are_the_shared_chunk_hashes(worker):
+    tokens = list(range(7))
+    worker.store(tokens, random_kv(7))
+    assert set(worker.cpu.entries) == set(chunk_hashes(tokens, CS, 0))
+
+
+def test_lru_eviction_keeps_recent_and_pool_is_fixed():
+    w = KVWorker(make_config(slots=8))
+    try:
+        prompts = [[p * 100 + i for i in range(8)] for p in range(4)]  # 2 chunks each
+        data = torch.ones(1)  # keep a reference to the pool
+        buffer_ptr = w.cpu.buffer.data_ptr()
+        for p in prompts:
+            assert w.store(p, random_kv(8, seed=p[0])) == 8
+        assert len(w.cpu.entries) == 8
+        w.retrieve(prompts[0])  # touch prompt 0: now most recent
+        new = [900 + i for i in range(8)]
+        assert w.store(new, random_kv(8)) == 8
+        assert w.lookup(prompts[0]) == 8  # survived
+        assert w.lookup(prompts[1]) == 0  # least recently used: evicted
+        assert w.lookup(new) == 8
+        assert w.cpu.buffer.data_ptr() == buffer_ptr and len(w.cpu.entries) == 8
+        del data
+        w.check()
+    finally:
+        w.close()
+
+
+def test_pinned_chunks_are_never_evicted():
+    w = KVWorker(make_config(slots=6))
+    try:
+        keep = list(range(8))
+        kv = random_kv(8)
+        w.store(keep, kv)
+        assert w.pin(keep) == 2
+        for p in range(10):
+            w.store([1000 + p * 10 + i for i in range(8)], random_kv(8, seed=p))
+        assert w.lookup(keep) == 8 and torch.equal(w.retrieve(keep)[1], kv)
+        # the pool is 6 slots, 2 pinned: a 6-chunk prompt only gets a 4-chunk prefix in
+        long = [5000 + i for i in range(24)]
+        assert w.store(long, random_kv(24)) == 16
+        assert w.unpin(keep) == 2
+        assert w.store(long, random_kv(24)) == 24
+        assert w.lookup(keep) == 0
+        w.check()
+    finally:
+        w.close()
+
+
+def test_a_prompt_larger_than_the_pool_stores_a_prefix():
+    w = KVWorker(make_config(slots=3))
+    try:
+        tokens = list(range(20))
+        kv = random_kv(20)
+        assert w.store(tokens, kv) == 12
+        matched, out = w.retrieve(tokens)
+        assert matched == 12 and torch.equal(out, kv[:, :, :12])
+    finally:
+        w.close()
+
+
+def test_evict_and_clear(worker):
+    a, b = list(range(8)), list(range(100, 108))
+    worker.store(a, random_kv(8))
+    worker.store(b, random_kv(8))
+    worker.pin(b)
+    assert worker.evict(a) == 2 and worker.lookup(a) == 0
+    assert worker.evict(b) == 0 and worker.lookup(b) == 8  # pinned
+    assert worker.clear("LocalCPUBackend") == 2 and worker.lookup(b) == 0
+    assert not worker._pinned
+    with pytest.raises(ValueError, match="unknown location"):
+        worker.clear("Nowhere")
+
+
+def test_compression_round_trip_frees_memory(worker):
+    tokens = list(range(40))
+    kv = synthetic_kv(tokens, **SHAPE)
+    worker.store(tokens, kv)
+    free_before = worker.cpu.free_slots
+    result = worker.compress(tokens, "byteplane-zlib")
+    assert result["chunks"] == 10 and result["bytes_after"] < result["bytes_before"] == 10 * worker.slot_bytes
+    assert worker.cpu.free_slots > free_before  # the blobs share slots
+    matched, out = worker.retrieve(tokens)
+    assert matched == 40 and torch.equal(out, kv)
+    again = worker.decompress(tokens)
+    assert again["chunks"] == 10 and again["bytes_after"] == result["bytes_before"]
+    assert torch.equal(worker.retrieve(tokens)[1], kv)
+    assert worker.cpu.free_slots == free_before
+    with pytest.raises(ValueError, match="unknown compression method"):
+        worker.compress(tokens, "magic")
+    with pytest.raises(ValueError, match="LocalCPUBackend only"):
+        worker.compress(tokens, None, "LocalDiskBackend")
+
+
+def test_random_data_is_left_uncompressed(worker):
+    tokens = list(range(8))
+    kv = torch.randint(-32768, 32767, (2, 2, 8, 2, 8), dtype=torch.int16).view(torch.float16)
+    worker.store(tokens, kv)
+    result = worker.compress(tokens)
+    assert result["chunks"] == 0
+    assert torch.equal(worker.retrieve(tokens)[1].view(torch.int16), kv.view(torch.int16))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_compression_codec_is_lossless(width):
+    rng = random.Random(width)
+    data = bytes(rng.randrange(4) for _ in range(4096 * width))
+    blob = compression.compress(data, width)
+    assert bytes(compression.decompress(blob, len(data))) == data
+    with pytest.raises(ValueError):
+        compression.decompress(blob[:-3], len(data))
+
+
+def test_compressed_chunks_are_evicted_and_slots_reclaimed():
+    w = KVWorker(make_config(slots=6))
+    try:
+        for p in range(30):
+            tokens = [p * 1000 + i for i in range(8)]
+            w.store(tokens, synthetic_kv(tokens, **SHAPE))
+            if p % 2:
+                w.compress(tokens)
+            w.check()
+            assert w.lookup(tokens) == 8
+        w.clear()
+        assert w.cpu.free_slots == w.cpu.num_slots and not w.cpu.slot_refs
+    finally:
+        w.close()
+
+
+def test_concurrent_store_and_retrieve_stay_consistent():
+    w = KVWorker(make_config(slots=16))
+    errors = []
+    prompts = [[p * 100 + i for i in range(12)] for p in range(12)]
+    expected = {p[0]: synthetic_kv(p, **SHAPE) for p in prompts}
+
+    def run(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                p = rng.choice(prompts)
+                if rng.random() < 0.5:
+                    w.store(p, expected[p[0]])
+                else:
+                    matched, out = w.retrieve(p)
+                    if not torch.equal(out, expected[p[0]][:, :, :matched]):
+                        errors.append("mismatch")
+                if rng.random() < 0.05:
+                    w.compress(p)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.check()
+    w.close()
+    assert not errors
+
+
+def test_pool_is_plain_memory_without_cuda(worker):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert worker.info()["pool"]["pinned"] == "plain"
+
+
+def test_synthetic_kv_is_deterministic_and_prefix_stable():
+    a = synthetic_kv(list(range(10)), **SHAPE)
+    b = synthetic_kv(list(range(10)) + [7, 7], **SHAPE)
+    assert torch.equal(a, b[:, :, :10])
+    assert torch.equal(a, synthetic_kv(list(range(10)), **SHAPE))
