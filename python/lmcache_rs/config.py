@@ -75,6 +75,8 @@ class LMCacheConfig:
     """Disk tier capacity in GB; the tier is on when local_disk is set and this is > 0."""
 
     # -- controller link --------------------------------------------------------------------
+    controller_api_key: Optional[str] = None
+    """Sent in hello when set; must match the controller's (same key in its config)."""
     lmcache_worker_host: str = "localhost"
     """Host the command server binds to and that the worker announces to the controller."""
     heartbeat_interval: float = 1.0
@@ -189,7 +191,7 @@ def _kinds() -> dict[str, str]:
             continue
         if f.name in ("lmcache_worker_ports", "p2p_init_ports"):
             kinds[f.name] = "ports"
-        elif f.name in ("controller_pull_url", "p2p_host", "local_disk"):
+        elif f.name in ("controller_pull_url", "p2p_host", "local_disk", "controller_api_key"):
             kinds[f.name] = "optstr"
         else:
             kinds[f.name] = {bool: "bool", int: "int", float: "float", str: "str"}[type(f.default)]

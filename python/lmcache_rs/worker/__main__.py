@@ -1,0 +1,126 @@
+"""``lmcache_worker``: run one worker (one tensor-parallel rank of an instance) standalone.
+
+    lmcache_worker --config configs/example.yaml [--worker-id N] [--preload FILE]
+
+The config comes from ``--config`` or ``LMCACHE_CONFIG_FILE``, with ``LMCACHE_<KEY>``
+overrides. ``--preload`` reads JSON lines, each a list of token ids (or an object with a
+"tokens" list), and stores synthetic KV for each (deterministic from the tokens, in the
+model shape of the config) before reporting to the controller. Once the ports are bound the
+worker prints one line starting with ``lmcache_worker ready`` and runs until SIGINT/SIGTERM,
+then says bye to the controller and exits 0. A bad config exits 2 with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Iterator, Optional, Sequence
+
+from lmcache_rs.config import ConfigError, load_config
+
+log = logging.getLogger("lmcache_rs.worker")
+
+
+def read_preload(path: str) -> Iterator[list[int]]:
+    """Token lists of a JSON-lines file. Raises ValueError naming the bad line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: not JSON: {exc}") from None
+            if isinstance(value, dict):
+                value = value.get("tokens")
+            if not isinstance(value, list) or not all(type(t) is int and 0 <= t < 2**32 for t in value):
+                raise ValueError(f"{path}:{number}: expected a list of token ids (u32)")
+            yield value
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lmcache_worker", description="Run a KV-cache worker.")
+    parser.add_argument("--config", help="YAML config (default: $LMCACHE_CONFIG_FILE)")
+    parser.add_argument("--worker-id", type=int, default=0, help="tensor-parallel rank (default 0)")
+    parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for")
+    parser.add_argument("--log-level", default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"lmcache_worker: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.worker_id < 0:
+        print(f"lmcache_worker: --worker-id must be >= 0, got {args.worker_id}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    from .engine import KVWorker
+    from .synthetic import synthetic_for
+
+    try:
+        worker = KVWorker(config, args.worker_id, serve=False)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"lmcache_worker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.preload:
+            started = time.monotonic()
+            prompts = tokens = stored = 0
+            try:
+                for prompt in read_preload(args.preload):
+                    stored += worker.store(prompt, synthetic_for(config, prompt, salt=args.worker_id))
+                    prompts += 1
+                    tokens += len(prompt)
+                    if prompts % 1000 == 0:
+                        log.info("preload: %d prompts, %d tokens stored", prompts, stored)
+            except (OSError, ValueError) as exc:
+                print(f"lmcache_worker: --preload: {exc}", file=sys.stderr)
+                return 2
+            log.info(
+                "preload: %d prompts, %d of %d tokens stored in %.2f s",
+                prompts, stored, tokens, time.monotonic() - started,
+            )
+        from .service import WorkerService
+
+        if config.enable_controller or config.lmcache_worker_ports is not None or config.p2p_init_ports is not None:
+            worker.service = WorkerService(worker)
+            try:
+                worker.service.start()
+            except OSError as exc:
+                worker.service = None
+                print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
+                return 1
+        info = worker.info()
+        print(
+            f"lmcache_worker ready: instance={info['instance_id']} worker={info['worker_id']} "
+            f"worker_port={info['worker_port']} p2p_port={info['p2p_port']} "
+            f"chunks={worker.health()['chunks']} pool={info['pool']['slots']}x{info['pool']['slot_bytes']}B "
+            f"({info['pool']['pinned']})",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping")
+        return 0
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Peer-to-peer chunk transfer (docs/protocol.md, "P2P").
+
+A peer sends ``{"t": "get", "id", "keys"}``; the server answers, per key it holds, one
+``{"t": "chunk", "id", "key", "dtype", "shape", "nbytes", "checksum"}`` frame followed by exactly
+``nbytes`` raw bytes, then ``{"t": "end", "id", "missing"}``.
+
+Both sides use blocking sockets in their own threads rather than the event loop: the server
+sends straight from pool memory (or ``sendfile`` from the disk tier) and ``sendall`` returning
+means the kernel has the bytes, so the chunk's reader count can be dropped safely; the
+receiver reads straight into reserved pool slots with ``recv_into``. The receiver checks every
+length and xxh3-64 checksum and commits nothing unless the whole transfer checks out.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Optional
+
+import msgpack
+import xxhash
+
+from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
+
+from .engine import KVWorker, dtype_from_name
+
+log = logging.getLogger("lmcache_rs.worker.p2p")
+
+_HEADER_BYTES = 4
+
+
+class TransferError(RuntimeError):
+    """A P2P transfer was refused, cut short or corrupt; nothing from it was stored."""
+
+
+# -- blocking framed socket --------------------------------------------------------------------
+class FramedSocket:
+    """Frames and raw byte runs over one blocking socket."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int):
+        self.sock = sock
+        self.max_frame_bytes = max_frame_bytes
+
+    def read_exact(self, out: memoryview) -> int:
+        """Fill ``out``; returns the bytes read (less than len(out) only at end of stream)."""
+        got = 0
+        while got < len(out):
+            n = self.sock.recv_into(out[got:])
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def read_frame(self) -> Optional[dict[str, Any]]:
+        """The next message; None at a clean end of stream. Raises FrameError or TransferError."""
+        header = bytearray(_HEADER_BYTES)
+        got = self.read_exact(memoryview(header))
+        if got == 0:
+            return None
+        if got < _HEADER_BYTES:
+            raise TransferError("connection closed inside a frame header")
+        length = int.from_bytes(header, "big")
+        if length > self.max_frame_bytes:
+            raise FrameError("frame_too_large", f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}")
+        body = bytearray(length)
+        if self.read_exact(memoryview(body)) < length:
+            raise TransferError("connection closed inside a frame")
+        return decode_body(bytes(body))
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(encode_frame(message))
+
+
+# -- server ------------------------------------------------------------------------------------
+class P2PServer:
+    """Serves this worker's chunks to peers; one thread per peer connection."""
+
+    def __init__(self, engine: KVWorker, host: str, port: int, max_frame_bytes: int):
+        self.engine = engine
+        self.max_frame_bytes = max_frame_bytes
+        self.listener = socket.create_server((host, port), backlog=64)
+        self.listener.settimeout(0.2)
+        self.host = host
+        self.port = self.listener.getsockname()[1]
+        self._closing = False
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"lmcache-p2p-{self.port}", daemon=True)
+
+    def start(self) -> None:
+        self._acceptor.start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._acceptor.join()
+        self.listener.close()
+        with self._lock:
+            connections = list(self._connections.items())
+        for conn, _thread in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _conn, thread in connections:
+            thread.join()
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                conn, _addr = self.listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                if self._closing:
+                    return
+                continue
+            conn.settimeout(None)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="lmcache-p2p-conn", daemon=True)
+            with self._lock:
+                self._connections[conn] = thread
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        framed = FramedSocket(conn, self.max_frame_bytes)
+        try:
+            while not self._closing:
+                try:
+                    message = framed.read_frame()
+                    if message is None:
+                        return
+                    if message["t"] != "get":
+                        raise FrameError("unknown_type", f"unexpected frame type {message['t']!r} on a P2P connection")
+                    request_id, keys = message.get("id"), message.get("keys")
+                    if type(request_id) is not int or not isinstance(keys, bytes):
+                        raise FrameError("bad_field", 'get needs an integer "id" and "keys" as bin')
+                    keys = unpack_u64s(keys)
+                except FrameError as exc:
+                    log.warning("p2p: rejecting frame from a peer: %s: %s", exc.code, exc)
+                    framed.send({"t": "error", "code": exc.code, "message": str(exc)})
+                    return
+                except TransferError:
+                    return
+                self._answer(framed, request_id, keys)
+        except OSError:
+            return  # the peer went away
+        finally:
+            with self._lock:
+                self._connections.pop(conn, None)
+            conn.close()
+
+    def _answer(self, framed: FramedSocket, request_id: int, keys) -> None:
+        missing: list[int] = []
+        for key in keys:
+            with self.engine.export_chunk(key) as chunk:
+                if chunk is None:
+                    missing.append(key)
+                    continue
+                checksum = chunk.checksum
+                if checksum is None:
+                    checksum = xxhash.xxh3_64_intdigest(chunk.data)
+                framed.send(
+                    {"t": "chunk", "id": request_id, "key": key, "dtype": chunk.dtype, "shape": chunk.shape,
+                     "nbytes": chunk.nbytes, "checksum": checksum}
+                )
+                if chunk.file is not None:
+                    framed.sock.sendfile(chunk.file, 0, chunk.nbytes)
+                else:
+                    framed.sock.sendall(chunk.data)
+        framed.send({"t": "end", "id": request_id, "missing": pack_u64s(missing)})
+
+
+# -- client ------------------------------------------------------------------------------------
+def fetch(
+    engine: KVWorker,
+    tokens: list[int],
+    source: tuple[str, int],
+    location: str,
+    *,
+    timeout: float = 60.0,
+) -> dict[str, int]:
+    """Pull the chunks of ``tokens`` this worker lacks at ``location`` from the peer at
+    ``source`` (host, p2p_port) and store them there. All or nothing: a refused, short or
+    corrupt transfer raises TransferError and stores nothing. Returns {"chunks", "tokens"}."""
+    engine._check_location(location)
+    expected = engine.expected_chunks(tokens)
+    ntokens_of = dict(expected)
+    if location == "LocalDiskBackend":
+        engine.ensure_on_disk([k for k, _ in expected])
+    on_disk = location == "LocalDiskBackend"
+    want = [k for k, _ in expected if not engine.holds(k, location) and not (on_disk and engine.holds(k, "LocalCPUBackend"))]
+    if not want:
+        if location == "LocalDiskBackend":
+            engine.flush()
+        return {"chunks": 0, "tokens": 0}
+    slots = engine.reserve_slots(len(want), set(ntokens_of))
+    if slots is None:
+        raise TransferError(f"the CPU pool has no room for {len(want)} chunks")
+    received: list[tuple[int, int, Any, int]] = []
+    try:
+        with socket.create_connection(source, timeout=timeout) as sock:
+            framed = FramedSocket(sock, engine.config.max_frame_bytes)
+            framed.send({"t": "get", "id": 1, "keys": pack_u64s(want)})
+            received = _receive(engine, framed, want, ntokens_of, slots)
+    except (OSError, FrameError, msgpack.UnpackException, ValueError) as exc:
+        engine.release_slots(slots + [r[3] for r in received])
+        raise TransferError(f"fetch from {source[0]}:{source[1]} failed: {exc}") from None
+    except BaseException:
+        engine.release_slots(slots + [r[3] for r in received])
+        raise
+    engine.release_slots(slots)
+    stored = engine.commit_received(received, location)
+    log.info("p2p: fetched %d chunks (%d new) from %s:%d", len(received), stored, *source)
+    return {"chunks": len(received), "tokens": sum(r[1] for r in received)}
+
+
+def _receive(engine, framed: FramedSocket, want: list[int], ntokens_of: dict[int, int], slots: list[int]):
+    """Read the answer to one get into ``slots`` (popped as used). Raises on any problem,
+    with the slots of chunks read so far listed in the exception-free path only."""
+    pending = set(want)
+    received: list[tuple[int, int, Any, int]] = []
+    try:
+        while True:
+            message = framed.read_frame()
+            if message is None:
+                raise TransferError("the peer closed the connection before the end of the transfer")
+            kind = message["t"]
+            if kind == "end":
+                if message.get("id") != 1:
+                    raise TransferError("end frame of another request")
+                return received
+            if kind == "error":
+                raise TransferError(f"the peer refused: {message.get('code')}: {message.get('message')}")
+            if kind != "chunk":
+                raise TransferError(f"unexpected frame {kind!r}")
+            key, nbytes, checksum = message.get("key"), message.get("nbytes"), message.get("checksum")
+            if message.get("id") != 1 or key not in pending:
+                raise TransferError(f"chunk {key!r} was not asked for")
+            if type(nbytes) is not int or type(checksum) is not int:
+                raise TransferError("chunk frame without integer nbytes/checksum")
+            dtype = dtype_from_name(message.get("dtype"))
+            ntokens = ntokens_of[key]
+            shape = list(engine._chunk_shape(ntokens))
+            if message.get("shape") != shape:
+                raise TransferError(f"chunk {key:016x} has shape {message.get('shape')}, expected {shape}")
+            if nbytes != engine._nbytes(ntokens, dtype) or nbytes > engine.slot_bytes:
+                raise TransferError(f"chunk {key:016x}: {nbytes} bytes do not match {shape} of {message.get('dtype')}")
+            slot = slots.pop()
+            received.append((key, ntokens, dtype, slot))
+            memory = engine.cpu.slot_memory(slot, nbytes)
+            if framed.read_exact(memory) < nbytes:
+                raise TransferError(f"transfer truncated inside chunk {key:016x}")
+            if xxhash.xxh3_64_intdigest(memory) != checksum:
+                raise TransferError(f"checksum mismatch for chunk {key:016x}")
+            pending.discard(key)
+    except BaseException:
+        slots.extend(r[3] for r in received)
+        received.clear()
+        raise

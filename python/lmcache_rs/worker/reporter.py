@@ -1,0 +1,253 @@
+"""The report connection: tells the controller what this worker holds (docs/protocol.md).
+
+``hello`` → ``welcome``, then a full sync (``sync_start``/``sync_chunk``/``sync_end``) of
+every location, then ``events`` frames (per-worker ``seq`` +1 each) carrying the admits and
+evictions the engine recorded, batched for ``report_interval`` seconds, and a ``heartbeat``
+every ``heartbeat_interval`` (the welcome's value). A ``resync`` from the controller gets a
+new full sync. Store and retrieve never wait for any of this: the engine only appends to an
+in-memory list and wakes this task.
+
+When the connection cannot be made or drops, events are no longer recorded (the next full
+sync carries the state) and the reporter reconnects with exponential backoff and jitter
+(50 ms doubling to 2 s). On shutdown it sends ``bye``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from lmcache_rs.wire.framing import pack_u64s
+from lmcache_rs.wire.session import Session, connect
+
+if TYPE_CHECKING:
+    from .service import WorkerService
+
+log = logging.getLogger("lmcache_rs.worker.reporter")
+
+PROTOCOL_VERSION = 1
+MAX_KEYS_PER_FRAME = 65536  # 512 KiB of keys: far below any sensible max_frame_bytes
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+WELCOME_TIMEOUT = 5.0
+
+
+class Reporter:
+    def __init__(self, service: "WorkerService"):
+        self.service = service
+        self.engine = service.engine
+        self.config = service.config
+        self.seq = 0
+        self.session: Optional[Session] = None
+        self.synced = threading.Event()  # set after each full sync (tests wait on it)
+        self.syncs = 0  # full syncs sent (tests)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._inbox: asyncio.Queue[Optional[dict[str, Any]]] = asyncio.Queue()
+        self._resync = False
+        self._last_error: Optional[str] = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stopping:
+            welcomed = False
+            try:
+                welcomed = await self._connection()
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                self._note(f"controller link: {exc}")
+            except Exception:
+                log.exception("controller link failed")
+            finally:
+                self.synced.clear()
+                self.engine.stop_reporting()
+                if self.session is not None:
+                    self.session.close()
+                    self.session = None
+            if self._stopping:
+                return
+            if welcomed:
+                backoff = BACKOFF_MIN
+            delay = backoff * (0.5 + random.random())
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            try:
+                await asyncio.wait_for(self._wait_stop(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _wait_stop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def stop(self) -> None:
+        """Send bye and close the connection."""
+        self._stopping = True
+        self._wake.set()
+        session = self.session
+        if session is not None and not session.closed:
+            try:
+                self._send_events(session)
+                session.send({"t": "bye"})
+                await asyncio.wait_for(session.drain(), 1.0)
+            except Exception:
+                pass
+            session.close()
+            try:
+                await asyncio.wait_for(session.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                session.abort()
+
+    def _note(self, message: str) -> None:
+        # log a failure once, not at every retry
+        if message != self._last_error:
+            log.warning("%s; retrying", message)
+            self._last_error = message
+
+    # -- one connection -------------------------------------------------------------------------
+    async def _connection(self) -> bool:
+        host, port = self.config.controller_address()
+        self._inbox = asyncio.Queue()
+        self._resync = False
+        session = await connect(
+            host,
+            port,
+            on_message=self._on_message,
+            on_close=self._on_close,
+            max_frame_bytes=self.config.max_frame_bytes,
+            name="report",
+        )
+        self.session = session
+        session.send(self._hello())
+        reply = await asyncio.wait_for(self._inbox.get(), WELCOME_TIMEOUT)
+        if reply is None:
+            raise ConnectionError("the controller closed the connection before welcome")
+        if reply["t"] == "error":
+            raise ConnectionError(f"the controller refused this worker: {reply.get('code')}: {reply.get('message')}")
+        if reply["t"] != "welcome":
+            raise ConnectionError(f"expected welcome, got {reply['t']!r}")
+        interval = _positive(reply.get("heartbeat_interval"), self.config.heartbeat_interval)
+        # beat a little faster than asked so a slow beat never reaches the timeout
+        interval = min(interval, _positive(reply.get("heartbeat_timeout"), self.config.heartbeat_timeout) / 3)
+        self._last_error = None
+        log.info("connected to the controller at %s:%d", host, port)
+        await self._full_sync(session)
+        next_beat = time.monotonic() + interval
+        while not self._stopping:
+            timeout = max(0.0, next_beat - time.monotonic())
+            if not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            if session.closed:
+                raise ConnectionError("the controller closed the connection")
+            if self._resync:
+                self._resync = False
+                await self._full_sync(session)
+            elif self.engine._events:  # a racy peek is fine: take_events() locks
+                await asyncio.sleep(self.config.report_interval)  # let a batch build up
+                self._send_events(session)
+            now = time.monotonic()
+            if now >= next_beat:
+                session.send({"t": "heartbeat", "seq": self.seq})
+                next_beat = now + interval
+            await session.drain()
+        return True
+
+    def _hello(self) -> dict[str, Any]:
+        service = self.service
+        hello = {
+            "t": "hello",
+            "v": PROTOCOL_VERSION,
+            "instance_id": self.engine.instance_id,
+            "worker_id": self.engine.worker_id,
+            "host": self.config.lmcache_worker_host,
+            "worker_port": service.worker_port or 0,
+            "p2p_host": self.config.p2p_host or self.config.lmcache_worker_host,
+            "p2p_port": service.p2p_port or 0,
+            "chunk_size": self.engine.chunk_size,
+            "seed": self.engine.seed,
+        }
+        if self.config.controller_api_key is not None:
+            hello["api_key"] = self.config.controller_api_key
+        return hello
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "resync":
+            log.info("controller asked for a full sync: %s", message.get("reason"))
+            self._resync = True
+            self._wake.set()
+        elif kind in ("welcome", "error"):
+            self._inbox.put_nowait(message)
+        else:
+            log.warning("ignoring unexpected %r frame from the controller", kind)
+
+    def _on_close(self, session: Session, exc: Optional[BaseException]) -> None:
+        self._inbox.put_nowait(None)
+        self._wake.set()
+
+    def _waker(self) -> None:
+        """Called by the engine (any thread, its lock held) when the first event is queued."""
+        loop = self.service.loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # loop closed at shutdown
+            pass
+
+    # -- frames ---------------------------------------------------------------------------------
+    async def _full_sync(self, session: Session) -> None:
+        holdings = self.engine.start_reporting(self._waker)
+        session.send({"t": "sync_start", "seq": self.seq})
+        count = 0
+        for location, keys in holdings.items():
+            for start in range(0, len(keys), MAX_KEYS_PER_FRAME):
+                batch = keys[start : start + MAX_KEYS_PER_FRAME]
+                session.send({"t": "sync_chunk", "location": location, "hashes": pack_u64s(batch)})
+                count += len(batch)
+                await session.drain()
+        session.send({"t": "sync_end", "count": count})
+        self.syncs += 1
+        self.synced.set()
+
+    def _send_events(self, session: Session) -> None:
+        events = [
+            (op, location, keys[i : i + MAX_KEYS_PER_FRAME])
+            for op, location, keys in self.engine.take_events()
+            for i in range(0, len(keys), MAX_KEYS_PER_FRAME)
+        ]
+        ops: list[list[Any]] = []
+        keys_in_frame = 0
+        last: Optional[tuple[str, str, list[int]]] = None
+        for op, location, keys in events:
+            if last is not None and last[0] == op and last[1] == location and keys_in_frame + len(keys) <= MAX_KEYS_PER_FRAME:
+                last[2].extend(keys)
+            else:
+                if keys_in_frame + len(keys) > MAX_KEYS_PER_FRAME and ops:
+                    self._send_ops(session, ops)
+                    ops, keys_in_frame = [], 0
+                last = (op, location, list(keys))
+                ops.append(last)  # type: ignore[arg-type]
+            keys_in_frame += len(keys)
+        if ops:
+            self._send_ops(session, ops)
+
+    def _send_ops(self, session: Session, ops: list) -> None:
+        self.seq += 1
+        session.send({"t": "events", "seq": self.seq, "ops": [[op, loc, pack_u64s(keys)] for op, loc, keys in ops]})
+
+
+def _positive(value: Any, default: float) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return default
