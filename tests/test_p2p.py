@@ -121,7 +121,10 @@ class EvilPeer:
         with conn:
             framed = FramedSocket(conn, 1 << 20)
             message = framed.read_frame()
-            self.script(conn, message)
+            try:
+                self.script(conn, message)  # the receiver may hang up early: that is fine
+            except OSError:
+                return
             try:
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(1)
