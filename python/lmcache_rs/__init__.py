@@ -1,0 +1,25 @@
+"""lmcache_rs: an exact KV-cache index and controller for LLM serving.
+
+``Index`` is the chunked-prefix radix index (implemented in Rust); ``chunk_hashes`` computes
+the chunk keys every component agrees on. See rust/README.md for the design.
+"""
+
+from ._core import (
+    Index,
+    InvalidArgumentError,
+    InvalidTypeError,
+    LMCacheError,
+    SnapshotError,
+    __version__,
+    chunk_hashes,
+)
+
+__all__ = [
+    "Index",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "LMCacheError",
+    "SnapshotError",
+    "__version__",
+    "chunk_hashes",
+]

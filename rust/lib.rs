@@ -1,0 +1,36 @@
+//! lmcache_rs: a chunked-prefix radix index of KV-cache holders, with lock-free reads.
+//! See rust/README.md for the glossary, the module map and the design.
+
+// ---- the core (plain Rust, no PyO3) ----
+pub mod error;
+pub mod hash;
+pub mod holders;
+pub mod index;
+pub mod json;
+pub mod shared;
+pub mod snapshot;
+pub mod table;
+
+// ---- the Python binding layer ----
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use crate::py::index::{chunk_hashes, PyIndex};
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        let t = crate::py::errors::types(m.py())?;
+        m.add("LMCacheError", t.lmcache.bind(m.py()))?;
+        m.add("InvalidArgumentError", t.invalid_argument.bind(m.py()))?;
+        m.add("InvalidTypeError", t.invalid_type.bind(m.py()))?;
+        m.add("SnapshotError", t.snapshot.bind(m.py()))?;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! Exception classes and the one `Error -> PyErr` mapping.
+//!
+//! The classes need multiple inheritance (`InvalidArgumentError(LMCacheError, ValueError)`),
+//! which `create_exception!` cannot express, so they are built once with `type(...)`.
+
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::error::Error;
+
+pub struct ExceptionTypes {
+    pub lmcache: Py<PyType>,
+    pub invalid_argument: Py<PyType>,
+    pub invalid_type: Py<PyType>,
+    pub snapshot: Py<PyType>,
+}
+
+static TYPES: PyOnceLock<ExceptionTypes> = PyOnceLock::new();
+
+fn make(
+    py: Python<'_>,
+    name: &str,
+    bases: Vec<Bound<'_, PyType>>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let dict = PyDict::new(py);
+    dict.set_item("__module__", "lmcache_rs._core")?;
+    dict.set_item("__doc__", doc)?;
+    let bases = PyTuple::new(py, bases)?;
+    let ty = py.get_type::<PyType>().call1((name, bases, dict))?;
+    Ok(ty.cast_into::<PyType>()?.unbind())
+}
+
+pub fn types(py: Python<'_>) -> PyResult<&ExceptionTypes> {
+    TYPES.get_or_try_init(py, || {
+        let root = make(
+            py,
+            "LMCacheError",
+            vec![py.get_type::<PyException>()],
+            "Root of every error the index raises.",
+        )?;
+        let sub = |name: &str, builtin: Bound<'_, PyType>, doc: &str| {
+            make(py, name, vec![root.bind(py).clone(), builtin], doc)
+        };
+        Ok(ExceptionTypes {
+            invalid_argument: sub(
+                "InvalidArgumentError",
+                py.get_type::<PyValueError>(),
+                "An argument has the right type but a bad value (negative token, unknown op, ...).",
+            )?,
+            invalid_type: sub(
+                "InvalidTypeError",
+                py.get_type::<PyTypeError>(),
+                "An argument has a type the index does not accept.",
+            )?,
+            snapshot: sub(
+                "SnapshotError",
+                py.get_type::<PyValueError>(),
+                "A dump file is corrupt, truncated, of another format version or for another index.",
+            )?,
+            lmcache: root,
+        })
+    })
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        Python::attach(|py| {
+            let msg = e.to_string();
+            let t = match types(py) {
+                Ok(t) => t,
+                Err(err) => return err,
+            };
+            let ty = match e {
+                Error::InvalidArgument(_) => &t.invalid_argument,
+                Error::InvalidType(_) => &t.invalid_type,
+                Error::Snapshot(_) => &t.snapshot,
+                Error::Invariant(_) => &t.lmcache,
+                // the matching OSError subclass (FileNotFoundError, PermissionError, ...)
+                Error::Io(io) => return PyErr::from(io),
+            };
+            PyErr::from_type(ty.bind(py).clone(), (msg,))
+        })
+    }
+}

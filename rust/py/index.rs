@@ -1,0 +1,479 @@
+//! `lmcache_rs.Index` and `chunk_hashes`: argument conversion, then the core call with the GIL
+//! released (through `detached`), then result conversion.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::error::{Error, Result};
+use crate::hash::{chunk_hashes as core_chunk_hashes, PrefixHash};
+use crate::index::{keys_of, validate_instance_id, Batch, DetailedMatch, Event, EventKind, Op};
+use crate::json;
+use crate::py::convert::{bool_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
+use crate::shared::SharedIndex;
+
+/// Run `f` with the GIL released; map the core error on the way back.
+fn detached<T: Send, F: Send + FnOnce() -> Result<T>>(py: Python<'_>, f: F) -> PyResult<T> {
+    py.detach(f).map_err(PyErr::from)
+}
+
+fn worker_arg(obj: &Bound<'_, PyAny>) -> Result<u32> {
+    Ok(int_arg(obj, "worker_id", u32::MAX as u64)? as u32)
+}
+
+fn chunk_size_arg(obj: &Bound<'_, PyAny>) -> Result<usize> {
+    let v = int_arg(obj, "chunk_size", u32::MAX as u64)?;
+    if v == 0 {
+        return Err(Error::arg("chunk_size must be > 0"));
+    }
+    Ok(v as usize)
+}
+
+/// Chained seeded xxh3-64 keys of the chunks of `tokens` (see rust/README.md).
+#[pyfunction]
+#[pyo3(
+    signature = (tokens, chunk_size=None, seed=None, **kwargs),
+    text_signature = "(tokens, chunk_size=256, seed=0)"
+)]
+pub fn chunk_hashes<'py>(
+    py: Python<'py>,
+    tokens: &Bound<'py, PyAny>,
+    chunk_size: Option<&Bound<'py, PyAny>>,
+    seed: Option<&Bound<'py, PyAny>>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyList>> {
+    no_kwargs("chunk_hashes", kwargs)?;
+    let cs = chunk_size.map(chunk_size_arg).transpose()?.unwrap_or(256);
+    let seed = seed
+        .map(|s| int_arg(s, "seed", u64::MAX))
+        .transpose()?
+        .unwrap_or(0);
+    let tokens = IntsArg::<u32>::extract(tokens, "tokens")?;
+    let keys = detached(py, || Ok(core_chunk_hashes(&tokens.view()?, cs, seed)))?;
+    PyList::new(py, keys)
+}
+
+/// What a write call names: one holder and its keys.
+enum Keys {
+    Tokens(IntsArg<u32>),
+    Hashes(IntsArg<u64>),
+}
+
+fn keys_arg(tokens: Option<&Bound<'_, PyAny>>, hashes: Option<&Bound<'_, PyAny>>) -> Result<Keys> {
+    match (
+        tokens.filter(|t| !t.is_none()),
+        hashes.filter(|h| !h.is_none()),
+    ) {
+        (Some(t), None) => Ok(Keys::Tokens(IntsArg::extract(t, "tokens")?)),
+        (None, Some(h)) => Ok(Keys::Hashes(IntsArg::extract(h, "hashes")?)),
+        (Some(_), Some(_)) => Err(Error::arg("give either tokens= or hashes=, not both")),
+        (None, None) => Err(Error::arg("one of tokens= or hashes= is required")),
+    }
+}
+
+#[pyclass(name = "Index", module = "lmcache_rs._core", frozen)]
+pub struct PyIndex {
+    inner: SharedIndex,
+}
+
+impl PyIndex {
+    fn event(
+        &self,
+        kind: EventKind,
+        instance_id: &Bound<'_, PyAny>,
+        worker_id: &Bound<'_, PyAny>,
+        location: &Bound<'_, PyAny>,
+    ) -> Result<Event> {
+        let instance = str_arg(instance_id, "instance_id")?;
+        if kind == EventKind::Admit {
+            validate_instance_id(&instance)?;
+        }
+        Ok(Event {
+            kind,
+            instance,
+            worker: worker_arg(worker_id)?,
+            location: str_arg(location, "location")?,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    fn write_keys(&self, py: Python<'_>, ev: Event, keys: Keys) -> PyResult<u64> {
+        let (cs, seed) = (self.inner.chunk_size(), self.inner.seed());
+        let kind = ev.kind;
+        detached(py, move || {
+            let keys: Arc<[PrefixHash]> = match &keys {
+                Keys::Tokens(t) => keys_of(&t.view()?, cs, seed).into(),
+                Keys::Hashes(h) => h.view()?.as_ref().into(),
+            };
+            let ev = Arc::new(ev);
+            let (added, removed) = match kind {
+                EventKind::Admit => self.inner.write(Op::Admit(ev, keys)),
+                EventKind::Evict => self.inner.write(Op::Evict(ev, keys)),
+            };
+            Ok(added + removed)
+        })
+    }
+}
+
+fn detail_dict<'py>(py: Python<'py>, d: &DetailedMatch) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    match &d.best {
+        Some((loc, n)) => {
+            out.set_item("location", &**loc)?;
+            out.set_item("matched_prefix_length", *n)?;
+        }
+        None => {
+            out.set_item("location", py.None())?;
+            out.set_item("matched_prefix_length", 0)?;
+        }
+    }
+    let locs = PyDict::new(py);
+    for (loc, n) in &d.locations {
+        locs.set_item(&**loc, *n)?;
+    }
+    out.set_item("locations", locs)?;
+    let workers = PyDict::new(py);
+    for (w, per) in &d.workers {
+        let m = PyDict::new(py);
+        for (loc, n) in per {
+            m.set_item(&**loc, *n)?;
+        }
+        workers.set_item(*w, m)?;
+    }
+    out.set_item("workers", workers)?;
+    Ok(out)
+}
+
+#[pymethods]
+impl PyIndex {
+    #[new]
+    #[pyo3(
+        signature = (chunk_size=None, seed=None, **kwargs),
+        text_signature = "(chunk_size=256, seed=0)"
+    )]
+    fn new(
+        chunk_size: Option<&Bound<'_, PyAny>>,
+        seed: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        no_kwargs("Index", kwargs)?;
+        let cs = chunk_size.map(chunk_size_arg).transpose()?.unwrap_or(256);
+        let seed = seed
+            .map(|s| int_arg(s, "seed", u64::MAX))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(PyIndex {
+            inner: SharedIndex::new(cs, seed)?,
+        })
+    }
+
+    #[getter]
+    fn chunk_size(&self) -> usize {
+        self.inner.chunk_size()
+    }
+
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.inner.seed()
+    }
+
+    #[pyo3(signature = (instance_id, worker_id))]
+    fn register_worker(
+        &self,
+        py: Python<'_>,
+        instance_id: &Bound<'_, PyAny>,
+        worker_id: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let inst = str_arg(instance_id, "instance_id")?;
+        validate_instance_id(&inst)?;
+        let w = worker_arg(worker_id)?;
+        detached(py, || {
+            self.inner.write(Op::RegisterWorker(inst, w));
+            Ok(())
+        })
+    }
+
+    #[pyo3(signature = (instance_id, worker_id))]
+    fn remove_worker(
+        &self,
+        py: Python<'_>,
+        instance_id: &Bound<'_, PyAny>,
+        worker_id: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let inst = str_arg(instance_id, "instance_id")?;
+        let w = worker_arg(worker_id)?;
+        detached(py, || Ok(self.inner.write(Op::RemoveWorker(inst, w)).1))
+    }
+
+    fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ws = self.inner.read(|c| c.workers());
+        let out = PyDict::new(py);
+        for (inst, w) in ws {
+            out.set_item(&*inst, w)?;
+        }
+        Ok(out)
+    }
+
+    #[pyo3(
+        signature = (instance_id, worker_id, location, tokens=None, hashes=None, **kwargs),
+        text_signature = "(self, instance_id, worker_id, location, tokens=None, hashes=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        instance_id: &Bound<'_, PyAny>,
+        worker_id: &Bound<'_, PyAny>,
+        location: &Bound<'_, PyAny>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        hashes: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<u64> {
+        no_kwargs("admit", kwargs)?;
+        let ev = self.event(EventKind::Admit, instance_id, worker_id, location)?;
+        let keys = keys_arg(tokens, hashes)?;
+        self.write_keys(py, ev, keys)
+    }
+
+    #[pyo3(
+        signature = (instance_id, worker_id, location, tokens=None, hashes=None, **kwargs),
+        text_signature = "(self, instance_id, worker_id, location, tokens=None, hashes=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn evict(
+        &self,
+        py: Python<'_>,
+        instance_id: &Bound<'_, PyAny>,
+        worker_id: &Bound<'_, PyAny>,
+        location: &Bound<'_, PyAny>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        hashes: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<u64> {
+        no_kwargs("evict", kwargs)?;
+        let ev = self.event(EventKind::Evict, instance_id, worker_id, location)?;
+        let keys = keys_arg(tokens, hashes)?;
+        self.write_keys(py, ev, keys)
+    }
+
+    #[pyo3(signature = (events))]
+    fn apply_batch(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
+        let mut batch = Batch::default();
+        let it = events.try_iter().map_err(|_| {
+            Error::ty(
+                "events must be an iterable of (op, instance_id, worker_id, location, hashes)",
+            )
+        })?;
+        for (n, item) in it.enumerate() {
+            let item = item?;
+            let tuple = item.cast::<PyTuple>().map_err(|_| {
+                Error::ty(format!(
+                    "events[{n}] must be a tuple (op, instance_id, worker_id, location, hashes)"
+                ))
+            })?;
+            if tuple.len() != 5 {
+                return Err(Error::arg(format!(
+                    "events[{n}] has {} items; expected (op, instance_id, worker_id, location, hashes)",
+                    tuple.len()
+                ))
+                .into());
+            }
+            let op = str_arg(&tuple.get_item(0)?, "op")?;
+            let kind = match &*op {
+                "admit" => EventKind::Admit,
+                "evict" => EventKind::Evict,
+                other => {
+                    return Err(Error::arg(format!(
+                        "events[{n}]: unknown op {other:?} (expected \"admit\" or \"evict\")"
+                    ))
+                    .into())
+                }
+            };
+            let mut ev = self
+                .event(
+                    kind,
+                    &tuple.get_item(1)?,
+                    &tuple.get_item(2)?,
+                    &tuple.get_item(3)?,
+                )
+                .map_err(|e| prefix_err(n, e))?;
+            let hashes = IntsArg::<u64>::extract(&tuple.get_item(4)?, "hashes")
+                .and_then(|h| h.view().map(|v| v.into_owned()))
+                .map_err(|e| prefix_err(n, e))?;
+            // names repeat across events: share the previous event's allocation
+            if let Some(prev) = batch.events.last() {
+                if prev.instance == ev.instance {
+                    ev.instance = prev.instance.clone();
+                }
+                if prev.location == ev.location {
+                    ev.location = prev.location.clone();
+                }
+            }
+            ev.start = batch.keys.len();
+            batch.keys.extend_from_slice(&hashes);
+            ev.end = batch.keys.len();
+            batch.events.push(ev);
+        }
+        let batch = Arc::new(batch);
+        detached(py, || Ok(self.inner.write(Op::Batch(batch))))
+    }
+
+    #[pyo3(signature = (instance_id, location=None))]
+    fn clear(
+        &self,
+        py: Python<'_>,
+        instance_id: &Bound<'_, PyAny>,
+        location: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let inst = str_arg(instance_id, "instance_id")?;
+        let loc = match location.filter(|l| !l.is_none()) {
+            Some(l) => Some(str_arg(l, "location")?),
+            None => None,
+        };
+        detached(py, || Ok(self.inner.write(Op::Clear(inst, loc)).1))
+    }
+
+    #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        no_kwargs("lookup", kwargs)?;
+        let tokens = IntsArg::<u32>::extract(tokens, "tokens")?;
+        let matches = detached(py, || {
+            let t = tokens.view()?;
+            Ok(self.inner.read(|c| c.lookup(&t)))
+        })?;
+        let out = PyDict::new(py);
+        for m in matches {
+            out.set_item(&*m.instance, (&*m.location, m.length))?;
+        }
+        Ok(out)
+    }
+
+    #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
+    fn lookup_detailed<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        no_kwargs("lookup_detailed", kwargs)?;
+        let tokens = IntsArg::<u32>::extract(tokens, "tokens")?;
+        let detail = detached(py, || {
+            let t = tokens.view()?;
+            Ok(self.inner.read(|c| c.lookup_detailed(&t)))
+        })?;
+        let out = PyDict::new(py);
+        for d in &detail {
+            out.set_item(&*d.instance, detail_dict(py, d)?)?;
+        }
+        Ok(out)
+    }
+
+    #[pyo3(
+        signature = (body, event_id, detail=None, **kwargs),
+        text_signature = "(self, body, event_id, detail=False)"
+    )]
+    fn lookup_json<'py>(
+        &self,
+        py: Python<'py>,
+        body: &Bound<'py, PyAny>,
+        event_id: &Bound<'py, PyAny>,
+        detail: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        no_kwargs("lookup_json", kwargs)?;
+        let event_id = str_arg(event_id, "event_id")?;
+        let detail = detail
+            .map(|d| bool_arg(d, "detail"))
+            .transpose()?
+            .unwrap_or(false);
+        let render = |body: &[u8]| -> Result<String> {
+            let tokens = json::parse_lookup_body(body)?;
+            Ok(self.inner.read(|c| {
+                let matches = c.lookup(&tokens);
+                let det = detail.then(|| c.lookup_detailed(&tokens));
+                json::render_lookup(&event_id, &matches, det.as_deref())
+            }))
+        };
+        let out = if let Ok(b) = body.cast::<PyBytes>() {
+            let bytes = b.as_bytes();
+            detached(py, || render(bytes))?
+        } else {
+            // bytearray, memoryview, ...: copy the bytes (the controller passes bytes)
+            let owned = pyo3::buffer::PyBuffer::<u8>::get(body)
+                .and_then(|b| b.to_vec(py))
+                .map_err(|_| {
+                    Error::ty(format!(
+                        "body must be bytes, not {}",
+                        body.get_type()
+                            .name()
+                            .map(|n| n.to_string())
+                            .unwrap_or_default()
+                    ))
+                })?;
+            detached(py, || render(&owned))?
+        };
+        Ok(PyBytes::new(py, out.as_bytes()))
+    }
+
+    fn holder_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let v = self.inner.read(|c| c.holder_counts());
+        let items: Vec<(String, u32, String, u64)> = v
+            .into_iter()
+            .map(|(i, w, l, n)| (i.to_string(), w, l.to_string(), n))
+            .collect();
+        PyList::new(py, items)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.read(|c| c.stats());
+        let out = PyDict::new(py);
+        for (k, v) in s {
+            out.set_item(k, v)?;
+        }
+        Ok(out)
+    }
+
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        detached(py, || self.inner.check_invariants())
+    }
+
+    #[pyo3(signature = (path))]
+    fn dump(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg(path, "path")?;
+        detached(py, || self.inner.dump(&path))
+    }
+
+    #[pyo3(signature = (path))]
+    fn load(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg(path, "path")?;
+        detached(py, || self.inner.load(&path))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.read(|c| c.table.len())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Index(chunk_size={}, seed={}, chunks={})",
+            self.inner.chunk_size(),
+            self.inner.seed(),
+            self.__len__()
+        )
+    }
+}
+
+fn prefix_err(n: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("events[{n}]: {m}")),
+        Error::InvalidType(m) => Error::InvalidType(format!("events[{n}]: {m}")),
+        e => e,
+    }
+}

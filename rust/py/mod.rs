@@ -1,0 +1,5 @@
+//! The Python binding layer: converts Python values to core types and back; no index logic.
+
+pub mod convert;
+pub mod errors;
+pub mod index;

@@ -1,0 +1,107 @@
+//! The concurrent index: two copies of `Core` kept in step by left-right.
+//!
+//! Readers never wait for writers: each reading thread has its own `ReadHandle` (created lazily
+//! from a factory) and reads whichever copy is published. Writers serialize on a mutex around
+//! the `WriteHandle`, append one op per call and publish once, so every call is atomic for
+//! readers. Nothing here starts a thread.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use left_right::{ReadHandle, ReadHandleFactory, WriteHandle};
+use thread_local::ThreadLocal;
+
+use crate::error::{Error, Result};
+use crate::index::{Core, Op, OpResult};
+use crate::snapshot;
+
+pub struct SharedIndex {
+    chunk_size: usize,
+    seed: u64,
+    writer: Mutex<WriteHandle<Core, Op>>,
+    factory: ReadHandleFactory<Core>,
+    readers: ThreadLocal<ReadHandle<Core>>,
+}
+
+impl SharedIndex {
+    pub fn new(chunk_size: usize, seed: u64) -> Result<Self> {
+        if chunk_size == 0 {
+            return Err(Error::arg("chunk_size must be > 0"));
+        }
+        let (mut w, r) = left_right::new_from_empty::<Core, Op>(Core::new(chunk_size, seed));
+        // the first publish only swaps; do it now so every later call is a steady-state one
+        w.publish();
+        Ok(SharedIndex {
+            chunk_size,
+            seed,
+            writer: Mutex::new(w),
+            factory: r.factory(),
+            readers: ThreadLocal::new(),
+        })
+    }
+
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Run `f` on the published copy. Never blocks on writers.
+    pub fn read<R>(&self, f: impl FnOnce(&Core) -> R) -> R {
+        let handle = self.readers.get_or(|| self.factory.handle());
+        let guard = handle
+            .enter()
+            .expect("the write handle lives as long as the index");
+        f(&guard)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriteHandle<Core, Op>> {
+        // absorbing never panics on input; if it ever did, the copies are still consistent
+        // up to the last publish, so keep going rather than poisoning every later call
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Apply one op and publish it; returns its counts.
+    pub fn write(&self, op: Op) -> OpResult {
+        let mut w = self.lock();
+        w.append(op);
+        w.publish();
+        w.enter().map(|c| c.last).unwrap_or((0, 0))
+    }
+
+    /// Check every invariant of the published copy, then that both copies are identical.
+    pub fn check_invariants(&self) -> Result<()> {
+        let mut w = self.lock();
+        // bring the other copy up to date, then compare both
+        w.publish();
+        let a = w.enter().map(|c| c.check().map(|_| c.digest()));
+        let a = a.ok_or_else(|| Error::invariant("no published copy"))??;
+        w.publish();
+        let b = w.enter().map(|c| c.check().map(|_| c.digest()));
+        let b = b.ok_or_else(|| Error::invariant("no published copy"))??;
+        if a != b {
+            return Err(Error::invariant(format!(
+                "the two left-right copies differ (digests {a:#x} and {b:#x})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write a snapshot atomically. Readers continue; writers wait until it is written.
+    pub fn dump(&self, path: &Path) -> Result<()> {
+        self.read(|core| snapshot::dump(core, path))
+    }
+
+    /// Replace the contents with a snapshot; validated completely before anything changes.
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let core = snapshot::load(path, self.chunk_size, self.seed)?;
+        let mut w = self.lock();
+        w.append(Op::Replace(Arc::new(core)));
+        w.publish();
+        // publish again so the second copy takes the snapshot and the op log lets go of it
+        w.publish();
+        Ok(())
+    }
+}
