@@ -1,0 +1,126 @@
+"""Small helpers shared by the benchmark scripts (standard library only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+RESULTS_DIR = BENCH_DIR / "results"
+OUR_PY = ROOT / ".venv" / "bin" / "python"
+ANCHOR_PY = ROOT / ".bench-venv" / "bin" / "python"
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so stdout stays a clean report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def loadavg() -> tuple[float, float, float]:
+    a, b, c = os.getloadavg()
+    return (round(a, 2), round(b, 2), round(c, 2))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def latency_summary(ns: list[int]) -> dict[str, float]:
+    """p50 / p99 / mean in microseconds from per-call nanoseconds."""
+    s = sorted(ns)
+    return {
+        "n": len(s),
+        "p50_us": percentile(s, 50) / 1e3,
+        "p99_us": percentile(s, 99) / 1e3,
+        "mean_us": sum(s) / len(s) / 1e3,
+    }
+
+
+def machine() -> dict[str, object]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": loadavg(),
+    }
+
+
+def run_side(python: Path, script: Path, args: list[str], env: dict[str, str] | None = None,
+             timeout: float = 600) -> dict:
+    """Run one side of a benchmark in its own interpreter; it writes its JSON result to the
+    path given by --out. Its progress (stderr) streams through."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{script.stem}-{args[args.index('--side') + 1]}.json"
+    if out.exists():
+        out.unlink()
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    cmd = [str(python), str(script), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, env=full_env, timeout=timeout, cwd=str(ROOT))
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
+    return json.loads(out.read_text())
+
+
+def write_json(path: str | Path, data: object) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    if x != x:  # NaN
+        return "n/a"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.{max(digits, 2)}f} M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.{digits}f} k"
+    return f"{x:.{digits}f}"

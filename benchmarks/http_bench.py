@@ -1,0 +1,375 @@
+"""HTTP benchmark: our lmcache_controller beside LMCache's own controller, same run, same tokens.
+
+    .venv/bin/python benchmarks/http_bench.py            # both controllers, then one table
+
+For each controller in turn (never both at once; loopback only, ports picked free):
+1. start it: ours from .venv (``lmcache_controller --host 127.0.0.1 --port P
+   --monitor-port M``); LMCache's from .bench-venv (``lmcache_controller --host 127.0.0.1
+   --port P --monitor-ports '{"pull": A, "reply": B}'``, PYTHONHASHSEED=0);
+2. populate it the way its workers do: ours with benchmarks/synthetic_worker.py (hello,
+   full sync over the monitor port, heartbeats while the load runs), LMCache's with
+   benchmarks/anchors/lmcache_populate.py (RegisterMsg over DEALER/ROUTER, batched
+   KV admit messages over PUSH/PULL, LMCache's own message classes). Both hold the same
+   prompts (benchmarks/workload.py http_workload: 4 instances x 512 prompts of 4096
+   tokens, 256-token chunks) and both are checked against the expected answers;
+3. wrk (-s benchmarks/lookup.lua) POSTs /lookup bodies rotating over the same 256
+   queries (4096 tokens each; half hit a held prefix of 1-16 chunks, half miss) at 1 and
+   at 8 connections, after a short warm-up: requests/s, p50, p99;
+4. end-to-end chunk admits/s: fresh workers send --admits admits (random keys) through
+   the worker channel, timed until the controller has applied them all (ours: the
+   ping/pong barrier; LMCache: a probe prompt sent last becomes visible to /lookup).
+
+The driver writes benchmarks/results/http_bench.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ANCHOR_PY,
+    BENCH_DIR,
+    OUR_PY,
+    RESULTS_DIR,
+    ROOT,
+    fmt,
+    loadavg,
+    log,
+    machine,
+    table,
+    write_json,
+)
+import workload as wlmod  # noqa: E402
+
+TARGETS = {"rps_ratio_c8": 25.0, "p99_us_c8": 1000.0, "p50_us_c1": 100.0, "e2e_admits_per_s": 1e6}
+LUA = BENCH_DIR / "lookup.lua"
+POPULATE = BENCH_DIR / "anchors" / "lmcache_populate.py"
+WORKER = BENCH_DIR / "synthetic_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_post(port: int, path: str, body: dict, timeout: float = 5) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str) -> float:
+    t0 = time.perf_counter()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            status, _ = http_post(port, "/lookup", {"tokens": [1, 2, 3]}, timeout=1)
+            if status == 200:
+                return time.perf_counter() - t0
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not answer /lookup within {timeout}s")
+
+
+def stop(proc: subprocess.Popen | None, what: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log(f"{what} ignored SIGINT for 10s; terminating it")
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its waited-for children) in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
+def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: Path,
+            server_pid: int | None = None) -> dict:
+    cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+           "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(bodies)]
+    cpu0 = cpu_seconds(server_pid) if server_pid else None
+    load0 = loadavg()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    m = re.search(r"^WRKJSON (\{.*\})$", p.stdout, re.M)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
+    res = json.loads(m.group(1))
+    res["cmd"] = " ".join(cmd)
+    res["loadavg_before"] = load0
+    if server_pid:
+        res["server_cpu_cores"] = (cpu_seconds(server_pid) - cpu0) / res["duration_s"]
+    res["errors"] = sum(res[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    return res
+
+
+def load_phase(name: str, port: int, server_pid: int, args, bodies: Path) -> dict:
+    out = {}
+    log(f"{name}: warm-up {args.warmup}s")
+    run_wrk(port, 8, args.warmup, args.wrk_threads, bodies, server_pid)
+    for c in (1, 8):
+        log(f"{name}: wrk {c} connection(s), {args.duration}s")
+        r = run_wrk(port, c, args.duration, args.wrk_threads, bodies, server_pid)
+        log(f"{name}: c{c}: {r['rps']:.0f} req/s, p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
+            f"errors {r['errors']}")
+        out[f"c{c}"] = r
+    return out
+
+
+def wl_args(args) -> list[str]:
+    return ["--seed", str(args.seed), "--instances", str(args.instances), "--prompts", str(args.prompts),
+            "--prompt-tokens", str(args.prompt_tokens), "--queries", str(args.queries)]
+
+
+# --------------------------------------------------------------------------------------
+
+
+def bench_ours(args, bodies: Path) -> dict:
+    exe = ROOT / ".venv" / "bin" / "lmcache_controller"
+    http, mon = free_port(), free_port()
+    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(mon),
+           "--log-level", "WARNING"]
+    log(f"ours: starting {' '.join(cmd)}")
+    ctl = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    worker = None
+    res: dict = {"controller_cmd": " ".join(cmd)}
+    try:
+        res["startup_s"] = wait_http(http, ctl, 30, "our controller")
+        worker = subprocess.Popen(
+            [str(OUR_PY), str(WORKER), "--phase", "populate", "--monitor", f"127.0.0.1:{mon}",
+             "--http", f"127.0.0.1:{http}", *wl_args(args)],
+            cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"synthetic worker exited ({worker.wait()}) before it was ready")
+        res["populate"] = json.loads(line)
+        log(f"ours: populated; {res['populate']['agree']}/{res['populate']['checked']} answers as expected")
+        res["load"] = load_phase("ours", http, ctl.pid, args, bodies)
+        log(f"ours: end-to-end admits ({args.admits:,})")
+        p = subprocess.run([str(OUR_PY), str(WORKER), "--phase", "e2e", "--monitor", f"127.0.0.1:{mon}",
+                            "--http", f"127.0.0.1:{http}", "--admits", str(args.admits), *wl_args(args)],
+                           cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"e2e phase failed: {p.stderr[-2000:]}")
+        res["e2e"] = json.loads(p.stdout.strip().splitlines()[-1])
+        log(f"ours: e2e {res['e2e']['admits_per_s'] / 1e6:.2f} M admits/s")
+    finally:
+        if worker is not None and worker.poll() is None:
+            assert worker.stdin is not None
+            worker.stdin.close()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        stop(ctl, "our controller")
+    return res
+
+
+def bench_lmcache(args, bodies: Path) -> dict:
+    exe = ROOT / ".bench-venv" / "bin" / "lmcache_controller"
+    http, pull, reply = free_port(), free_port(), free_port()
+    ports = json.dumps({"pull": pull, "reply": reply})
+    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-ports", ports]
+    env = dict(os.environ, PYTHONHASHSEED=str(args.hashseed))
+    log(f"lmcache: starting {' '.join(cmd)} (PYTHONHASHSEED={args.hashseed})")
+    ctl = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res: dict = {"controller_cmd": f"PYTHONHASHSEED={args.hashseed} {' '.join(cmd)}"}
+    try:
+        res["startup_s"] = wait_http(http, ctl, 120, "LMCache's controller")
+        common = ["--pull", f"127.0.0.1:{pull}", "--reply", f"127.0.0.1:{reply}", "--http", f"127.0.0.1:{http}"]
+        p = subprocess.run([str(ANCHOR_PY), str(POPULATE), *common, *wl_args(args)], env=env, cwd=str(ROOT),
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"lmcache_populate failed: {p.stderr[-3000:]}")
+        res["populate"] = json.loads(p.stdout)
+        log(f"lmcache: populated; {res['populate']['agree']}/{res['populate']['checked']} answers as expected")
+        res["load"] = load_phase("lmcache", http, ctl.pid, args, bodies)
+        log(f"lmcache: end-to-end admits ({args.admits:,})")
+        p = subprocess.run([str(ANCHOR_PY), str(POPULATE), "--phase", "e2e", "--admits", str(args.admits),
+                            *common, *wl_args(args)], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                           timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"lmcache e2e failed: {p.stderr[-3000:]}")
+        res["e2e"] = json.loads(p.stdout)
+        log(f"lmcache: e2e {res['e2e']['admits_per_s'] / 1e6:.2f} M admits/s")
+    finally:
+        stop(ctl, "LMCache's controller")
+    v = subprocess.run([str(ANCHOR_PY), "-c", "import importlib.metadata as m; print(m.version('lmcache'))"],
+                       capture_output=True, text=True)
+    res["version"] = v.stdout.strip()
+    return res
+
+
+# --------------------------------------------------------------------------------------
+
+
+def ours_available() -> str | None:
+    if not (ROOT / ".venv" / "bin" / "lmcache_controller").exists():
+        return ".venv/bin/lmcache_controller missing (run make install)"
+    p = subprocess.run([str(OUR_PY), "-c", "import lmcache_rs.controller.__main__, lmcache_rs; lmcache_rs.Index"],
+                       capture_output=True, text=True)
+    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def verdict(ours: dict, lmc: dict) -> list[str]:
+    t = TARGETS
+    o8, l8 = ours["load"]["c8"], lmc["load"]["c8"]
+    ratio = o8["rps"] / l8["rps"]
+    p99 = o8["p99_us"]
+    p50 = ours["load"]["c1"]["p50_us"]
+    e2e = ours["e2e"]["admits_per_s"]
+
+    def state(ok: bool, miss: str) -> str:
+        return "MET" if ok else f"MISSED ({miss})"
+
+    return [
+        f"req/s at 8 connections {ratio:.1f}x LMCache's "
+        + state(ratio >= t["rps_ratio_c8"], f"target {t['rps_ratio_c8']:.0f}x; short by "
+                f"{(1 - ratio / t['rps_ratio_c8']) * 100:.0f}%"),
+        f"p99 at 8 connections {p99:.0f} us " + state(p99 <= t["p99_us_c8"], f"over by {p99 - t['p99_us_c8']:.0f} us"),
+        f"p50 at 1 connection {p50:.0f} us " + state(p50 <= t["p50_us_c1"], f"over by {p50 - t['p50_us_c1']:.0f} us"),
+        f"end-to-end {e2e / 1e6:.2f} M admits/s "
+        + state(e2e >= t["e2e_admits_per_s"], f"short by {(1 - e2e / t['e2e_admits_per_s']) * 100:.0f}%"),
+    ]
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    ours, lmc = res.get("ours"), res.get("lmcache")
+    lines = [f"machine: {m['nproc']} cores, {m['cpu']}, {m['ram_gib']} GiB; load average at start {m['loadavg_at_start']}",
+             f"workload: {res['args']['instances']} instances x {res['args']['prompts']} prompts of "
+             f"{res['args']['prompt_tokens']} tokens (256-token chunks); {res['args']['queries']} query bodies of "
+             f"{res['args']['prompt_tokens']} tokens, half hits; wrk -t{res['args']['wrk_threads']}, "
+             f"{res['args']['duration']}s per run after {res['args']['warmup']}s warm-up"]
+
+    def v(side, f):
+        return "pending" if side is None else f(side)
+
+    rows = []
+    for c in ("c1", "c8"):
+        n = c[1:]
+        rows.append([f"requests/s, {n} conn", v(ours, lambda s: fmt(s["load"][c]["rps"], 0)),
+                     v(lmc, lambda s: fmt(s["load"][c]["rps"], 0)),
+                     v(ours and lmc, lambda _: f"{ours['load'][c]['rps'] / lmc['load'][c]['rps']:.1f}x"),
+                     ">= 25x LMCache" if c == "c8" else ""])
+        for q in ("p50_us", "p99_us"):
+            target = {("c1", "p50_us"): "<= 100 us", ("c8", "p99_us"): "<= 1000 us"}.get((c, q), "")
+            rows.append([f"{q[:3]} latency, {n} conn (us)", v(ours, lambda s: f"{s['load'][c][q]:.0f}"),
+                         v(lmc, lambda s: f"{s['load'][c][q]:.0f}"), "", target])
+        rows.append([f"server CPU (cores), {n} conn", v(ours, lambda s: f"{s['load'][c].get('server_cpu_cores', 0):.2f}"),
+                     v(lmc, lambda s: f"{s['load'][c].get('server_cpu_cores', 0):.2f}"), "", ""])
+    rows.append(["end-to-end chunk admits/s", v(ours, lambda s: fmt(s["e2e"]["admits_per_s"], 2)),
+                 v(lmc, lambda s: fmt(s["e2e"]["admits_per_s"], 2)),
+                 v(ours and lmc, lambda _: f"{ours['e2e']['admits_per_s'] / lmc['e2e']['admits_per_s']:.1f}x"),
+                 ">= 1 M/s"])
+    rows.append(["answers as expected (sample)",
+                 v(ours, lambda s: f"{s['populate']['agree']}/{s['populate']['checked']}"),
+                 v(lmc, lambda s: f"{s['populate']['agree']}/{s['populate']['checked']}"), "", ""])
+    rows.append(["errors during load", v(ours, lambda s: str(s['load']['c1']['errors'] + s['load']['c8']['errors'])),
+                 v(lmc, lambda s: str(s['load']['c1']['errors'] + s['load']['c8']['errors'])), "", ""])
+    lines.append(table(["measure", "lmcache_rs controller", f"LMCache {lmc['version'] if lmc else ''} controller".strip(),
+                        "ratio", "target"], rows))
+    if "verdict" in res:
+        lines.append("targets: " + "; ".join(res["verdict"]))
+    if "ours_pending" in res:
+        lines.append(f"ours: pending ({res['ours_pending']})")
+    return "\n".join(lines)
+
+
+def driver(args) -> int:
+    if shutil.which("wrk") is None:
+        log("wrk not found: apt-get install -y wrk")
+        return 2
+    res: dict = {"bench": "http_bench", "args": vars(args).copy(), "machine": machine(), "targets": TARGETS}
+    res["args"].pop("out", None)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    bodies = RESULTS_DIR / "http_bodies.jsonl"
+    wl = wlmod.http_workload(seed=args.seed, instances=args.instances, prompts_per_instance=args.prompts,
+                             prompt_tokens=args.prompt_tokens, chunk_size=256, queries=args.queries)
+    with open(bodies, "w") as f:
+        for toks, _ in wl.queries:
+            f.write(json.dumps({"tokens": toks.tolist()}, separators=(",", ":")) + "\n")
+    res["body_bytes_mean"] = bodies.stat().st_size / len(wl.queries)
+    missing = None if args.anchor_only else ours_available()
+    if args.anchor_only:
+        res["ours_pending"] = "skipped (--anchor-only)"
+    elif missing:
+        log(f"ours unavailable: {missing}")
+        res["ours_pending"] = missing
+    else:
+        log("=== our controller ===")
+        res["ours"] = bench_ours(args, bodies)
+    if not args.ours_only:
+        if not ANCHOR_PY.exists():
+            log(f"{ANCHOR_PY} missing: run benchmarks/run_all.py --setup-only")
+            return 2
+        log("=== LMCache's controller ===")
+        res["lmcache"] = bench_lmcache(args, bodies)
+    if "ours" in res and "lmcache" in res:
+        res["verdict"] = verdict(res["ours"], res["lmcache"])
+    res["loadavg_end"] = loadavg()
+    text = report(res)
+    res["report"] = text
+    out = Path(args.out) if args.out else RESULTS_DIR / "http_bench.json"
+    write_json(out, res)
+    print("\n## http_bench\n")
+    print(text)
+    print(f"\n(full results: {out})")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="JSON result path (default benchmarks/results/http_bench.json)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--instances", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=512, help="prompts held per instance")
+    ap.add_argument("--prompt-tokens", type=int, default=4096)
+    ap.add_argument("--queries", type=int, default=256, help="distinct /lookup bodies")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of warm-up load before measuring")
+    ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--admits", type=int, default=1_000_000, help="end-to-end admits per controller")
+    ap.add_argument("--hashseed", type=int, default=0, help="PYTHONHASHSEED for LMCache's side")
+    ap.add_argument("--anchor-only", action="store_true", help="run only LMCache's side")
+    ap.add_argument("--ours-only", action="store_true", help="run only our side")
+    args = ap.parse_args()
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
