@@ -93,6 +93,10 @@ class P2PServer:
 
     def close(self) -> None:
         self._closing = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
+        except OSError:
+            pass
         self._acceptor.join()
         self.listener.close()
         with self._lock:
