@@ -196,9 +196,17 @@ impl<R: Read> Reader<R> {
         self.bytes(&mut b)?;
         Ok(u64::from_le_bytes(b))
     }
-    /// A count of records of at least `min_size` bytes each, checked against the file size.
+    /// A u64 count of records of at least `min_size` bytes each, checked against the file size.
     fn count(&mut self, what: &str, min_size: u64) -> Result<usize> {
         let n = self.u64()?;
+        self.fits(n, what, min_size)
+    }
+    /// A u32 count, checked likewise.
+    fn count32(&mut self, what: &str, min_size: u64) -> Result<usize> {
+        let n = self.u32()? as u64;
+        self.fits(n, what, min_size)
+    }
+    fn fits(&self, n: u64, what: &str, min_size: u64) -> Result<usize> {
         if n.saturating_mul(min_size) > self.left {
             return Err(Error::snapshot(format!(
                 "snapshot is corrupt: {n} {what} cannot fit in the file"
@@ -271,7 +279,7 @@ pub fn load(path: &Path, chunk_size: usize, seed: u64) -> Result<Core> {
         if reg.find_instance(&name).is_some() {
             return Err(corrupt(format!("instance {name:?} listed twice")));
         }
-        let nw = r.count("workers", 4)?;
+        let nw = r.count32("workers", 4)?;
         if nw == 0 {
             return Err(corrupt(format!("instance {name:?} has no worker")));
         }
@@ -320,7 +328,7 @@ pub fn load(path: &Path, chunk_size: usize, seed: u64) -> Result<Core> {
     let mut sets: Vec<SetIx> = Vec::with_capacity(n_sets);
     let mut seen: Vec<bool> = Vec::new();
     for n in 0..n_sets {
-        let k = r.count("set members", 4)?;
+        let k = r.count32("set members", 4)?;
         if k == 0 {
             return Err(corrupt(format!("holder set {n} is empty")));
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use pyo3::buffer::{ElementType, PyUntypedBuffer};
 use pyo3::prelude::*;
-use pyo3::types::{PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyInt, PyList, PySequence, PyString, PyTuple};
 
 use crate::error::{Error, Result};
 
@@ -125,10 +125,13 @@ impl<T: Word> IntsArg<T> {
                 ))),
             };
         }
-        match obj.try_iter() {
-            Ok(it) => {
-                let items: Vec<Bound<'_, PyAny>> = it
-                    .collect::<PyResult<_>>()
+        // any other ordered sequence (range, collections.deque, ...); sets, dicts and
+        // one-shot iterators are refused rather than guessed at
+        match obj.cast::<PySequence>() {
+            Ok(seq) => {
+                let items: Vec<Bound<'_, PyAny>> = seq
+                    .try_iter()
+                    .and_then(|it| it.collect::<PyResult<_>>())
                     .map_err(|e| Error::ty(format!("{name}: iterating failed: {e}")))?;
                 Self::from_iter(name, items.len(), items.into_iter())
             }

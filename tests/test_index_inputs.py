@@ -1,0 +1,190 @@
+"""Every accepted way to pass tokens and chunk keys, and every bad input: bad input raises
+InvalidTypeError / InvalidArgumentError naming the problem and leaves the index unchanged."""
+
+from __future__ import annotations
+
+import array
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from lmcache_rs import Index, InvalidArgumentError, InvalidTypeError, chunk_hashes
+
+CPU = "LocalCPUBackend"
+TOKENS = [(i * 7919) % 50_000 for i in range(40)] + [2**32 - 1]
+CHUNK = 8
+
+
+def fresh() -> Index:
+    ix = Index(chunk_size=CHUNK)
+    ix.admit("A", 0, CPU, tokens=TOKENS)
+    return ix
+
+
+def snapshot(ix: Index) -> Any:
+    return (ix.stats(), ix.holder_counts(), ix.workers(), ix.lookup(TOKENS))
+
+
+GOOD_TOKENS: dict[str, Callable[[], Any]] = {
+    "list": lambda: list(TOKENS),
+    "tuple": lambda: tuple(TOKENS),
+    "deque": lambda: __import__("collections").deque(TOKENS),
+    "array I": lambda: array.array("I", TOKENS),
+    "array L": lambda: array.array("L", TOKENS),
+    "array Q": lambda: array.array("Q", TOKENS),
+    "array q": lambda: array.array("q", TOKENS),
+    "bytes": lambda: array.array("I", TOKENS).tobytes(),
+    "bytearray": lambda: bytearray(array.array("I", TOKENS).tobytes()),
+    "memoryview bytes": lambda: memoryview(array.array("I", TOKENS).tobytes()),
+    "memoryview I": lambda: memoryview(array.array("I", TOKENS)),
+    "numpy int32": lambda: np.array([t if t < 2**31 else 0 for t in TOKENS], dtype=np.int32),
+    "numpy int64": lambda: np.array(TOKENS, dtype=np.int64),
+    "numpy uint32": lambda: np.array(TOKENS, dtype=np.uint32),
+    "numpy uint64": lambda: np.array(TOKENS, dtype=np.uint64),
+    "numpy strided": lambda: np.array([x for t in TOKENS for x in (t, 99)], dtype=np.int64)[::2],
+    "numpy little-endian explicit": lambda: np.array(TOKENS, dtype="<u4"),
+    "numpy int scalars in a list": lambda: [np.int64(t) for t in TOKENS],
+    "torch int64": lambda: torch.tensor(TOKENS, dtype=torch.int64),
+    "torch int32": lambda: torch.tensor([t if t < 2**31 else 0 for t in TOKENS], dtype=torch.int32),
+    "torch slice": lambda: torch.tensor([x for t in TOKENS for x in (t, 99)], dtype=torch.int64)[::2],
+}
+
+
+def expected(name: str) -> list[int]:
+    return [t if t < 2**31 else 0 for t in TOKENS] if name in ("numpy int32", "torch int32") else TOKENS
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_TOKENS))
+def test_accepted_token_types(name: str) -> None:
+    ix = fresh()
+    want = expected(name)
+    assert chunk_hashes(GOOD_TOKENS[name](), CHUNK) == chunk_hashes(want, CHUNK)
+    assert ix.lookup(GOOD_TOKENS[name]()) == ix.lookup(want)
+    ix2 = Index(chunk_size=CHUNK)
+    assert ix2.admit("A", 0, CPU, tokens=GOOD_TOKENS[name]()) == len(chunk_hashes(want, CHUNK))
+    assert ix2.lookup(want) == {"A": (CPU, len(want))}
+    assert ix2.evict("A", 0, CPU, tokens=GOOD_TOKENS[name]()) == len(chunk_hashes(want, CHUNK))
+    ix2.check_invariants()
+
+
+def test_range_tokens() -> None:
+    assert chunk_hashes(range(100), CHUNK) == chunk_hashes(list(range(100)), CHUNK)
+
+
+def test_accepted_hash_types() -> None:
+    keys = chunk_hashes(TOKENS, CHUNK)
+    for hashes in (
+        keys,
+        tuple(keys),
+        array.array("Q", keys),
+        array.array("Q", keys).tobytes(),
+        memoryview(array.array("Q", keys).tobytes()),
+        np.array(keys, dtype=np.uint64),
+    ):
+        ix = Index(chunk_size=CHUNK)
+        assert ix.admit("A", 0, CPU, hashes=hashes) == len(keys)
+        assert ix.lookup(TOKENS) == {"A": (CPU, len(TOKENS))}
+    # small non-negative signed keys are fine too
+    ix = Index(chunk_size=CHUNK)
+    assert ix.admit("A", 0, CPU, hashes=np.array([0, 1, 2], dtype=np.int64)) == 3
+    assert ix.admit("A", 0, CPU, hashes=[0, 2**64 - 1]) == 1
+
+
+def test_buffer_is_read_in_place() -> None:
+    # a writable numpy buffer changed after the call has no effect on what was stored
+    arr = np.array(TOKENS, dtype=np.uint32)
+    ix = Index(chunk_size=CHUNK)
+    ix.admit("A", 0, CPU, tokens=arr)
+    arr[:] = 0
+    assert ix.lookup(TOKENS) == {"A": (CPU, len(TOKENS))}
+
+
+BAD_TOKENS: list[tuple[str, Any, type, str]] = [
+    ("negative int", [1, -1], InvalidArgumentError, r"tokens\[1\]"),
+    ("too large int", [2**32], InvalidArgumentError, r"tokens\[0\]"),
+    ("huge int", [2**70], InvalidArgumentError, r"tokens\[0\]"),
+    ("float", [1.0], InvalidTypeError, r"tokens\[0\]"),
+    ("str item", ["1"], InvalidTypeError, r"tokens\[0\]"),
+    ("None item", [None], InvalidTypeError, r"tokens\[0\]"),
+    ("str", "abc", InvalidTypeError, "str"),
+    ("int", 5, InvalidTypeError, "tokens"),
+    ("dict", {1: 2}, InvalidTypeError, "dict"),
+    ("set", {1, 2}, InvalidTypeError, "set"),
+    ("generator", (i for i in range(3)), InvalidTypeError, "generator"),
+    ("numpy negative", np.array([1, -2], dtype=np.int64), InvalidArgumentError, r"tokens\[1\]"),
+    ("numpy too large", np.array([2**33], dtype=np.int64), InvalidArgumentError, r"tokens\[0\]"),
+    ("numpy uint64 too large", np.array([2**40], dtype=np.uint64), InvalidArgumentError, r"tokens\[0\]"),
+    ("numpy float", np.array([1.0, 2.0]), InvalidTypeError, "format"),
+    ("numpy bool", np.array([True]), InvalidTypeError, "format"),
+    ("numpy 2-D", np.zeros((2, 2), dtype=np.int64), InvalidArgumentError, "one-dimensional"),
+    ("numpy big-endian", np.array([1, 2], dtype=">u4"), InvalidTypeError, "big-endian"),
+    ("array float", array.array("d", [1.0]), InvalidTypeError, "format"),
+    ("array negative", array.array("i", [-1]), InvalidArgumentError, r"tokens\[0\]"),
+    ("bytes not multiple of 4", b"\x01\x02\x03", InvalidArgumentError, "bytes"),
+    ("torch float", torch.tensor([1.0]), InvalidTypeError, "format"),
+    ("torch negative", torch.tensor([-1]), InvalidArgumentError, r"tokens\[0\]"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_TOKENS, ids=[c[0] for c in BAD_TOKENS])
+def test_bad_tokens(case: tuple[str, Any, type, str]) -> None:
+    _, bad, exc, msg = case
+    ix = fresh()
+    before = snapshot(ix)
+    for call in (
+        lambda: ix.lookup(bad),
+        lambda: ix.lookup_detailed(bad),
+        lambda: ix.admit("A", 0, CPU, tokens=bad),
+        lambda: ix.evict("A", 0, CPU, tokens=bad),
+        lambda: chunk_hashes(bad),
+    ):
+        with pytest.raises(exc, match=msg):
+            call()
+        assert snapshot(ix) == before
+    ix.check_invariants()
+
+
+BAD_CALLS: list[tuple[str, Callable[[Index], Any], type, str]] = [
+    ("both tokens and hashes", lambda ix: ix.admit("A", 0, CPU, tokens=[1], hashes=[1]), InvalidArgumentError, "not both"),
+    ("neither tokens nor hashes", lambda ix: ix.admit("A", 0, CPU), InvalidArgumentError, "required"),
+    ("evict neither", lambda ix: ix.evict("A", 0, CPU), InvalidArgumentError, "required"),
+    ("unknown keyword", lambda ix: ix.admit("A", 0, CPU, tokens=[1], token=[1]), InvalidTypeError, "'token'"),
+    ("unknown keyword lookup", lambda ix: ix.lookup(TOKENS, detail=True), InvalidTypeError, "'detail'"),
+    ("negative worker", lambda ix: ix.admit("A", -1, CPU, tokens=[1]), InvalidArgumentError, "worker_id"),
+    ("huge worker", lambda ix: ix.admit("A", 2**32, CPU, tokens=[1]), InvalidArgumentError, "worker_id"),
+    ("str worker", lambda ix: ix.admit("A", "0", CPU, tokens=[1]), InvalidTypeError, "worker_id"),
+    ("float worker", lambda ix: ix.register_worker("A", 1.0), InvalidTypeError, "worker_id"),
+    ("int instance", lambda ix: ix.admit(5, 0, CPU, tokens=[1]), InvalidTypeError, "instance_id"),
+    ("bytes location", lambda ix: ix.admit("A", 0, b"GPU", tokens=[1]), InvalidTypeError, "location"),
+    ("reserved instance", lambda ix: ix.admit("layout_info", 0, CPU, tokens=[1]), InvalidArgumentError, "reserved"),
+    ("negative hash", lambda ix: ix.admit("A", 0, CPU, hashes=[-1]), InvalidArgumentError, r"hashes\[0\]"),
+    ("hash too large", lambda ix: ix.admit("A", 0, CPU, hashes=[2**64]), InvalidArgumentError, r"hashes\[0\]"),
+    ("hash bytes not multiple of 8", lambda ix: ix.admit("A", 0, CPU, hashes=b"\x00" * 12), InvalidArgumentError, "bytes"),
+    ("float hashes", lambda ix: ix.admit("A", 0, CPU, hashes=np.array([1.5])), InvalidTypeError, "format"),
+    ("clear bad location", lambda ix: ix.clear("A", 5), InvalidTypeError, "location"),
+    ("remove bad worker", lambda ix: ix.remove_worker("A", -3), InvalidArgumentError, "worker_id"),
+    ("dump bad path", lambda ix: ix.dump(5), InvalidTypeError, "path"),
+    ("load bad path", lambda ix: ix.load(None), InvalidTypeError, "path"),
+    ("lookup_json bad detail", lambda ix: ix.lookup_json(b"{}", "e", detail="yes"), InvalidTypeError, "detail"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_calls_change_nothing(case: tuple[str, Callable[[Index], Any], type, str]) -> None:
+    _, call, exc, msg = case
+    ix = fresh()
+    before = snapshot(ix)
+    with pytest.raises(exc, match=msg):
+        call(ix)
+    assert snapshot(ix) == before
+    ix.check_invariants()
+
+
+def test_exception_hierarchy() -> None:
+    from lmcache_rs import LMCacheError, SnapshotError
+
+    assert issubclass(InvalidArgumentError, LMCacheError) and issubclass(InvalidArgumentError, ValueError)
+    assert issubclass(InvalidTypeError, LMCacheError) and issubclass(InvalidTypeError, TypeError)
+    assert issubclass(SnapshotError, LMCacheError) and issubclass(SnapshotError, ValueError)
