@@ -11,6 +11,9 @@ pub mod shared;
 pub mod snapshot;
 pub mod table;
 
+#[cfg(test)]
+mod model_tests;
+
 // ---- the Python binding layer ----
 #[cfg(feature = "python")]
 mod py;
