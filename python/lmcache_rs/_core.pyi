@@ -1,15 +1,25 @@
 """Type stub of the native module. Users import from ``lmcache_rs``, never ``_core``."""
 
 import os
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union, final
 
 __version__: str
+__all__ = [
+    "chunk_hashes",
+    "Index",
+    "LMCacheError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "SnapshotError",
+    "__version__",
+]
 
-# Anything holding token ids: list[int], array.array, numpy int32/int64/uint32 arrays,
-# CPU torch tensors, or bytes/memoryview of little-endian u32.
-TokensLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
+# Anything holding token ids: list[int] (or another ordered sequence of int), array.array,
+# numpy int32/int64/uint32 arrays, CPU torch tensors, or bytes/memoryview of little-endian u32.
+# (Private names: type aliases do not exist at runtime.)
+_TokensLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
 # Chunk keys: list[int], array.array('Q'), numpy uint64, or bytes of little-endian u64.
-HashesLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
+_HashesLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
 
 class LMCacheError(Exception):
     """Root of every error the index raises."""
@@ -23,14 +33,20 @@ class InvalidTypeError(LMCacheError, TypeError):
 class SnapshotError(LMCacheError, ValueError):
     """A dump file is corrupt, truncated, of another format version or for another index."""
 
-def chunk_hashes(tokens: TokensLike, chunk_size: int = 256, seed: int = 0) -> list[int]:
+def chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, seed: int = 0) -> list[int]:
     """Chained seeded xxh3-64 keys of the chunks of ``tokens`` (see rust/README.md).
 
     Raises InvalidTypeError / InvalidArgumentError on bad tokens or chunk_size == 0.
     """
 
+@final
 class Index:
-    def __init__(self, chunk_size: int = 256, seed: int = 0) -> None: ...
+    """The chunked-prefix index. Thread-safe: lookups never wait for writers.
+
+    Every method raises InvalidTypeError / InvalidArgumentError (naming the argument) on bad
+    input, including unknown keyword arguments, and then changes nothing."""
+
+    def __new__(cls, chunk_size: int = 256, seed: int = 0) -> Index: ...
     @property
     def chunk_size(self) -> int: ...
     @property
@@ -45,8 +61,8 @@ class Index:
         instance_id: str,
         worker_id: int,
         location: str,
-        tokens: TokensLike | None = None,
-        hashes: HashesLike | None = None,
+        tokens: _TokensLike | None = None,
+        hashes: _HashesLike | None = None,
     ) -> int:
         """Record that the worker holds these chunks at location; exactly one of tokens/hashes.
 
@@ -57,11 +73,11 @@ class Index:
         instance_id: str,
         worker_id: int,
         location: str,
-        tokens: TokensLike | None = None,
-        hashes: HashesLike | None = None,
+        tokens: _TokensLike | None = None,
+        hashes: _HashesLike | None = None,
     ) -> int:
         """Forget that the worker holds these chunks at location; returns holdings removed."""
-    def apply_batch(self, events: Iterable[tuple[str, str, int, str, HashesLike]]) -> tuple[int, int]:
+    def apply_batch(self, events: Iterable[tuple[str, str, int, str, _HashesLike]]) -> tuple[int, int]:
         """Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events.
 
         Validated as a whole first (a bad event raises and nothing is applied), then applied
@@ -69,14 +85,15 @@ class Index:
         """
     def clear(self, instance_id: str, location: str | None = None) -> int:
         """Drop the instance's holdings (at one location, or all); returns holdings dropped."""
-    def lookup(self, tokens: TokensLike) -> dict[str, tuple[str, int]]:
+    def lookup(self, tokens: _TokensLike) -> dict[str, tuple[str, int]]:
         """instance_id -> (location, matched_prefix_length) for every instance with a match."""
-    def lookup_detailed(self, tokens: TokensLike) -> dict[str, dict[str, Any]]:
-        """instance_id -> {"location": str, "matched_prefix_length": int,
+    def lookup_detailed(self, tokens: _TokensLike) -> dict[str, dict[str, Any]]:
+        """instance_id -> {"location": str | None, "matched_prefix_length": int,
         "locations": {location: n}, "workers": {worker_id: {location: n}}} where
         ``locations`` gives the instance-wide match per location (all live workers) and
         ``workers`` each worker's own prefix per location. Instances where some worker
-        holds a prefix appear even when the instance as a whole has none (n = 0)."""
+        holds a prefix appear even when the instance as a whole has none (then location is None
+        and matched_prefix_length 0)."""
     def lookup_json(self, body: bytes, event_id: str, detail: bool = False) -> bytes:
         """Parse a /lookup body ``{"tokens": [...], ...}`` and return the response body:
         ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}``
@@ -90,9 +107,12 @@ class Index:
     def check_invariants(self) -> None:
         """Raise LMCacheError describing the first broken invariant."""
     def dump(self, path: str | os.PathLike[str]) -> None:
-        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename)."""
+        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
+
+        Raises OSError if the file cannot be written (the target is then untouched)."""
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the contents with a snapshot. A corrupt, foreign or mismatched
-        (chunk_size/seed) file raises SnapshotError and leaves the index as it was."""
+        (chunk_size/seed) file raises SnapshotError and leaves the index as it was; a file
+        that cannot be read raises OSError (e.g. FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""
