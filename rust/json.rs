@@ -9,12 +9,68 @@ use crate::index::{DetailedMatch, Match};
 
 /// Parse `{"tokens": [u32, ...], ...}` (other keys ignored).
 pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
+    if let Some(tokens) = fast_tokens(body) {
+        return Ok(tokens);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let tokens = de
         .deserialize_any(BodyVisitor)
         .and_then(|t| de.end().map(|_| t))
         .map_err(|e| Error::arg(format!("bad /lookup body: {e}")))?;
     tokens.ok_or_else(|| Error::arg("bad /lookup body: missing \"tokens\""))
+}
+
+/// The common body exactly: `{"tokens": [d, d, ...]}` with plain non-negative integers and any
+/// whitespace. Anything else (other keys, escapes, signs, fractions, out-of-range values) returns
+/// None and goes through the full parser, which also produces the error messages.
+fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
+    #[inline]
+    fn ws(b: &[u8], mut i: usize) -> usize {
+        while i < b.len() && matches!(b[i], b' ' | b'\n' | b'\r' | b'\t') {
+            i += 1;
+        }
+        i
+    }
+    let mut i = ws(b, 0);
+    for expect in [&b"{"[..], b"\"tokens\"", b":", b"["] {
+        if !b[i..].starts_with(expect) {
+            return None;
+        }
+        i = ws(b, i + expect.len());
+    }
+    let mut out = Vec::with_capacity(b.len() / 4);
+    if b.get(i) == Some(&b']') {
+        i += 1;
+    } else {
+        loop {
+            let start = i;
+            let mut v: u64 = 0;
+            while i < b.len() && b[i].is_ascii_digit() && i - start < 11 {
+                v = v * 10 + (b[i] - b'0') as u64;
+                i += 1;
+            }
+            let digits = i - start;
+            if digits == 0 || digits > 10 || (digits > 1 && b[start] == b'0') || v > u32::MAX as u64
+            {
+                return None;
+            }
+            out.push(v as u32);
+            i = ws(b, i);
+            match b.get(i) {
+                Some(b',') => i = ws(b, i + 1),
+                Some(b']') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    i = ws(b, i);
+    if b.get(i) != Some(&b'}') {
+        return None;
+    }
+    (ws(b, i + 1) == b.len()).then_some(out)
 }
 
 struct BodyVisitor;
@@ -254,6 +310,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tokens[1]"), "{e}");
+    }
+
+    #[test]
+    fn fast_path_agrees_with_full_parser() {
+        for body in [
+            &b"{\"tokens\": [1, 2, 3]}"[..],
+            b" {\n\"tokens\" :[ 0 ,4294967295 ] } ",
+            b"{\"tokens\": []}",
+            b"{\"tokens\": [01]}",
+            b"{\"tokens\": [4294967296]}",
+            b"{\"tokens\": [1.0]}",
+            b"{\"tokens\": [1e2]}",
+            b"{\"tokens\": [-0]}",
+            b"{\"tokens\": [1,]}",
+            b"{\"tokens\": [1] }x",
+            b"{\"tokens\": [99999999999]}",
+        ] {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            let full = de
+                .deserialize_any(BodyVisitor)
+                .and_then(|t| de.end().map(|_| t));
+            match fast_tokens(body) {
+                Some(t) => assert_eq!(Some(t), full.unwrap(), "{}", String::from_utf8_lossy(body)),
+                None => {
+                    // either the full parser rejects it, or it is a shape the fast path skips
+                    let _ = full;
+                }
+            }
+        }
+        assert_eq!(fast_tokens(b"{\"tokens\": [1, 2, 3]}"), Some(vec![1, 2, 3]));
+        assert_eq!(fast_tokens(b"{\"tokens\": [01]}"), None);
+        assert_eq!(fast_tokens(b"{\"tokens\": [4294967296]}"), None);
     }
 
     #[test]
