@@ -7,6 +7,9 @@ of several token sequences compared with the reference."""
 from __future__ import annotations
 
 import array
+import json
+import os
+import tempfile
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -147,6 +150,24 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(tokens=tokens_st)
     def detailed(self, tokens: list[int]) -> None:
         assert self.ix.lookup_detailed(tokens) == ref_detailed(self.ref, tokens)
+
+    @rule(tokens=tokens_st)
+    def lookup_json(self, tokens: list[int]) -> None:
+        out = json.loads(self.ix.lookup_json(json.dumps({"tokens": tokens}).encode(), "ev"))
+        want = {i: [loc, n] for i, (loc, n) in self.ref.lookup(tokens).items()}
+        assert out == {"event_id": "ev", "layout_info": want, **want}
+
+    @rule()
+    def dump_and_load(self) -> None:
+        # tmpfs when there is one: dump fsyncs, and this rule runs hundreds of times
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="lmcache_rs_state_", dir=shm)
+        os.close(fd)
+        try:
+            self.ix.dump(path)
+            self.ix.load(path)
+        finally:
+            os.unlink(path)
 
     @invariant()
     def agrees_with_reference(self) -> None:
