@@ -685,6 +685,10 @@ impl Registry {
             return Err("set 0 must stay the empty set".into());
         }
         let mut dead = 0;
+        let free: std::collections::HashSet<u32> = self.free_sets.iter().copied().collect();
+        if free.len() != self.free_sets.len() {
+            return Err("a set is on the free list twice".into());
+        }
         for (s, set) in self.sets.iter().enumerate().skip(1) {
             let want = refs.get(s).copied().unwrap_or(0);
             if set.refs != want {
@@ -694,7 +698,7 @@ impl Registry {
                 ));
             }
             if set.holders.is_empty() {
-                if set.refs != 0 || !self.free_sets.contains(&(s as u32)) {
+                if set.refs != 0 || !free.contains(&(s as u32)) {
                     return Err(format!("freed set {s} in use or not on the free list"));
                 }
                 continue;
@@ -713,7 +717,7 @@ impl Registry {
                     return Err(format!("set {s} holds freed holder {}", h.0));
                 }
             }
-            if set.refs > 0 && set.covered != self.covered_of(&set.holders) {
+            if set.covered != self.covered_of(&set.holders) {
                 return Err(format!("set {s} covered pairs stale"));
             }
         }
@@ -730,11 +734,30 @@ impl Registry {
         {
             return Err("set intern map size".into());
         }
-        for ((s, h), t) in self.add_cache.iter().chain(self.del_cache.iter()) {
-            let set = self.sets.get(*s as usize);
-            let target = self.sets.get(t.ix());
-            if set.is_none() || target.is_none() {
-                return Err(format!("transition ({s}, {h}) -> {} out of range", t.0));
+        let live = |i: usize| {
+            self.sets
+                .get(i)
+                .is_some_and(|x| i == 0 || !x.holders.is_empty())
+        };
+        for (add, cache) in [(true, &self.add_cache), (false, &self.del_cache)] {
+            for ((s, h), t) in cache.iter() {
+                if !live(*s as usize) || !live(t.ix()) {
+                    return Err(format!(
+                        "transition ({s}, {h}) -> {} refers to a freed set",
+                        t.0
+                    ));
+                }
+                let mut want: Vec<HolderIx> = self.sets[*s as usize].holders.to_vec();
+                match (add, want.binary_search(&HolderIx(*h))) {
+                    (true, Err(pos)) => want.insert(pos, HolderIx(*h)),
+                    (false, Ok(pos)) => {
+                        want.remove(pos);
+                    }
+                    _ => {}
+                }
+                if *self.sets[t.ix()].holders != *want {
+                    return Err(format!("cached transition ({s}, {h}) -> {} is wrong", t.0));
+                }
             }
         }
         Ok(())
