@@ -22,6 +22,10 @@ use crate::table::Table;
 pub enum EventKind {
     Admit,
     Evict,
+    /// Drop everything the worker holds at the event's location (keys ignored).
+    Drop,
+    /// Drop everything the worker holds anywhere (location and keys ignored).
+    DropAll,
 }
 
 /// One event of a batch; its keys are `Batch::keys[start..end]`.
@@ -150,6 +154,10 @@ impl Core {
                         EventKind::Evict => {
                             e += self.evict(&ev.instance, ev.worker, &ev.location, keys)
                         }
+                        EventKind::Drop => {
+                            e += self.drop_worker(&ev.instance, ev.worker, Some(&ev.location))
+                        }
+                        EventKind::DropAll => e += self.drop_worker(&ev.instance, ev.worker, None),
                     }
                 }
                 (a, e)
@@ -261,6 +269,26 @@ impl Core {
             .holders_where(|h| h.inst == i && h.worker == worker);
         let removed = self.drop_holders(&drop);
         self.reg.unregister_worker(i, worker);
+        self.reg.gc();
+        removed
+    }
+
+    /// Drop the worker's holdings (at one location, or all) but keep it registered.
+    pub fn drop_worker(&mut self, inst: &str, worker: WorkerId, loc: Option<&str>) -> u64 {
+        let Some(i) = self.reg.find_instance(inst) else {
+            return 0;
+        };
+        let l = match loc {
+            Some(name) => match self.reg.find_location(name) {
+                Some(l) => Some(l),
+                None => return 0,
+            },
+            None => None,
+        };
+        let drop = self
+            .reg
+            .holders_where(|h| h.inst == i && h.worker == worker && l.is_none_or(|l| h.loc == l));
+        let removed = self.drop_holders(&drop);
         self.reg.gc();
         removed
     }

@@ -127,7 +127,8 @@ enum TestOp {
     AdmitKeys(usize, u32, usize, Vec<u32>, Vec<usize>),
     Evict(usize, u32, usize, Vec<u32>),
     EvictKeys(usize, u32, usize, Vec<u32>, Vec<usize>),
-    Batch(Vec<(bool, usize, u32, usize, Vec<u32>)>),
+    /// (0 admit | 1 evict | 2 drop at location | 3 drop all, instance, worker, location, tokens)
+    Batch(Vec<(u8, usize, u32, usize, Vec<u32>)>),
     Register(usize, u32),
     Remove(usize, u32),
     Clear(usize, Option<usize>),
@@ -158,7 +159,7 @@ fn op() -> impl Strategy<Value = TestOp> {
         3 => (i.clone(), w.clone(), l.clone(), tokens()).prop_map(|(i, w, l, t)| TestOp::Evict(i, w, l, t)),
         2 => (i.clone(), w.clone(), l.clone(), tokens(), picks)
             .prop_map(|(i, w, l, t, p)| TestOp::EvictKeys(i, w, l, t, p)),
-        2 => proptest::collection::vec((any::<bool>(), i.clone(), w.clone(), l.clone(), tokens()), 0..5)
+        2 => proptest::collection::vec((prop_oneof![4 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)], i.clone(), w.clone(), l.clone(), tokens()), 0..5)
             .prop_map(TestOp::Batch),
         1 => (i.clone(), w.clone()).prop_map(|(i, w)| TestOp::Register(i, w)),
         1 => (i.clone(), w.clone()).prop_map(|(i, w)| TestOp::Remove(i, w)),
@@ -230,22 +231,29 @@ fn run(ops: &[TestOp], probes: &[Vec<u32>]) -> Result<(), TestCaseError> {
             TestOp::Batch(evs) => {
                 let mut b = Batch::default();
                 let mut want = (0, 0);
-                for (admit, i, w, l, t) in evs {
+                for (what, i, w, l, t) in evs {
                     let k = keys(t);
-                    let kind = if *admit {
-                        EventKind::Admit
-                    } else {
-                        EventKind::Evict
+                    let kind = match what {
+                        0 => EventKind::Admit,
+                        1 => EventKind::Evict,
+                        2 => EventKind::Drop,
+                        _ => EventKind::DropAll,
                     };
                     let mut ev = (*event(kind, *i, *w, *l)).clone();
                     ev.start = b.keys.len();
                     b.keys.extend_from_slice(&k);
                     ev.end = b.keys.len();
                     b.events.push(ev);
-                    if *admit {
-                        want.0 += model.admit(INSTANCES[*i], *w, LOCATIONS[*l], &k);
-                    } else {
-                        want.1 += model.evict(INSTANCES[*i], *w, LOCATIONS[*l], &k);
+                    let (inst, loc) = (INSTANCES[*i], LOCATIONS[*l]);
+                    match kind {
+                        EventKind::Admit => want.0 += model.admit(inst, *w, loc, &k),
+                        EventKind::Evict => want.1 += model.evict(inst, *w, loc, &k),
+                        EventKind::Drop => {
+                            want.1 += model.drop_where(|h| h.0 == inst && h.1 == *w && h.2 == loc)
+                        }
+                        EventKind::DropAll => {
+                            want.1 += model.drop_where(|h| h.0 == inst && h.1 == *w)
+                        }
                     }
                 }
                 prop_assert_eq!(ix.write(Op::Batch(Arc::new(b))), want);

@@ -139,6 +139,23 @@ def test_apply_batch_is_atomic_and_validated() -> None:
     ix.check_invariants()
 
 
+def test_apply_batch_drop_replaces_holdings_atomically() -> None:
+    ix = Index(chunk_size=4)
+    ix.admit("A", 0, CPU, tokens=toks(12))
+    ix.admit("A", 0, GPU, tokens=toks(8))
+    ix.admit("A", 1, CPU, tokens=toks(12))
+    # a full resync of worker 0: drop everything it holds, then admit what it reports now
+    assert ix.apply_batch([("drop", "A", 0, None, None), ("admit", "A", 0, CPU, chunk_hashes(toks(4), 4))]) == (1, 5)
+    assert ix.workers() == {"A": [0, 1]}
+    assert ix.lookup(toks(12)) == {"A": (CPU, 4)}
+    assert ix.apply_batch([("drop", "A", 1, CPU, b"")]) == (0, 3)
+    assert ix.apply_batch([("drop", "A", 1, GPU, b""), ("drop", "Z", 0, None, b"")]) == (0, 0)
+    assert ix.holder_counts() == [("A", 0, CPU, 1)]
+    with pytest.raises(InvalidTypeError, match=r"events\[0\].*location"):
+        ix.apply_batch([("drop", "A", 0, 5, b"")])
+    ix.check_invariants()
+
+
 def test_reserved_instance_ids() -> None:
     ix = Index()
     for name in ("event_id", "layout_info", "detail"):

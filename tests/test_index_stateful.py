@@ -114,23 +114,32 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(
         events=st.lists(
             st.tuples(
-                st.sampled_from(["admit", "evict"]),
+                st.sampled_from(["admit", "admit", "evict"]),
                 st.sampled_from(INSTANCES),
                 st.sampled_from(WORKERS),
                 st.sampled_from(LOCATIONS),
                 tokens_st,
+            )
+            | st.tuples(
+                st.just("drop"),
+                st.sampled_from(INSTANCES),
+                st.sampled_from(WORKERS),
+                st.none() | st.sampled_from(LOCATIONS),
+                st.just([]),
             ),
             max_size=6,
         )
     )
-    def batch(self, events: list[tuple[str, str, int, str, list[int]]]) -> None:
+    def batch(self, events: list[tuple[str, str, int, str | None, list[int]]]) -> None:
         got = self.ix.apply_batch([(op, i, w, loc, self.keys(t)) for op, i, w, loc, t in events])
         admitted = evicted = 0
         for op, i, w, loc, t in events:
             if op == "admit":
                 admitted += self.ref.admit(i, w, loc, self.keys(t))
-            else:
+            elif op == "evict":
                 evicted += self.ref.evict(i, w, loc, self.keys(t))
+            else:
+                evicted += self.ref._drop(lambda h: h[:2] == (i, w) and (loc is None or h[2] == loc))
         assert got == (admitted, evicted)
 
     @rule(inst=st.sampled_from(INSTANCES), w=st.sampled_from(WORKERS))

@@ -77,11 +77,17 @@ class Index:
         hashes: _HashesLike | None = None,
     ) -> int:
         """Forget that the worker holds these chunks at location; returns holdings removed."""
-    def apply_batch(self, events: Iterable[tuple[str, str, int, str, _HashesLike]]) -> tuple[int, int]:
+    def apply_batch(
+        self, events: Iterable[tuple[str, str, int, str | None, _HashesLike | None]]
+    ) -> tuple[int, int]:
         """Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events.
 
+        Also ("drop", instance_id, worker_id, location | None, ignored): drop everything the
+        worker holds at that location (None: anywhere), keeping it registered — e.g. a drop
+        followed by admits replaces a worker's holdings atomically (a full resync).
         Validated as a whole first (a bad event raises and nothing is applied), then applied
-        and published at once: readers see all of it or none. Returns (admitted, evicted).
+        in order and published at once: readers see all of it or none. Returns (admitted,
+        evicted), drops counted as evicted.
         """
     def clear(self, instance_id: str, location: str | None = None) -> int:
         """Drop the instance's holdings (at one location, or all); returns holdings dropped."""

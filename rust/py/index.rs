@@ -108,9 +108,10 @@ impl PyIndex {
                 Keys::Hashes(h) => h.view()?.as_ref().into(),
             };
             let ev = Arc::new(ev);
-            let (added, removed) = match kind {
-                EventKind::Admit => self.inner.write(Op::Admit(ev, keys)),
-                EventKind::Evict => self.inner.write(Op::Evict(ev, keys)),
+            let (added, removed) = if kind == EventKind::Admit {
+                self.inner.write(Op::Admit(ev, keys))
+            } else {
+                self.inner.write(Op::Evict(ev, keys))
             };
             Ok(added + removed)
         })
@@ -280,28 +281,35 @@ impl PyIndex {
                 ))
                 .into());
             }
-            let op = str_arg(&tuple.get_item(0)?, "op")?;
+            let op = str_arg(&tuple.get_item(0)?, "op").map_err(|e| prefix_err(n, e))?;
+            let location = tuple.get_item(3)?;
             let kind = match &*op {
                 "admit" => EventKind::Admit,
                 "evict" => EventKind::Evict,
+                "drop" if location.is_none() => EventKind::DropAll,
+                "drop" => EventKind::Drop,
                 other => {
                     return Err(Error::arg(format!(
-                        "events[{n}]: unknown op {other:?} (expected \"admit\" or \"evict\")"
-                    ))
+                    "events[{n}]: unknown op {other:?} (expected \"admit\", \"evict\" or \"drop\")"
+                ))
                     .into())
                 }
             };
+            let location = if kind == EventKind::DropAll {
+                pyo3::types::PyString::new(py, "").into_any()
+            } else {
+                location
+            };
             let mut ev = self
-                .event(
-                    kind,
-                    &tuple.get_item(1)?,
-                    &tuple.get_item(2)?,
-                    &tuple.get_item(3)?,
-                )
+                .event(kind, &tuple.get_item(1)?, &tuple.get_item(2)?, &location)
                 .map_err(|e| prefix_err(n, e))?;
-            let hashes = IntsArg::<u64>::extract(&tuple.get_item(4)?, "hashes")
-                .and_then(|h| h.view().map(|v| v.into_owned()))
-                .map_err(|e| prefix_err(n, e))?;
+            let hashes = match kind {
+                // a drop names no keys; whatever is in the hashes slot is ignored
+                EventKind::Drop | EventKind::DropAll => Vec::new(),
+                _ => IntsArg::<u64>::extract(&tuple.get_item(4)?, "hashes")
+                    .and_then(|h| h.view().map(|v| v.into_owned()))
+                    .map_err(|e| prefix_err(n, e))?,
+            };
             // names repeat across events: share the previous event's allocation
             if let Some(prev) = batch.events.last() {
                 if prev.instance == ev.instance {
