@@ -35,6 +35,35 @@ def loadavg() -> tuple[float, float, float]:
     return (round(a, 2), round(b, 2), round(c, 2))
 
 
+def cpu_busy(sample_s: float = 1.0) -> float:
+    """Fraction of all CPU time that was busy (any process) over ``sample_s`` seconds."""
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    t0, i0 = snap()
+    time.sleep(sample_s)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.2) -> dict[str, float]:
+    """Wait (up to max_wait_s) until the machine is nearly idle: the 2 cores are shared with
+    other work, and a benchmark started under someone's compile measures the compile.
+    Returns what was seen, for the record."""
+    t0 = time.time()
+    busy = cpu_busy()
+    announced = False
+    while busy > threshold and time.time() - t0 < max_wait_s:
+        if not announced:
+            log(f"machine busy ({busy * 100:.0f}% of CPU in use by other work); waiting up to {max_wait_s:.0f}s for it to settle")
+            announced = True
+        busy = cpu_busy(2.0)
+    return {"cpu_busy_before": round(busy, 3), "waited_s": round(time.time() - t0, 1)}
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (q in 0..100)."""
     if not sorted_values:

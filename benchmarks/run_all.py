@@ -5,8 +5,9 @@
 The anchors (NVIDIA Dynamo's RadixTree, LMCache's controller) live only in a separate
 virtualenv, ``.bench-venv`` at the repository root (git-ignored); they are never project
 dependencies. Setup is idempotent: a stamp file records what was installed, and nothing is
-installed again while it matches. LMCache is installed with ``--no-deps`` plus exactly the
-modules its controller imports (its full dependency list pulls GPU-only packages).
+installed again while it matches. LMCache is installed with ``--no-deps`` plus the modules its
+controller imports (its full dependency list pulls GPU-only packages), and httptools and
+uvloop so that its uvicorn server runs on its fastest stack.
 wrk (the load generator of http_bench) comes from Debian: ``apt-get install -y wrk``.
 """
 
@@ -38,6 +39,9 @@ LMCACHE_CONTROLLER_IMPORTS = [
     "transformers==5.24.0", "numpy==2.2.6", "cachetools==8.0.2", "numba==0.68.1",
     "opentelemetry-api==1.45.2", "py-cpuinfo==9.0.0", "psutil==7.2.2", "aiohttp==3.14.5",
     "setuptools>=77.0.3,<81",
+    # not imported unconditionally, but LMCache depends on httptools and uvicorn uses it (and
+    # uvloop, which ai-dynamo-runtime brings) when present: the anchor's fastest HTTP stack
+    "httptools==0.9.0", "uvloop==0.23.0",
 ]
 
 
@@ -100,10 +104,12 @@ def main() -> int:
     status = 0
     t0 = time.time()
     if args.only in (None, "index"):
-        extra = ["--holdings", "200000", "--iters", "500", "--ingest-runs", "1"] if args.quick else []
+        extra = (["--holdings", "200000", "--iters", "500", "--ingest-runs", "1", "--rounds", "1", "--quiet-wait", "0"]
+                 if args.quick else [])
         status |= subprocess.run([py, str(BENCH_DIR / "index_bench.py"), *extra], cwd=str(ROOT)).returncode
     if args.only in (None, "http") and ensure_wrk():
-        extra = ["--duration", "3", "--warmup", "1", "--admits", "200000"] if args.quick else []
+        extra = (["--duration", "2", "--warmup", "1", "--repeats", "1", "--admits", "200000", "--quiet-wait", "0"]
+                 if args.quick else [])
         status |= subprocess.run([py, str(BENCH_DIR / "http_bench.py"), *extra], cwd=str(ROOT)).returncode
     log(f"benchmarks done in {time.time() - t0:.0f}s; results in benchmarks/results/, write-up in BENCHMARKS.md")
     return status
