@@ -104,7 +104,8 @@ def main() -> int:
     status = 0
     t0 = time.time()
     if args.only in (None, "index"):
-        extra = (["--holdings", "200000", "--iters", "500", "--ingest-runs", "1", "--rounds", "1", "--quiet-wait", "0"]
+        extra = (["--holdings", "200000", "--iters", "500", "--ingest-runs", "1", "--rounds", "1", "--passes", "1",
+                  "--quiet-wait", "0"]
                  if args.quick else [])
         status |= subprocess.run([py, str(BENCH_DIR / "index_bench.py"), *extra], cwd=str(ROOT)).returncode
     if args.only in (None, "http") and ensure_wrk():
