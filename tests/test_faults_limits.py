@@ -1,0 +1,413 @@
+"""Hostile clients against a real controller process on 127.0.0.1: a 1 GB body, a body that never
+ends, slowloris (headers and bodies a byte at a time), thousands of idle connections on both
+ports, oversized and never-finished frames. Each is refused or timed out, the controller's RSS
+stays bounded, and a well-behaved client keeps being served meanwhile.
+
+The idle-connection tests open 10,000 connections on each port (fewer, and said so, where the
+open-files limit cannot be raised that far). Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import select
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from soak import Controller, Http, rss_kb  # noqa: E402
+
+from lmcache_rs.wire import FrameDecoder, encode_frame  # noqa: E402
+
+IDLE_CONNECTIONS = 10_000
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def controller(tmp_path):
+    procs = []
+
+    def start(*args: str) -> Controller:
+        c = Controller(tmp_path, *args)
+        procs.append(c)
+        c.start()
+        return c
+
+    yield start
+    for c in procs:
+        c.kill()
+
+
+def rss_mb(c: Controller) -> float:
+    return rss_kb(c.proc.pid) / 1024
+
+
+class Served:
+    """A well-behaved client looking up in the background; records latencies and errors."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.stop = False
+
+    async def run(self) -> None:
+        http = await Http(self.port).open()
+        try:
+            while not self.stop and len(self.latencies) < 100_000:
+                t0 = time.perf_counter()
+                try:
+                    await http.lookup([1, 2, 3, 4] * 8)
+                    self.latencies.append(time.perf_counter() - t0)
+                except Exception as exc:  # any failure of the well-behaved client is the finding
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    await http.close()
+                    http = await Http(self.port).open()
+                await asyncio.sleep(0.005)
+        finally:
+            await http.close()
+
+    def p99_ms(self) -> float:
+        lat = sorted(self.latencies)
+        return lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else float("nan")
+
+
+async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), timeout)
+    return int(lines[0].split()[1]), headers, body
+
+
+def send_until_answered(port: int, head: bytes, piece: bytes, max_bytes: int, max_s: float = 10.0):
+    """Send ``head`` then ``piece`` after ``piece`` until the server answers (or errors, or the
+    bounds are hit); then read everything it sent until it closes. A blocking socket: what the
+    server sent before resetting the connection is still read (the kernel keeps it queued).
+    Returns (body bytes sent, what the server sent, whether it closed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        s.sendall(head)
+        while sent < max_bytes and time.monotonic() - t0 < max_s:
+            if select.select([s], [], [], 0)[0]:
+                break  # an answer (or a close) arrived
+            s.sendall(piece)
+            sent += len(piece)
+    except OSError:
+        pass
+    data = b""
+    closed = False
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                closed = True
+                break
+            data += b
+    except OSError:
+        closed = True
+    finally:
+        s.close()
+    return sent, data, closed
+
+
+def parse_response(data: bytes) -> tuple[int, dict, bytes]:
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    return int(lines[0].split()[1]), headers, rest[: int(headers.get("content-length", 0))]
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+        return True
+    except (ConnectionError, OSError):
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+# -- bodies ---------------------------------------------------------------------------------
+def test_one_gigabyte_body_is_refused_from_its_length_before_it_is_read(controller):
+    c = controller()
+
+    async def main():
+        served = Served(c.http_port)
+        task = asyncio.ensure_future(served.run())
+        await asyncio.sleep(0.2)
+        base = rss_mb(c)
+        t0 = time.monotonic()
+        sent, data, closed = await asyncio.to_thread(  # never more than 64 MiB of the 1 GiB
+            send_until_answered, c.http_port,
+            b"POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n", b"[" * 65536, 64 << 20)
+        refused_in = time.monotonic() - t0
+        peak = rss_mb(c)
+        served.stop = True
+        await task
+        return parse_response(data), sent, refused_in, closed, peak - base, served
+
+    (status, headers, body), sent, refused_in, closed, grew, served = run(main())
+    print(f"\n1 GiB declared: {status} after {sent / 2**20:.1f} MiB sent ({refused_in * 1e3:.0f} ms); "
+          f"controller RSS +{grew:.1f} MB; other client: {len(served.latencies)} lookups, p99 {served.p99_ms():.2f} ms")
+    assert status == 413 and headers.get("connection") == "close"
+    assert "exceeds" in json.loads(body)["error"]
+    assert closed
+    assert grew < 32
+    assert served.errors == [] and len(served.latencies) > 10
+
+
+def test_expect_continue_with_a_huge_length_gets_413_and_no_100(controller):
+    c = controller()
+
+    async def main():
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.http_port)
+        writer.write(b"POST /lookup HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1073741824\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        writer.close()
+        return head
+
+    assert run(main()).startswith(b"HTTP/1.1 413")
+
+
+def test_endless_chunked_body_is_cut_at_the_limit_and_memory_stays_bounded(controller):
+    c = controller("--max-body-bytes", str(1 << 20))
+
+    async def main():
+        base = rss_mb(c)
+        sent, data, _ = await asyncio.to_thread(
+            send_until_answered, c.http_port, b"POST /lookup HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"10000\r\n" + b" " * 0x10000 + b"\r\n", 16 << 20)
+        status, _, body = parse_response(data)
+        return status, body, sent, rss_mb(c) - base
+
+    status, body, sent, grew = run(main())
+    print(f"\nchunked body without end: {status} after {sent / 2**20:.1f} MiB sent; RSS +{grew:.1f} MB")
+    assert status == 413 and "exceeds" in json.loads(body)["error"]
+    assert grew < 16
+
+
+# -- slow clients ---------------------------------------------------------------------------
+def test_slowloris_headers_and_bodies_time_out_while_others_are_served(controller):
+    timeout = 1.5
+    c = controller("--request-timeout", str(timeout))
+    n = 200
+
+    async def slow(kind: str) -> tuple[float, int | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.http_port)
+        if kind == "head":
+            writer.write(b"POST /lookup HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        else:
+            writer.write(b"POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n{\"tokens\": [")
+        t0 = time.monotonic()
+        status = None
+        try:
+            for _ in range(int(4 * timeout / 0.25)):  # a byte every 250 ms, bounded
+                await asyncio.sleep(0.25)
+                writer.write(b"a" if kind == "head" else b"1")
+                await writer.drain()
+                if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                    break
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 3)
+            status = int(head.split()[1])
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - t0, status
+
+    async def main():
+        served = Served(c.http_port)
+        task = asyncio.ensure_future(served.run())
+        results = await asyncio.gather(*(slow("head" if i % 2 else "body") for i in range(n)))
+        served.stop = True
+        await task
+        return results, served
+
+    results, served = run(main())
+    times = sorted(t for t, _ in results)
+    statuses = {s for _, s in results}
+    print(f"\nslowloris x{n}: statuses {statuses}, cut after {times[0]:.2f}-{times[-1]:.2f} s "
+          f"(request timeout {timeout} s); other client: {len(served.latencies)} lookups, "
+          f"p99 {served.p99_ms():.2f} ms, errors {len(served.errors)}")
+    assert statuses == {408}
+    assert times[-1] <= timeout + 1.5
+    assert served.errors == [] and len(served.latencies) > 50
+
+
+# -- idle connections -----------------------------------------------------------------------
+def _connections(wanted: int) -> int:
+    """Raise the open-files soft limit (the controller subprocess inherits it) and return how
+    many connections it allows, at most ``wanted``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, wanted + 512) if hard != resource.RLIM_INFINITY else wanted + 512
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    n = min(wanted, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 512)
+    if n < wanted:
+        print(f"\nopen-files limit allows {n} of {wanted} connections")
+    if n < 1000:
+        pytest.skip(f"open-files limit too low for this test ({n + 512})")
+    return n
+
+
+def test_idle_http_connections_are_refused_over_the_limit_and_timed_out(controller):
+    n = _connections(IDLE_CONNECTIONS)
+    keepalive = 3.0
+    max_conn = min(4096, n // 2)
+    c = controller("--keepalive-timeout", str(keepalive), "--max-connections", str(max_conn))
+
+    async def main():
+        served = Served(c.http_port)  # connected before the flood
+        task = asyncio.ensure_future(served.run())
+        await asyncio.sleep(0.2)
+        base = rss_mb(c)
+        socks = []
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for i in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                await loop.sock_connect(s, ("127.0.0.1", c.http_port))
+            except OSError:
+                s.close()
+                break
+            socks.append(s)
+        opened = time.monotonic() - t0
+        await asyncio.sleep(0.5)
+        peak = rss_mb(c)
+        # refused ones got a 503 and were closed at once
+        refused = held = 0
+        for s in socks:
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                held += 1
+                continue
+            except OSError:
+                refused += 1
+                continue
+            if data.startswith(b"HTTP/1.1 503"):
+                refused += 1
+        latencies_during = len(served.latencies)
+        # the held ones are closed once idle for the keep-alive timeout
+        deadline = time.monotonic() + keepalive + 3
+        open_left = held
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            open_left = 0
+            for s in socks:
+                try:
+                    if s.recv(1, socket.MSG_PEEK) == b"":
+                        continue
+                except BlockingIOError:
+                    open_left += 1
+                except OSError:
+                    pass
+            if open_left == 0:
+                break
+        closed_after = time.monotonic() - t0 - opened
+        for s in socks:
+            s.close()
+        # a new client after the flood is served
+        fresh = await Http(c.http_port).open()
+        await fresh.lookup([1, 2, 3])
+        await fresh.close()
+        served.stop = True
+        await task
+        return len(socks), opened, refused, held, open_left, closed_after, peak - base, served, latencies_during
+
+    count, opened, refused, held, open_left, closed_after, grew, served, during = run(main())
+    print(f"\n{count} idle HTTP connections in {opened:.2f} s: {held} held, {refused} refused with 503 "
+          f"(limit {max_conn}); all closed {closed_after:.1f} s later (keep-alive {keepalive} s); "
+          f"RSS +{grew:.1f} MB; the earlier client: {len(served.latencies)} lookups, p99 {served.p99_ms():.2f} ms")
+    assert count == n
+    assert held <= max_conn and refused >= n - max_conn - 1
+    assert open_left == 0
+    assert grew < 0.02 * n  # ~20 KB per connection at most
+    assert served.errors == [] and during > 0
+
+
+def test_idle_monitor_connections_are_dropped_after_the_hello_timeout(controller):
+    n = _connections(IDLE_CONNECTIONS)
+    hello_timeout = 1.5
+    c = controller("--hello-timeout", str(hello_timeout))
+
+    async def main():
+        base = rss_mb(c)
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", c.monitor_port))
+            socks.append(s)
+        t0 = time.monotonic()
+        # a real worker's hello is still answered meanwhile
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
+        writer.write(encode_frame({"t": "hello", "v": 1, "instance_id": "ok", "worker_id": 0, "host": "127.0.0.1",
+                                   "worker_port": 1, "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16,
+                                   "seed": 0}))
+        header = await asyncio.wait_for(reader.readexactly(4), 5)
+        (welcome,) = FrameDecoder().feed(header + await reader.readexactly(int.from_bytes(header, "big")))
+        writer.close()
+        peak = rss_mb(c)
+        deadline = time.monotonic() + hello_timeout + 3
+        open_left = n
+        while time.monotonic() < deadline and open_left:
+            await asyncio.sleep(0.25)
+            open_left = 0
+            for s in socks:
+                try:
+                    s.recv(65536, socket.MSG_PEEK)
+                    if s.recv(65536) == b"":
+                        pass
+                except BlockingIOError:
+                    open_left += 1
+                except OSError:
+                    pass
+        dropped_after = time.monotonic() - t0
+        for s in socks:
+            s.close()
+        return welcome, open_left, dropped_after, peak - base
+
+    welcome, open_left, dropped_after, grew = run(main())
+    print(f"\n{n} monitor connections without hello: all dropped {dropped_after:.1f} s later "
+          f"(hello timeout {hello_timeout} s); RSS +{grew:.1f} MB; a worker's hello still welcomed")
+    assert welcome["t"] == "welcome"
+    assert open_left == 0
+    assert grew < 0.02 * n
+
+
+# -- frames ---------------------------------------------------------------------------------
+def test_monitor_frame_declaring_a_gigabyte_is_refused_at_once(controller):
+    c = controller()
+
+    async def main():
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
+        writer.write((1 << 30).to_bytes(4, "big") + b"\x80" * 1000)
+        header = await asyncio.wait_for(reader.readexactly(4), 5)
+        (error,) = FrameDecoder().feed(header + await reader.readexactly(int.from_bytes(header, "big")))
+        closed = await closed_by_server(reader, 5)
+        writer.close()
+        return error, closed
+
+    error, closed = run(main())
+    assert error["t"] == "error" and error["code"] == "frame_too_large"
+    assert closed
