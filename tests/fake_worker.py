@@ -40,6 +40,22 @@ from reference_model import chunk_hashes
 
 PROTOCOL_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
+_LIVE: set["FakeWorker"] = set()
+
+
+def run_with_workers(coro):
+    """Run ``coro`` on uvloop; close every FakeWorker it left open, even when it fails."""
+    import uvloop
+
+    async def main():
+        try:
+            return await coro
+        finally:
+            for worker in list(_LIVE):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(worker.close(bye=False), 5)
+
+    return uvloop.run(main())
 
 
 def payload(key: int) -> bytes:
@@ -77,6 +93,9 @@ class FakeWorker:
         self.worker_port = 0
         self.p2p_port = 0
         self.sync_count = 0
+        self._command_sessions: list[Session] = []
+        self._p2p_writers: set[asyncio.StreamWriter] = set()
+        _LIVE.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, sync: bool = True) -> dict:
@@ -86,7 +105,7 @@ class FakeWorker:
             "lookup": self._lookup, "fetch": self._fetch, "evict": self._evict,
             "compress": self._compress, "decompress": self._decompress, "info": self._info,
         }
-        self.command_server = await serve("127.0.0.1", 0, handlers)
+        self.command_server = await serve("127.0.0.1", 0, handlers, on_open=self._command_sessions.append)
         self.worker_port = self.command_server.sockets[0].getsockname()[1]
         self.p2p_server = await asyncio.start_server(self._serve_p2p, "127.0.0.1", 0)
         self.p2p_port = self.p2p_server.sockets[0].getsockname()[1]
@@ -113,6 +132,7 @@ class FakeWorker:
         }
 
     async def close(self, bye: bool = True) -> None:
+        _LIVE.discard(self)
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
@@ -125,8 +145,16 @@ class FakeWorker:
         for server in (self.command_server, self.p2p_server):
             if server is not None:
                 server.close()
+        for session in self._command_sessions:
+            session.close()
+            await session.wait_closed()
+        for writer in list(self._p2p_writers):
+            writer.close()
+        for server in (self.command_server, self.p2p_server):
+            if server is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.wait_closed(), 2)
+        self.command_server = self.p2p_server = None
 
     async def drop_connection(self) -> None:
         """Lose the report connection without a bye (as a crash would)."""
@@ -332,6 +360,7 @@ class FakeWorker:
         return {"chunks": len(got), "tokens": min(len(got) * self.chunk_size, len(args["tokens"]) // 4)}
 
     async def _serve_p2p(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._p2p_writers.add(writer)
         try:
             decoder = FrameDecoder()
             while True:
@@ -353,6 +382,7 @@ class FakeWorker:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self._p2p_writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -468,13 +498,14 @@ class ControllerProcess:
         env.pop("LMCACHE_CONFIG_FILE", None)
         env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env or {})
+        offset = len(self.log())
         log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            m = _LISTENING.search(self.log())
+            m = _LISTENING.search(self.log()[offset:])
             if m and self.proc.poll() is None:
                 self.started_in = time.monotonic() - t0
                 self.http_port = int(m.group(1).rsplit(":", 1)[1].split(",")[0])

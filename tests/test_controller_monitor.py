@@ -1,0 +1,326 @@
+"""Monitor-port protocol tests: frames fed through a fake transport into MonitorProtocol.
+
+The index here is the pure-Python stand-in (tests/py_index.py); the same paths run
+against the native index in test_controller_process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fake_transport import attach
+from lmcache_rs.controller.metrics import Metrics
+from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
+from lmcache_rs.controller.registry import LIVE, NEED_SYNC, SYNCING, Registry
+from lmcache_rs.controller.settings import Settings
+from lmcache_rs.wire import FrameDecoder, encode_frame, pack_u64s
+from lmcache_rs.wire.framing import _HEADER
+from py_index import PyIndex
+
+CPU = "LocalCPUBackend"
+
+
+class Harness:
+    def __init__(self, **settings):
+        self.settings = Settings(**settings)
+        self.metrics = Metrics()
+        self.index = PyIndex(self.settings.chunk_size, self.settings.hash_seed)
+        self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout)
+        self.state = MonitorServerState(self.settings, self.metrics, self.registry)
+
+    def connect(self):
+        proto = MonitorProtocol(self.state)
+        return proto, attach(proto)
+
+
+def hello(instance="inst", worker=0, **over):
+    m = {"t": "hello", "v": 1, "instance_id": instance, "worker_id": worker, "host": "127.0.0.1",
+         "worker_port": 8001 + worker, "p2p_host": "127.0.0.1", "p2p_port": 8200 + worker,
+         "chunk_size": 256, "seed": 0}
+    m.update(over)
+    return m
+
+
+def f(**m) -> bytes:
+    return encode_frame(m)
+
+
+def out(t) -> list[dict]:
+    return FrameDecoder().feed(t.take())
+
+
+def held(index, instance="inst", worker=0, location=CPU) -> set[int]:
+    return {k for k, hs in index.ref.holdings.items() if (instance, worker, location) in hs}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def settle():
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def registered(h, instance="inst", worker=0, keys=()):
+    """A connection past hello and an (optionally non-empty) full sync."""
+    proto, t = h.connect()
+    proto.data_received(encode_frame(hello(instance, worker)))
+    (welcome,) = out(t)
+    assert welcome["t"] == "welcome" and welcome["v"] == 1
+    proto.data_received(f(t="sync_start", seq=0) + f(t="sync_chunk", location=CPU, hashes=pack_u64s(keys))
+                        + f(t="sync_end", count=len(keys)))
+    return proto, t
+
+
+def test_hello_welcome_and_full_sync_registers_holdings():
+    async def main():
+        h = Harness()
+        proto, t = await registered(h, keys=[1, 2, 3])
+        assert h.registry.workers[("inst", 0)].state == LIVE
+        assert held(h.index) == {1, 2, 3}
+        assert h.index.workers() == {"inst": [0]}
+        proto.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s([4])], ["evict", CPU, pack_u64s([1])]]))
+        await settle()
+        assert held(h.index) == {2, 3, 4}
+        assert h.index.batches >= 2
+        proto.data_received(f(t="heartbeat", seq=1) + f(t="ping", id=7))
+        assert out(t) == [{"t": "pong", "id": 7}]
+        proto.data_received(f(t="bye"))
+        assert t.closed and h.index.workers() == {} and held(h.index) == set()
+
+    run(main())
+
+
+def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
+    async def main():
+        h = Harness()
+        p0, _ = await registered(h, worker=0)
+        p1, _ = await registered(h, worker=1)
+        await settle()
+        before = h.index.batches
+        p0.data_received(b"".join(f(t="events", seq=i, ops=[["admit", CPU, pack_u64s([i])]]) for i in range(1, 6)))
+        p1.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s([1, 2])]]))
+        assert held(h.index, worker=0) == set()  # not yet: applied at the end of the iteration
+        await settle()
+        assert h.index.batches == before + 1
+        assert held(h.index, worker=0) == {1, 2, 3, 4, 5} and held(h.index, worker=1) == {1, 2}
+        assert h.metrics.ingest_frames == 6 and h.metrics.admits == 7
+
+    run(main())
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("chunk_size", 128, "chunk_size 128 (controller uses 256)"),
+    ("seed", 5, "hash seed 5 (controller uses 0)"),
+    ("v", 2, "protocol version 2"),
+])
+def test_config_mismatch_is_refused_with_both_values(field, value, text):
+    async def main():
+        h = Harness()
+        proto, t = h.connect()
+        proto.data_received(encode_frame(hello(**{field: value})))
+        (err,) = out(t)
+        assert err["t"] == "error" and err["code"] == "config_mismatch" and text in err["message"]
+        assert t.closed and h.registry.workers == {} and h.index.workers() == {}
+        assert h.metrics.rejected_frames == {"config_mismatch": 1}
+
+    run(main())
+
+
+def test_seed_and_chunk_size_come_from_settings():
+    async def main():
+        h = Harness(chunk_size=16, hash_seed=99)
+        proto, t = h.connect()
+        proto.data_received(encode_frame(hello(chunk_size=16, seed=99)))
+        assert out(t)[0]["t"] == "welcome"
+
+    run(main())
+
+
+@pytest.mark.parametrize("data, code", [
+    (_HEADER.pack(5) + b"\xc1" * 5, "bad_msgpack"),
+    (_HEADER.pack(2**31), "frame_too_large"),
+    (encode_frame({"no": "type"}), "bad_frame"),
+    (encode_frame({"t": "teleport"}), "unknown_type"),
+    (encode_frame({"t": "events", "seq": "1", "ops": []}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": [["admit", CPU, b"\x00" * 7]]}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": [["admit", CPU, [1, 2]]]}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": [["upsert", CPU, b""]]}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": [["admit", "", b""]]}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": [["admit", CPU]]}), "bad_field"),
+    (encode_frame({"t": "events", "seq": 1, "ops": {"admit": 1}}), "bad_field"),
+    (encode_frame({"t": "sync_chunk", "location": CPU, "hashes": "abc"}), "bad_field"),
+    (encode_frame({"t": "heartbeat"}), "bad_field"),
+    (encode_frame(hello()), "bad_frame"),
+])
+def test_bad_frames_get_error_and_close_and_change_nothing(data, code):
+    async def main():
+        h = Harness(max_frame_bytes=1 << 20)
+        proto, t = await registered(h, keys=[10, 11])
+        await settle()
+        t.take()
+        # a good frame, the bad one, then one that would be good
+        good = f(t="events", seq=1, ops=[["admit", CPU, pack_u64s([1])]])
+        bad_with_admit = data
+        after = f(t="events", seq=2, ops=[["admit", CPU, pack_u64s([3])]])
+        proto.data_received(good + bad_with_admit + after)
+        await settle()
+        frames = out(t)
+        assert frames[-1]["t"] == "error" and frames[-1]["code"] == code, frames
+        assert t.closed
+        assert held(h.index) == {10, 11, 1}  # the good frame stands; nothing of the bad one or after
+        assert h.metrics.rejected_frames == {code: 1}
+
+    run(main())
+
+
+def test_bad_op_after_good_ops_rejects_the_whole_frame():
+    async def main():
+        h = Harness()
+        proto, t = await registered(h, keys=[10])
+        proto.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s([1, 2])], ["evict", CPU, pack_u64s([10])],
+                                                      ["admit", CPU, b"\x01"]]))
+        await settle()
+        assert out(t)[-1]["code"] == "bad_field" and t.closed
+        assert held(h.index) == {10}
+
+    run(main())
+
+
+def test_first_frame_must_be_hello_and_reserved_ids_refused():
+    async def main():
+        h = Harness()
+        proto, t = h.connect()
+        proto.data_received(f(t="heartbeat", seq=0))
+        assert out(t)[0]["code"] == "hello_required" and t.closed
+        for name in ("event_id", "layout_info"):
+            proto, t = h.connect()
+            proto.data_received(encode_frame(hello(instance=name)))
+            err = out(t)[0]
+            assert err["code"] == "bad_field" and "reserved" in err["message"]
+        proto, t = h.connect()
+        proto.data_received(encode_frame(hello(worker_id=-1)))
+        assert out(t)[0]["code"] == "bad_field"
+        assert h.index.workers() == {}
+
+    run(main())
+
+
+def test_sequence_gap_asks_for_resync_and_ignores_events_until_sync_end():
+    async def main():
+        h = Harness()
+        proto, t = await registered(h, keys=[1])
+        proto.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s([2])]]))
+        proto.data_received(f(t="events", seq=3, ops=[["admit", CPU, pack_u64s([3])]]))  # seq 2 lost
+        await settle()
+        frames = out(t)
+        assert frames == [{"t": "resync", "reason": "events seq 3, expected 2"}]
+        rec = h.registry.workers[("inst", 0)]
+        assert rec.state == NEED_SYNC and h.metrics.resyncs == 1
+        proto.data_received(f(t="events", seq=4, ops=[["admit", CPU, pack_u64s([4])]]))  # ignored
+        await settle()
+        assert held(h.index) == {1, 2}
+        # the worker syncs; events sent during the sync are applied after the synced set
+        proto.data_received(f(t="sync_start", seq=4) + f(t="sync_chunk", location=CPU, hashes=pack_u64s([1, 2, 3, 4]))
+                            + f(t="events", seq=5, ops=[["evict", CPU, pack_u64s([1])], ["admit", "GPU", pack_u64s([9])]]))
+        assert rec.state == SYNCING
+        await settle()
+        assert held(h.index) == {1, 2}  # nothing changes before sync_end
+        proto.data_received(f(t="sync_end", count=4) + f(t="events", seq=6, ops=[["admit", CPU, pack_u64s([5])]]))
+        await settle()
+        assert rec.state == LIVE
+        assert held(h.index) == {2, 3, 4, 5} and held(h.index, location="GPU") == {9}
+        assert out(t) == []
+
+    run(main())
+
+
+def test_heartbeat_gap_and_sync_count_mismatch_resync():
+    async def main():
+        h = Harness()
+        proto, t = await registered(h)
+        proto.data_received(f(t="heartbeat", seq=0))
+        assert out(t) == []
+        proto.data_received(f(t="heartbeat", seq=2))
+        assert out(t)[0]["t"] == "resync"
+        proto.data_received(f(t="sync_start", seq=2) + f(t="sync_chunk", location=CPU, hashes=pack_u64s([1, 2]))
+                            + f(t="sync_end", count=3))
+        assert out(t)[0]["reason"] == "sync_end says 3 keys, 2 arrived"
+        assert held(h.index) == set()
+        # a stray sync_end of the abandoned sync is ignored
+        proto.data_received(f(t="sync_end", count=0))
+        assert out(t) == [] and not t.closed
+
+    run(main())
+
+
+def test_full_sync_replaces_holdings_exactly():
+    async def main():
+        h = Harness()
+        proto, t = await registered(h, keys=[1, 2, 3])
+        proto.data_received(f(t="events", seq=1, ops=[["admit", "GPU", pack_u64s([7])]]))
+        await settle()
+        proto.data_received(f(t="sync_start", seq=1) + f(t="sync_chunk", location=CPU, hashes=pack_u64s([3, 4]))
+                            + f(t="sync_chunk", location=CPU, hashes=pack_u64s([5])) + f(t="sync_end", count=3))
+        assert held(h.index) == {3, 4, 5} and held(h.index, location="GPU") == set()
+        assert h.index.workers() == {"inst": [0]}
+        # an empty sync leaves the worker registered with nothing
+        proto.data_received(f(t="sync_start", seq=1) + f(t="sync_end", count=0))
+        assert held(h.index) == set() and h.index.workers() == {"inst": [0]}
+
+    run(main())
+
+
+def test_second_connection_replaces_first_and_disconnect_keeps_entries_until_timeout():
+    async def main():
+        h = Harness(heartbeat_timeout=0.2)
+        p1, t1 = await registered(h, keys=[1])
+        p2, t2 = h.connect()
+        p2.data_received(encode_frame(hello()))
+        assert out(t2)[0]["t"] == "welcome"
+        assert t1.closed
+        await settle()  # the old connection's connection_lost must not detach the new one
+        rec = h.registry.workers[("inst", 0)]
+        assert rec.conn is p2 and held(h.index) == {1}
+        p2.connection_lost(None)
+        assert rec.conn is None
+        import time as _time
+        h.registry.expire(_time.monotonic())
+        assert held(h.index) == {1}  # kept while it may come back
+        h.registry.expire(_time.monotonic() + 0.3)
+        assert held(h.index) == set() and h.registry.workers == {} and h.metrics.workers_expired == 1
+
+    run(main())
+
+
+def test_silent_worker_expires():
+    async def main():
+        import time as _time
+
+        h = Harness(heartbeat_timeout=0.2)
+        proto, t = await registered(h, keys=[1])
+        h.registry.expire(_time.monotonic() + 0.1)
+        assert held(h.index) == {1}
+        h.registry.expire(_time.monotonic() + 0.5)
+        assert held(h.index) == set() and t.closed
+
+    run(main())
+
+
+def test_tensor_parallel_instance_needs_every_rank():
+    async def main():
+        h = Harness()
+        p0, _ = await registered(h, worker=0, keys=[1, 2])
+        p1, _ = await registered(h, worker=1, keys=[1])
+        assert h.index.workers() == {"inst": [0, 1]}
+        # rank 1 reconnects: until it syncs, it holds nothing, so the instance matches nothing
+        p1b, t1b = h.connect()
+        p1b.data_received(encode_frame(hello(worker=1)))
+        assert held(h.index, worker=1) == {1}  # entries kept until the sync replaces them
+        p1b.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
+        assert held(h.index, worker=1) == set() and h.index.workers() == {"inst": [0, 1]}
+
+    run(main())

@@ -1,0 +1,272 @@
+"""HTTP protocol tests: bytes fed through a fake transport into HttpProtocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from fake_transport import attach
+from lmcache_rs.controller.http import JSON, HttpProtocol, HttpServerState, Sweeper
+from lmcache_rs.controller.metrics import Metrics
+from lmcache_rs.controller.settings import Settings
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class App:
+    def __init__(self):
+        self.seen = []
+        self.gates: dict[bytes, asyncio.Event] = {}
+
+    def __call__(self, req):
+        self.seen.append((req.method, req.path, req.query, req.body))
+        if req.path == b"/boom":
+            raise RuntimeError("secret internals")
+        if req.path.startswith(b"/slow"):
+            self.gates.setdefault(req.path, asyncio.Event())
+            return self.slow(req)
+        return (200, JSON, json.dumps({"path": req.path.decode(), "body": req.body.decode()}).encode())
+
+    async def slow(self, req):
+        await self.gates[req.path].wait()
+        return (200, JSON, b'{"slow": "%s"}' % req.path)
+
+
+def make(**settings):
+    s = Settings(**settings)
+    app = App()
+    state = HttpServerState(s, Metrics(), app)
+    proto = HttpProtocol(state)
+    t = attach(proto)
+    return state, app, proto, t
+
+
+def responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        n = int(headers.get("content-length", 0))
+        out.append((status, headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def req(method="POST", path="/x", body=b"", extra=""):
+    head = f"{method} {path} HTTP/1.1\r\nHost: a\r\n{extra}"
+    if body or method == "POST":
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def test_keep_alive_and_pipelined_sync_requests():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/a", body=b"1") + req(path="/b?detail=1", body=b"22") + req("GET", "/c"))
+        rs = responses(t.take())
+        assert [json.loads(b)["path"] for _, _, b in rs] == ["/a", "/b", "/c"]
+        assert app.seen[1] == (b"POST", b"/b", b"detail=1", b"22")
+        assert all(s == 200 and "connection" not in h for s, h, _ in rs)
+        assert not t.closed
+        proto.data_received(req(path="/d", body=b"x"))
+        assert len(responses(t.take())) == 1
+
+    run(main())
+
+
+def test_request_split_byte_by_byte():
+    async def main():
+        state, app, proto, t = make()
+        data = req(path="/split", body=b'{"tokens": [1, 2, 3]}')
+        for i in range(len(data)):
+            proto.data_received(data[i:i + 1])
+        (r,) = responses(t.take())
+        assert json.loads(r[2]) == {"path": "/split", "body": '{"tokens": [1, 2, 3]}'}
+
+    run(main())
+
+
+def test_pipelined_responses_stay_in_order_behind_a_slow_one():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/slow1") + req(path="/fast") + req(path="/slow2") + req(path="/fast2"))
+        await asyncio.sleep(0)
+        assert t.take() == b""
+        app.gates[b"/slow2"].set()
+        await asyncio.sleep(0.01)
+        assert t.take() == b""  # /slow1 still holds the head of the queue
+        app.gates[b"/slow1"].set()
+        await asyncio.sleep(0.01)
+        rs = responses(t.take())
+        assert [json.loads(b).get("slow") or json.loads(b)["path"] for _, _, b in rs] == ["/slow1", "/fast", "/slow2", "/fast2"]
+
+    run(main())
+
+
+def test_reading_pauses_at_high_water_mark():
+    async def main():
+        state, app, proto, t = make(max_pipelined=4)
+        proto.data_received(b"".join(req(path=f"/slow{i}") for i in range(4)))
+        assert not t.reading and proto.flow.read_paused
+        for i in range(4):
+            app.gates[f"/slow{i}".encode()].set()
+        await asyncio.sleep(0.01)
+        assert len(responses(t.take())) == 4
+        assert t.reading
+
+    run(main())
+
+
+def test_http10_and_connection_close_close_after_response():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(b"GET /x HTTP/1.0\r\n\r\n")
+        (r,) = responses(t.take())
+        assert r[0] == 200 and r[1]["connection"] == "close" and t.closed
+        state, app, proto, t = make()
+        proto.data_received(req("GET", "/x", extra="Connection: close\r\n") + req("GET", "/never"))
+        (r,) = responses(t.take())
+        assert r[1]["connection"] == "close" and t.closed
+        assert [s[1] for s in app.seen] == [b"/x"]
+
+    run(main())
+
+
+def test_malformed_request_gets_400_and_close():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(b"HELLO WORLD\r\n\r\n")
+        (r,) = responses(t.take())
+        assert r[0] == 400 and "malformed" in json.loads(r[2])["error"] and t.closed
+        assert state.metrics.rejected_requests == {400: 1}
+
+    run(main())
+
+
+def test_body_over_limit_refused_from_content_length_before_reading_it():
+    async def main():
+        state, app, proto, t = make(max_body_bytes=100)
+        proto.data_received(b"POST /lookup HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+        (r,) = responses(t.take())
+        assert r[0] == 413 and "exceeds the limit of 100" in json.loads(r[2])["error"]
+        assert r[1]["connection"] == "close" and t.closed and app.seen == []
+
+    run(main())
+
+
+def test_chunked_body_over_limit_refused():
+    async def main():
+        state, app, proto, t = make(max_body_bytes=100)
+        chunk = b"80\r\n" + b"x" * 128 + b"\r\n"
+        proto.data_received(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+        (r,) = responses(t.take())
+        assert r[0] == 413 and t.closed and app.seen == []
+
+    run(main())
+
+
+def test_expect_continue_is_answered():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        proto.data_received(b"abc")
+        (r,) = responses(t.take())
+        assert r[0] == 200 and json.loads(r[2])["body"] == "abc"
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["one_header", "many_headers", "slow_drip", "url"])
+def test_headers_over_limit_get_431(how):
+    async def main():
+        state, app, proto, t = make(max_header_bytes=1024)
+        if how == "one_header":
+            proto.data_received(b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+        elif how == "many_headers":
+            proto.data_received(b"GET /x HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n")
+        elif how == "url":
+            proto.data_received(b"GET /" + b"u" * 2000 + b" HTTP/1.1\r\n\r\n")
+        else:  # a header that never ends, sent in small pieces
+            proto.data_received(b"GET /x HTTP/1.1\r\nX-Big: ")
+            for _ in range(40):
+                if t.closed:
+                    break
+                proto.data_received(b"a" * 100)
+        (r,) = responses(t.take())
+        assert r[0] == 431 and t.closed and app.seen == []
+
+    run(main())
+
+
+def test_handler_exception_is_a_bare_500_without_traceback():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/boom") + req(path="/after"))
+        rs = responses(t.take())
+        assert rs[0][0] == 500 and json.loads(rs[0][2]) == {"error": "internal error"}
+        assert b"secret" not in rs[0][2] and b"Traceback" not in rs[0][2]
+        assert rs[1][0] == 200 and not t.closed
+
+    run(main())
+
+
+def test_connection_limit_answers_503():
+    async def main():
+        s = Settings(max_connections=2)
+        state = HttpServerState(s, Metrics(), App())
+        conns = [HttpProtocol(state) for _ in range(3)]
+        ts = [attach(c) for c in conns]
+        assert not ts[0].closed and not ts[1].closed
+        (r,) = responses(ts[2].take())
+        assert r[0] == 503 and ts[2].closed and len(state.connections) == 2
+        assert state.metrics.connections_refused == 1
+
+    run(main())
+
+
+def test_sweeper_times_out_slow_request_and_idle_connection():
+    async def main():
+        s = Settings(keepalive_timeout=5.0, request_timeout=2.0)
+        state = HttpServerState(s, Metrics(), App())
+        sweeper = Sweeper(state)
+        slow, idle, busy = (HttpProtocol(state) for _ in range(3))
+        t_slow, t_idle, t_busy = attach(slow), attach(idle), attach(busy)
+        slow.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n12")  # body never completes
+        idle.data_received(req(path="/x"))
+        t_idle.take()
+        busy.data_received(req(path="/slow"))
+        sweeper.sweep(100.0)
+        sweeper.sweep(101.0)
+        assert not t_slow.closed and not t_idle.closed
+        slow.data_received(b"3")  # trickling bytes does not reset the request clock
+        sweeper.sweep(102.5)
+        (r,) = responses(t_slow.take())
+        assert r[0] == 408 and t_slow.closed
+        assert not t_idle.closed
+        sweeper.sweep(105.5)
+        assert t_idle.closed and t_idle.take() == b""
+        assert not t_busy.closed  # a request being served is not idle
+        state.app.gates[b"/slow"].set()
+        await asyncio.sleep(0.01)
+
+    run(main())
+
+
+def test_eof_after_pipelined_requests_still_answers_them():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/slow"))
+        assert proto.eof_received() is True
+        app.gates[b"/slow"].set()
+        await asyncio.sleep(0.01)
+        (r,) = responses(t.take())
+        assert r[0] == 200 and t.closed
+
+    run(main())
