@@ -8,6 +8,7 @@ frame and the connection is closed (the frames before it on the connection stand
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any
 
@@ -216,7 +217,7 @@ class MonitorProtocol(asyncio.Protocol):
                 f"worker {instance_id}/{worker_id} refused: " + "; ".join(mismatches)
                 + ". Workers and controller must share one config.",
             )
-        if s.api_key is not None and api_key != s.api_key:
+        if s.api_key is not None and (api_key is None or not hmac.compare_digest(api_key.encode(), s.api_key.encode())):
             raise FrameError("unauthorized", "hello: wrong or missing api_key")
         hello = {"instance_id": instance_id, "worker_id": worker_id, "host": host, "worker_port": worker_port,
                  "p2p_host": p2p_host, "p2p_port": p2p_port}
