@@ -425,7 +425,7 @@ def main() -> int:
     ap.add_argument("--wrk-threads", type=int, default=1)
     ap.add_argument("--admits", type=int, default=1_000_000, help="end-to-end admits per controller")
     ap.add_argument("--hashseed", type=int, default=0, help="PYTHONHASHSEED for LMCache's side")
-    ap.add_argument("--quiet-wait", type=float, default=180,
+    ap.add_argument("--quiet-wait", type=float, default=45,
                     help="seconds to wait for other work on the machine to settle first (0: don't)")
     ap.add_argument("--anchor-only", action="store_true", help="run only LMCache's side")
     ap.add_argument("--ours-only", action="store_true", help="run only our side")

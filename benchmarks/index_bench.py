@@ -395,6 +395,8 @@ def report(res: dict) -> str:
             f"{c} {a[0]}/{a[1]}" for c, a in res["agreement"].items()))
     if "verdict" in res:
         lines.append("targets: " + "; ".join(res["verdict"]))
+    if "ours_pending" in res:
+        lines.append(f"ours: pending ({res['ours_pending']})")
     return "\n".join(lines)
 
 
@@ -498,7 +500,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --iters lookups per case (best p50 reported)")
     ap.add_argument("--check", type=int, default=256, help="queries per case compared between sides")
     ap.add_argument("--distinct-queries", type=int, default=512)
-    ap.add_argument("--quiet-wait", type=float, default=180,
+    ap.add_argument("--quiet-wait", type=float, default=45,
                     help="seconds to wait for other work on the machine to settle first (0: don't)")
     ap.add_argument("--passes", type=int, default=2, help="alternating passes over both sides (best kept)")
     ap.add_argument("--anchor-only", action="store_true", help="run only Dynamo's side")
