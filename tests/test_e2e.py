@@ -67,13 +67,11 @@ class Cluster:
         self.logs: dict = {}
         self.killed: set = set()  # processes a test killed on purpose
         env = {**os.environ, "PYTHONHASHSEED": "123"}
-        self._spawn(
-            "controller",
-            [sys.executable, "-m", "lmcache_rs.controller", "--host", "127.0.0.1", "--port", str(self.http_port),
-             "--monitor-port", str(self.monitor_port), "--chunk-size", str(CS), "--heartbeat-interval", "0.2",
-             "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--log-level", "WARNING"],
-            env,
-        )
+        self.controller_argv = [
+            sys.executable, "-m", "lmcache_rs.controller", "--host", "127.0.0.1", "--port", str(self.http_port),
+            "--monitor-port", str(self.monitor_port), "--chunk-size", str(CS), "--heartbeat-interval", "0.2",
+            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--log-level", "WARNING"]
+        self._spawn("controller", self.controller_argv, env)
         for (instance, rank), prompts in PRELOAD.items():
             config = tmp / f"{instance}.yaml"
             config.write_text(
@@ -100,9 +98,16 @@ class Cluster:
                 env,
             )
 
+    def restart_controller(self):
+        proc = self.procs["controller"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        self.logs.pop("controller").close()
+        self._spawn("controller", self.controller_argv, {**os.environ, "PYTHONHASHSEED": "123"})
+
     def _spawn(self, name, argv, env):
         label = name if isinstance(name, str) else f"{name[0]}-{name[1]}"
-        self.logs[name] = open(self.tmp / f"{label}.log", "wb")
+        self.logs[name] = open(self.tmp / f"{label}.log", "ab")
         self.procs[name] = subprocess.Popen(argv, env=env, stdout=self.logs[name], stderr=subprocess.STDOUT)
 
     def log(self, name) -> str:
@@ -278,6 +283,16 @@ def test_health_and_clear(cluster):
     assert cluster.lookup(PM) == {}
     info = cluster.post("/query_worker_info", {"instance_id": "inst-b"})["worker_infos"][0]
     assert info["locations"][CPU]["chunks"] == 0
+
+
+def test_controller_restart_workers_come_back_with_a_full_sync(cluster):
+    prompts = [PA, SHARED, PT, PC, Q[0]]
+    before = [cluster.lookup(p) for p in prompts]
+    assert all(before)
+    cluster.restart_controller()
+    for prompt, expected in zip(prompts, before):
+        cluster.wait_for(lambda p=prompt, e=expected: cluster.lookup(p) == e, "the workers to resync", timeout=20)
+    cluster.wait_for(lambda: set(cluster.detail(PT)["inst-tp"]["workers"]) == {"0", "1"}, "both inst-tp ranks")
 
 
 def test_killed_worker_disappears_within_the_heartbeat_timeout(cluster):
