@@ -114,6 +114,8 @@ class Api:
         self.routes[b"/lookup"] = {b"POST": self.lookup}
 
     def __call__(self, request: Request) -> Any:
+        if request.path == b"/lookup" and request.method == b"POST":
+            return self.lookup(request)
         methods = self.routes.get(request.path)
         if methods is None:
             self.metrics.count_rejected(404)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import json
 import logging
 from typing import Any, Awaitable, Callable, Union
@@ -51,6 +50,7 @@ REASONS = {
 }
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_OK_JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 
 
 def status_line(status: int) -> bytes:
@@ -236,14 +236,11 @@ class HttpProtocol(asyncio.Protocol):
         if self._header_bytes > self.max_header:
             self._fail(431, f"request headers exceed {self.max_header} bytes")
             raise _Abort
-        lname = name.lower()
-        if lname == b"content-length":
-            try:
-                self._content_length = int(value)
-            except ValueError:
-                self._fail(400, "invalid Content-Length")
-                raise _Abort from None
-        elif lname == b"expect" and value.lower() == b"100-continue":
+        n = len(name)
+        if n == 14 and name.lower() == b"content-length":
+            # llhttp has already checked it is a number
+            self._content_length = int(value)
+        elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
@@ -280,7 +277,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("http: handler for %s failed", path)
             result = (500, JSON, error_body("internal error"))
-        if inspect.isawaitable(result):
+        if type(result) is not tuple:
             slot = _Slot()
             slot.close = not keep_alive
             self.queue.append(slot)
@@ -290,7 +287,11 @@ class HttpProtocol(asyncio.Protocol):
             assert self.flow is not None
             self.flow.update(len(self.queue))
             return
-        data = _encode(result, not keep_alive)
+        if keep_alive and result[0] == 200 and result[1] is JSON and len(result) == 3:
+            body = result[2]
+            data = b"%s%d\r\n\r\n%s" % (_OK_JSON_HEAD, len(body), body)
+        else:
+            data = _encode(result, not keep_alive)
         if not self.queue:
             assert self.transport is not None
             self.transport.write(data)
