@@ -104,7 +104,6 @@ def test_lru_eviction_keeps_recent_and_pool_is_fixed():
     w = KVWorker(make_config(slots=8))
     try:
         prompts = [[p * 100 + i for i in range(8)] for p in range(4)]  # 2 chunks each
-        data = torch.ones(1)  # keep a reference to the pool
         buffer_ptr = w.cpu.buffer.data_ptr()
         for p in prompts:
             assert w.store(p, random_kv(8, seed=p[0])) == 8
@@ -116,7 +115,6 @@ def test_lru_eviction_keeps_recent_and_pool_is_fixed():
         assert w.lookup(prompts[1]) == 0  # least recently used: evicted
         assert w.lookup(new) == 8
         assert w.cpu.buffer.data_ptr() == buffer_ptr and len(w.cpu.entries) == 8
-        del data
         w.check()
     finally:
         w.close()

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import xxhash
 
