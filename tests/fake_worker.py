@@ -65,7 +65,7 @@ def payload(key: int) -> bytes:
 class FakeWorker:
     def __init__(self, instance_id: str, worker_id: int, monitor_port: int, *, monitor_host: str = "127.0.0.1",
                  chunk_size: int = 256, seed: int = 0, version: int = PROTOCOL_VERSION,
-                 heartbeat: bool = True, reconnect: bool = False):
+                 heartbeat: bool = True, reconnect: bool = False, api_key: str | None = None):
         self.instance_id = instance_id
         self.worker_id = worker_id
         self.monitor = (monitor_host, monitor_port)
@@ -74,6 +74,7 @@ class FakeWorker:
         self.version = version
         self.heartbeat_enabled = heartbeat
         self.reconnect = reconnect
+        self.api_key = api_key
         self.holdings: dict[str, set[int]] = {}
         self.pinned: set[int] = set()
         self.compressed: set[int] = set()
@@ -125,7 +126,8 @@ class FakeWorker:
         return reply
 
     def hello(self) -> dict:
-        return {
+        extra = {} if self.api_key is None else {"api_key": self.api_key}
+        return {**extra,
             "t": "hello", "v": self.version, "instance_id": self.instance_id, "worker_id": self.worker_id,
             "host": "127.0.0.1", "worker_port": self.worker_port, "p2p_host": "127.0.0.1",
             "p2p_port": self.p2p_port, "chunk_size": self.chunk_size, "seed": self.seed,

@@ -324,3 +324,18 @@ def test_tensor_parallel_instance_needs_every_rank():
         assert held(h.index, worker=1) == set() and h.index.workers() == {"inst": [0, 1]}
 
     run(main())
+
+
+def test_api_key_required_when_configured():
+    async def main():
+        h = Harness(api_key="s3cret")
+        for kw, code in [({}, "unauthorized"), ({"api_key": "nope"}, "unauthorized"), ({"api_key": 5}, "bad_field")]:
+            proto, t = h.connect()
+            proto.data_received(encode_frame(hello(**kw)))
+            err = out(t)[0]
+            assert err["code"] == code and "s3cret" not in err["message"] and t.closed
+        proto, t = h.connect()
+        proto.data_received(encode_frame(hello(api_key="s3cret")))
+        assert out(t)[0]["t"] == "welcome"
+
+    run(main())

@@ -555,3 +555,73 @@ def test_metrics_and_dashboard_json():
             await fw.close()
 
         run(main())
+
+
+# -- snapshots ------------------------------------------------------------------------------
+def test_snapshot_restart_answers_at_once_and_absent_workers_expire(tmp_path):
+    snap = tmp_path / "index.snap"
+    tokens = list(range(1000))
+    args = ("--snapshot", str(snap), "--snapshot-interval", "0.2", "--heartbeat-timeout", "1.0",
+            "--heartbeat-interval", "0.2")
+    proc = ControllerProcess(*args)
+    with proc:
+
+        async def populate():
+            fw = FakeWorker("inst", 0, proc.monitor_port)
+            await fw.start()
+            fw.admit_tokens(GPU, tokens)
+            await fw.barrier()
+            await asyncio.sleep(0.5)  # a periodic snapshot
+            await fw.drop_connection()
+            await fw.close(bye=False)
+
+        run(populate())
+        assert snap.exists()
+        assert proc.stop(signal.SIGKILL) != 0  # no shutdown snapshot: the periodic one must do
+        proc.start()
+
+        async def after_restart():
+            async with HttpClient(HOST, proc.http_port) as http:
+                assert await lookup(http, tokens) == {"inst": (GPU, 1000)}
+                status, body = await http.json("POST", "/health", {"instance_id": "inst"})
+                assert status == 200 and body["error_codes"] == {"0": -1}  # restored, not reconnected
+
+                async def gone():
+                    return await lookup(http, tokens) == {}
+
+                await wait_for(gone, timeout=5)
+
+        run(after_restart())
+        assert "snapshot" in proc.log() and "did not reconnect" in proc.log()
+        assert proc.stop() == 0  # writes the shutdown snapshot
+
+
+def test_corrupt_snapshot_starts_empty(tmp_path):
+    snap = tmp_path / "index.snap"
+    snap.write_bytes(b"not a snapshot at all")
+    with ControllerProcess("--snapshot", str(snap)) as proc:
+
+        async def main():
+            async with HttpClient(HOST, proc.http_port) as http:
+                assert await lookup(http, [1, 2, 3]) == {}
+
+        run(main())
+        assert "not loaded" in proc.log()
+        assert proc.stop() == 0
+    assert snap.read_bytes() != b"not a snapshot at all"  # replaced by the shutdown snapshot
+
+
+def test_api_key_from_flag_or_environment():
+    for args, env in [(("--api-key", "k1"), None), ((), {"LMCACHE_API_KEY": "k1"})]:
+        with ControllerProcess(*args, env=env) as proc:
+
+            async def main():
+                bad = FakeWorker("inst", 0, proc.monitor_port)
+                assert (await bad.start())["code"] == "unauthorized"
+                await bad.close(bye=False)
+                good = FakeWorker("inst", 0, proc.monitor_port, api_key="k1")
+                assert (await good.start())["t"] == "welcome"
+                await good.close()
+
+            run(main())
+            assert "k1" not in proc.log()

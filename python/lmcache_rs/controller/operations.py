@@ -86,6 +86,8 @@ class Operations:
         if command is not None and not command.closed:
             return command
         key = record.key
+        if not record.worker_port:
+            raise SessionError(f"worker {key[0]}/{key[1]} has not reconnected since the controller restarted")
         pending = self._connecting.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -141,6 +143,7 @@ class Operations:
         # The workers report the evictions too; clearing here makes the effect visible now.
         self.registry.flush()
         self.registry.index.clear(instance_id, location)
+        self.registry.changes += 1
         return chunks * self.chunk_size
 
     async def per_token_op(self, instance_id: str, op: str, args: dict, num_tokens: int) -> int:

@@ -85,6 +85,7 @@ class Registry:
         self._pending: list[Event] = []
         self._pending_frames = 0
         self._flush_handle: asyncio.Handle | None = None
+        self.changes = 0  # bumped by every write to the index (for snapshots)
 
     # -- membership ------------------------------------------------------------------------
     def instance_workers(self, instance_id: str) -> list[WorkerRecord]:
@@ -126,6 +127,20 @@ class Registry:
         self.touch(record)
         return record
 
+    def restore(self) -> int:
+        """After loading a snapshot: its workers are known but not connected; each must come
+        back within heartbeat_timeout (and full-sync) or its holdings are removed."""
+        now = time.monotonic()
+        restored = 0
+        for instance_id, worker_ids in self.index.workers().items():
+            for worker_id in worker_ids:
+                if (instance_id, worker_id) not in self.workers:
+                    record = WorkerRecord(instance_id, worker_id)
+                    record.disconnected_at = now
+                    self.workers[record.key] = record
+                    restored += 1
+        return restored
+
     def touch(self, record: WorkerRecord) -> None:
         record.last_seen = time.monotonic()
         record.last_seen_wall = time.time()
@@ -146,6 +161,7 @@ class Registry:
         self.flush()
         del self.workers[record.key]
         dropped = self.index.remove_worker(record.instance_id, record.worker_id)
+        self.changes += 1
         if record.command is not None:
             record.command.close()
             record.command = None
@@ -196,6 +212,7 @@ class Registry:
                     record = self.workers.get((event[1], event[2]))
                     if record is not None and record.conn is not None:
                         record.conn.resync(f"index refused an event: {exc2}")
+        self.changes += 1
         self.metrics.ingest_batches += 1
         self.metrics.ingest_frames += frames
 
@@ -214,6 +231,7 @@ class Registry:
         # Back to back, no await: readers on this loop see the old holdings or the new ones.
         index.remove_worker(record.instance_id, record.worker_id)
         index.register_worker(record.instance_id, record.worker_id)
+        self.changes += 1
         if events:
             index.apply_batch(events)
         record.reset_sync()

@@ -43,12 +43,16 @@ class Controller:
         self.http_server: asyncio.AbstractServer | None = None
         self.monitor_server: asyncio.AbstractServer | None = None
         self._housekeeping: asyncio.Task | None = None
+        self._snapshots: asyncio.Task | None = None
+        self._dumped_changes = 0
         self.stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
+        if s.snapshot:
+            self._load_snapshot(s.snapshot)
         self.http_server = await loop.create_server(
             lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True
         )
@@ -60,6 +64,8 @@ class Controller:
             self.http_server.close()
             raise
         self._housekeeping = loop.create_task(self._tick())
+        if s.snapshot:
+            self._snapshots = loop.create_task(self._snapshot_loop())
         log.info(
             "lmcache_controller listening: http=%s monitor=%s (chunk_size=%d hash_seed=%d)",
             _addresses(self.http_server), _addresses(self.monitor_server), s.chunk_size, s.hash_seed,
@@ -94,11 +100,14 @@ class Controller:
             conn.close()
         self.registry.flush()
         tasks = list(self.ops.tasks)
-        if self._housekeeping is not None:
-            tasks.append(self._housekeeping)
+        for task in (self._housekeeping, self._snapshots):
+            if task is not None:
+                tasks.append(task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.settings.snapshot:
+            await self._dump_snapshot(force=True)
         for record in self.registry.workers.values():
             if record.command is not None:
                 record.command.close()
@@ -110,6 +119,41 @@ class Controller:
                 await server.wait_closed()
         self.stopped.set()
         log.info("lmcache_controller stopped")
+
+    # -- snapshots -------------------------------------------------------------------------
+    def _load_snapshot(self, path: str) -> None:
+        try:
+            self.index.load(path)
+        except FileNotFoundError:
+            log.info("no snapshot at %s yet; starting empty", path)
+            return
+        except Exception as exc:  # SnapshotError: corrupt, foreign, mismatched; the index is unchanged
+            log.warning("snapshot %s not loaded (%s); starting empty", path, exc)
+            return
+        restored = self.registry.restore()
+        log.info("snapshot %s loaded: %d chunks, %d workers (each must reconnect within %g s)",
+                 path, len(self.index), restored, self.settings.heartbeat_timeout)
+
+    async def _dump_snapshot(self, force: bool = False) -> None:
+        self.registry.flush()
+        changes = self.registry.changes
+        if not force and changes == self._dumped_changes:
+            return
+        path = self.settings.snapshot
+        t0 = time.monotonic()
+        try:
+            # the index writes a temp file, fsyncs and renames; it releases the GIL meanwhile
+            await asyncio.get_running_loop().run_in_executor(None, self.index.dump, path)
+        except Exception as exc:
+            log.error("snapshot to %s failed: %s", path, exc)
+            return
+        self._dumped_changes = changes
+        log.debug("snapshot written to %s in %.3f s", path, time.monotonic() - t0)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval)
+            await self._dump_snapshot()
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()

@@ -42,6 +42,9 @@ class Settings:
     # commands to workers
     command_timeout: float = 30.0
     event_history: int = 10000  # finished async events remembered for /check_finish
+    # index snapshot: loaded at start, written every snapshot_interval s (when changed) and at shutdown
+    snapshot: str | None = None
+    snapshot_interval: float = 60.0
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -57,7 +60,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
-                     "hello_timeout", "command_timeout"):
+                     "hello_timeout", "command_timeout", "snapshot_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -119,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout)
     p.add_argument("--hello-timeout", type=float, default=d.hello_timeout)
     p.add_argument("--command-timeout", type=float, default=d.command_timeout)
+    p.add_argument("--api-key", help="key workers must send in hello (default $LMCACHE_API_KEY, "
+                   "else the config's controller_api_key; none: no key needed)")
+    p.add_argument("--snapshot", metavar="PATH", help="index snapshot: loaded at start when present, "
+                   "written every --snapshot-interval seconds when changed and at shutdown")
+    p.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval)
     p.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -140,6 +148,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         heartbeat_timeout=args.heartbeat_timeout,
         hello_timeout=args.hello_timeout,
         command_timeout=args.command_timeout,
+        snapshot=args.snapshot,
+        snapshot_interval=args.snapshot_interval,
         log_level=args.log_level,
     )
     config = args.config or os.environ.get("LMCACHE_CONFIG_FILE")
@@ -155,5 +165,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         s.hash_seed = args.hash_seed
     if args.max_frame_bytes is not None:
         s.max_frame_bytes = args.max_frame_bytes
+    env_key = os.environ.get("LMCACHE_API_KEY")
+    if args.api_key is not None:
+        s.api_key = args.api_key
+    elif env_key:
+        s.api_key = env_key
+    if s.api_key == "":
+        s.api_key = None
     s.validate()
     return s
