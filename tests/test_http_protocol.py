@@ -270,3 +270,36 @@ def test_eof_after_pipelined_requests_still_answers_them():
         assert r[0] == 200 and t.closed
 
     run(main())
+
+
+def test_nothing_after_a_closing_request_is_processed_even_behind_a_slow_one():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/slow") + req("GET", "/last", extra="Connection: close\r\n") + req(path="/never"))
+        assert [s[1] for s in app.seen] == [b"/slow", b"/last"]
+        app.gates[b"/slow"].set()
+        await asyncio.sleep(0.01)
+        rs = responses(t.take())
+        assert [r[0] for r in rs] == [200, 200] and rs[1][1]["connection"] == "close" and t.closed
+
+    run(main())
+
+
+def test_write_backpressure_pauses_reading():
+    async def main():
+        state, app, proto, t = make()
+        proto.pause_writing()
+        assert not t.reading
+        proto.resume_writing()
+        assert t.reading
+        drained = asyncio.ensure_future(proto.flow.drain())
+        await asyncio.sleep(0)
+        assert drained.done()
+        proto.pause_writing()
+        drained = asyncio.ensure_future(proto.flow.drain())
+        await asyncio.sleep(0)
+        assert not drained.done()
+        proto.resume_writing()
+        await asyncio.wait_for(drained, 1)
+
+    run(main())

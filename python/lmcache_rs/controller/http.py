@@ -284,6 +284,9 @@ class HttpProtocol(asyncio.Protocol):
             task = asyncio.ensure_future(self._await(result, slot))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            if not keep_alive:
+                self.closing = True
+                raise _Abort  # nothing after a closing request is read
             assert self.flow is not None
             self.flow.update(len(self.queue))
             return
@@ -304,6 +307,9 @@ class HttpProtocol(asyncio.Protocol):
         slot.data = data
         slot.close = not keep_alive
         self.queue.append(slot)
+        if not keep_alive:
+            self.closing = True
+            raise _Abort
         assert self.flow is not None
         self.flow.update(len(self.queue))
 
