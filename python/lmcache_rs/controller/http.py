@@ -143,6 +143,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_len = 0
         self._header_bytes = 0
         self._partial_header_bytes = 0
+        self._began_here = False
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
@@ -206,10 +207,15 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(400, f"malformed HTTP request: {exc}")
             return
         if self.receiving and not self._headers_done:
-            # headers still incomplete: bound what a client can make us buffer
-            self._partial_header_bytes += len(data)
-            if self._partial_header_bytes > self.max_header:
-                self._fail(431, f"request headers exceed {self.max_header} bytes")
+            # Headers still incomplete: bound what a client can make the parser buffer. The
+            # chunk in which the request began may also carry the previous request's tail, so
+            # only whole chunks received after it are counted.
+            if self._began_here:
+                self._began_here = False
+            else:
+                self._partial_header_bytes += len(data)
+                if self._partial_header_bytes > self.max_header:
+                    self._fail(431, f"request headers exceed {self.max_header} bytes")
 
     # -- parser callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -220,6 +226,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_len = 0
         self._header_bytes = 0
         self._partial_header_bytes = 0
+        self._began_here = True
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
