@@ -309,9 +309,12 @@ def test_pipelined_large_bodies_are_not_mistaken_for_large_headers():
     async def main():
         state, app, proto, t = make(max_header_bytes=1024)
         body = b'{"tokens": [' + b"1, " * 20000 + b'1]}'
-        data = b"".join(req(path=f"/r{i}", body=body) for i in range(5))
-        for i in range(0, len(data), 65536):  # reads that end inside the next request's headers
-            proto.data_received(data[i:i + 65536])
+        one = [req(path=f"/r{i}", body=body) for i in range(5)]
+        # reads that each end 10 bytes into the next request's headers
+        data = b"".join(one)
+        cuts = [0] + [sum(len(r) for r in one[:i]) + 10 for i in range(1, 5)] + [len(data)]
+        for a, b in zip(cuts, cuts[1:]):
+            proto.data_received(data[a:b])
         rs = responses(t.take())
         assert [r[0] for r in rs] == [200] * 5 and not t.closed
 
