@@ -510,6 +510,7 @@ def test_management_endpoints_against_workers():
 
                 status, body = await http.json("POST", "/clear", {"instance_id": "dst", "location": GPU})
                 assert status == 200 and body["num_tokens"] == 7 * chunk and body["event_id"]
+                assert (await http.json("POST", "/check_finish", {"event_id": body["event_id"]}))[1] == {"status": "completed"}
                 assert await lookup(http, tokens) == {"src": (DISK, 100)}
                 assert all(not fw.holdings.get(GPU) for fw in dst)
 

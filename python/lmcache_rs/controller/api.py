@@ -187,6 +187,7 @@ class Api:
 
         async def run() -> Response:
             num_tokens = await self.ops.clear(instance_id, location)
+            self.ops.events.finish(event_id)
             return _ok({"event_id": event_id, "num_tokens": num_tokens})
 
         return run()
@@ -246,6 +247,7 @@ class Api:
 
         async def run() -> Response:
             codes = await self.ops.health(instance_id)
+            self.ops.events.finish(event_id)
             return _ok({"event_id": event_id, "error_codes": codes})
 
         return run()
