@@ -34,6 +34,32 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))  # run from a checkout without installing
+HASHES = "native"
+try:
+    import lmcache_rs  # noqa: F401
+except ImportError:
+    # The native module is not built on this machine (e.g. a GPU box without Rust). Chunk
+    # hashing is not what is measured here, so use the same algorithm in Python: the
+    # chained seeded xxh3-64 of tests/reference_model.py (identical keys).
+    import struct
+    import types
+
+    import xxhash
+
+    def _chunk_hashes(tokens, chunk_size=256, seed=0):
+        out, prev = [], None
+        for start in range(0, len(tokens), chunk_size):
+            part = tokens[start : start + chunk_size]
+            data = struct.pack(f"<{len(part)}I", *part)
+            prev = xxhash.xxh3_64_intdigest(data if prev is None else struct.pack("<Q", prev) + data, seed=seed)
+            out.append(prev)
+        return out
+
+    stub = types.ModuleType("lmcache_rs")
+    stub.__path__ = [str(ROOT / "python" / "lmcache_rs")]
+    stub.chunk_hashes = _chunk_hashes
+    sys.modules["lmcache_rs"] = stub
+    HASHES = "python fallback (native module not built)"
 
 from lmcache_rs.config import GB, config_from_dict  # noqa: E402
 from lmcache_rs.worker import KVWorker  # noqa: E402
@@ -87,7 +113,8 @@ def main(argv=None) -> int:
 
     print("command:", " ".join([Path(sys.executable).name, "benchmarks/worker_gpu.py"] + (argv or sys.argv[1:])))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({card}); torch {torch.__version__}; python {platform.python_version()}")
+    print(f"device: {device} ({card}); torch {torch.__version__}; python {platform.python_version()}; "
+          f"chunk hashes: {HASHES}")
     print(
         f"shape: {shape['num_layers']} layers x {shape['num_kv_heads']} kv heads x {shape['head_dim']} "
         f"{shape['kv_dtype']}, chunk {shape['chunk_size']} tokens = {per_token * shape['chunk_size'] / 2**20:.2f} MiB; "
