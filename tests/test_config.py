@@ -135,3 +135,10 @@ def test_ports():
 def test_config_module_does_not_import_torch():
     code = "import sys, lmcache_rs.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_api_key_from_the_controllers_variable():
+    assert load_config(env={"LMCACHE_API_KEY": "k1"}).controller_api_key == "k1"
+    both = {"LMCACHE_API_KEY": "k1", "LMCACHE_CONTROLLER_API_KEY": "k2"}
+    assert load_config(env=both).controller_api_key == "k2"
+    assert load_config(env={"LMCACHE_API_KEY": ""}).controller_api_key is None

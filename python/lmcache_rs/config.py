@@ -36,7 +36,8 @@ log = logging.getLogger("lmcache_rs.config")
 ENV_PREFIX = "LMCACHE_"
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 # LMCACHE_* variables that are not config keys but are known (not warned about).
-_KNOWN_ENV = {CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL"}
+API_KEY_ENV = "LMCACHE_API_KEY"  # the controller's --api-key variable; the worker sends the same key
+_KNOWN_ENV = {CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL", API_KEY_ENV}
 
 GB = 1024**3
 KV_DTYPES = ("float16", "bfloat16", "float32")
@@ -76,7 +77,8 @@ class LMCacheConfig:
 
     # -- controller link --------------------------------------------------------------------
     controller_api_key: Optional[str] = None
-    """Sent in hello when set; must match the controller's (same key in its config)."""
+    """Sent in hello when set; must match the controller's. $LMCACHE_API_KEY (the variable the
+    controller reads) sets it too, unless $LMCACHE_CONTROLLER_API_KEY is given."""
     lmcache_worker_host: str = "localhost"
     """Host the command server binds to and that the worker announces to the controller."""
     heartbeat_interval: float = 1.0
@@ -355,6 +357,8 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
             unknown.append(name)
             continue
         values[key] = parse_value(key, raw, from_env=True)
+    if API_KEY_ENV in env and "LMCACHE_CONTROLLER_API_KEY" not in env:
+        values["controller_api_key"] = env[API_KEY_ENV] or None
     config = LMCacheConfig(**values)
     config.unknown_keys = unknown
     return config.validate()
