@@ -32,11 +32,15 @@ class PyIndex:
     def apply_batch(self, events):
         events = list(events)
         for op, *_ in events:
-            if op not in ("admit", "evict"):
+            if op not in ("admit", "evict", "drop"):
                 raise ValueError(f"unknown op {op!r}")
         self.batches += 1
         admitted = evicted = 0
         for op, instance_id, worker_id, location, hashes in events:
+            if op == "drop":
+                evicted += self.ref._drop(lambda h: h[0] == instance_id and h[1] == worker_id
+                                          and (location is None or h[2] == location))
+                continue
             keys = list(unpack_u64s(hashes)) if isinstance(hashes, (bytes, bytearray)) else list(hashes)
             if op == "admit":
                 admitted += self.ref.admit(instance_id, worker_id, location, keys)

@@ -9,10 +9,10 @@ connection moves it through three states:
 
 Ingest is coalesced: event frames validated in one loop iteration are applied with one
 ``Index.apply_batch`` call scheduled with ``call_soon``. A full sync replaces the worker's
-holdings at ``sync_end`` with ``remove_worker`` + ``register_worker`` + one ``apply_batch``
-of the synced keys and the events buffered during the sync. The controller is one thread
-and those calls are back to back with no ``await`` between them, so no lookup can see the
-worker half-replaced.
+holdings at ``sync_end`` with one ``apply_batch``: a ``drop`` of everything the worker
+holds (it stays registered), the synced keys, then the events buffered during the sync.
+The index publishes a batch at once, so no lookup, on any thread, sees the worker
+half-replaced.
 """
 
 from __future__ import annotations
@@ -227,13 +227,11 @@ class Registry:
             events.append(("admit", record.instance_id, record.worker_id, location,
                            parts[0] if len(parts) == 1 else b"".join(parts)))
         events.extend(record.sync_events)
-        index = self.index
-        # Back to back, no await: readers on this loop see the old holdings or the new ones.
-        index.remove_worker(record.instance_id, record.worker_id)
-        index.register_worker(record.instance_id, record.worker_id)
+        # One batch: drop everything the worker holds (it stays registered), then the synced
+        # set and the events sent during the sync. Readers see the old holdings or the new.
+        events.insert(0, ("drop", record.instance_id, record.worker_id, None, b""))
         self.changes += 1
-        if events:
-            index.apply_batch(events)
+        self.index.apply_batch(events)
         record.reset_sync()
         record.state = LIVE
         record.syncs += 1
