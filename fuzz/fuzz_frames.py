@@ -57,7 +57,8 @@ def test_one_input(data: bytes) -> None:
                    for i in range(n)})
     whole, whole_err, _ = decode_all(stream, [])
     parts, parts_err, _ = decode_all(stream, cuts)
-    if (whole, whole_err) != (parts, parts_err):
+    # compared as encoded bytes: a decoded NaN is not equal to itself
+    if ([encode_frame(m) for m in whole], whole_err) != ([encode_frame(m) for m in parts], parts_err):
         raise harness.Finding(f"cutting the stream at {cuts} changed the result: {whole_err} vs {parts_err}")
     for m in whole:
         if not isinstance(m, dict) or not isinstance(m.get("t"), str):
