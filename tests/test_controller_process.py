@@ -626,3 +626,47 @@ def test_api_key_from_flag_or_environment():
 
             run(main())
             assert "k1" not in proc.log()
+
+
+# -- several HTTP loops ---------------------------------------------------------------------
+def test_several_http_loops_share_the_port():
+    with ControllerProcess("--http-threads", "3") as proc:
+
+        async def main():
+            fw = FakeWorker("inst", 0, proc.monitor_port)
+            await fw.start()
+            tokens = list(range(777))
+            fw.admit_tokens(CPU, tokens)
+            await fw.barrier()
+            clients = [HttpClient(HOST, proc.http_port) for _ in range(16)]
+            loops = set()
+            for c in clients:
+                await c.__aenter__()
+            for _ in range(3):
+                for c in clients:
+                    status, body = await c.json("POST", "/lookup", {"tokens": tokens})
+                    assert status == 200 and body["inst"] == [CPU, 777]
+                    loops.add(body["event_id"].rsplit("-", 1)[0])
+                    # everything else is forwarded to the main loop, whichever loop accepted
+                    status, body = await c.json("POST", "/health", {"instance_id": "inst"})
+                    assert status == 200 and body["error_codes"] == {"0": 0}
+            assert len(loops) >= 2, loops  # connections were spread over the loops
+            status, _, text = await clients[0].request("GET", "/metrics")
+            assert b"lmcache_lookups_total 48\n" in text
+            status, body = await clients[1].json("GET", "/dashboard.json")
+            assert body["lookups"] == 48
+            for c in clients:
+                await c.close()
+            await fw.close()
+
+        run(main())
+        # a second controller on the same port is refused, not silently sharing it
+        import subprocess
+
+        from fake_worker import controller_command
+
+        r = subprocess.run(controller_command() + ["--host", HOST, "--port", str(proc.http_port), "--monitor-port", "0",
+                                                   "--http-threads", "2"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "address already in use" in r.stderr.lower()
+        assert proc.stop() == 0
+        assert "Traceback" not in proc.log()

@@ -7,6 +7,7 @@ problem; nothing raised here reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Callable
@@ -75,6 +76,54 @@ def _position(data: dict, name: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
+class Lookup:
+    """POST /lookup: the body goes to ``Index.lookup_json`` as bytes; one per HTTP loop."""
+
+    def __init__(self, index: Any, metrics: Any, event_prefix: str):
+        self.index = index
+        self.metrics = metrics
+        self.prefix = event_prefix
+        self.counter = 0
+
+    def __call__(self, request: Request) -> Response:
+        start = time.perf_counter()
+        self.counter += 1
+        detail = False
+        if request.query:
+            detail = _truthy(request.query, b"detail")
+        try:
+            body = self.index.lookup_json(request.body, self.prefix + str(self.counter), detail)
+        except (ValueError, TypeError) as exc:  # the index's InvalidArgument/InvalidType errors
+            self.metrics.lookup_errors += 1
+            self.metrics.count_rejected(400)
+            return (400, JSON, error_body(str(exc)))
+        self.metrics.observe_lookup(time.perf_counter() - start)
+        return (200, JSON, body)
+
+
+class ForwardingApp:
+    """The app of an extra HTTP loop: /lookup is answered on that loop (the index releases
+    the GIL while it works); every other request runs on the main loop, which owns the
+    registry and the worker connections."""
+
+    def __init__(self, lookup: Lookup, main_app: Callable[[Request], Any], main_loop: asyncio.AbstractEventLoop):
+        self.lookup = lookup
+        self.main_app = main_app
+        self.main_loop = main_loop
+
+    def __call__(self, request: Request) -> Any:
+        if request.path == b"/lookup" and request.method == b"POST":
+            return self.lookup(request)
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_on_main(self.main_app, request), self.main_loop))
+
+
+async def _on_main(app: Callable[[Request], Any], request: Request) -> Response:
+    result = app(request)
+    if type(result) is not tuple:
+        result = await result
+    return result
+
+
 class Api:
     """Routes requests to handlers; ``__call__`` is the HTTP server's app."""
 
@@ -86,8 +135,7 @@ class Api:
         self.ops: Operations = controller.ops
         self.event_ids = controller.event_ids
         self.chunk_size = controller.settings.chunk_size
-        self._lookup_tag = f"Lookup-{self.event_ids.tag}-"
-        self._lookup_counter = 0
+        self.lookup = Lookup(self.index, self.metrics, f"Lookup-{self.event_ids.tag}-")
         posts: dict[str, Callable[[Request], Any]] = {
             "/clear": self.clear,
             "/pin": self.pin,
@@ -127,22 +175,6 @@ class Api:
             return (405, JSON, error_body(f"method {request.method.decode('latin-1')} not allowed; use {allowed}"),
                     b"Allow: " + allowed.encode() + b"\r\n")
         return handler(request)
-
-    # -- the hot path ----------------------------------------------------------------------
-    def lookup(self, request: Request) -> Response:
-        start = time.perf_counter()
-        self._lookup_counter += 1
-        detail = False
-        if request.query:
-            detail = _truthy(request.query, b"detail")
-        try:
-            body = self.index.lookup_json(request.body, self._lookup_tag + str(self._lookup_counter), detail)
-        except (ValueError, TypeError) as exc:  # the index's InvalidArgument/InvalidType errors
-            self.metrics.lookup_errors += 1
-            self.metrics.count_rejected(400)
-            return (400, JSON, error_body(str(exc)))
-        self.metrics.observe_lookup(time.perf_counter() - start)
-        return (200, JSON, body)
 
     # -- management endpoints --------------------------------------------------------------
     def _guard(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -342,7 +374,7 @@ class Api:
             "instances": instances,
             "chunks": stats.get("chunks", 0),
             "holdings": stats.get("holdings", 0),
-            "lookups": m.lookups,
+            "lookups": m.total_lookups(),
             "lookup_rate": round(m.lookup_rate, 1),
             "ingest_rate": round(m.ingest_rate, 1),
             "uptime_s": round(time.time() - m.started, 1),

@@ -102,6 +102,26 @@ class HttpServerState:
         self.app = app  # app(request) -> Response or awaitable Response
         self.connections: set[HttpProtocol] = set()
         self.accepting = True
+        self.group: list[HttpServerState] = [self]  # every HTTP loop of the process (one connection limit)
+
+    def total_connections(self) -> int:
+        return sum(len(s.connections) for s in self.group)
+
+    async def drain(self, servers: list[asyncio.AbstractServer], grace: float) -> None:
+        """Graceful stop of this loop's HTTP side: stop accepting, let queued responses go
+        out (up to ``grace`` s), close idle connections and abort the rest."""
+        self.accepting = False
+        for server in servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(c.queue or c.tasks for c in self.connections):
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            if conn.queue or conn.tasks:
+                conn.abort()
+            else:
+                conn.timeout(0, "shutting down")
 
 
 class _Abort(Exception):
@@ -154,7 +174,7 @@ class HttpProtocol(asyncio.Protocol):
         high_water = min(self.HIGH_WATER, self.settings.max_pipelined)
         self.flow = FlowControl(transport, high_water=max(1, high_water))
         state = self.state
-        if not state.accepting or len(state.connections) >= self.settings.max_connections:
+        if not state.accepting or state.total_connections() >= self.settings.max_connections:
             self.metrics.connections_refused += 1
             self.metrics.count_rejected(503)
             transport.write(encode_response(503, JSON, error_body("too many connections"), close=True))  # type: ignore[attr-defined]

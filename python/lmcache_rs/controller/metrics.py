@@ -7,6 +7,7 @@ cheap enough for the hot path.
 from __future__ import annotations
 
 import bisect
+import copy
 import time
 
 # Lookup latency buckets in seconds (upper bounds; +Inf is implicit).
@@ -37,6 +38,32 @@ class Metrics:
         self._rate_mark = (time.monotonic(), 0, 0)
         self.lookup_rate = 0.0
         self.ingest_rate = 0.0
+        # the HTTP counters of the other HTTP loops (threads), summed when read
+        self.peers: list[Metrics] = []
+
+    def combined(self) -> "Metrics":
+        """These metrics with the peers' HTTP counters added (a copy; self when there are none)."""
+        if not self.peers:
+            return self
+        m = copy.copy(self)
+        m._buckets = list(self._buckets)
+        m.rejected_requests = dict(self.rejected_requests)
+        m.http_requests = dict(self.http_requests)
+        for p in self.peers:
+            m.lookups += p.lookups
+            m.lookup_errors += p.lookup_errors
+            m.lookup_seconds += p.lookup_seconds
+            m.connections_refused += p.connections_refused
+            for i, n in enumerate(p._buckets):
+                m._buckets[i] += n
+            for k, n in p.rejected_requests.items():
+                m.rejected_requests[k] = m.rejected_requests.get(k, 0) + n
+            for k2, n in p.http_requests.items():
+                m.http_requests[k2] = m.http_requests.get(k2, 0) + n
+        return m
+
+    def total_lookups(self) -> int:
+        return self.lookups + sum(p.lookups for p in self.peers)
 
     def observe_lookup(self, seconds: float) -> None:
         self.lookups += 1
@@ -59,12 +86,18 @@ class Metrics:
         then, lookups, keys = self._rate_mark
         dt = now - then
         if dt >= 0.5:
-            self.lookup_rate = (self.lookups - lookups) / dt
+            total = self.total_lookups()
+            self.lookup_rate = (total - lookups) / dt
             self.ingest_rate = (self.admits + self.evicts - keys) / dt
-            self._rate_mark = (now, self.lookups, self.admits + self.evicts)
+            self._rate_mark = (now, total, self.admits + self.evicts)
 
     def render(self, gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]]) -> bytes:
-        """Prometheus text: the counters here plus ``gauges`` (name -> (help, samples))."""
+        """Prometheus text: the counters here (with the peers') plus ``gauges`` (name -> (help, samples))."""
+        if self.peers:
+            return self.combined().render_own(gauges)
+        return self.render_own(gauges)
+
+    def render_own(self, gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]]) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[tuple[str, dict[str, str], float]]):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 from typing import Any
 
-from .api import Api
+from .api import Api, ForwardingApp, Lookup
 from .http import HttpProtocol, HttpServerState, Sweeper
 from .metrics import Metrics
 from .monitor import MonitorProtocol, MonitorServerState
@@ -45,6 +46,7 @@ class Controller:
         self._housekeeping: asyncio.Task | None = None
         self._snapshots: asyncio.Task | None = None
         self._dumped_changes = 0
+        self.http_loops: list[HttpLoop] = []
         self.stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -53,8 +55,14 @@ class Controller:
         s = self.settings
         if s.snapshot:
             self._load_snapshot(s.snapshot)
+        many = s.http_threads > 1
+        if many and s.port:
+            # SO_REUSEPORT would let us share the port with another process: check it is free first
+            probe = await loop.create_server(asyncio.Protocol, s.host, s.port, reuse_address=True)
+            probe.close()
+            await probe.wait_closed()
         self.http_server = await loop.create_server(
-            lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True
+            lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True, reuse_port=many
         )
         try:
             self.monitor_server = await loop.create_server(
@@ -62,6 +70,16 @@ class Controller:
             )
         except BaseException:
             self.http_server.close()
+            raise
+        try:
+            for k in range(1, s.http_threads):
+                extra = HttpLoop(self, k)
+                extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
+                self.http_loops.append(extra)
+        except BaseException:
+            await self._stop_http_loops(0)
+            self.http_server.close()
+            self.monitor_server.close()
             raise
         self._housekeeping = loop.create_task(self._tick())
         if s.snapshot:
@@ -83,19 +101,14 @@ class Controller:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight HTTP responses finish (up to ``grace`` s), then close everything."""
-        self.http_state.accepting = False
+        for state in self.http_state.group:
+            state.accepting = False
         for server in (self.http_server, self.monitor_server):
             if server is not None:
                 server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while loop.time() < deadline and any(c.queue or c.tasks for c in self.http_state.connections):
-            await asyncio.sleep(0.01)
-        for conn in list(self.http_state.connections):
-            if conn.queue or conn.tasks:
-                conn.abort()
-            else:
-                conn.timeout(0, "shutting down")
+        # the extra loops first: requests they forwarded still need this loop
+        await self._stop_http_loops(grace)
+        await self.http_state.drain([self.http_server] if self.http_server is not None else [], grace)
         for conn in list(self.monitor_state.connections):
             conn.close()
         self.registry.flush()
@@ -119,6 +132,10 @@ class Controller:
                 await server.wait_closed()
         self.stopped.set()
         log.info("lmcache_controller stopped")
+
+    async def _stop_http_loops(self, grace: float) -> None:
+        loops, self.http_loops = self.http_loops, []
+        await asyncio.gather(*(extra.stop(grace) for extra in loops), return_exceptions=True)
 
     # -- snapshots -------------------------------------------------------------------------
     def _load_snapshot(self, path: str) -> None:
@@ -182,3 +199,101 @@ def _addresses(server: asyncio.AbstractServer) -> str:
         else:
             out.append(f"{addr[0]}:{addr[1]}")
     return ",".join(out)
+
+
+class HttpLoop:
+    """Another event loop, in its own thread, accepting on the main HTTP sockets.
+
+    With ``--http-threads N`` the main loop and N-1 of these bind the HTTP addresses with
+    SO_REUSEPORT. Their connections answer /lookup right there: ``Index.lookup_json`` releases the GIL, so
+    lookups of several loops run on several cores. Everything else is forwarded to the
+    main loop (see ``ForwardingApp``). Each loop has its own HTTP counters, summed by /metrics.
+    """
+
+    def __init__(self, controller: Controller, number: int):
+        self.controller = controller
+        self.number = number
+        settings = controller.settings
+        self.metrics = Metrics()
+        controller.metrics.peers.append(self.metrics)
+        self.state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
+        self.state.group = controller.http_state.group
+        self.state.group.append(self.state)
+        lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-")
+        self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
+        self.sweeper = Sweeper(self.state)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._grace = 5.0
+
+    def start(self, addresses: list[tuple[str, int]]) -> None:
+        """Start the thread and wait until it accepts; raises what its start raised."""
+        self.thread = threading.Thread(target=self._run, args=(addresses,), name=f"lmcache-http-{self.number}",
+                                       daemon=True)
+        self.thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError(f"HTTP loop {self.number} did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, addresses: list[tuple[str, int]]) -> None:
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a declared dependency
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        try:
+            loop.run_until_complete(self._main(addresses))
+        except BaseException as exc:  # reported by start() when it happens there
+            self._error = exc
+            self._ready.set()
+            log.exception("HTTP loop %d failed", self.number)
+        finally:
+            loop.close()
+
+    async def _main(self, addresses: list[tuple[str, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        servers = []
+        for host, port in addresses:  # same addresses, SO_REUSEPORT: the kernel spreads connections
+            servers.append(await loop.create_server(lambda: HttpProtocol(self.state), host, port, backlog=4096,
+                                                    reuse_address=True, reuse_port=True))
+        sweep = loop.create_task(self._sweep())
+        self._ready.set()
+        await self._stop.wait()
+        await self.state.drain(servers, self._grace)
+        sweep.cancel()
+        await asyncio.gather(sweep, return_exceptions=True)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for server in servers:
+            await server.wait_closed()
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweeper.interval)
+            try:
+                self.sweeper.sweep(loop.time())
+            except Exception:
+                log.exception("HTTP loop %d: sweep failed", self.number)
+
+    def _request_stop(self, grace: float) -> None:
+        self._grace = grace
+        if self._stop is not None:
+            self._stop.set()
+
+    async def stop(self, grace: float) -> None:
+        """Drain and end the thread (called on the main loop, which keeps running meanwhile)."""
+        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+            try:
+                self.loop.call_soon_threadsafe(self._request_stop, grace)
+            except RuntimeError:  # its loop already closed
+                pass
+            await asyncio.get_running_loop().run_in_executor(None, self.thread.join, grace + 5)

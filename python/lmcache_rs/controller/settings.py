@@ -34,6 +34,7 @@ class Settings:
     keepalive_timeout: float = 75.0
     request_timeout: float = 30.0  # a request must arrive in full within this (slow clients)
     max_pipelined: int = 64  # queued responses per connection before reading pauses
+    http_threads: int = 1  # event loops (threads) serving HTTP; more spread lookups over cores
     # monitor port
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     heartbeat_interval: float = 2.0
@@ -56,7 +57,8 @@ class Settings:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         if not 0 <= self.hash_seed < 2**64:
             raise ValueError(f"hash_seed must be an unsigned 64-bit integer, got {self.hash_seed}")
-        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes"):
+        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes",
+                     "http_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
     p.add_argument("--request-timeout", type=float, default=d.request_timeout)
     p.add_argument("--max-pipelined", type=int, default=d.max_pipelined)
+    p.add_argument("--http-threads", type=int, default=d.http_threads,
+                   help="event loops (threads) accepting HTTP with SO_REUSEPORT; /lookup runs on all of them, "
+                   "the rest on the main loop (default %(default)s)")
     p.add_argument("--max-frame-bytes", type=int)
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
     p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout)
@@ -144,6 +149,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         keepalive_timeout=args.keepalive_timeout,
         request_timeout=args.request_timeout,
         max_pipelined=args.max_pipelined,
+        http_threads=args.http_threads,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         hello_timeout=args.hello_timeout,
