@@ -354,11 +354,15 @@ BAD_BODIES = [
     ("/check_finish", b'{"event_id": 3}'),
     ("/query_worker_info", b'{"instance_id": "x", "worker_ids": ["0"]}'),
     ("/query_instance", b'{"ipp": "1.2.3.4"}'),
+    ("/clear", b"[" * 100000),
+    ("/lookup", b"[" * 100000),
+    ("/lookup", b'{"tokens": ' + b"[" * 100000),
+    ("/health", b'{"instance_id": "\xff\xfe"}'),
 ]
 
 
 def test_bad_input_is_answered_never_raised():
-    with ControllerProcess("--max-body-bytes", "4096", "--max-header-bytes", "2048") as proc:
+    with ControllerProcess("--max-body-bytes", "400000", "--max-header-bytes", "2048") as proc:
 
         async def main():
             async with HttpClient(HOST, proc.http_port) as http:
@@ -383,7 +387,7 @@ def test_bad_input_is_answered_never_raised():
                 assert status == 200
             # 413 before the body is read: send only the headers
             async with HttpClient(HOST, proc.http_port) as http:
-                http.raw(b"POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+                http.raw(b"POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 400001\r\n\r\n")
                 status, headers, body = await http.response()
                 assert status == 413 and headers["connection"] == "close"
                 assert await http.reader.read() == b""
