@@ -23,14 +23,11 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
 /// The common body exactly: `{"tokens": [d, d, ...]}` with plain non-negative integers and any
 /// whitespace. Anything else (other keys, escapes, signs, fractions, out-of-range values) returns
 /// None and goes through the full parser, which also produces the error messages.
+///
+/// Every byte of the body is still checked: numbers of up to 7 digits are read 8 bytes at a time
+/// (`swar_number`), together with the separator after them; longer numbers, other whitespace and
+/// the body's last bytes are read one byte at a time.
 fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
-    #[inline]
-    fn ws(b: &[u8], mut i: usize) -> usize {
-        while i < b.len() && matches!(b[i], b' ' | b'\n' | b'\r' | b'\t') {
-            i += 1;
-        }
-        i
-    }
     let mut i = ws(b, 0);
     for expect in [&b"{"[..], b"\"tokens\"", b":", b"["] {
         if !b[i..].starts_with(expect) {
@@ -38,31 +35,56 @@ fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
         }
         i = ws(b, i + expect.len());
     }
-    let mut out = Vec::with_capacity(b.len() / 4);
+    // each token takes at least 2 bytes ("d,"), most bodies 5-8
+    let mut out = Vec::with_capacity(b.len() / 5 + 1);
     if b.get(i) == Some(&b']') {
         i += 1;
     } else {
         loop {
-            let start = i;
-            let mut v: u64 = 0;
-            while i < b.len() && b[i].is_ascii_digit() && i - start < 11 {
-                v = v * 10 + (b[i] - b'0') as u64;
-                i += 1;
-            }
-            let digits = i - start;
-            if digits == 0 || digits > 10 || (digits > 1 && b[start] == b'0') || v > u32::MAX as u64
-            {
-                return None;
-            }
-            out.push(v as u32);
-            i = ws(b, i);
+            let n = match swar_number(b, i) {
+                Some((v, n, w)) => {
+                    out.push(v);
+                    // the separator usually sits in the word already read: take ", " or ","
+                    // followed by a non-space from it, without reading the body again
+                    if n <= 6 {
+                        let sep = (w >> (8 * n)) as u16;
+                        if sep == u16::from_le_bytes(*b", ") {
+                            i += n + 2;
+                            continue;
+                        }
+                        if sep as u8 == b','
+                            && !matches!((sep >> 8) as u8, b' ' | b'\n' | b'\r' | b'\t')
+                        {
+                            i += n + 1;
+                            continue;
+                        }
+                    }
+                    n
+                }
+                None => {
+                    let (v, n) = scalar_number(b, i)?;
+                    out.push(v);
+                    n
+                }
+            };
+            i += n;
             match b.get(i) {
                 Some(b',') => i = ws(b, i + 1),
                 Some(b']') => {
                     i += 1;
                     break;
                 }
-                _ => return None,
+                _ => {
+                    i = ws(b, i);
+                    match b.get(i) {
+                        Some(b',') => i = ws(b, i + 1),
+                        Some(b']') => {
+                            i += 1;
+                            break;
+                        }
+                        _ => return None,
+                    }
+                }
             }
         }
     }
@@ -71,6 +93,59 @@ fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
         return None;
     }
     (ws(b, i + 1) == b.len()).then_some(out)
+}
+
+#[inline]
+fn ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && matches!(b[i], b' ' | b'\n' | b'\r' | b'\t') {
+        i += 1;
+    }
+    i
+}
+
+/// A JSON non-negative integer of 1 to 7 digits at `b[i..]`, read from one 8-byte word:
+/// (value, digits, the word). None when fewer than 8 bytes remain, the number has 8 or more digits, or
+/// there is no number (or a leading zero) here: `scalar_number` decides those.
+#[inline(always)]
+fn swar_number(b: &[u8], i: usize) -> Option<(u32, usize, u64)> {
+    let w = u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?);
+    // byte k of x is the digit's value iff byte k of the input is an ASCII digit (x_k < 10)
+    let x = w ^ 0x3030_3030_3030_3030;
+    // high bit of byte k set iff x_k >= 10. A carry out of byte k (x_k >= 0x8a) only disturbs
+    // bytes above the first non-digit, which are not used.
+    let non_digit = (x.wrapping_add(0x7676_7676_7676_7676) | x) & 0x8080_8080_8080_8080;
+    if non_digit == 0 {
+        return None;
+    }
+    let n = (non_digit.trailing_zeros() / 8) as usize;
+    if n == 0 || (n > 1 && w as u8 == b'0') {
+        return None;
+    }
+    // the n digits, most significant first, moved to the top bytes of an 8-digit number
+    let mut v = x << (8 * (8 - n));
+    // standard SWAR: pairs, then quads, then the 8 digits
+    v = (v.wrapping_mul(10)).wrapping_add(v >> 8);
+    v = ((v & 0x0000_00FF_0000_00FF)
+        .wrapping_mul(0x000F_4240_0000_0064)
+        .wrapping_add(((v >> 16) & 0x0000_00FF_0000_00FF).wrapping_mul(0x0000_2710_0000_0001)))
+        >> 32;
+    Some((v as u32, n, w))
+}
+
+/// The general case of `swar_number`: up to 10 digits, no leading zero, at most u32::MAX.
+#[inline(never)]
+fn scalar_number(b: &[u8], i: usize) -> Option<(u32, usize)> {
+    let mut j = i;
+    let mut v: u64 = 0;
+    while j < b.len() && b[j].is_ascii_digit() && j - i < 11 {
+        v = v * 10 + (b[j] - b'0') as u64;
+        j += 1;
+    }
+    let digits = j - i;
+    if digits == 0 || digits > 10 || (digits > 1 && b[i] == b'0') || v > u32::MAX as u64 {
+        return None;
+    }
+    Some((v as u32, digits))
 }
 
 struct BodyVisitor;
@@ -342,6 +417,77 @@ mod tests {
         assert_eq!(fast_tokens(b"{\"tokens\": [1, 2, 3]}"), Some(vec![1, 2, 3]));
         assert_eq!(fast_tokens(b"{\"tokens\": [01]}"), None);
         assert_eq!(fast_tokens(b"{\"tokens\": [4294967296]}"), None);
+    }
+
+    fn full_parse(body: &[u8]) -> Option<Vec<u32>> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        de.deserialize_any(BodyVisitor)
+            .and_then(|t| de.end().map(|_| t))
+            .ok()
+            .flatten()
+    }
+
+    #[test]
+    fn fast_path_every_digit_count_and_position() {
+        // numbers of 1..=11 digits, alone, first, last and in the middle, with and without
+        // leading zeros, so both the 8-byte and the byte-at-a-time reads meet every length and
+        // every distance from the end of the body
+        let mut nums: Vec<String> = Vec::new();
+        for d in 1..=11usize {
+            nums.push("9".repeat(d));
+            nums.push(format!("1{}", "0".repeat(d - 1)));
+            nums.push(format!("0{}", "7".repeat(d - 1)));
+            nums.push(format!("4294967{:0>w$}", "", w = d.saturating_sub(7)));
+        }
+        nums.push("4294967295".into());
+        nums.push("4294967296".into());
+        for a in &nums {
+            for b in &nums {
+                for sep in [",", ", ", " , ", ",\n\t"] {
+                    for tail in ["]}", "] }", "]}\n", "]} x", "],}", "]"] {
+                        let body = format!("{{\"tokens\": [{a}{sep}{b}{tail}");
+                        let fast = fast_tokens(body.as_bytes());
+                        let full = full_parse(body.as_bytes());
+                        assert_eq!(fast, full, "{body}");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_path_matches_full_parser(
+            vals in proptest::collection::vec(0u64..6_000_000_000, 0..40),
+            seps in proptest::collection::vec(0usize..6, 40),
+            cut in 0usize..400,
+            flip in proptest::option::of((0usize..400, 0u8..=255)),
+        ) {
+            const SEPS: [&str; 6] = [",", ", ", " ,", ",\n  ", "\t,\t", ",                                                                        "];
+            let mut body = String::from("{\"tokens\": [");
+            for (k, v) in vals.iter().enumerate() {
+                if k > 0 {
+                    body.push_str(SEPS[seps[k]]);
+                }
+                body.push_str(&v.to_string());
+            }
+            body.push_str("]}");
+            let mut bytes = body.into_bytes();
+            let fast = fast_tokens(&bytes);
+            let full = full_parse(&bytes);
+            // a well-formed body: both agree, and the fast path takes it whenever it is valid
+            proptest::prop_assert_eq!(&fast, &full);
+            // damaged bodies: whatever the fast path accepts, the full parser accepts the same
+            if let Some((at, byte)) = flip {
+                if at < bytes.len() {
+                    bytes[at] = byte;
+                }
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut % 4));
+            if let Some(t) = fast_tokens(&bytes) {
+                proptest::prop_assert_eq!(Some(t), full_parse(&bytes));
+            }
+        }
     }
 
     #[test]

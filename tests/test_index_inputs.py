@@ -188,3 +188,101 @@ def test_exception_hierarchy() -> None:
     assert issubclass(InvalidArgumentError, LMCacheError) and issubclass(InvalidArgumentError, ValueError)
     assert issubclass(InvalidTypeError, LMCacheError) and issubclass(InvalidTypeError, TypeError)
     assert issubclass(SnapshotError, LMCacheError) and issubclass(SnapshotError, ValueError)
+
+
+# ---- lists and tuples of ints: the in-place fast path must agree with the general one -------
+
+
+class _IntSub(int):
+    pass
+
+
+class _Indexable:
+    """Not an int, but convertible through __index__ (as numpy scalars are)."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+    def __index__(self) -> int:
+        return self.v
+
+
+# values around every 30-bit digit boundary, plus the u32 / u64 limits
+EDGE_VALUES = sorted(
+    {v for e in (0, 1, 8, 15, 16, 29, 30, 31, 32, 59, 60, 61, 63) for v in (2**e - 1, 2**e, 2**e + 1)}
+    | {0, 255, 256, 2**32 - 1, 2**64 - 1}
+)
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_list_edge_values_match_buffers(container: Callable[[list[int]], Any]) -> None:
+    toks = [v for v in EDGE_VALUES if v < 2**32]
+    assert chunk_hashes(container(toks), 4) == chunk_hashes(np.array(toks, dtype=np.uint32), 4)
+    keys = EDGE_VALUES
+    ix = Index()
+    assert ix.admit("A", 0, CPU, hashes=container(keys)) == len(keys)
+    # the same keys given as a uint64 buffer name the same chunks
+    assert ix.evict("A", 0, CPU, hashes=np.array(keys, dtype=np.uint64)) == len(keys)
+    assert len(ix) == 0
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_list_mixed_item_kinds(container: Callable[[list[Any]], Any]) -> None:
+    # bools, int subclasses and __index__ objects are accepted as the ints they stand for,
+    # wherever they sit among plain ints
+    mixed = [1, True, False, _IntSub(7), _Indexable(9), np.int64(11), 2**31, _IntSub(2**32 - 1), 5]
+    plain = [1, 1, 0, 7, 9, 11, 2**31, 2**32 - 1, 5]
+    assert chunk_hashes(container(mixed), 4) == chunk_hashes(plain, 4)
+    ix = Index()
+    ix.admit("A", 0, CPU, hashes=container(mixed))
+    assert ix.evict("A", 0, CPU, hashes=plain) == len(set(plain))
+
+
+BAD_LIST_ITEMS: list[tuple[Any, type, str]] = [
+    (-1, InvalidArgumentError, r"tokens\[3\] = -1 is out of range"),
+    (-(2**40), InvalidArgumentError, r"tokens\[3\] = -1099511627776 is out of range"),
+    (2**32, InvalidArgumentError, r"tokens\[3\] = 4294967296 is out of range"),
+    (2**64, InvalidArgumentError, r"tokens\[3\] = 18446744073709551616 is out of range"),
+    (2**100, InvalidArgumentError, r"tokens\[3\] = 1267650600228229401496703205376 is out"),
+    (_IntSub(2**32), InvalidArgumentError, r"tokens\[3\] = 4294967296 is out of range"),
+    (_IntSub(-3), InvalidArgumentError, r"tokens\[3\] = -3 is out of range"),
+    (1.0, InvalidTypeError, r"tokens\[3\] must be an int, not float"),
+    (None, InvalidTypeError, r"tokens\[3\] must be an int, not NoneType"),
+]
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+@pytest.mark.parametrize("case", BAD_LIST_ITEMS, ids=[repr(c[0])[:20] for c in BAD_LIST_ITEMS])
+def test_list_bad_item_named(container: Callable[[list[Any]], Any], case: tuple[Any, type, str]) -> None:
+    bad, exc, msg = case
+    ix = fresh()
+    before = snapshot(ix)
+    toks = container([1, 2, 3, bad] + list(range(600)))
+    with pytest.raises(exc, match=msg):
+        ix.lookup(toks)
+    with pytest.raises(exc, match=msg):
+        ix.admit("B", 0, CPU, tokens=toks)
+    with pytest.raises(exc, match=msg):
+        chunk_hashes(toks)
+    assert snapshot(ix) == before
+
+
+def test_bad_item_after_a_miss_is_still_refused() -> None:
+    # the first chunk misses everywhere; the bad item is in a later chunk
+    ix = fresh()
+    toks = [49_999] * 300 + [-1]
+    with pytest.raises(InvalidArgumentError, match=r"tokens\[300\]"):
+        ix.lookup(toks)
+
+
+def test_list_shrunk_by_index_hook() -> None:
+    # an __index__ that empties the list mid-conversion: no crash, the items seen so far count
+    toks: list[Any] = []
+
+    class Shrinker:
+        def __index__(self) -> int:
+            del toks[3:]
+            return 4
+
+    toks.extend([1, 2, 3, Shrinker(), 5, 6, 7])
+    assert chunk_hashes(toks, 2) == chunk_hashes([1, 2, 3, 4], 2)

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::buffer::{ElementType, PyUntypedBuffer};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyInt, PyList, PySequence, PyString, PyTuple};
 
@@ -97,10 +98,10 @@ fn out_of_range<T: Word>(name: &str, i: usize, v: impl std::fmt::Display) -> Err
 impl<T: Word> IntsArg<T> {
     pub fn extract(obj: &Bound<'_, PyAny>, name: &'static str) -> Result<Self> {
         if let Ok(list) = obj.cast::<PyList>() {
-            return Self::from_iter(name, list.len(), list.iter());
+            return Self::from_list(name, list);
         }
         if let Ok(tuple) = obj.cast::<PyTuple>() {
-            return Self::from_iter(name, tuple.len(), tuple.iter());
+            return Self::from_tuple(name, tuple);
         }
         if obj.is_instance_of::<PyString>() {
             return Err(Error::ty(format!(
@@ -150,18 +151,76 @@ impl<T: Word> IntsArg<T> {
     ) -> Result<Self> {
         let mut out = Vec::with_capacity(len);
         for (i, item) in items.enumerate() {
-            match item.extract::<u64>() {
-                Ok(v) if v <= T::MAX => out.push(T::from_u64(v)),
-                Ok(v) => return Err(out_of_range::<T>(name, i, v)),
-                Err(_) if item.is_instance_of::<PyInt>() => {
-                    let repr = item.str().map(|s| s.to_string()).unwrap_or_default();
-                    return Err(out_of_range::<T>(name, i, repr));
+            push_item::<T>(name, i, &item, &mut out)?;
+        }
+        Ok(IntsArg {
+            name,
+            src: Src::Owned(out),
+        })
+    }
+
+    /// A list, read item by item in place: exact small ints through `fastint`, anything else
+    /// (bools, int subclasses, big or negative ints, objects with `__index__`, non-ints) through
+    /// `push_item`, so values and errors are those of the general path.
+    fn from_list(name: &'static str, list: &Bound<'_, PyList>) -> Result<Self> {
+        let Some(layout) = fastint::layout(list.py()) else {
+            return Self::from_iter(name, list.len(), list.iter());
+        };
+        let ptr = list.as_ptr();
+        let mut out = Vec::with_capacity(list.len());
+        let mut i = 0usize;
+        loop {
+            // SAFETY: `ptr` is a list (checked by the cast) kept alive by `list`; the GIL is held.
+            // Its length is re-read after every slow item, which may run Python code (`__index__`)
+            // that resizes the list; between slow items no Python code runs, so the length holds.
+            let len = unsafe { ffi::PyList_GET_SIZE(ptr) } as usize;
+            while i < len {
+                // SAFETY: i < len; the item is borrowed from the list, which holds it meanwhile
+                let item = unsafe { ffi::PyList_GET_ITEM(ptr, i as ffi::Py_ssize_t) };
+                // SAFETY: a live object pointer; `read` only reads an exact int's fields
+                match unsafe { layout.read(item) } {
+                    Some(v) if v <= T::MAX => out.push(T::from_u64(v)),
+                    Some(v) => return Err(out_of_range::<T>(name, i, v)),
+                    None => break,
                 }
-                Err(_) => {
-                    return Err(Error::ty(format!(
-                        "{name}[{i}] must be an int, not {}",
-                        type_name(&item)
-                    )))
+                i += 1;
+            }
+            if i >= len {
+                break;
+            }
+            // SAFETY: as above; the new reference keeps the item alive while Python code runs
+            let item = unsafe {
+                Bound::from_borrowed_ptr(list.py(), ffi::PyList_GET_ITEM(ptr, i as ffi::Py_ssize_t))
+            };
+            push_item::<T>(name, i, &item, &mut out)?;
+            i += 1;
+        }
+        Ok(IntsArg {
+            name,
+            src: Src::Owned(out),
+        })
+    }
+
+    /// A tuple: as `from_list` (a tuple cannot change length).
+    fn from_tuple(name: &'static str, tuple: &Bound<'_, PyTuple>) -> Result<Self> {
+        let Some(layout) = fastint::layout(tuple.py()) else {
+            return Self::from_iter(name, tuple.len(), tuple.iter());
+        };
+        let ptr = tuple.as_ptr();
+        // SAFETY: `ptr` is a tuple kept alive by `tuple`
+        let len = unsafe { ffi::PyTuple_GET_SIZE(ptr) } as usize;
+        let mut out = Vec::with_capacity(len);
+        for i in 0..len {
+            // SAFETY: i < len; borrowed from the tuple, which outlives this call
+            let item = unsafe { ffi::PyTuple_GET_ITEM(ptr, i as ffi::Py_ssize_t) };
+            // SAFETY: a live object pointer
+            match unsafe { layout.read(item) } {
+                Some(v) if v <= T::MAX => out.push(T::from_u64(v)),
+                Some(v) => return Err(out_of_range::<T>(name, i, v)),
+                None => {
+                    // SAFETY: as above
+                    let item = unsafe { Bound::from_borrowed_ptr(tuple.py(), item) };
+                    push_item::<T>(name, i, &item, &mut out)?;
                 }
             }
         }
@@ -298,6 +357,168 @@ impl<T: Word> IntsArg<T> {
                     out.push(T::from_u64(v as u64));
                 }
                 Ok(Cow::Owned(out))
+            }
+        }
+    }
+}
+
+/// Convert one item the general way (any int, or an object with `__index__`), naming the
+/// problem on failure.
+fn push_item<T: Word>(
+    name: &str,
+    i: usize,
+    item: &Bound<'_, PyAny>,
+    out: &mut Vec<T>,
+) -> Result<()> {
+    match item.extract::<u64>() {
+        Ok(v) if v <= T::MAX => {
+            out.push(T::from_u64(v));
+            Ok(())
+        }
+        Ok(v) => Err(out_of_range::<T>(name, i, v)),
+        Err(_) if item.is_instance_of::<PyInt>() => {
+            let repr = item.str().map(|s| s.to_string()).unwrap_or_default();
+            Err(out_of_range::<T>(name, i, repr))
+        }
+        Err(_) => Err(Error::ty(format!(
+            "{name}[{i}] must be an int, not {}",
+            type_name(item)
+        ))),
+    }
+}
+
+/// Reading the value of an exact, non-negative `int` of up to three 30-bit digits straight
+/// from the object, without a call into the interpreter.
+///
+/// CPython's `int` is `PyObject` header, then a size word, then 30-bit digits (`u32`). The size
+/// word sits right before the digits in every version this supports, and the digits start at
+/// `int.__basicsize__`: up to 3.11 it is `ob_size` (signed digit count), from 3.12 it is `lv_tag`
+/// (`ndigits << 3 | sign`, sign 0 positive / 1 zero / 2 negative). The layout is only used on
+/// CPython 3.10-3.14 with the GIL, 30-bit digits, and after a self-test on known values at
+/// first use agrees with the interpreter's own conversion; otherwise every item goes through
+/// the general path.
+mod fastint {
+    use std::sync::OnceLock;
+
+    use pyo3::ffi;
+    use pyo3::prelude::*;
+    use pyo3::types::PyInt;
+
+    pub struct Layout {
+        /// `PyLong_Type`, compared by address: subclasses (bool included) are not exact ints.
+        int_type: usize,
+        /// Byte offset of the size word and of the first digit.
+        size_off: usize,
+        digit_off: usize,
+        /// 3.12+: the size word is `lv_tag`.
+        tagged: bool,
+    }
+
+    static LAYOUT: OnceLock<Option<Layout>> = OnceLock::new();
+
+    /// The layout when the fast path is safe on this interpreter.
+    #[inline]
+    pub fn layout(py: Python<'_>) -> Option<&'static Layout> {
+        LAYOUT.get_or_init(|| probe(py).ok().flatten()).as_ref()
+    }
+
+    fn probe(py: Python<'_>) -> PyResult<Option<Layout>> {
+        let sys = py.import("sys")?;
+        let implementation: String = sys.getattr("implementation")?.getattr("name")?.extract()?;
+        let (major, minor): (u32, u32) = (
+            sys.getattr("version_info")?.get_item(0)?.extract()?,
+            sys.getattr("version_info")?.get_item(1)?.extract()?,
+        );
+        let info = sys.getattr("int_info")?;
+        let bits: u32 = info.getattr("bits_per_digit")?.extract()?;
+        let sizeof_digit: u32 = info.getattr("sizeof_digit")?.extract()?;
+        let gil_disabled = py
+            .import("sysconfig")?
+            .call_method1("get_config_var", ("Py_GIL_DISABLED",))?
+            .is_truthy()?;
+        let int_type = py.get_type::<PyInt>();
+        let basic: usize = int_type.getattr("__basicsize__")?.extract()?;
+        let item: usize = int_type.getattr("__itemsize__")?.extract()?;
+        if implementation != "cpython"
+            || major != 3
+            || !(10..=14).contains(&minor)
+            || bits != 30
+            || sizeof_digit != 4
+            || item != 4
+            || gil_disabled
+            || basic < 8 + std::mem::size_of::<ffi::PyObject>()
+        {
+            return Ok(None);
+        }
+        let layout = Layout {
+            int_type: int_type.as_ptr() as usize,
+            size_off: basic - 8,
+            digit_off: basic,
+            tagged: minor >= 12,
+        };
+        // self-test: every value, read here, must be what the interpreter says it is
+        let mut probes: Vec<Bound<'_, PyAny>> = Vec::new();
+        for e in [0u32, 1, 29, 30, 31, 32, 59, 60, 61, 63, 64, 89, 90, 91, 100] {
+            let p = 1u128 << e;
+            for v in [p - 1, p, p + 1] {
+                probes.push(v.into_pyobject(py)?.into_any());
+                probes.push((-(v as i128)).into_pyobject(py)?.into_any());
+            }
+        }
+        for v in [5u64, 255, 256, 65535, 128_000, 4_294_967_295, 4_294_967_296] {
+            probes.push(v.into_pyobject(py)?.into_any());
+        }
+        for p in &probes {
+            let expect = p.extract::<u64>().ok();
+            // SAFETY: a live int
+            let got = unsafe { layout.read(p.as_ptr()) };
+            // the fast read may decline (None) for any value, but never disagree
+            if got.is_some() && got != expect {
+                return Ok(None);
+            }
+            // and it must not decline the small values a token list is made of
+            if got.is_none() && expect.is_some_and(|v| v < 1 << 60) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(layout))
+    }
+
+    impl Layout {
+        /// The value of `obj` when it is an exact int in 0..2^64 of at most three digits;
+        /// None for anything else (left to the general path).
+        ///
+        /// # Safety
+        /// `obj` points to a live Python object and the GIL is held.
+        #[inline(always)]
+        pub unsafe fn read(&self, obj: *mut ffi::PyObject) -> Option<u64> {
+            if ffi::Py_TYPE(obj) as usize != self.int_type {
+                return None;
+            }
+            let base = obj as *const u8;
+            let size = (base.add(self.size_off) as *const isize).read();
+            let n = if self.tagged {
+                let tag = size as usize;
+                match tag & 3 {
+                    0 => tag >> 3,
+                    1 => return Some(0),
+                    _ => return None,
+                }
+            } else if size < 0 {
+                return None;
+            } else {
+                size as usize
+            };
+            let d = base.add(self.digit_off) as *const u32;
+            match n {
+                0 => Some(0),
+                1 => Some(d.read() as u64),
+                2 => Some(d.read() as u64 | (d.add(1).read() as u64) << 30),
+                3 => {
+                    let hi = d.add(2).read() as u64;
+                    (hi < 16).then(|| d.read() as u64 | (d.add(1).read() as u64) << 30 | hi << 60)
+                }
+                _ => None,
             }
         }
     }
