@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml \
-		pytest pytest-timeout hypothesis numpy mypy torch atheris
+		pytest pytest-timeout hypothesis numpy mypy xxhash torch atheris
 	touch $(STAMP)
 
 install: $(STAMP) build  ## create .venv with every dependency and build the extension
