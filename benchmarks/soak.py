@@ -32,7 +32,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -81,12 +80,6 @@ def query_set(n: int, seed: int = 7) -> list[list[int]]:
 
 
 # -- processes ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -108,8 +101,10 @@ _LISTENING = re.compile(r"listening: http=\S*?:(\d+)\S* monitor=\S*?:(\d+)")
 class Controller:
     """``lmcache_controller`` on 127.0.0.1; ``start()`` again after ``kill()`` reuses its ports."""
 
-    def __init__(self, workdir: Path, *args: str, heartbeat_timeout: float = 3.0, env: dict | None = None):
+    def __init__(self, workdir: Path, *args: str, heartbeat_timeout: float = 3.0, env: dict | None = None,
+                 host: str | None = "127.0.0.1"):
         self.workdir = workdir
+        self.host = host
         self.args = list(args)
         self.heartbeat_timeout = heartbeat_timeout
         self.env = env or {}
@@ -121,7 +116,7 @@ class Controller:
 
     def start(self, timeout: float = 20.0) -> float:
         """Start and wait until it listens; returns the seconds that took."""
-        cmd = [sys.executable, "-m", "lmcache_rs.controller", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "lmcache_rs.controller", *(["--host", self.host] if self.host else []),
                "--port", str(self.http_port), "--monitor-port", str(self.monitor_port),
                "--chunk-size", str(CHUNK), "--heartbeat-interval", str(self.heartbeat_timeout / 6),
                "--heartbeat-timeout", str(self.heartbeat_timeout), *self.args]

@@ -344,9 +344,10 @@ def test_idle_http_connections_are_refused_over_the_limit_and_timed_out(controll
     assert served.errors == [] and during > 0
 
 
-def test_idle_monitor_connections_are_dropped_after_the_hello_timeout(controller):
+def test_idle_monitor_connections_are_refused_over_the_limit_and_dropped_after_the_hello_timeout(controller):
     n = _connections(IDLE_CONNECTIONS)
     hello_timeout = 1.5
+    limit = 1024  # the default --max-monitor-connections
     c = controller("--hello-timeout", str(hello_timeout))
 
     async def main():
@@ -359,15 +360,19 @@ def test_idle_monitor_connections_are_dropped_after_the_hello_timeout(controller
             await loop.sock_connect(s, ("127.0.0.1", c.monitor_port))
             socks.append(s)
         t0 = time.monotonic()
-        # a real worker's hello is still answered meanwhile
-        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
-        writer.write(encode_frame({"t": "hello", "v": 1, "instance_id": "ok", "worker_id": 0, "host": "127.0.0.1",
-                                   "worker_port": 1, "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16,
-                                   "seed": 0}))
-        header = await asyncio.wait_for(reader.readexactly(4), 5)
-        (welcome,) = FrameDecoder().feed(header + await reader.readexactly(int.from_bytes(header, "big")))
-        writer.close()
+        await asyncio.sleep(0.3)
         peak = rss_mb(c)
+        refused = 0
+        for s in socks:
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                refused += 1
+                continue
+            if data and FrameDecoder().feed(data)[0].get("code") == "too_many_connections":
+                refused += 1
         deadline = time.monotonic() + hello_timeout + 3
         open_left = n
         while time.monotonic() < deadline and open_left:
@@ -375,9 +380,7 @@ def test_idle_monitor_connections_are_dropped_after_the_hello_timeout(controller
             open_left = 0
             for s in socks:
                 try:
-                    s.recv(65536, socket.MSG_PEEK)
-                    if s.recv(65536) == b"":
-                        pass
+                    s.recv(65536)
                 except BlockingIOError:
                     open_left += 1
                 except OSError:
@@ -385,13 +388,21 @@ def test_idle_monitor_connections_are_dropped_after_the_hello_timeout(controller
         dropped_after = time.monotonic() - t0
         for s in socks:
             s.close()
-        return welcome, open_left, dropped_after, peak - base
+        # the slots are free again: a worker's hello is welcomed
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
+        writer.write(encode_frame(_hello()))
+        header = await asyncio.wait_for(reader.readexactly(4), 5)
+        (welcome,) = FrameDecoder().feed(header + await reader.readexactly(int.from_bytes(header, "big")))
+        writer.close()
+        return refused, welcome, open_left, dropped_after, peak - base
 
-    welcome, open_left, dropped_after, grew = run(main())
-    print(f"\n{n} monitor connections without hello: all dropped {dropped_after:.1f} s later "
-          f"(hello timeout {hello_timeout} s); RSS +{grew:.1f} MB; a worker's hello still welcomed")
-    assert welcome["t"] == "welcome"
+    refused, welcome, open_left, dropped_after, grew = run(main())
+    print(f"\n{n} monitor connections without hello: {refused} refused at once (limit {limit}), the rest dropped "
+          f"within {dropped_after:.1f} s of the last one opening (hello timeout {hello_timeout} s); RSS +{grew:.1f} MB; then a worker's hello "
+          f"is welcomed")
+    assert refused == n - limit
     assert open_left == 0
+    assert welcome["t"] == "welcome"
     assert grew < 0.02 * n
 
 
@@ -411,3 +422,102 @@ def test_monitor_frame_declaring_a_gigabyte_is_refused_at_once(controller):
     error, closed = run(main())
     assert error["t"] == "error" and error["code"] == "frame_too_large"
     assert closed
+
+
+def _hello() -> dict:
+    return {"t": "hello", "v": 1, "instance_id": "big", "worker_id": 0, "host": "127.0.0.1", "worker_port": 1,
+            "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16, "seed": 0}
+
+
+def test_strangers_cannot_make_the_controller_buffer_large_frames(controller):
+    """Before a hello is accepted a frame may be at most --max-hello-frame-bytes (64 KiB): 16
+    unauthenticated connections each announcing 60 MiB are refused at the 4-byte header, not after
+    buffering ~1 GB. After the hello, full-size frames are fine."""
+    c = controller()
+    n, size = 16, 60 << 20
+
+    def stranger() -> tuple[str | None, int]:
+        s = socket.create_connection(("127.0.0.1", c.monitor_port), timeout=5)
+        sent = 0
+        try:
+            s.sendall(size.to_bytes(4, "big"))
+            chunk = b"\0" * (1 << 20)
+            while sent < 8 << 20:  # bounded: at most 8 MiB of the announced 60
+                if select.select([s], [], [], 0)[0]:
+                    break
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        data = b""
+        try:
+            while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                b = s.recv(65536)
+                if not b:
+                    break
+                data += b
+        except OSError:
+            pass
+        s.close()
+        frames = FrameDecoder().feed(data) if len(data) >= 4 else []
+        return (frames[0].get("code") if frames else None), sent
+
+    async def main():
+        base = rss_mb(c)
+        results = await asyncio.gather(*(asyncio.to_thread(stranger) for _ in range(n)))
+        grew = rss_mb(c) - base
+        # a worker, once welcomed, sends a 2 MiB sync chunk
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
+        keys = bytes(range(256)) * (8 << 10)
+        writer.write(encode_frame(_hello()) + encode_frame({"t": "sync_start", "seq": 0})
+                     + encode_frame({"t": "sync_chunk", "location": "GPU", "hashes": keys})
+                     + encode_frame({"t": "sync_end", "count": len(keys) // 8}) + encode_frame({"t": "ping", "id": 1}))
+        decoder, got = FrameDecoder(), []
+        while not any(m["t"] in ("pong", "error") for m in got):
+            got += decoder.feed(await asyncio.wait_for(reader.read(65536), 5))
+        writer.close()
+        return results, grew, got
+
+    results, grew, got = run(main())
+    print(f"\n{n} strangers announcing {size >> 20} MiB frames: codes {sorted({r for r, _ in results})}, "
+          f"at most {max(s for _, s in results) >> 20} MiB sent each before the refusal; RSS +{grew:.1f} MB")
+    assert {code for code, _ in results} == {"frame_too_large"}
+    assert grew < 16
+    assert [m["t"] for m in got] == ["welcome", "pong"]
+
+
+def test_monitor_connections_over_the_limit_are_refused(controller):
+    c = controller("--max-monitor-connections", "50")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(80):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", c.monitor_port))
+            socks.append(s)
+        await asyncio.sleep(0.5)
+        refused = 0
+        for s in socks:
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                continue
+            if data and FrameDecoder().feed(data)[0].get("code") == "too_many_connections":
+                refused += 1
+        for s in socks[:40]:
+            s.close()
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.monitor_port)
+        writer.write(encode_frame(_hello()))
+        header = await asyncio.wait_for(reader.readexactly(4), 5)
+        (answer,) = FrameDecoder().feed(header + await reader.readexactly(int.from_bytes(header, "big")))
+        writer.close()
+        for s in socks[40:]:
+            s.close()
+        return refused, answer
+
+    refused, answer = run(main())
+    assert refused == 30
+    assert answer["t"] == "welcome"

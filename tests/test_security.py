@@ -189,3 +189,78 @@ def test_the_controller_source_opens_no_client_named_file_and_runs_no_code():
     assert found == [], "calls that may run code or read files:\n" + "\n".join(found)
     text = (base / "controller" / "settings.py").read_text()
     assert "yaml.safe_load" in text and "yaml.load(" not in text
+
+
+# -- where it listens -----------------------------------------------------------------------
+def test_default_bind_is_loopback_only(tmp_path):
+    from lmcache_rs.controller.settings import Settings, build_parser
+
+    assert Settings().host == "127.0.0.1" and build_parser().parse_args([]).host == "127.0.0.1"
+    c = Controller(tmp_path, host=None)  # no --host
+    try:
+        c.start()
+        line = next(line for line in c.log().splitlines() if "listening:" in line)
+        assert f"http=127.0.0.1:{c.http_port} monitor=127.0.0.1:{c.monitor_port}" in line, line
+    finally:
+        c.kill()
+
+
+# -- the API key on HTTP --------------------------------------------------------------------
+MUTATING = {"/clear": {"instance_id": "nope", "location": "GPU"},
+            "/pin": {"instance_id": "nope", "location": "GPU", "tokens": [1]},
+            "/unpin": {"instance_id": "nope", "location": "GPU", "tokens": [1]},
+            "/move": {"old_position": ["nope", "GPU"], "new_position": ["nope2", "GPU"], "tokens": [1]},
+            "/compress": {"instance_id": "nope", "location": "GPU", "tokens": [1], "method": "zstd"},
+            "/decompress": {"instance_id": "nope", "location": "GPU", "tokens": [1], "method": "zstd"}}
+READS = {("POST", "/lookup"): {"tokens": [1, 2]}, ("POST", "/health"): {"instance_id": "nope"},
+         ("POST", "/check_finish"): {"event_id": "x"}, ("POST", "/query_worker_info"): {"instance_id": "nope"},
+         ("POST", "/query_instance"): {"ip": "10.0.0.1"}, ("GET", "/metrics"): None, ("GET", "/healthz"): None,
+         ("GET", "/dashboard.json"): None, ("GET", "/"): None}
+
+
+async def _ask(port: int, method: str, path: str, body, headers: dict | None = None) -> tuple[int, bytes]:
+    http = await Http(port).open()
+    try:
+        return await http.request(method, path, json.dumps(body).encode() if body is not None else b"", headers)
+    finally:
+        await http.close()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_mutating_endpoints_need_the_key_reads_do_not(controller, how):
+    c = controller("--api-key", KEY) if how == "flag" else controller(env={"LMCACHE_API_KEY": KEY})
+
+    async def main():
+        out = {}
+        for path, body in MUTATING.items():
+            out[path] = [await _ask(c.http_port, "POST", path, body, h) for h in (
+                None, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                {"Authorization": f"Basic {KEY}"},  # not a bearer token
+                {"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer {KEY}"})]
+        reads = {k: await _ask(c.http_port, k[0], k[1], body) for k, body in READS.items()}
+        hello_without = await monitor_answer(c.monitor_port, hello())
+        hello_with = await monitor_answer(c.monitor_port, hello(api_key=KEY))
+        return out, reads, hello_without, hello_with
+
+    out, reads, hello_without, hello_with = run(main())
+    for path, answers in out.items():
+        refused, accepted = answers[:5], answers[5:]
+        for status, body in refused:
+            assert status == 401, (path, status, body)
+            err = json.loads(body)["error"]
+            assert "API key" in err and KEY not in err
+        for status, body in accepted:  # past the key: the unknown instance is the next problem
+            assert status in (400, 404), (path, status, body)
+    for (method, path), (status, body) in reads.items():
+        assert status != 401, (path, body)
+    assert hello_without["code"] == "unauthorized" and hello_with["t"] == "welcome"
+    assert KEY not in c.log()
+
+
+def test_without_a_key_nothing_needs_one(controller):
+    c = controller()
+
+    async def main():
+        return [await _ask(c.http_port, "POST", path, body) for path, body in MUTATING.items()]
+
+    assert all(status in (400, 404) for status, _ in run(main()))

@@ -8,6 +8,7 @@ problem; nothing raised here reaches a client.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from typing import Any, Callable
@@ -20,6 +21,8 @@ from .operations import OperationError, Operations
 from .registry import Registry
 
 _U32 = 2**32
+# Endpoints that change what workers hold (or the index); with an API key set they need it.
+MUTATING = frozenset({"/clear", "/pin", "/unpin", "/move", "/compress", "/decompress"})
 
 
 class BadRequest(Exception):
@@ -156,9 +159,14 @@ class Api:
             "/": self.dashboard,
             "/dashboard.json": self.dashboard_json,
         }
+        key = controller.settings.api_key
+        self.api_key: bytes | None = key.encode() if key else None
         self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
         for path, handler in posts.items():
-            self.routes.setdefault(path.encode(), {})[b"POST"] = self._guard(path, handler)
+            guarded = self._guard(path, handler)
+            if self.api_key is not None and path in MUTATING:
+                guarded = self._require_key(path, guarded)
+            self.routes.setdefault(path.encode(), {})[b"POST"] = guarded
         for path, handler in gets.items():
             self.routes.setdefault(path.encode(), {})[b"GET"] = self._guard(path, handler)
         self.routes[b"/lookup"] = {b"POST": self.lookup}
@@ -179,6 +187,25 @@ class Api:
         return handler(request)
 
     # -- management endpoints --------------------------------------------------------------
+    def _require_key(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """With --api-key set: the endpoint answers 401 unless the request carries the key."""
+        key = self.api_key
+        assert key is not None
+        metrics = self.metrics
+
+        def keyed(request: Request) -> Any:
+            credential = request.credential
+            if credential is None or not hmac.compare_digest(credential, key):
+                metrics.count_rejected(401)
+                metrics.count_request(path, 401)
+                what = "wrong" if credential is not None else "no"
+                return (401, JSON, error_body(f"{path} changes state and needs the API key; {what} key sent "
+                                              "(send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')"),
+                        b'WWW-Authenticate: Bearer realm="lmcache"\r\n')
+            return handler(request)
+
+        return keyed
+
     def _guard(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """Turn BadRequest/OperationError into answers, sync or async."""
         metrics = self.metrics

@@ -44,7 +44,7 @@ Response = Union[tuple[int, bytes, bytes], tuple[int, bytes, bytes, bytes]]
 Handler = Callable[["Request"], Union[Response, Awaitable[Response]]]
 
 REASONS = {
-    200: b"OK", 202: b"Accepted", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -83,14 +83,17 @@ def _encode(result: Any, close: bool) -> bytes:
 class Request:
     """The parts of a request a handler reads."""
 
-    __slots__ = ("method", "path", "query", "body", "keep_alive")
+    __slots__ = ("method", "path", "query", "body", "keep_alive", "credential")
 
-    def __init__(self, method: bytes, path: bytes, query: bytes, body: bytes, keep_alive: bool):
+    def __init__(self, method: bytes, path: bytes, query: bytes, body: bytes, keep_alive: bool,
+                 credential: bytes | None = None):
         self.method = method
         self.path = path
         self.query = query
         self.body = body
         self.keep_alive = keep_alive
+        # the API key the client sent: X-API-Key, or the token of "Authorization: Bearer <token>"
+        self.credential = credential
 
 
 class HttpServerState:
@@ -167,6 +170,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
+        self._credential: bytes | None = None
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -250,6 +254,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
+        self._credential = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -269,6 +274,12 @@ class HttpProtocol(asyncio.Protocol):
             self._content_length = int(value)
         elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
+        elif n == 9 and name.lower() == b"x-api-key":
+            self._credential = value.strip()
+        elif n == 13 and name.lower() == b"authorization" and self._credential is None:
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                self._credential = token.strip()
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -297,7 +308,8 @@ class HttpProtocol(asyncio.Protocol):
             path, query = url, b""
         body = self._body
         request = Request(
-            parser.get_method(), path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive
+            parser.get_method(), path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
+            self._credential,
         )
         try:
             result = self.app(request)

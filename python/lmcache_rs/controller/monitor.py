@@ -69,7 +69,8 @@ class MonitorProtocol(asyncio.Protocol):
         self.settings = state.settings
         self.metrics = state.metrics
         self.registry = state.registry
-        self.decoder = FrameDecoder(state.settings.max_frame_bytes)
+        # until a hello is accepted, frames are held to the (small) hello limit
+        self.decoder = FrameDecoder(min(state.settings.max_frame_bytes, state.settings.max_hello_frame_bytes))
         self.transport: asyncio.Transport | None = None
         self.record: WorkerRecord | None = None
         self.closing = False
@@ -82,6 +83,14 @@ class MonitorProtocol(asyncio.Protocol):
         self.opened_at = asyncio.get_running_loop().time()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self.state.connections) >= self.settings.max_monitor_connections:
+            # counted, not logged: a flood of connections must not become a flood of log lines
+            limit = self.settings.max_monitor_connections
+            self.metrics.count_rejected_frame("too_many_connections")
+            self.send({"t": "error", "code": "too_many_connections",
+                       "message": f"the controller already has {limit} monitor connections"})
+            self.close()
+            return
         self.state.connections.add(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -222,6 +231,7 @@ class MonitorProtocol(asyncio.Protocol):
         hello = {"instance_id": instance_id, "worker_id": worker_id, "host": host, "worker_port": worker_port,
                  "p2p_host": p2p_host, "p2p_port": p2p_port}
         self.record = self.registry.attach(self, hello)
+        self.decoder.max_frame_bytes = s.max_frame_bytes  # a known worker may send full-size frames
         assert self.transport is not None
         self.transport.write(self.state.welcome)
 

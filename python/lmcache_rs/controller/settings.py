@@ -21,7 +21,7 @@ PROTOCOL_VERSION = 1
 
 @dataclasses.dataclass
 class Settings:
-    host: str = "localhost"
+    host: str = "127.0.0.1"  # loopback only unless --host says otherwise
     port: int = 9000
     monitor_port: int = 9001
     chunk_size: int = 256
@@ -40,6 +40,10 @@ class Settings:
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
     hello_timeout: float = 10.0
+    # Before a hello is accepted the peer is unknown (and unauthenticated): its frames may be no
+    # larger than this, so a stranger cannot make the controller buffer max_frame_bytes.
+    max_hello_frame_bytes: int = 64 * 1024
+    max_monitor_connections: int = 1024
     # commands to workers
     command_timeout: float = 30.0
     event_history: int = 10000  # finished async events remembered for /check_finish
@@ -58,7 +62,7 @@ class Settings:
         if not 0 <= self.hash_seed < 2**64:
             raise ValueError(f"hash_seed must be an unsigned 64-bit integer, got {self.hash_seed}")
         for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes",
-                     "http_threads"):
+                     "max_hello_frame_bytes", "max_monitor_connections", "http_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
@@ -107,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmcache_controller",
         description="KV-cache lookup controller: HTTP API on --port, workers on --monitor-port.",
     )
-    p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--host", default=d.host,
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
     p.add_argument("--monitor-port", type=int, default=d.monitor_port, help="worker port (default %(default)s)")
     p.add_argument("--config", help="worker YAML config (chunk_size, hash_seed); default $LMCACHE_CONFIG_FILE")
@@ -126,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
     p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout)
     p.add_argument("--hello-timeout", type=float, default=d.hello_timeout)
+    p.add_argument("--max-hello-frame-bytes", type=int, default=d.max_hello_frame_bytes,
+                   help="largest monitor frame before a hello is accepted (default %(default)s)")
+    p.add_argument("--max-monitor-connections", type=int, default=d.max_monitor_connections)
     p.add_argument("--command-timeout", type=float, default=d.command_timeout)
-    p.add_argument("--api-key", help="key workers must send in hello (default $LMCACHE_API_KEY, "
+    p.add_argument("--api-key", help="key workers must send in hello and HTTP clients with the endpoints that "
+                   "change state (default $LMCACHE_API_KEY, "
                    "else the config's controller_api_key; none: no key needed)")
     p.add_argument("--snapshot", metavar="PATH", help="index snapshot: loaded at start when present, "
                    "written every --snapshot-interval seconds when changed and at shutdown")
@@ -153,6 +162,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         hello_timeout=args.hello_timeout,
+        max_hello_frame_bytes=args.max_hello_frame_bytes,
+        max_monitor_connections=args.max_monitor_connections,
         command_timeout=args.command_timeout,
         snapshot=args.snapshot,
         snapshot_interval=args.snapshot_interval,
