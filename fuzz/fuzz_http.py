@@ -8,14 +8,16 @@ answers at once, flow control, EOF and the sweeper's timeouts.
 Input: the first byte chooses raw mode (the rest is the byte stream as sent) or
 structured mode (the rest builds near-valid requests: real paths and methods, headers,
 JSON bodies with right and wrong fields), how the stream is cut into reads, whether the
-client half-closes and whether the timeouts fire. Checked after every input:
+client half-closes, whether the timeouts fire and whether the controller has an API key
+(``k``). Checked after every input:
 
 * what the server wrote is well-formed HTTP/1.1; no 500; every 4xx/5xx body is
   ``{"error": str}``; every 200 from /lookup is the spec's layout;
 * the controller logged no ERROR (a handler that raised);
 * the connection is gone from the server's set once closed, with no task left behind;
 * the index is exactly as before unless a /clear was answered 200 (the only endpoint
-  that changes it); then it is re-seeded.
+  that changes it); then it is re-seeded;
+* with an API key, no endpoint that changes state ran for a request without that key.
 
 Run: ``python fuzz/fuzz_http.py [libFuzzer flags] [corpus dirs]`` (see fuzz/run.py).
 """
@@ -39,6 +41,7 @@ if __name__ == "__main__":  # under the fuzzer: instrument our modules before an
         import lmcache_rs.controller.server  # noqa: F401
 
 from lmcache_rs import Index
+from lmcache_rs.controller.api import MUTATING
 from lmcache_rs.controller.http import HttpProtocol, Sweeper
 from lmcache_rs.controller.registry import LIVE, WorkerRecord
 from lmcache_rs.controller.server import Controller
@@ -56,6 +59,7 @@ HEADERS = [
     ("Expect", "100-continue"), ("Transfer-Encoding", "chunked"), ("Content-Length", "5"),
     ("Content-Length", "-1"), ("Content-Length", "99999999999999999999"), ("Content-Length", "1, 2"),
     ("Upgrade", "websocket"), ("Host", ""), ("X-Api-Key", "k"), ("Authorization", "Bearer k"),
+    ("Authorization", "bearer  k "), ("X-API-KEY", "K"), ("Authorization", "k"), ("X-Api-Key", ""),
 ]
 # Fields each endpoint reads, with a valid value for each.
 FIELDS = {
@@ -103,13 +107,17 @@ class StubCommand:
         pass
 
 
+API_KEY = "k"
+
+
 class Target:
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = None, loop=None) -> None:
         self.errors = harness.quiet_logs()
-        self.loop = harness.new_loop()
+        self.loop = loop or harness.new_loop()
+        self.api_key = api_key
         settings = Settings(host="127.0.0.1", chunk_size=harness.CHUNK, hash_seed=harness.SEED,
                             max_body_bytes=MAX_BODY, max_header_bytes=MAX_HEADER, max_pipelined=4,
-                            max_connections=64, keepalive_timeout=5.0, request_timeout=2.0)
+                            max_connections=64, keepalive_timeout=5.0, request_timeout=2.0, api_key=api_key)
         self.index = Index(harness.CHUNK, harness.SEED)
         self.controller = Controller(settings, self.index)
         registry = self.controller.registry
@@ -124,12 +132,13 @@ class Target:
         self.baseline = harness.digest(self.index)
         self.state = self.controller.http_state
         self.sweeper = Sweeper(self.state)
-        self.seen: list[tuple[bytes, bytes, list]] = []
+        self.seen: list[tuple[bytes, bytes, list, bool]] = []  # method, path, [status], carried the key
         api = self.state.app
+        key = api_key.encode() if api_key is not None else None
 
         def recording_app(request):
             status: list = []
-            self.seen.append((request.method, request.path, status))
+            self.seen.append((request.method, request.path, status, key is None or request.credential == key))
             result = api(request)
             if inspect.isawaitable(result):
                 return self._await(result, status)
@@ -185,6 +194,9 @@ class Target:
 
     def check(self, proto: HttpProtocol, written: bytes) -> None:
         self.errors.check()
+        for method, path, status, keyed in self.seen:
+            if not keyed and method == b"POST" and path.decode("latin-1") in MUTATING and status and status[0] != 401:
+                raise harness.Finding(f"{path!r} answered {status[0]} to a request without the API key")
         for status, headers, body in harness.parse_http_responses(written):
             if status >= 500 and status != 503:
                 raise harness.Finding(f"server answered {status}: {body[:300]!r}")
@@ -200,7 +212,7 @@ class Target:
         if any(not t.done() for t in proto.tasks):
             raise harness.Finding("a task outlived its connection")
         changed = any(path == b"/clear" and method == b"POST" and status and status[0] == 200
-                      for method, path, status in self.seen)
+                      for method, path, status, _ in self.seen)
         now = harness.digest(self.index)
         if now != self.baseline:
             if not changed:
@@ -278,14 +290,16 @@ def split(stream: bytes, n: int, data: bytes) -> list[bytes]:
     return pieces
 
 
-_target: Target | None = None
+_targets: dict[bool, Target] = {}
 
 
 def test_one_input(data: bytes) -> None:
-    global _target
-    if _target is None:
-        _target = Target()
-    _target(data)
+    keyed = bool(data and data[0] & 8)
+    target = _targets.get(keyed)
+    if target is None:
+        other = next(iter(_targets.values()), None)
+        target = _targets[keyed] = Target(API_KEY if keyed else None, other.loop if other else None)
+    target(data)
 
 
 def main() -> None:

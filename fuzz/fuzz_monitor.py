@@ -176,7 +176,7 @@ class Target:
         self.errors = harness.quiet_logs()
         self.loop = harness.new_loop()
         common = dict(chunk_size=harness.CHUNK, hash_seed=harness.SEED, max_frame_bytes=MAX_FRAME,
-                      heartbeat_timeout=10.0)
+                      max_hello_frame_bytes=512, heartbeat_timeout=10.0)
         self.settings = Settings(**common)
         self.keyed = Settings(api_key=API_KEY, **common)
 

@@ -9,7 +9,6 @@ index). ``run.py`` drives them under atheris; the smoke test also calls them dir
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path

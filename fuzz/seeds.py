@@ -60,6 +60,12 @@ def http_seeds() -> dict[str, bytes]:
     seeds = {f"seed-{k}": b"\x00" + v for k, v in raw.items()}
     seeds["seed-lookup-split-eof-sweep"] = b"\x76" + raw["lookup-pipelined"]
     seeds["seed-slow-head-sweep"] = b"\x04" + raw["slow-head"]
+    # bit 3: the controller has the API key "k"
+    seeds["seed-keyed-clear-without-key"] = b"\x08" + raw["clear"]
+    seeds["seed-keyed-clear-with-key"] = b"\x08" + req("POST", "/clear", j({"instance_id": "inst_a"}),
+                                                      "Authorization: Bearer k\r\n")
+    seeds["seed-keyed-pin-x-api-key"] = b"\x08" + req("POST", "/pin", j({"instance_id": "inst_b", "tokens": [1]}),
+                                                     "X-API-Key: k\r\n")
     for n in range(8):  # structured mode with a few different choices
         seeds[f"seed-structured-{n}"] = bytes([1 | (n << 4), n, 3 * n, 7, n * 11 % 256, 2, 0, 5, 1]) + bytes(range(n, 40))
     return seeds
