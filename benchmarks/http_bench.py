@@ -179,7 +179,7 @@ def bench_ours(args, bodies: Path) -> dict:
     exe = ROOT / ".venv" / "bin" / "lmcache_controller"
     http, mon = free_port(), free_port()
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(mon),
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", *args.ours_args.split()]
     log(f"ours: starting {' '.join(cmd)}")
     ctl = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=sys.stderr)
     worker = None
@@ -427,6 +427,7 @@ def main() -> int:
     ap.add_argument("--hashseed", type=int, default=0, help="PYTHONHASHSEED for LMCache's side")
     ap.add_argument("--quiet-wait", type=float, default=45,
                     help="seconds to wait for other work on the machine to settle first (0: don't)")
+    ap.add_argument("--ours-args", default="", help="extra flags for our controller, e.g. '--http-threads 2'")
     ap.add_argument("--anchor-only", action="store_true", help="run only LMCache's side")
     ap.add_argument("--ours-only", action="store_true", help="run only our side")
     args = ap.parse_args()

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod hash;
 pub mod holders;
+pub mod http_fast;
 pub mod index;
 pub mod json;
 pub mod shared;

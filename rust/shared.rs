@@ -13,6 +13,7 @@ use thread_local::ThreadLocal;
 
 use crate::error::{Error, Result};
 use crate::index::{Core, Op, OpResult};
+use crate::json;
 use crate::snapshot;
 
 pub struct SharedIndex {
@@ -55,6 +56,17 @@ impl SharedIndex {
             .enter()
             .expect("the write handle lives as long as the index");
         f(&guard)
+    }
+
+    /// The /lookup answer for a request body: parse it, look it up (with every location and
+    /// worker when `detail`), render the response body. Errors name what is wrong with the body.
+    pub fn lookup_json(&self, body: &[u8], event_id: &str, detail: bool) -> Result<String> {
+        let tokens = json::parse_lookup_body(body)?;
+        Ok(self.read(|c| {
+            let matches = c.lookup(&tokens);
+            let det = detail.then(|| c.lookup_detailed(&tokens));
+            json::render_lookup(event_id, &matches, det.as_deref())
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, WriteHandle<Core, Op>> {

@@ -105,6 +105,16 @@ class Index:
         ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}``
         (with detail: ``"detail": {...lookup_detailed...}`` added).
         Raises InvalidArgumentError naming the problem on a malformed body."""
+    def answer_lookups(
+        self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int
+    ) -> tuple[bytes, int, list[float], bool]:
+        """The controller's /lookup fast path: answer the complete plain ``POST /lookup``
+        requests at the start of ``data`` (bytes a connection received), the n-th answered one
+        with event id ``event_prefix + str(first_id + n)``, stopping at the first request it
+        leaves to the general HTTP server (another request, an incomplete one, a limit reached,
+        a body the lookup refuses). Returns (responses, bytes consumed, seconds per answered
+        request, whether the last one closes the connection). Raises InvalidTypeError when
+        ``data`` is not bytes."""
     def holder_counts(self) -> list[tuple[str, int, str, int]]:
         """(instance_id, worker_id, location, chunks held) for every holder."""
     def stats(self) -> dict[str, int]:

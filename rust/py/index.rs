@@ -8,8 +8,8 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::error::{Error, Result};
 use crate::hash::{chunk_hashes as core_chunk_hashes, PrefixHash};
+use crate::http_fast;
 use crate::index::{keys_of, validate_instance_id, Batch, DetailedMatch, Event, EventKind, Op};
-use crate::json;
 use crate::py::convert::{bool_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
 use crate::shared::SharedIndex;
 
@@ -401,14 +401,7 @@ impl PyIndex {
             .map(|d| bool_arg(d, "detail"))
             .transpose()?
             .unwrap_or(false);
-        let render = |body: &[u8]| -> Result<String> {
-            let tokens = json::parse_lookup_body(body)?;
-            Ok(self.inner.read(|c| {
-                let matches = c.lookup(&tokens);
-                let det = detail.then(|| c.lookup_detailed(&tokens));
-                json::render_lookup(&event_id, &matches, det.as_deref())
-            }))
-        };
+        let render = |body: &[u8]| self.inner.lookup_json(body, &event_id, detail);
         let out = if let Ok(b) = body.cast::<PyBytes>() {
             let bytes = b.as_bytes();
             detached(py, || render(bytes))?
@@ -428,6 +421,56 @@ impl PyIndex {
             detached(py, || render(&owned))?
         };
         Ok(PyBytes::new(py, out.as_bytes()))
+    }
+
+    /// The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
+    /// `POST /lookup` requests at the start of `data` (bytes a connection received), with the
+    /// GIL released. Returns (responses, bytes consumed, seconds per answered request, close).
+    #[pyo3(
+        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes),
+        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes)"
+    )]
+    fn answer_lookups<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        event_prefix: &Bound<'py, PyAny>,
+        first_id: &Bound<'py, PyAny>,
+        max_header_bytes: &Bound<'py, PyAny>,
+        max_body_bytes: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyBytes>, usize, Vec<f64>, bool)> {
+        let prefix = str_arg(event_prefix, "event_prefix")?;
+        let first_id = int_arg(first_id, "first_id", u64::MAX / 2)?;
+        let limits = http_fast::Limits {
+            max_header_bytes: int_arg(max_header_bytes, "max_header_bytes", u32::MAX as u64)?
+                as usize,
+            max_body_bytes: int_arg(max_body_bytes, "max_body_bytes", u32::MAX as u64)? as usize,
+        };
+        let data = data.cast::<PyBytes>().map_err(|_| {
+            Error::ty(format!(
+                "data must be bytes, not {}",
+                data.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let bytes = data.as_bytes();
+        let a = detached(py, || {
+            Ok(http_fast::answer_lookups(
+                &self.inner,
+                bytes,
+                &limits,
+                &prefix,
+                first_id,
+            ))
+        })?;
+        Ok((
+            PyBytes::new(py, &a.responses),
+            a.consumed,
+            a.seconds,
+            a.close,
+        ))
     }
 
     fn holder_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {

@@ -11,6 +11,11 @@ synchronously is written at once when nothing is queued ahead of it, which is th
 /lookup hot path; an awaitable response holds a slot in the queue and later
 responses wait behind it. Reading pauses when the queue reaches the high-water mark.
 
+Before the parser, complete plain ``POST /lookup`` requests at the start of a read, between
+requests and with nothing queued, are answered by one call into Rust (``fast_lookup``, see
+rust/http_fast.rs) with the same bytes the parser path would write; it leaves anything else
+(the rest of the read included) to the parser.
+
 Bad input is answered, never raised: a parse error is a 400, an oversized body a 413
 (refused from its Content-Length before the body is read), oversized headers a 431,
 a slow client a 408, then the connection is closed. Handler failures are logged and
@@ -103,6 +108,8 @@ class HttpServerState:
         self.settings = settings
         self.metrics = metrics
         self.app = app  # app(request) -> Response or awaitable Response
+        # the /lookup fast path (api.Lookup.answer), when the app answers POST /lookup with it
+        self.fast_lookup: Any = None
         self.connections: set[HttpProtocol] = set()
         self.accepting = True
         self.group: list[HttpServerState] = [self]  # every HTTP loop of the process (one connection limit)
@@ -148,6 +155,8 @@ class HttpProtocol(asyncio.Protocol):
         self.settings = state.settings
         self.metrics = state.metrics
         self.app = state.app
+        fast = state.fast_lookup
+        self.fast = fast.answer if fast is not None else None
         self.max_body = state.settings.max_body_bytes
         self.max_header = state.settings.max_header_bytes
         self.transport: asyncio.Transport | None = None
@@ -217,6 +226,22 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing:
             return
         self.activity += 1
+        # Fast path: complete plain POST /lookup requests at the start of this read are answered
+        # in one call, only between requests and with no response pending (order is kept). The
+        # rest goes to the parser, which answers it as it always does.
+        if (self.fast is not None and not self.receiving and not self.queue
+                and data.startswith(b"POST /lookup")):
+            out, consumed, close = self.fast(data, self.max_header, self.max_body)
+            if consumed:
+                assert self.transport is not None
+                self.transport.write(out)
+                if close:
+                    self.closing = True  # nothing after a closing response is read
+                    self.transport.close()
+                    return
+                if consumed == len(data):
+                    return
+                data = data[consumed:]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:

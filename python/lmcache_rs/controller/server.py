@@ -39,6 +39,7 @@ class Controller:
         self.http_state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
         self.api = Api(self)
         self.http_state.app = self.api
+        self.http_state.fast_lookup = self.api.lookup
         self.monitor_state = MonitorServerState(settings, self.metrics, self.registry)
         self.sweeper = Sweeper(self.http_state)
         self.http_server: asyncio.AbstractServer | None = None
@@ -221,6 +222,7 @@ class HttpLoop:
         self.state.group.append(self.state)
         lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-")
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
+        self.state.fast_lookup = lookup
         self.sweeper = Sweeper(self.state)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
