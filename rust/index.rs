@@ -275,39 +275,28 @@ impl Core {
 
     /// Drop the worker's holdings (at one location, or all) but keep it registered.
     pub fn drop_worker(&mut self, inst: &str, worker: WorkerId, loc: Option<&str>) -> u64 {
-        let Some(i) = self.reg.find_instance(inst) else {
-            return 0;
-        };
-        let l = match loc {
-            Some(name) => match self.reg.find_location(name) {
-                Some(l) => Some(l),
-                None => return 0,
-            },
-            None => None,
-        };
-        let drop = self
-            .reg
-            .holders_where(|h| h.inst == i && h.worker == worker && l.is_none_or(|l| h.loc == l));
-        let removed = self.drop_holders(&drop);
-        self.reg.gc();
-        removed
+        self.drop_matching(inst, Some(worker), loc)
     }
 
     /// Drop the instance's holdings (at one location, or all). Returns holdings dropped.
     pub fn clear(&mut self, inst: &str, loc: Option<&str>) -> u64 {
+        self.drop_matching(inst, None, loc)
+    }
+
+    /// Drop the holdings of `inst` by one worker (or all) at one location (or all); workers
+    /// stay registered. Returns holdings dropped.
+    fn drop_matching(&mut self, inst: &str, worker: Option<WorkerId>, loc: Option<&str>) -> u64 {
         let Some(i) = self.reg.find_instance(inst) else {
             return 0;
         };
-        let l = match loc {
-            Some(name) => match self.reg.find_location(name) {
-                Some(l) => Some(l),
-                None => return 0,
-            },
-            None => None,
+        let l = match loc.map(|name| self.reg.find_location(name)) {
+            // a location never interned holds nothing
+            Some(None) => return 0,
+            l => l.flatten(),
         };
-        let drop = self
-            .reg
-            .holders_where(|h| h.inst == i && l.is_none_or(|l| h.loc == l));
+        let drop = self.reg.holders_where(|h| {
+            h.inst == i && worker.is_none_or(|w| h.worker == w) && l.is_none_or(|l| h.loc == l)
+        });
         let removed = self.drop_holders(&drop);
         self.reg.gc();
         removed
