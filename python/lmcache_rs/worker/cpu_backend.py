@@ -21,12 +21,13 @@ into and out of slots happen outside the lock on slots that are reserved or have
 
 from __future__ import annotations
 
-import collections
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+
+from .lru import LruEntries
 
 log = logging.getLogger("lmcache_rs.worker")
 
@@ -52,10 +53,11 @@ class CpuChunk:
         return sum(p[2] for p in self.blob) if self.blob is not None else self.nbytes
 
 
-class LocalCPUBackend:
+class LocalCPUBackend(LruEntries[CpuChunk]):
     name = NAME
 
     def __init__(self, capacity_bytes: int, slot_bytes: int, pin: Optional[bool] = None):
+        super().__init__()
         if slot_bytes <= 0:
             raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
         self.slot_bytes = slot_bytes
@@ -68,8 +70,6 @@ class LocalCPUBackend:
         self.buffer, self.pinned_how = _allocate(self.capacity, pin)
         self.array = self.buffer.numpy()  # same memory, for sockets and files
         self.free: list[int] = list(range(self.num_slots - 1, -1, -1))
-        self.entries: dict[int, CpuChunk] = {}
-        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.slot_refs: dict[int, int] = {}
         self.arena_slot: Optional[int] = None
         self.arena_off = 0
@@ -99,16 +99,6 @@ class LocalCPUBackend:
     @property
     def free_slots(self) -> int:
         return len(self.free)
-
-    def __contains__(self, key: int) -> bool:
-        return key in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def touch(self, key: int) -> None:
-        if key in self.lru:
-            self.lru.move_to_end(key)
 
     # -- slots --------------------------------------------------------------------------------
     def reserve(self, protect: Iterable[int] | set, evicted: list[int]) -> Optional[int]:
@@ -142,14 +132,6 @@ class LocalCPUBackend:
         self.entries[chunk.key] = chunk
         if not pinned:
             self.lru[chunk.key] = None
-
-    def set_pinned(self, key: int, pinned: bool) -> None:
-        if key not in self.entries:
-            return
-        if pinned:
-            self.lru.pop(key, None)
-        elif key not in self.lru:
-            self.lru[key] = None
 
     def remove(self, key: int) -> CpuChunk:
         chunk = self.entries.pop(key)

@@ -34,6 +34,8 @@ from typing import Any
 
 import xxhash
 
+from .lru import LruEntries
+
 log = logging.getLogger("lmcache_rs.worker")
 
 NAME = "LocalDiskBackend"
@@ -50,18 +52,17 @@ class DiskChunk:
     checksum: int
 
 
-class LocalDiskBackend:
+class LocalDiskBackend(LruEntries[DiskChunk]):
     name = NAME
 
     def __init__(self, directory: str, capacity_bytes: int, header: dict[str, Any], fsync: bool = True):
+        super().__init__()
         self.directory = directory
         self.capacity = capacity_bytes
         self.header = {"v": FORMAT_VERSION, **header}
         self.fsync = fsync
         self.chunk_dir = os.path.join(directory, "chunks")
         self.index_path = os.path.join(directory, "index.log")
-        self.entries: dict[int, DiskChunk] = {}
-        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.used_bytes = 0
         os.makedirs(self.chunk_dir, exist_ok=True)
         self._lock_file = open(os.path.join(directory, "LOCK"), "a+")
@@ -85,18 +86,8 @@ class LocalDiskBackend:
             self._lock_file.close()
             self._lock_file = None  # type: ignore[assignment]
 
-    def __contains__(self, key: int) -> bool:
-        return key in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def path_of(self, key: int) -> str:
         return os.path.join(self.chunk_dir, f"{key:016x}.kv")
-
-    def touch(self, key: int) -> None:
-        if key in self.lru:
-            self.lru.move_to_end(key)
 
     # -- start: replay, reconcile, compact ----------------------------------------------------
     def _recover(self) -> None:
@@ -228,14 +219,6 @@ class LocalDiskBackend:
         if not pinned:
             self.lru[chunk.key] = None
         self._append(_put_record(chunk))
-
-    def set_pinned(self, key: int, pinned: bool) -> None:
-        if key not in self.entries:
-            return
-        if pinned:
-            self.lru.pop(key, None)
-        elif key not in self.lru:
-            self.lru[key] = None
 
     def remove(self, key: int) -> DiskChunk:
         chunk = self.entries.pop(key)
