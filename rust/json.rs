@@ -272,10 +272,12 @@ pub fn write_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn write_pair(out: &mut String, loc: &str, n: u64) {
-    out.push('[');
-    write_str(out, loc);
-    let _ = write!(out, ", {n}]");
+/// `"instance": ["location", n]`
+fn write_match(out: &mut String, m: &Match) {
+    write_str(out, &m.instance);
+    out.push_str(": [");
+    write_str(out, &m.location);
+    let _ = write!(out, ", {}]", m.length);
 }
 
 /// `{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}` plus
@@ -293,16 +295,13 @@ pub fn render_lookup(
         if i > 0 {
             out.push_str(", ");
         }
-        write_str(&mut out, &m.instance);
-        out.push_str(": ");
-        write_pair(&mut out, &m.location, m.length);
+        write_match(&mut out, m);
     }
     out.push('}');
+    // the spec's flat keys repeat layout_info's entries
     for m in matches {
         out.push_str(", ");
-        write_str(&mut out, &m.instance);
-        out.push_str(": ");
-        write_pair(&mut out, &m.location, m.length);
+        write_match(&mut out, m);
     }
     if let Some(detail) = detail {
         out.push_str(", \"detail\": {");
