@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -241,7 +242,7 @@ def parse_value(key: str, value: Any, from_env: bool = False) -> Any:
             result = float(value)
         except (TypeError, ValueError):
             raise _bad(key, value, "expected a number") from None
-        if result != result or result in (float("inf"), float("-inf")):
+        if not math.isfinite(result):
             raise _bad(key, value, "expected a finite number")
         return result
     if kind == "str":

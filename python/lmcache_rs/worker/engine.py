@@ -380,7 +380,7 @@ class KVWorker:
         temps: dict[int, torch.Tensor] = {}
         try:
             # the dtype of the first chunk; a chunk of another dtype ends the match
-            for n, (i, source) in enumerate(plan):
+            for n, (_, source) in enumerate(plan):
                 chunk_dtype = source.dtype if isinstance(source, CpuChunk) else dtype_from_name(source[0].dtype)
                 if dtype is None:
                     dtype = chunk_dtype
