@@ -176,29 +176,8 @@ impl Core {
     /// Record that (inst, worker, loc) holds `keys`; registers the worker. Returns new holdings.
     pub fn admit(&mut self, inst: &str, worker: WorkerId, loc: &str, keys: &[PrefixHash]) -> u64 {
         let h = self.reg.intern_holder(inst, worker, loc);
-        let reg = &mut self.reg;
-        let mut added = 0u64;
-        // consecutive chunks usually share a set: remember the last transition
-        let mut memo = (SetIx(u32::MAX), SetIx(u32::MAX));
-        for &k in keys {
-            self.table.update(k, |cur| {
-                let s = SetIx(cur.unwrap_or(0));
-                let t = if s == memo.0 {
-                    memo.1
-                } else {
-                    let t = reg.with_holder(s, h);
-                    memo = (s, t);
-                    t
-                };
-                if t != s {
-                    reg.decref(s);
-                    reg.incref(t);
-                    added += 1;
-                }
-                Some(t.0)
-            });
-        }
-        reg.add_count(h, added);
+        let added = self.move_keys(keys, true, |reg, s| reg.with_holder(s, h));
+        self.reg.add_count(h, added);
         added
     }
 
@@ -207,29 +186,47 @@ impl Core {
         let Some(h) = self.reg.find_holder(inst, worker, loc) else {
             return 0;
         };
+        let removed = self.move_keys(keys, false, |reg, s| reg.without_holder(s, h));
+        self.reg.sub_count(h, removed);
+        removed
+    }
+
+    /// Move each key from its holder set `s` to `step(s)`, dropping keys left with the empty
+    /// set. A key not in the table starts from the empty set when `insert_absent`, else it is
+    /// skipped. Returns how many keys changed set.
+    fn move_keys(
+        &mut self,
+        keys: &[PrefixHash],
+        insert_absent: bool,
+        mut step: impl FnMut(&mut Registry, SetIx) -> SetIx,
+    ) -> u64 {
         let reg = &mut self.reg;
-        let mut removed = 0u64;
+        let mut changed = 0u64;
+        // consecutive chunks usually share a set: remember the last transition
         let mut memo = (SetIx(u32::MAX), SetIx(u32::MAX));
         for &k in keys {
             self.table.update(k, |cur| {
-                let s = SetIx(cur?);
+                let s = match cur {
+                    Some(s) => SetIx(s),
+                    None if insert_absent => SetIx::EMPTY,
+                    None => return None,
+                };
                 let t = if s == memo.0 {
                     memo.1
                 } else {
-                    let t = reg.without_holder(s, h);
+                    let t = step(reg, s);
                     memo = (s, t);
                     t
                 };
                 if t != s {
                     reg.decref(s);
                     reg.incref(t);
-                    removed += 1;
+                    changed += 1;
                 }
                 (t != SetIx::EMPTY).then_some(t.0)
             });
         }
-        reg.sub_count(h, removed);
-        removed
+        changed
     }
 
     /// Drop every holding of the given holders (sorted). Returns holdings removed.
