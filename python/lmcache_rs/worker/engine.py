@@ -506,9 +506,7 @@ class KVWorker:
                 if not self.holds(key):
                     continue
                 self._pinned.add(key)
-                self.cpu.set_pinned(key, True)
-                if self.disk is not None:
-                    self.disk.set_pinned(key, True)
+                self._set_pinned(key, True)
                 count += 1
         return count
 
@@ -521,11 +519,14 @@ class KVWorker:
                 if key not in self._pinned:
                     continue
                 self._pinned.discard(key)
-                self.cpu.set_pinned(key, False)
-                if self.disk is not None:
-                    self.disk.set_pinned(key, False)
+                self._set_pinned(key, False)
                 count += 1
         return count
+
+    def _set_pinned(self, key: int, pinned: bool) -> None:
+        self.cpu.set_pinned(key, pinned)
+        if self.disk is not None:
+            self.disk.set_pinned(key, pinned)
 
     def is_pinned(self, key: int) -> bool:
         return key in self._pinned
