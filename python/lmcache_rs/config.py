@@ -375,12 +375,6 @@ def config_from_dict(data: Mapping[str, Any]) -> LMCacheConfig:
 
 
 def _read_file(path: str, unknown: list[str]) -> dict[str, Any]:
-    return _from_mapping(read_yaml_mapping(path), path, unknown)
-
-
-def read_yaml_mapping(path: str) -> dict[Any, Any]:
-    """The mapping a YAML config file holds ({} when empty). Raises ConfigError when the file
-    cannot be read, is not YAML, or holds something other than a mapping."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
@@ -392,7 +386,7 @@ def read_yaml_mapping(path: str) -> dict[Any, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys to values, got {type(data).__name__}")
-    return data
+    return _from_mapping(data, path, unknown)
 
 
 def _from_mapping(data: Mapping[str, Any], source: str, unknown: list[str]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
-from ..config import read_yaml_mapping
+import yaml
+
 from ..wire import DEFAULT_MAX_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
@@ -81,7 +82,17 @@ _YAML_KEYS = {
 
 def read_yaml(path: str) -> dict[str, Any]:
     """The controller's keys from a worker config file. Raises ValueError on a bad file."""
-    data = read_yaml_mapping(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping, got {type(data).__name__}")
     out: dict[str, Any] = {}
     for key, kind in _YAML_KEYS.items():
         if key in data and data[key] is not None:
