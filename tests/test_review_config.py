@@ -39,7 +39,7 @@ def test_controller_yaml_refuses_wrong_types(tmp_path, line, message):
 def test_controller_yaml_refuses_a_non_mapping_and_reads_an_empty_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(ValueError, match="must hold a mapping"):
+    with pytest.raises(ValueError, match="must be a mapping"):
         read_yaml(str(path))
     path.write_text("")
     assert read_yaml(str(path)) == {}
