@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target ``frames``: the wire layer's FrameDecoder and packed-integer helpers on any bytes.
 
 Checked for every input:

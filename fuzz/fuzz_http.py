@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target ``http``: bytes into the controller's HTTP protocol, through a fake transport.
 
 The whole request path runs: httptools parsing, limits (small ones here, so short inputs
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -111,7 +113,7 @@ API_KEY = "k"
 
 
 class Target:
-    def __init__(self, api_key: str | None = None, loop=None) -> None:
+    def __init__(self, api_key: str | None = None, loop=None, fast: bool = True) -> None:
         self.errors = harness.quiet_logs()
         self.loop = loop or harness.new_loop()
         self.api_key = api_key
@@ -125,12 +127,15 @@ class Target:
             record = WorkerRecord(instance_id, worker_id)
             record.host, record.worker_port, record.p2p_host, record.p2p_port = "127.0.0.1", 1, "127.0.0.1", 2
             record.state = LIVE
+            record.registered_at = record.last_seen_wall = 1.7e9  # the same in both twins
             record.command = StubCommand(record)  # type: ignore[assignment]
             registry.workers[record.key] = record
             self.index.register_worker(instance_id, worker_id)
         harness.seed_index(self.index)
         self.baseline = harness.digest(self.index)
         self.state = self.controller.http_state
+        if not fast:  # every request through the general parser (the reference for the fast path)
+            self.state.fast_lookup = None
         self.sweeper = Sweeper(self.state)
         self.seen: list[tuple[bytes, bytes, list, bool]] = []  # method, path, [status], carried the key
         api = self.state.app
@@ -161,8 +166,8 @@ class Target:
             raise harness.Finding("re-seeding did not restore the index")
 
     # -- one input ---------------------------------------------------------------------------
-    def __call__(self, data: bytes) -> None:
-        self.loop.run_until_complete(self.one(data))
+    def __call__(self, data: bytes) -> bytes:
+        return self.loop.run_until_complete(self.one(data))
 
     async def one(self, data: bytes) -> None:
         r = Reader(data)
@@ -191,6 +196,7 @@ class Target:
         transport.close()
         await harness.settle(3)
         self.check(proto, written)
+        return written
 
     def check(self, proto: HttpProtocol, written: bytes) -> None:
         self.errors.check()
@@ -290,16 +296,35 @@ def split(stream: bytes, n: int, data: bytes) -> list[bytes]:
     return pieces
 
 
-_targets: dict[bool, Target] = {}
+_targets: dict[tuple[bool, bool], Target] = {}
+_EVENT_TAG = re.compile(rb'"([A-Za-z]+)-[0-9a-f]{8}-(\d+)"')
+
+
+def normalised(written: bytes) -> list[tuple[int, dict, bytes]]:
+    """Responses with what may differ between two servers taken out: the random event-id tag,
+    and the bodies of /metrics and /dashboard.json (timings, uptime)."""
+    out = []
+    for status, headers, body in harness.parse_http_responses(written):
+        if body.startswith(b"# HELP") or b'"uptime_s"' in body:
+            body, headers = b"<timings>", {k: v for k, v in headers.items() if k != "content-length"}
+        out.append((status, headers, _EVENT_TAG.sub(rb'"\1-T-\2"', body)))
+    return out
 
 
 def test_one_input(data: bytes) -> None:
+    """The input through the controller as configured (the /lookup fast path on), then through a
+    twin whose fast path is off: both must pass every check and answer the same bytes."""
     keyed = bool(data and data[0] & 8)
-    target = _targets.get(keyed)
-    if target is None:
-        other = next(iter(_targets.values()), None)
-        target = _targets[keyed] = Target(API_KEY if keyed else None, other.loop if other else None)
-    target(data)
+    answers = []
+    for fast in (True, False):
+        target = _targets.get((keyed, fast))
+        if target is None:
+            other = next(iter(_targets.values()), None)
+            target = _targets[(keyed, fast)] = Target(API_KEY if keyed else None, other.loop if other else None, fast)
+        answers.append(target(data))
+    if answers[0] != answers[1] and normalised(answers[0]) != normalised(answers[1]):
+        raise harness.Finding(f"the /lookup fast path answered differently from the general parser:\n"
+                              f"fast:    {answers[0][:600]!r}\nparser:  {answers[1][:600]!r}")
 
 
 def main() -> None:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target ``lookup_json``: /lookup bodies straight into the native ``Index.lookup_json``.
 
 The first byte chooses raw mode (the rest is the body) or structured mode (a JSON object

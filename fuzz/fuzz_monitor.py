@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target ``monitor``: frames into the controller's monitor protocol, through a fake transport.
 
 Each input is one worker connection to a fresh controller state (registry + native index

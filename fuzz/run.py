@@ -34,9 +34,9 @@ TARGETS = {
     "monitor": "fuzz_monitor.py",
     "frames": "fuzz_frames.py",
 }
-RUST_TARGETS = ["lookup_body", "snapshot_load"]
+RUST_TARGETS = ["lookup_body", "http_fast", "snapshot_load"]
 MAX_LEN = {"http": 4096, "lookup_json": 4096, "monitor": 4096, "frames": 2048, "lookup_body": 4096,
-           "snapshot_load": 4096}
+           "http_fast": 4096, "snapshot_load": 4096}
 
 
 def cargo_fuzz_available() -> bool:

@@ -521,3 +521,41 @@ def test_monitor_connections_over_the_limit_are_refused(controller):
     refused, answer = run(main())
     assert refused == 30
     assert answer["t"] == "welcome"
+
+
+def test_http_connections_dropped_mid_request_leave_nothing_behind(controller):
+    """200 clients vanish halfway through a request (FIN or RST, in the headers or the body):
+    the controller forgets every one of them at once and keeps answering."""
+    c = controller()
+    full = (b"POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n"
+            b'{"tokens": [1, 2, 3, 4, 5, 6]}')
+
+    def vanish(i: int) -> None:
+        s = socket.create_connection(("127.0.0.1", c.http_port), timeout=5)
+        s.sendall(full[: 5 + (i * 37) % (len(full) - 6)])
+        if i % 2:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+        s.close()
+
+    async def connections() -> int:
+        http = await Http(c.http_port).open()
+        try:
+            status, body = await http.request("GET", "/metrics")
+        finally:
+            await http.close()
+        line = next(x for x in body.decode().splitlines() if x.startswith("lmcache_http_connections "))
+        return int(float(line.split()[1]))
+
+    async def main():
+        await asyncio.gather(*(asyncio.to_thread(vanish, i) for i in range(200)))
+        deadline = time.monotonic() + 5
+        while (left := await connections()) > 1 and time.monotonic() < deadline:  # 1: the /metrics request
+            await asyncio.sleep(0.05)
+        http = await Http(c.http_port).open()
+        answer = await http.lookup([1, 2, 3])
+        await http.close()
+        return left, answer
+
+    left, answer = run(main())
+    assert left == 1 and answer == {}
+    assert c.alive() and c.errors_logged() == []

@@ -187,8 +187,11 @@ def test_the_controller_source_opens_no_client_named_file_and_runs_no_code():
         found += [f"{rel}:{line}: {name}" for name, line in _suspicious(path) if (rel, name) not in ALLOWED]
     # msgpack is unpacked without ext hooks that build objects, json without object hooks
     assert found == [], "calls that may run code or read files:\n" + "\n".join(found)
-    text = (base / "controller" / "settings.py").read_text()
-    assert "yaml.safe_load" in text and "yaml.load(" not in text
+    # the YAML config (read by lmcache_rs.config for workers and controller alike) is parsed safely
+    for path in [base / "config.py", *sorted((base / "controller").glob("*.py"))]:
+        text = path.read_text()
+        assert "yaml.load(" not in text and "yaml.unsafe_load" not in text and "yaml.Loader" not in text, path
+    assert "yaml.safe_load" in (base / "config.py").read_text()
 
 
 # -- where it listens -----------------------------------------------------------------------

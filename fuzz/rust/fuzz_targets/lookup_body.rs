@@ -17,10 +17,17 @@ fuzz_target!(|data: &[u8]| {
         // serde_json::Value keeps the last of duplicate keys; the parser refuses duplicate
         // "tokens", so the two agree whenever the parser accepts.
         if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(data) {
-            let list = map.get("tokens").and_then(Value::as_array).expect("accepted without a tokens list");
+            let list = map
+                .get("tokens")
+                .and_then(Value::as_array)
+                .expect("accepted without a tokens list");
             let theirs: Vec<u32> = list
                 .iter()
-                .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).expect("accepted a bad token"))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .expect("accepted a bad token")
+                })
                 .collect();
             assert_eq!(theirs, tokens, "parser and serde_json::Value disagree");
         }
@@ -34,10 +41,17 @@ fuzz_target!(|data: &[u8]| {
     if instance == "event_id" || instance == "layout_info" {
         return; // reserved: the index refuses these instance ids
     }
-    let matches = vec![Match { instance: instance.clone().into(), location: location.clone().into(), length: 7 }];
+    let matches = vec![Match {
+        instance: instance.clone().into(),
+        location: location.clone().into(),
+        length: 7,
+    }];
     let out = render_lookup(&event_id, &matches, None);
     let v: Value = serde_json::from_str(&out).expect("render_lookup wrote invalid JSON");
     assert_eq!(v["event_id"].as_str(), Some(event_id.as_str()));
-    assert_eq!(v["layout_info"][&instance][0].as_str(), Some(location.as_str()));
+    assert_eq!(
+        v["layout_info"][&instance][0].as_str(),
+        Some(location.as_str())
+    );
     assert_eq!(v["layout_info"][&instance][1].as_u64(), Some(7));
 });

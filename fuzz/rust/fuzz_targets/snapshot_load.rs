@@ -14,7 +14,9 @@ use libfuzzer_sys::fuzz_target;
 use xxhash_rust::xxh3::xxh3_64;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::var_os("FUZZ_SCRATCH").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = std::env::var_os("FUZZ_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     dir.join(format!("lmcache-fuzz-{}-{name}", std::process::id()))
 }
 
@@ -50,6 +52,10 @@ fuzz_target!(|data: &[u8]| {
             workers.sort();
             (stats, holders, workers)
         };
-        assert_eq!(observable(&core), observable(&again), "dump + load changed the index");
+        assert_eq!(
+            observable(&core),
+            observable(&again),
+            "dump + load changed the index"
+        );
     }
 });
