@@ -98,7 +98,45 @@ def child_env() -> dict:
 _LISTENING = re.compile(r"listening: http=\S*?:(\d+)\S* monitor=\S*?:(\d+)")
 
 
-class Controller:
+class LoggedProcess:
+    """A child process whose output goes to a log file; stop = SIGTERM, then kill -9."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
+    stop_timeout: float = 10.0
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def errors_logged(self) -> list[str]:
+        return [line for line in self.log().splitlines() if " ERROR " in line or "Traceback" in line]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Controller(LoggedProcess):
     """``lmcache_controller`` on 127.0.0.1; ``start()`` again after ``kill()`` reuses its ports."""
 
     def __init__(self, workdir: Path, *args: str, heartbeat_timeout: float = 3.0, env: dict | None = None,
@@ -139,39 +177,11 @@ class Controller:
         self.kill()
         raise RuntimeError(f"controller did not start in {timeout} s:\n{self.log()[-3000:]}")
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
-    def errors_logged(self) -> list[str]:
-        return [line for line in self.log().splitlines() if " ERROR " in line or "Traceback" in line]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-class Worker:
+class Worker(LoggedProcess):
     """A real worker process (this script's ``worker`` subcommand)."""
+
+    stop_timeout = 15.0
 
     def __init__(self, workdir: Path, monitor_port: int, instance: str, worker_id: int = 0, *,
                  store_rate: float = 20.0, churn: bool = True, capacity_chunks: int = 400, seed: int = 0,
@@ -199,33 +209,6 @@ class Worker:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             time.sleep(0.05)
         raise RuntimeError(f"worker not ready in {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def errors_logged(self) -> list[str]:
-        return [line for line in self.log().splitlines() if " ERROR " in line or "Traceback" in line]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 # -- HTTP -----------------------------------------------------------------------------------
