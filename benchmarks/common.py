@@ -153,3 +153,15 @@ def fmt(x: float, digits: int = 1) -> str:
     if abs(x) >= 1e4:
         return f"{x / 1e3:.{digits}f} k"
     return f"{x:.{digits}f}"
+
+
+def publish(res: dict, name: str, text: str, out_arg: str | None) -> Path:
+    """Keep the report in the results, write the JSON, print the table and where it went."""
+    res["report"] = text
+    out = Path(out_arg) if out_arg else RESULTS_DIR / f"{name}.json"
+    write_json(out, res)
+    print(f"\n## {name}\n")
+    print(text)
+    shown = out.relative_to(Path.cwd()) if out.resolve().is_relative_to(Path.cwd()) else out
+    print(f"\n(full results: {shown})")
+    return out

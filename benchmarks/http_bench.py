@@ -53,9 +53,9 @@ from common import (  # noqa: E402
     loadavg,
     log,
     machine,
+    publish,
     table,
     wait_quiet,
-    write_json,
 )
 import workload as wlmod  # noqa: E402
 
@@ -401,13 +401,7 @@ def driver(args) -> int:
     if "ours" in res and "lmcache" in res:
         res["verdict"] = verdict(res["ours"], res["lmcache"])
     res["loadavg_end"] = loadavg()
-    text = report(res)
-    res["report"] = text
-    out = Path(args.out) if args.out else RESULTS_DIR / "http_bench.json"
-    write_json(out, res)
-    print("\n## http_bench\n")
-    print(text)
-    print(f"\n(full results: {out})")
+    publish(res, "http_bench", report(res), args.out)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import sys
@@ -44,12 +43,12 @@ from common import (  # noqa: E402
     ANCHOR_PY,
     BENCH_DIR,
     OUR_PY,
-    RESULTS_DIR,
     fmt,
     latency_summary,
     loadavg,
     log,
     machine,
+    publish,
     rss_bytes,
     run_side,
     wait_quiet,
@@ -476,13 +475,7 @@ def driver(args) -> int:
             for c in CASES
         }
         res["verdict"] = verdict(res["ours"], res["dynamo"])
-    text = report(res)
-    res["report"] = text
-    out = Path(args.out) if args.out else RESULTS_DIR / "index_bench.json"
-    write_json(out, res)
-    print("\n## index_bench\n")
-    print(text)
-    print(f"\n(full results: {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out})")
+    publish(res, "index_bench", report(res), args.out)
     return 0
 
 
