@@ -36,6 +36,9 @@ test-py:
 lint:  ## rustfmt, clippy and the type stub check
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
+	$(VENV)/bin/ruff check python tests benchmarks fuzz
 	$(PY) -m mypy.stubtest lmcache_rs._core
 
 bench: install  ## benchmarks side by side with the anchors (see BENCHMARKS.md)

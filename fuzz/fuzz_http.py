@@ -203,7 +203,7 @@ class Target:
         for method, path, status, keyed in self.seen:
             if not keyed and method == b"POST" and path.decode("latin-1") in MUTATING and status and status[0] != 401:
                 raise harness.Finding(f"{path!r} answered {status[0]} to a request without the API key")
-        for status, headers, body in harness.parse_http_responses(written):
+        for status, _headers, body in harness.parse_http_responses(written):
             if status >= 500 and status != 503:
                 raise harness.Finding(f"server answered {status}: {body[:300]!r}")
             if status >= 400:

@@ -162,7 +162,7 @@ class Cluster:
         return host, int(port)
 
     def stop(self):
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes = {}

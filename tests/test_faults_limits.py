@@ -280,7 +280,7 @@ def test_idle_http_connections_are_refused_over_the_limit_and_timed_out(controll
         socks = []
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
-        for i in range(n):
+        for _i in range(n):
             s = socket.socket()
             s.setblocking(False)
             try:

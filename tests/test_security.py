@@ -254,7 +254,7 @@ def test_mutating_endpoints_need_the_key_reads_do_not(controller, how):
             assert "API key" in err and KEY not in err
         for status, body in accepted:  # past the key: the unknown instance is the next problem
             assert status in (400, 404), (path, status, body)
-    for (method, path), (status, body) in reads.items():
+    for (_method, path), (status, body) in reads.items():
         assert status != 401, (path, body)
     assert hello_without["code"] == "unauthorized" and hello_with["t"] == "welcome"
     assert KEY not in c.log()

@@ -177,7 +177,7 @@ def test_eviction_under_pressure_is_reported(controller):
         while len(admitted) - len(evicted) != 8 or len(admitted) != 16:
             assert time.monotonic() < deadline
             _, events = controller.next("events")
-            for op, loc, hashes in events["ops"]:
+            for op, _loc, hashes in events["ops"]:
                 (admitted if op == "admit" else evicted).update(unpack_u64s(hashes))
         assert admitted - evicted == set(w.cpu.entries)
     finally:
