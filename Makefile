@@ -33,7 +33,7 @@ test-rust:
 test-py:
 	$(PY) -m pytest -q
 
-lint:  ## rustfmt, clippy and the type stub check
+lint: install  ## rustfmt, clippy and the type stub check
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo clippy --release --all-targets --features python -- -D warnings
