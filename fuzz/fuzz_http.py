@@ -173,7 +173,7 @@ class Target:
         r = Reader(data)
         flags = r.byte()
         stream = structured(r) if flags & 1 else r.rest()
-        pieces = split(stream, flags >> 4, data)
+        pieces = harness.split_reads(stream, flags >> 4, data)
         self.seen.clear()
         proto = HttpProtocol(self.state)
         transport = harness.attach(proto)
@@ -280,20 +280,6 @@ def body_for(path: str, r: Reader) -> bytes:
     if r.below(5) == 0:
         obj[str(value(r))[:16]] = value(r)  # an extra field
     return json_text(obj, r)
-
-
-def split(stream: bytes, n: int, data: bytes) -> list[bytes]:
-    """Cut the stream into n + 1 reads at points derived from the input (deterministic)."""
-    if n == 0 or len(stream) < 2:
-        return [stream]
-    points = sorted({(data[i % len(data)] * 131 + i * 977) % len(stream) for i in range(n)})
-    pieces, last = [], 0
-    for p in points:
-        if p > last:
-            pieces.append(stream[last:p])
-            last = p
-    pieces.append(stream[last:])
-    return pieces
 
 
 _targets: dict[tuple[bool, bool], Target] = {}

@@ -196,7 +196,7 @@ class Target:
             stream += encode_frame({"t": "sync_chunk", "location": harness.CPU, "hashes": pack_u64s(keys)})
             stream += encode_frame({"t": "sync_end", "count": len(keys)})
         stream += structured_frames(r) if flags & 2 else r.rest()
-        pieces = _split(bytes(stream), (flags >> 4) & 7, data)
+        pieces = harness.split_reads(bytes(stream), (flags >> 4) & 7, data)
         for piece in pieces:
             if c.transport.closed:
                 break
@@ -247,19 +247,6 @@ class Target:
         if sorted(c.index.holder_counts()) != others_before:
             raise harness.Finding("expiring one worker changed other workers' holdings")
         c.index.check_invariants()
-
-
-def _split(stream: bytes, n: int, data: bytes) -> list[bytes]:
-    if n == 0 or len(stream) < 2:
-        return [stream]
-    points = sorted({(data[i % len(data)] * 131 + i * 977) % len(stream) for i in range(n)})
-    pieces, last = [], 0
-    for p in points:
-        if p > last:
-            pieces.append(stream[last:p])
-            last = p
-    pieces.append(stream[last:])
-    return pieces
 
 
 _target: Target | None = None

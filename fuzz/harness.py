@@ -190,3 +190,17 @@ def parse_http_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]
         pos += n
         out.append((status, headers, body))
     return out
+
+
+def split_reads(stream: bytes, n: int, data: bytes) -> list[bytes]:
+    """Cut the stream into n + 1 reads at points derived from the input (deterministic)."""
+    if n == 0 or len(stream) < 2:
+        return [stream]
+    points = sorted({(data[i % len(data)] * 131 + i * 977) % len(stream) for i in range(n)})
+    pieces, last = [], 0
+    for p in points:
+        if p > last:
+            pieces.append(stream[last:p])
+            last = p
+    pieces.append(stream[last:])
+    return pieces
