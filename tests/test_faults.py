@@ -13,7 +13,6 @@ import asyncio
 import json
 import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -199,15 +198,7 @@ def test_kill_controller_under_load_restart_answers_identically_within_5s(tmp_pa
     assert all(w.alive() and w.errors_logged() == [] for w in workers)
 
 
-def _supports_snapshot() -> bool:
-    out = subprocess.run([sys.executable, "-m", "lmcache_rs.controller", "--help"], capture_output=True, text=True,
-                         env=soak.child_env(), timeout=60).stdout
-    return "--snapshot" in out
-
-
 def test_restart_with_snapshot_answers_identically_at_once(tmp_path, cleanup):
-    if not _supports_snapshot():
-        pytest.skip("the controller has no --snapshot option")
     snap = tmp_path / "index.snap"
     controller = Controller(tmp_path, "--snapshot", str(snap), "--snapshot-interval", "0.5",
                             heartbeat_timeout=HEARTBEAT_TIMEOUT)
@@ -244,8 +235,6 @@ def test_restart_with_snapshot_answers_identically_at_once(tmp_path, cleanup):
 
 
 def test_snapshot_on_shutdown_and_expiry_of_workers_that_do_not_return(tmp_path, cleanup):
-    if not _supports_snapshot():
-        pytest.skip("the controller has no --snapshot option")
     snap = tmp_path / "index.snap"
     controller = Controller(tmp_path, "--snapshot", str(snap), "--snapshot-interval", "3600",
                             heartbeat_timeout=HEARTBEAT_TIMEOUT)
@@ -332,8 +321,6 @@ def test_worker_reconnects_after_controller_restart_with_api_key(tmp_path, clean
     with a wrong key is refused (and keeps retrying, harmlessly)."""
     controller = Controller(tmp_path, heartbeat_timeout=HEARTBEAT_TIMEOUT, env={"LMCACHE_API_KEY": "k1"})
     cleanup.append(controller)
-    if not _supports_api_key_env():
-        pytest.skip("the controller does not read LMCACHE_API_KEY")
     controller.start()
     good = Worker(tmp_path, controller.monitor_port, "keyed", churn=False, capacity_chunks=80, api_key="k1")
     bad = Worker(tmp_path, controller.monitor_port, "wrongkey", churn=False, capacity_chunks=80, api_key="nope")
@@ -351,12 +338,6 @@ def test_worker_reconnects_after_controller_restart_with_api_key(tmp_path, clean
         assert ("wrongkey", 0) not in await holders(port)
 
     run(main())
-
-
-def _supports_api_key_env() -> bool:
-    out = subprocess.run([sys.executable, "-m", "lmcache_rs.controller", "--help"], capture_output=True, text=True,
-                         env=soak.child_env(), timeout=60).stdout
-    return "--api-key" in out
 
 
 def test_query_set_is_fixed():
