@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from soak import Controller, Http, rss_kb  # noqa: E402
+from soak import Controller, Http, metrics, rss_kb  # noqa: E402
 
 from lmcache_rs.wire import FrameDecoder, encode_frame  # noqa: E402
 
@@ -200,6 +200,63 @@ def test_endless_chunked_body_is_cut_at_the_limit_and_memory_stays_bounded(contr
     print(f"\nchunked body without end: {status} after {sent / 2**20:.1f} MiB sent; RSS +{grew:.1f} MB")
     assert status == 413 and "exceeds" in json.loads(body)["error"]
     assert grew < 16
+
+
+
+def test_many_half_sent_bodies_are_capped_in_all_and_others_are_served(controller):
+    # 128 clients each announce 1 MiB and send 896 KiB of it, then stall: without the process-wide
+    # cap the controller would hold 112 MiB; with an 8 MiB cap the rest get 503 at their headers.
+    c = controller("--max-buffered-body-bytes", str(8 << 20), "--request-timeout", "20")
+    n, length, part = 128, 1 << 20, 14 * 65536
+
+    async def half_sent():
+        """(held, reader, writer): held when ``part`` bytes went in and no answer came back."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.http_port)
+        writer.write(b"POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % length)
+        try:
+            for _ in range(part // 65536):
+                writer.write(b" " * 65536)
+                await writer.drain()
+                if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                    return False, reader, writer  # answered (503) before the body was in
+            await asyncio.wait_for(reader.read(1), 0.3)
+            return False, reader, writer
+        except asyncio.TimeoutError:
+            return True, reader, writer
+        except (ConnectionError, OSError):
+            return False, reader, writer  # refused and reset while sending
+
+    async def main():
+        served = Served(c.http_port)
+        task = asyncio.ensure_future(served.run())
+        await asyncio.sleep(0.2)
+        base = rss_mb(c)
+        clients = [await half_sent() for _ in range(n)]
+        peak = rss_mb(c) - base
+        held = [cl for cl in clients if cl[0]]
+        busy = (await metrics(c.http_port)).get('lmcache_rejected_requests_total{status="503"}', 0)
+        # the held ones finish their bodies: each gets a 400 (spaces are not JSON), and the budget frees
+        for _, reader, writer in held:
+            writer.write(b" " * (length - part))
+        finished = [(await read_response(reader))[0] for _, reader, _ in held]
+        # with the budget free again, a full 1 MiB body is received and answered
+        http = await Http(c.http_port).open()
+        status, _ = await http.request("POST", "/lookup", b'{"tokens": [1, 2, 3]}' + b" " * (length - 21))
+        await http.close()
+        for _, _, writer in clients:
+            writer.close()
+        served.stop = True
+        await task
+        return int(busy), len(held), finished, status, peak, served
+
+    busy, held, finished, status, grew, served = run(main())
+    print(f"\n{n} half-sent 1 MiB bodies, 8 MiB cap: {held} held, {busy} refused 503; controller RSS +{grew:.1f} MB; "
+          f"other client: {len(served.latencies)} lookups, p99 {served.p99_ms():.2f} ms")
+    assert held + busy == n and 1 <= held <= 9 and busy >= n - 9
+    assert finished == [400] * held
+    assert status == 200
+    assert grew < 40
+    assert served.errors == [] and len(served.latencies) > 10
 
 
 # -- slow clients ---------------------------------------------------------------------------

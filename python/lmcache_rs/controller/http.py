@@ -113,6 +113,11 @@ class HttpServerState:
         self.connections: set[HttpProtocol] = set()
         self.accepting = True
         self.group: list[HttpServerState] = [self]  # every HTTP loop of the process (one connection limit)
+        # Request-body bytes buffered by this loop's connections, and the cap on them: the
+        # process-wide --max-buffered-body-bytes split evenly over the loops (a per-loop counter
+        # needs no lock). Without it memory would be bounded only by connections x body limit.
+        self.buffered_body = 0
+        self.max_buffered_body = max(1, settings.max_buffered_body_bytes // max(1, settings.http_threads))
 
     def total_connections(self) -> int:
         return sum(len(s.connections) for s in self.group)
@@ -173,6 +178,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body: list[bytes] = []
         self._body_len = 0
+        self._held = 0  # bytes of this request's body counted in state.buffered_body
         self._header_bytes = 0
         self._partial_header_bytes = 0
         self._began_here = False
@@ -198,6 +204,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
+        self._release_body()
         self.state.connections.discard(self)
         for task in self.tasks:
             task.cancel()
@@ -311,15 +318,34 @@ class HttpProtocol(asyncio.Protocol):
         if self._content_length > self.max_body:
             self._fail(413, f"request body of {self._content_length} bytes exceeds the limit of {self.max_body}")
             raise _Abort
+        state = self.state
+        if self._content_length > 0 and state.buffered_body + self._content_length > state.max_buffered_body:
+            self._busy()
+            raise _Abort
         if self._expect_continue and self.transport is not None:
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        self._body_len += len(body)
+        n = len(body)
+        self._body_len += n
         if self._body_len > self.max_body:
             self._fail(413, f"request body exceeds the limit of {self.max_body} bytes")
             raise _Abort
+        state = self.state
+        state.buffered_body += n
+        self._held += n
+        if state.buffered_body > state.max_buffered_body:  # a chunked body, or over its Content-Length
+            self._busy()
+            raise _Abort
         self._body.append(body)
+
+    def _release_body(self) -> None:
+        self.state.buffered_body -= self._held
+        self._held = 0
+
+    def _busy(self) -> None:
+        self._fail(503, f"server busy: request bodies being received exceed {self.state.max_buffered_body} bytes "
+                   "in all; retry later", extra=b"Retry-After: 1\r\n")
 
     def on_message_complete(self) -> None:
         self.receiving = False
@@ -336,6 +362,9 @@ class HttpProtocol(asyncio.Protocol):
             parser.get_method(), path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
             self._credential,
         )
+        self._body = []
+        if self._held:
+            self._release_body()
         try:
             result = self.app(request)
         except Exception:
@@ -415,15 +444,17 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def _fail(self, status: int, message: str, force: bool = False) -> None:
+    def _fail(self, status: int, message: str, force: bool = False, extra: bytes = b"") -> None:
         """Answer a canned error after what is queued, then close the connection."""
+        self._body = []
+        self._release_body()
         if self.closing and not force:
             return
         log.warning("http: %d %s", status, message)
         self.metrics.count_rejected(status)
         self.receiving = False
         slot = _Slot()
-        slot.data = encode_response(status, JSON, error_body(message), close=True)
+        slot.data = encode_response(status, JSON, error_body(message), close=True, extra=extra)
         slot.close = True
         self.queue.append(slot)
         self.closing = True  # read nothing more

@@ -29,6 +29,7 @@ class Settings:
     api_key: str | None = None
     # HTTP limits
     max_body_bytes: int = 16 * 1024 * 1024
+    max_buffered_body_bytes: int = 256 * 1024 * 1024  # all request bodies being received, together
     max_header_bytes: int = 16 * 1024
     max_connections: int = 4096
     keepalive_timeout: float = 75.0
@@ -61,7 +62,7 @@ class Settings:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         if not 0 <= self.hash_seed < 2**64:
             raise ValueError(f"hash_seed must be an unsigned 64-bit integer, got {self.hash_seed}")
-        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes",
+        for name in ("max_body_bytes", "max_buffered_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes",
                      "max_hello_frame_bytes", "max_monitor_connections", "http_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, help="overrides the config's chunk_size (default 256)")
     p.add_argument("--hash-seed", type=int, help="overrides the config's hash_seed (default 0)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-buffered-body-bytes", type=int, default=d.max_buffered_body_bytes,
+                   help="request-body bytes all HTTP connections together may hold while receiving; a request "
+                   "that would go over gets 503 with Retry-After (default %(default)s)")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
     p.add_argument("--max-connections", type=int, default=d.max_connections)
     p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
@@ -153,6 +157,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         port=args.port,
         monitor_port=args.monitor_port,
         max_body_bytes=args.max_body_bytes,
+        max_buffered_body_bytes=args.max_buffered_body_bytes,
         max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections,
         keepalive_timeout=args.keepalive_timeout,
