@@ -236,7 +236,7 @@ def test_many_half_sent_bodies_are_capped_in_all_and_others_are_served(controlle
         held = [cl for cl in clients if cl[0]]
         busy = (await metrics(c.http_port)).get('lmcache_rejected_requests_total{status="503"}', 0)
         # the held ones finish their bodies: each gets a 400 (spaces are not JSON), and the budget frees
-        for _, reader, writer in held:
+        for _, _, writer in held:
             writer.write(b" " * (length - part))
         finished = [(await read_response(reader))[0] for _, reader, _ in held]
         # with the budget free again, a full 1 MiB body is received and answered

@@ -133,7 +133,7 @@ def test_buffered_bytes_match_a_model_on_random_interleavings(steps):
                 else:
                     model[k][1] = sent + part
             assert state.buffered_body == sum(sent for _, sent in model.values()) <= budget
-        for proto, t in conns.values():
+        for _, t in conns.values():
             t.close()
         await asyncio.sleep(0)
         assert state.buffered_body == 0
