@@ -12,7 +12,11 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
     if let Some(tokens) = fast_tokens(body) {
         return Ok(tokens);
     }
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // serde_json skips ignored values without checking their UTF-8; a body that is not UTF-8
+    // is not JSON, so check it whole (the fast path above takes ASCII only).
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::arg(format!("bad /lookup body: not UTF-8 ({e})")))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let tokens = de
         .deserialize_any(BodyVisitor)
         .and_then(|t| de.end().map(|_| t))
@@ -376,6 +380,8 @@ mod tests {
             br#"{"tokens": [1]} x"#,
             b"",
             b"\xff",
+            b"{\"x\": \"\xff\", \"tokens\": [1]}",
+            b"{\"x\": [\"\xed\xa0\x80\"], \"tokens\": [1]}",
         ] {
             let e = parse_lookup_body(bad).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{e}");

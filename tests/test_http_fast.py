@@ -191,3 +191,13 @@ def test_keep_alive_and_close(version, extra, closes):
 def test_malformed_input_gets_the_parser_paths_answer(bad):
     both(lookup_req() + bad + lookup_req())
     both(bad + lookup_req())
+
+
+def test_body_that_is_not_utf8_is_refused_even_inside_an_ignored_value():
+    body = b'{"note": "caf\xe9", "tokens": [1, 2, 3]}'
+    fast, _ = both(lookup_req(body=body))
+    out = bytes(fast.t.written)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"not UTF-8" in out
+    # the same key with valid UTF-8 is looked up
+    fast, _ = both(lookup_req(body=body.replace(b"\xe9", b"\xc3\xa9")))
+    assert bytes(fast.t.written).startswith(b"HTTP/1.1 200 ")
