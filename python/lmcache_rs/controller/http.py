@@ -33,11 +33,13 @@ from typing import Any, Awaitable, Callable, Union
 
 import httptools
 
+from ..log_limit import RateLimitedLog
 from ..wire import FlowControl
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.http")
+log_refusal = RateLimitedLog(log)  # clients can cause these as fast as they connect
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
@@ -450,7 +452,7 @@ class HttpProtocol(asyncio.Protocol):
         self._release_body()
         if self.closing and not force:
             return
-        log.warning("http: %d %s", status, message)
+        log_refusal("http: %d %s", status, message)
         self.metrics.count_rejected(status)
         self.receiving = False
         slot = _Slot()

@@ -12,12 +12,14 @@ import hmac
 import logging
 from typing import Any
 
+from ..log_limit import RateLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame
 from .metrics import Metrics
 from .registry import LIVE, NEED_SYNC, SYNCING, Registry, WorkerRecord
 from .settings import PROTOCOL_VERSION, Settings
 
 log = logging.getLogger("lmcache_rs.controller.monitor")
+log_refusal = RateLimitedLog(log)  # strangers can cause these as fast as they connect
 
 RESERVED_INSTANCE_IDS = frozenset({"event_id", "layout_info"})
 MAX_NAME_LEN = 256
@@ -115,7 +117,7 @@ class MonitorProtocol(asyncio.Protocol):
             self.transport.write(encode_frame(message))
 
     def reject(self, code: str, message: str) -> None:
-        log.warning("monitor %s: refusing frame: %s: %s", self.peer, code, message)
+        log_refusal("monitor %s: refusing frame: %s: %s", self.peer, code, message)
         self.metrics.count_rejected_frame(code)
         self.send({"t": "error", "code": code, "message": message})
         self.close()

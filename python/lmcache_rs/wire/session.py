@@ -34,10 +34,12 @@ import itertools
 import logging
 from typing import Any, Awaitable, Callable, Mapping, Union
 
+from ..log_limit import RateLimitedLog
 from .flow_control import FlowControl
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("lmcache_rs.wire")
+log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
 
 Handler = Callable[[dict], Union[Any, Awaitable[Any]]]
 
@@ -235,7 +237,7 @@ class Session(asyncio.Protocol):
 
     def _reject(self, code: str, message: str) -> None:
         """Answer a bad frame with an error frame and close (docs/protocol.md, Framing)."""
-        log.warning("session %s: rejecting frame: %s: %s", self.name, code, message)
+        log_refusal("session %s: rejecting frame: %s: %s", self.name, code, message)
         if self.transport is not None and not self._closing:
             self.transport.write(encode_frame({"t": "error", "code": code, "message": message}))
         self.close()

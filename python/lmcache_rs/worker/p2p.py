@@ -23,9 +23,11 @@ import xxhash
 
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
+from ..log_limit import RateLimitedLog
 from .engine import KVWorker, dtype_from_name
 
 log = logging.getLogger("lmcache_rs.worker.p2p")
+log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
 
 _HEADER_BYTES = 4
 
@@ -140,7 +142,7 @@ class P2PServer:
                         raise FrameError("bad_field", 'get needs an integer "id" and "keys" as bin')
                     keys = unpack_u64s(keys)
                 except FrameError as exc:
-                    log.warning("p2p: rejecting frame from a peer: %s: %s", exc.code, exc)
+                    log_refusal("p2p: rejecting frame from a peer: %s: %s", exc.code, exc)
                     framed.send({"t": "error", "code": exc.code, "message": str(exc)})
                     return
                 except TransferError:

@@ -1,0 +1,83 @@
+"""RateLimitedLog: at most ``burst`` lines per period, the rest counted and reported with the
+next line let through; and the controller's refusal logs use it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from fake_transport import attach
+from lmcache_rs.controller import http as http_module
+from lmcache_rs.controller.http import JSON, HttpProtocol, HttpServerState
+from lmcache_rs.controller.metrics import Metrics
+from lmcache_rs.controller.settings import Settings
+from lmcache_rs.log_limit import RateLimitedLog
+
+LOGGER = "lmcache_rs.test.log_limit"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+def test_burst_then_suppressed_then_counted_in_the_next_window(caplog):
+    clock = Clock()
+    limited = RateLimitedLog(logging.getLogger(LOGGER), burst=3, period=1.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for i in range(10):
+            limited("refused %d", i)
+        assert lines(caplog) == ["refused 0", "refused 1", "refused 2"]
+        assert limited.suppressed == 7
+        clock.now += 0.999  # same window: still quiet
+        limited("refused %d", 10)
+        assert len(lines(caplog)) == 3
+        clock.now += 0.002
+        limited("refused %d", 11)
+        assert lines(caplog)[3] == "refused 11 (and 8 similar lines not logged)"
+        assert limited.suppressed == 0
+        limited("refused %d", 12)
+        assert lines(caplog)[4] == "refused 12"
+
+
+def test_nothing_counted_when_the_level_is_off(caplog):
+    limited = RateLimitedLog(logging.getLogger(LOGGER), burst=1, clock=Clock())
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        for _ in range(5):
+            limited("x")
+    assert limited.suppressed == 0 and lines(caplog) == []
+
+
+@pytest.mark.parametrize("burst,period", [(0, 1.0), (1, 0.0)])
+def test_bad_limits_are_refused(burst, period):
+    with pytest.raises(ValueError, match="burst"):
+        RateLimitedLog(logging.getLogger(LOGGER), burst=burst, period=period)
+
+
+def test_a_flood_of_malformed_requests_logs_a_burst_and_counts_all(caplog, monkeypatch):
+    limited = RateLimitedLog(logging.getLogger(LOGGER), burst=5, clock=Clock())
+    monkeypatch.setattr(http_module, "log_refusal", limited)
+    state = HttpServerState(Settings(), Metrics(), lambda req: (200, JSON, b"{}"))
+
+    async def main():
+        for _ in range(200):
+            proto = HttpProtocol(state)
+            t = attach(proto)
+            proto.data_received(b"NOT HTTP\r\n\r\n")
+            assert t.take().startswith(b"HTTP/1.1 400 ") and t.closed
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        asyncio.run(main())
+    assert len(lines(caplog)) == 5 and all("400 malformed" in m for m in lines(caplog))
+    assert limited.suppressed == 195
+    assert state.metrics.rejected_requests == {400: 200}
