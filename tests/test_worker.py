@@ -56,6 +56,55 @@ def test_dtypes_and_non_contiguous_input(worker, dtype):
     assert out.dtype == dtype and torch.equal(out, base)
 
 
+
+def test_retrieve_into_a_callers_buffer(worker):
+    tokens = list(range(2000, 2018))
+    kv = random_kv(len(tokens))
+    worker.store(tokens[:10], kv[:, :, :10])  # chunks 0, 1 and a partial chunk of 2 tokens
+    # a buffer for the whole prompt (and more): the matched prefix is written, the rest untouched
+    out = torch.full((2, 2, 24, 2, 8), 7.0, dtype=torch.float16)
+    matched, view = worker.retrieve(tokens[:10], out=out)
+    assert matched == 10 and view.shape == (2, 2, 10, 2, 8)
+    assert view.data_ptr() == out.data_ptr() and torch.equal(view, kv[:, :, :10])
+    assert torch.all(out[:, :, 10:] == 7.0)
+    # the same answer as without out; a longer prompt matches the two full chunks only
+    matched2, fresh = worker.retrieve(tokens[:10])
+    assert matched2 == 10 and torch.equal(fresh, view)
+    out.fill_(7.0)
+    matched, view = worker.retrieve(tokens, out=out)
+    assert matched == 8 and torch.equal(view, kv[:, :, :8]) and torch.all(out[:, :, 8:] == 7.0)
+    # nothing stored: nothing written
+    out.fill_(7.0)
+    matched, view = worker.retrieve([5, 6, 7, 8, 9], out=out)
+    assert matched == 0 and view.shape[2] == 0 and torch.all(out == 7.0)
+
+
+def test_retrieve_into_out_of_another_dtype_matches_nothing(worker):
+    tokens = list(range(3000, 3008))
+    worker.store(tokens, random_kv(len(tokens), dtype=torch.float16))
+    out = torch.zeros((2, 2, 8, 2, 8), dtype=torch.bfloat16)
+    matched, view = worker.retrieve(tokens, out=out)
+    assert matched == 0 and view.shape[2] == 0 and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("shape,dtype,device,message", [
+    ((2, 2, 7, 2, 8), torch.float16, None, "T >= 8"),  # shorter than the prompt
+    ((2, 2, 8, 3, 8), torch.float16, None, "out has shape"),  # heads
+    ((3, 2, 8, 2, 8), torch.float16, None, "out has shape"),  # layers
+    ((2, 2, 8, 2), torch.float16, None, "out has shape"),
+    ((2, 2, 8, 2, 8), torch.int32, None, "floating-point"),
+    ((2, 2, 8, 2, 8), torch.float16, "meta", "differs from out's device"),
+])
+def test_retrieve_refuses_a_bad_out(worker, shape, dtype, device, message):
+    tokens = list(range(4000, 4008))
+    worker.store(tokens, random_kv(len(tokens)))
+    out = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        worker.retrieve(tokens, device=device, out=out)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        worker.retrieve(tokens, out=[[0.0]])
+    assert worker.retrieve(tokens)[0] == 8  # nothing held back by the refusal
+
 def test_float32_needs_a_wide_enough_pool(worker):
     with pytest.raises(ValueError, match="kv_dtype"):
         worker.store([1, 2, 3], random_kv(3, torch.float32))

@@ -55,8 +55,9 @@ def test_write_behind_then_read_back_after_cpu_eviction(tmp_path):
             w.flush()
         assert len(w.disk.entries) == 12
         assert w.lookup(prompt(0)) == 8 and prompt(0)[0] not in w.cpu.entries
-        matched, out = w.retrieve(prompt(0))
-        assert matched == 8 and torch.equal(out, kv[0])
+        buffer = torch.zeros((2, 2, 8, 2, 8), dtype=kv[0].dtype)
+        matched, out = w.retrieve(prompt(0), out=buffer)
+        assert matched == 8 and torch.equal(out, kv[0]) and out.data_ptr() == buffer.data_ptr()
         # read back into the pool (promoted)
         assert all(k in w.cpu.entries for k in w.chunk_keys(prompt(0)))
         w.check()

@@ -277,6 +277,22 @@ class KVWorker:
                 f"set kv_dtype: {dtype_name(kv.dtype)} in the config"
             )
 
+    def _check_out(self, out: torch.Tensor, num_tokens: int, device: str | torch.device | None) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        want = self._chunk_shape(num_tokens)
+        shape = tuple(out.shape)
+        if len(shape) != 5 or shape[:2] != want[:2] or shape[3:] != want[3:] or shape[2] < num_tokens:
+            raise ValueError(
+                f"out has shape {shape}, expected [num_layers, 2, T >= {num_tokens}, num_kv_heads, head_dim] "
+                f"with {want[:2]} and {want[3:]}"
+            )
+        if not out.dtype.is_floating_point:
+            raise ValueError(f"out must be a floating-point tensor, got {out.dtype}")
+        if device is not None and torch.device(device) != out.device:
+            if not (torch.device(device).type == out.device.type and torch.device(device).index is None):
+                raise ValueError(f"device {device} differs from out's device {out.device}")
+
     def _after_cpu_evictions(self, evicted: list[int]) -> None:
         """Events and pin bookkeeping for chunks evicted from the CPU pool (lock held)."""
         self._emit("evict", CPU, evicted)
@@ -349,13 +365,24 @@ class KVWorker:
         return self.cpu.slot_memory(chunk.slot, chunk.nbytes)
 
     # -- retrieve -------------------------------------------------------------------------------
-    def retrieve(self, tokens: Any, device: str | torch.device = "cpu") -> tuple[int, torch.Tensor]:
+    def retrieve(self, tokens: Any, device: str | torch.device | None = None,
+                 out: Optional[torch.Tensor] = None) -> tuple[int, torch.Tensor]:
         """The longest stored prefix of ``tokens``: ``(matched_tokens, kv)`` with ``kv`` of shape
-        ``[num_layers, 2, matched_tokens, num_kv_heads, head_dim]`` on ``device``, bit for bit
-        what was stored. Chunks found only on disk are read back (and kept in the CPU pool).
+        ``[num_layers, 2, matched_tokens, num_kv_heads, head_dim]`` on ``device`` (default CPU),
+        bit for bit what was stored. Chunks found only on disk are read back (and kept in the
+        CPU pool).
+
+        With ``out`` (shape ``[num_layers, 2, T, num_kv_heads, head_dim]``, ``T >= len(tokens)``,
+        any device) the prefix is written into ``out[:, :, :matched_tokens]`` and that view is
+        returned; nothing is allocated, and only chunks of ``out``'s dtype match. Raises
+        ValueError for an ``out`` of another shape, a non-floating dtype, or a ``device`` other
+        than ``out``'s.
         """
         tokens = token_list(tokens)
-        device = torch.device(device)
+        if out is not None:
+            self._check_out(out, len(tokens), device)
+            device = out.device
+        device = torch.device(device if device is not None else "cpu")
         keys = self.chunk_keys(tokens) if tokens else []
         bounds = self._bounds(len(tokens))
         plan: list[tuple[int, Any]] = []  # (chunk index, CpuChunk or (DiskChunk, file))
@@ -376,10 +403,10 @@ class KVWorker:
                     plan.append((i, (self.disk.entries[key], handle)))
                     continue
                 break
-        dtype = None
+        dtype = out.dtype if out is not None else None
         temps: dict[int, torch.Tensor] = {}
         try:
-            # the dtype of the first chunk; a chunk of another dtype ends the match
+            # the dtype of the first chunk (or of out); a chunk of another dtype ends the match
             for n, (_, source) in enumerate(plan):
                 chunk_dtype = source.dtype if isinstance(source, CpuChunk) else dtype_from_name(source[0].dtype)
                 if dtype is None:
@@ -399,7 +426,10 @@ class KVWorker:
                     break
                 temps[i] = tensor
             matched = bounds[plan[-1][0]][1] if plan else 0
-            out = torch.empty(self._chunk_shape(matched), dtype=dtype or self.dtype, device=device)
+            if out is None:
+                out = torch.empty(self._chunk_shape(matched), dtype=dtype or self.dtype, device=device)
+            else:
+                out = out[:, :, :matched]
             spans = []
             for i, source in plan:
                 start, end = bounds[i]
