@@ -5,7 +5,7 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.deps-installed
 export PYO3_PYTHON := $(abspath $(PY))
 
-.PHONY: help install build demo test test-rust test-py lint bench fuzz soak clean
+.PHONY: help install build demo test test-rust test-py test-interpreters lint bench fuzz soak clean
 
 help:  ## list the entry points
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,9 @@ test-rust:
 
 test-py:
 	$(PY) -m pytest -q
+
+test-interpreters:  ## the index's tests under every CPython 3.10-3.14 installed here
+	tests/other_interpreters.sh
 
 lint: install  ## rustfmt, clippy and the type stub check
 	cargo fmt --check

@@ -25,7 +25,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::py::index::{chunk_hashes, PyIndex};
+    use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -12,6 +12,7 @@ from ._core import (
     SnapshotError,
     __version__,
     chunk_hashes,
+    runtime_info,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "SnapshotError",
     "__version__",
     "chunk_hashes",
+    "runtime_info",
 ]

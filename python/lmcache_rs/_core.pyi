@@ -6,6 +6,7 @@ from typing import Any, Iterable, Sequence, Union, final
 __version__: str
 __all__ = [
     "chunk_hashes",
+    "runtime_info",
     "Index",
     "LMCacheError",
     "InvalidArgumentError",
@@ -32,6 +33,11 @@ class InvalidTypeError(LMCacheError, TypeError):
 
 class SnapshotError(LMCacheError, ValueError):
     """A dump file is corrupt, truncated, of another format version or for another index."""
+
+def runtime_info() -> dict[str, Any]:
+    """What this build does on the running interpreter: ``version``, and ``fast_int_lists``
+    (whether lists and tuples of int are read straight from CPython's int objects, as on
+    CPython 3.10-3.14 with the GIL after a self-check at first use, or through the C API)."""
 
 def chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, seed: int = 0) -> list[int]:
     """Chained seeded xxh3-64 keys of the chunks of ``tokens`` (see rust/README.md).

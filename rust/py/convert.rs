@@ -387,6 +387,12 @@ fn push_item<T: Word>(
     }
 }
 
+/// Whether lists and tuples of int are read straight from the int objects (`fastint`) on this
+/// interpreter, rather than through the C API one item at a time.
+pub fn fast_int_lists(py: Python<'_>) -> bool {
+    fastint::layout(py).is_some()
+}
+
 /// Reading the value of an exact, non-negative `int` of up to three 30-bit digits straight
 /// from the object, without a call into the interpreter.
 ///

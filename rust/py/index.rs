@@ -54,6 +54,15 @@ pub fn chunk_hashes<'py>(
     PyList::new(py, keys)
 }
 
+/// What this build does on the running interpreter (for diagnostics and tests).
+#[pyfunction]
+pub fn runtime_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    d.set_item("fast_int_lists", crate::py::convert::fast_int_lists(py))?;
+    Ok(d)
+}
+
 /// What a write call names: one holder and its keys.
 enum Keys {
     Tokens(IntsArg<u32>),
