@@ -9,7 +9,8 @@ Python targets (fuzz/fuzz_*.py) run under atheris (libFuzzer for Python); the Ru
 when ``cargo fuzz`` and a nightly toolchain are installed (otherwise they are skipped, and
 said so). Each target starts from its checked-in corpus (fuzz/corpus/<target>/, read only)
 and writes the inputs it finds to target/fuzz/<target>/corpus/; a crash is saved under
-target/fuzz/<target>/ with the libFuzzer prefix ``crash-``. Exit status 1 when any target
+target/fuzz/<target>/ with the libFuzzer prefix ``crash-`` (those of earlier runs are moved to
+target/fuzz/<target>/earlier/ first). Exit status 1 when any target
 crashed. A JSON summary goes to target/fuzz/summary.json and one line per target to stdout.
 """
 
@@ -73,6 +74,10 @@ def fuzz(name: str, runs: int, max_total_time: int, seed: int | None, jobs_env: 
     work = OUT / name
     corpus = work / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
+    # each run reports its own findings: those of earlier runs are kept under earlier/
+    for old in [*work.glob("crash-*"), *work.glob("timeout-*")]:
+        (work / "earlier").mkdir(exist_ok=True)
+        old.rename(work / "earlier" / old.name)
     flags = [f"-runs={runs}", f"-max_len={MAX_LEN[name]}", "-timeout=20", "-rss_limit_mb=4096",
              f"-artifact_prefix={work}/", "-print_final_stats=1"]
     if name in RUST_TARGETS:
