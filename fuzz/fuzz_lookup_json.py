@@ -52,12 +52,6 @@ class DuplicateTokens(dict):
     pass
 
 
-def _int(text: str) -> int | str:
-    # The index reads "-0" as a negative number and refuses it as a token; Python reads 0.
-    # Both are defensible; the oracle follows the index (a string is never a valid token).
-    return text if text.startswith("-") else int(text)
-
-
 # Python's parser gives up on deep nesting at its recursion limit; the index skips ignored
 # values without recursing. Such a body is valid JSON that Python cannot judge.
 TOO_DEEP = "too deep for Python's parser"
@@ -67,7 +61,7 @@ def python_tokens(body: bytes):
     """(tokens, None) if the body is a valid /lookup body by Python's strict reading, else (None, why)."""
     try:
         text = body.decode("utf-8")
-        data = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_strict_pairs, parse_int=_int)
+        data = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_strict_pairs)
     except RecursionError:
         return None, TOO_DEEP
     except ValueError as exc:

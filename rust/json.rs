@@ -3,6 +3,8 @@
 use std::fmt::{self, Write as _};
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::index::{DetailedMatch, Match};
@@ -16,6 +18,9 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
     // is not JSON, so check it whole (the fast path above takes ASCII only).
     let text = std::str::from_utf8(body)
         .map_err(|e| Error::arg(format!("bad /lookup body: not UTF-8 ({e})")))?;
+    if let Some(tokens) = tokens_among_other_keys(text) {
+        return Ok(tokens);
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let tokens = de
         .deserialize_any(BodyVisitor)
@@ -27,18 +32,82 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
 /// The common body exactly: `{"tokens": [d, d, ...]}` with plain non-negative integers and any
 /// whitespace. Anything else (other keys, escapes, signs, fractions, out-of-range values) returns
 /// None and goes through the full parser, which also produces the error messages.
-///
-/// Every byte of the body is still checked: numbers of up to 7 digits are read 8 bytes at a time
-/// (`swar_number`), together with the separator after them; longer numbers, other whitespace and
-/// the body's last bytes are read one byte at a time.
 fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
     let mut i = ws(b, 0);
-    for expect in [&b"{"[..], b"\"tokens\"", b":", b"["] {
+    for expect in [&b"{"[..], b"\"tokens\"", b":"] {
         if !b[i..].starts_with(expect) {
             return None;
         }
         i = ws(b, i + expect.len());
     }
+    let (out, end) = fast_list(b, i)?;
+    i = ws(b, end);
+    if b.get(i) != Some(&b'}') {
+        return None;
+    }
+    (ws(b, i + 1) == b.len()).then_some(out)
+}
+
+/// A valid body with other keys too, `{"k": v, "tokens": [d, d, ...], ...}` in any order: the
+/// list read by `fast_list`, each other key and value by serde_json on its own (so the list is
+/// not scanned twice). None for anything else (a duplicate or missing `tokens`, any error, a
+/// list `fast_list` does not take): the full parser then gives the answer or the error.
+fn tokens_among_other_keys(text: &str) -> Option<Vec<u32>> {
+    let b = text.as_bytes();
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(b, i + 1);
+    let mut tokens = None;
+    loop {
+        let (key, n) = one_value::<std::borrow::Cow<'_, str>>(&text[i..])?;
+        i = ws(b, i + n);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = ws(b, i + 1);
+        if key == "tokens" {
+            if tokens.is_some() {
+                return None;
+            }
+            let (list, end) = fast_list(b, i)?;
+            tokens = Some(list);
+            i = end;
+        } else {
+            i += one_value::<IgnoredAny>(&text[i..])?.1;
+        }
+        i = ws(b, i);
+        match b.get(i) {
+            Some(b',') => i = ws(b, i + 1),
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    if ws(b, i + 1) != b.len() {
+        return None;
+    }
+    tokens
+}
+
+/// The JSON value at the start of `text` and the bytes it takes.
+fn one_value<'a, T: Deserialize<'a>>(text: &'a str) -> Option<(T, usize)> {
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<T>();
+    let value = stream.next()?.ok()?;
+    Some((value, stream.byte_offset()))
+}
+
+/// The list `[d, d, ...]` starting at `b[i]`, of plain non-negative integers and any whitespace:
+/// its tokens and the index just after its `]`. None for anything else.
+///
+/// Every byte is checked: numbers of up to 7 digits are read 8 bytes at a time
+/// (`swar_number`), together with the separator after them; longer numbers, other whitespace and
+/// the body's last bytes are read one byte at a time.
+fn fast_list(b: &[u8], mut i: usize) -> Option<(Vec<u32>, usize)> {
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    i = ws(b, i + 1);
     // each token takes at least 2 bytes ("d,"), most bodies 5-8
     let mut out = Vec::with_capacity(b.len() / 5 + 1);
     if b.get(i) == Some(&b']') {
@@ -92,11 +161,7 @@ fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
             }
         }
     }
-    i = ws(b, i);
-    if b.get(i) != Some(&b'}') {
-        return None;
-    }
-    (ws(b, i + 1) == b.len()).then_some(out)
+    Some((out, i))
 }
 
 #[inline]
@@ -186,6 +251,15 @@ impl<'de> DeserializeSeed<'de> for TokensSeed {
     }
 }
 
+/// A serde_json error's message without its position (which is relative to the inner text).
+fn message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(k) if e.line() > 0 => text[..k].to_string(),
+        _ => text,
+    }
+}
+
 struct TokensVisitor;
 
 impl<'de> Visitor<'de> for TokensVisitor {
@@ -197,7 +271,16 @@ impl<'de> Visitor<'de> for TokensVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-        while let Some(t) = seq.next_element_seed(TokenSeed(out.len()))? {
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            let text = raw.get();
+            // JSON's -0 is the integer 0 (as Python reads it); serde_json reads it as a float
+            let t = if text == "-0" {
+                0
+            } else {
+                TokenSeed(out.len())
+                    .deserialize(&mut serde_json::Deserializer::from_str(text))
+                    .map_err(|e| de::Error::custom(message(&e)))?
+            };
             out.push(t);
         }
         Ok(out)
@@ -393,6 +476,41 @@ mod tests {
     }
 
     #[test]
+    fn minus_zero_is_the_integer_zero_and_other_keys_keep_the_fast_list() {
+        assert_eq!(
+            parse_lookup_body(br#"{"tokens": [-0, 1, -0]}"#).unwrap(),
+            vec![0, 1, 0]
+        );
+        for bad in [
+            &br#"{"tokens": [-0.0]}"#[..],
+            br#"{"tokens": [-0e0]}"#,
+            br#"{"tokens": [-00]}"#,
+        ] {
+            assert!(
+                parse_lookup_body(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // other keys, before or after (the list itself is read by `fast_list`)
+        assert_eq!(
+            parse_lookup_body(b"{\"model\": \"m\", \"tokens\": [1, 22,\n333], \"x\": [{}]}")
+                .unwrap(),
+            vec![1, 22, 333]
+        );
+        // errors from the element-wise reading name the element, with the body's position only
+        let e = parse_lookup_body(br#"{"a": 1, "tokens": [0, "x"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokens[1]") && e.contains("a string"), "{e}");
+        assert_eq!(e.matches(" at line ").count(), 1, "{e}");
+        let e = parse_lookup_body(br#"{"tokens": [1, 2}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("bad /lookup body: "), "{e}");
+    }
+
+    #[test]
     fn fast_path_agrees_with_full_parser() {
         for body in [
             &b"{\"tokens\": [1, 2, 3]}"[..],
@@ -461,6 +579,51 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn other_keys_path_matches_full_parser(
+            vals in proptest::collection::vec(0u64..5_000_000_000, 0..30),
+            keys in proptest::collection::vec((0usize..10, 0usize..8), 0..5),
+            at in 0usize..6,
+            space in 0usize..3,
+            flip in proptest::option::of((0usize..600, 0u8..=255)),
+        ) {
+            const KEYS: [&str; 10] = ["\"model\"", "\"tokens\"", "\"tok\\u0065ns\"", "\"\\\"\"", "\"detail\"",
+                "\"\u{e9}\"", "\"x\"", "1", "\"tokens \"", "\"\""];
+            const VALUES: [&str; 8] = ["1", "-0.5e3", "\"s,}]\"", "[1, [2, {\"a\": null}]]", "{\"tokens\": [1]}",
+                "true", "[-0]", "\"\\ud83d\\ude00\""];
+            let sp = [" ", "", "\n\t "][space];
+            let list = vals.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(&format!(",{sp}"));
+            let mut members: Vec<String> = keys.iter().map(|&(k, v)| format!("{}{sp}:{sp}{}", KEYS[k], VALUES[v])).collect();
+            members.insert(at.min(members.len()), format!("\"tokens\":{sp}[{list}]"));
+            let body = format!("{sp}{{{sp}{}{sp}}}{sp}", members.join(&format!("{sp},{sp}")));
+            let mut bytes = body.into_bytes();
+            let check = |bytes: &[u8]| -> Result<(), proptest::test_runner::TestCaseError> {
+                let full = full_parse(bytes);
+                if let Ok(text) = std::str::from_utf8(bytes) {
+                    if let Some(t) = tokens_among_other_keys(text) {
+                        proptest::prop_assert_eq!(Some(t), full);
+                    }
+                }
+                Ok(())
+            };
+            // well formed: taken whenever it has one "tokens" (as the decoded key) of plain values
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let full = full_parse(&bytes);
+            let tokens_keys = keys.iter().filter(|&&(k, _)| k == 1 || k == 2).count();
+            if tokens_keys == 0 && vals.iter().all(|&v| v <= u32::MAX as u64) && !keys.iter().any(|&(k, _)| k == 7) {
+                proptest::prop_assert!(full.is_some());
+                proptest::prop_assert_eq!(tokens_among_other_keys(text), full);
+            }
+            check(&bytes)?;
+            // damaged: whatever it takes, the full parser reads the same
+            if let Some((pos, byte)) = flip {
+                if pos < bytes.len() {
+                    bytes[pos] = byte;
+                }
+            }
+            check(&bytes)?;
+        }
+
         #[test]
         fn fast_path_matches_full_parser(
             vals in proptest::collection::vec(0u64..6_000_000_000, 0..40),

@@ -1,8 +1,9 @@
 //! The /lookup body parser and the response writer, on any bytes.
 //!
 //! * `parse_lookup_body` returns tokens or an error, never panics;
-//! * when it returns tokens, serde_json's own `Value` reading of the body agrees: an object
-//!   whose single "tokens" key is a list of integers in u32 range, equal to what was returned;
+//! * when it returns tokens, serde_json's own reading of the body agrees: an object whose
+//!   single "tokens" key is a list of integers in u32 range, each spelled as plain digits or
+//!   `-0` (read as 0), equal to what was returned;
 //! * the response rendered for any event id and instance/location names read from the
 //!   input is valid JSON and gives those strings back.
 #![no_main]
@@ -10,6 +11,7 @@
 use _core::index::Match;
 use _core::json::{parse_lookup_body, render_lookup};
 use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,19 +19,30 @@ fuzz_target!(|data: &[u8]| {
         // serde_json::Value keeps the last of duplicate keys; the parser refuses duplicate
         // "tokens", so the two agree whenever the parser accepts.
         if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(data) {
-            let list = map
-                .get("tokens")
-                .and_then(Value::as_array)
-                .expect("accepted without a tokens list");
-            let theirs: Vec<u32> = list
+            assert!(
+                map.get("tokens").is_some_and(Value::is_array),
+                "accepted without a tokens list"
+            );
+            // each element's own text: serde_json::Value reads -0 as the float -0.0 and could
+            // not tell it from -0.0, which must be refused
+            let raw: std::collections::BTreeMap<String, &RawValue> =
+                serde_json::from_slice(data).expect("Value read it, so this reads it");
+            let elements: Vec<&RawValue> =
+                serde_json::from_str(raw["tokens"].get()).expect("a list");
+            let theirs: Vec<u32> = elements
                 .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .expect("accepted a bad token")
+                .map(|e| match e.get() {
+                    "-0" => 0,
+                    t => {
+                        assert!(
+                            t.bytes().all(|c| c.is_ascii_digit()),
+                            "accepted the token {t}"
+                        );
+                        t.parse().expect("accepted a token out of u32 range")
+                    }
                 })
                 .collect();
-            assert_eq!(theirs, tokens, "parser and serde_json::Value disagree");
+            assert_eq!(theirs, tokens, "parser and serde_json disagree");
         }
     }
     // Names from the input (lossy UTF-8: any Rust string) through the writer.
