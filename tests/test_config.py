@@ -97,9 +97,10 @@ def test_bad_file_values(tmp_path):
         load_config(str(path), env={})
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path / "missing.yaml"), env={})
-    path.write_text("lmcache_instance_id: layout_info\n")
-    with pytest.raises(ConfigError, match="layout_info"):
-        load_config(str(path), env={})
+    for name in ("layout_info", "event_id", "detail"):
+        path.write_text(f"lmcache_instance_id: {name}\n")
+        with pytest.raises(ConfigError, match="lmcache_instance_id must be"):
+            load_config(str(path), env={})
     path.write_text("local_cpu: false\n")
     with pytest.raises(ConfigError, match="nothing would hold"):
         load_config(str(path), env={})

@@ -196,7 +196,7 @@ def test_first_frame_must_be_hello_and_reserved_ids_refused():
         proto, t = h.connect()
         proto.data_received(f(t="heartbeat", seq=0))
         assert out(t)[0]["code"] == "hello_required" and t.closed
-        for name in ("event_id", "layout_info"):
+        for name in ("event_id", "layout_info", "detail"):
             proto, t = h.connect()
             proto.data_received(encode_frame(hello(instance=name)))
             err = out(t)[0]
@@ -339,3 +339,21 @@ def test_api_key_required_when_configured():
         assert out(t)[0]["t"] == "welcome"
 
     run(main())
+
+
+def test_reserved_ids_are_the_ones_the_native_index_refuses_and_attach_leaves_no_trace():
+    # The monitor refuses these names in hello; the index refuses them too. Were the lists to
+    # differ, a name only the index refuses used to leave a registry record that never expired.
+    from lmcache_rs import Index, InvalidArgumentError
+    from lmcache_rs.config import RESERVED_INSTANCE_IDS
+
+    for name in RESERVED_INSTANCE_IDS:
+        with pytest.raises(InvalidArgumentError, match="reserved"):
+            Index(256, 0).register_worker(name, 0)
+    for name in ("event_id_", "Detail", "layout"):
+        Index(256, 0).register_worker(name, 0)
+    registry = Registry(Index(256, 0), Metrics(), 10.0)
+    with pytest.raises(InvalidArgumentError):
+        registry.attach(None, {"instance_id": "detail", "worker_id": 0, "host": "h", "worker_port": 1,
+                               "p2p_host": "h", "p2p_port": 2})
+    assert registry.workers == {}

@@ -32,6 +32,9 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+# Keys of the /lookup response, which the index refuses as instance ids (rust/holders.rs).
+RESERVED_INSTANCE_IDS = frozenset({"event_id", "layout_info", "detail"})
+
 log = logging.getLogger("lmcache_rs.config")
 
 ENV_PREFIX = "LMCACHE_"
@@ -154,9 +157,9 @@ class LMCacheConfig:
             _positive_int(key, getattr(self, key))
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if not self.lmcache_instance_id or self.lmcache_instance_id in ("event_id", "layout_info"):
+        if not self.lmcache_instance_id or self.lmcache_instance_id in RESERVED_INSTANCE_IDS:
             raise ConfigError(
-                f"lmcache_instance_id must be a non-empty name other than event_id/layout_info, "
+                f"lmcache_instance_id must be a non-empty name other than {'/'.join(sorted(RESERVED_INSTANCE_IDS))}, "
                 f"got {self.lmcache_instance_id!r}"
             )
         if self.enable_controller:

@@ -12,6 +12,7 @@ import hmac
 import logging
 from typing import Any
 
+from ..config import RESERVED_INSTANCE_IDS
 from ..log_limit import RateLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame
 from .metrics import Metrics
@@ -21,7 +22,6 @@ from .settings import PROTOCOL_VERSION, Settings
 log = logging.getLogger("lmcache_rs.controller.monitor")
 log_refusal = RateLimitedLog(log)  # strangers can cause these as fast as they connect
 
-RESERVED_INSTANCE_IDS = frozenset({"event_id", "layout_info"})
 MAX_NAME_LEN = 256
 _U64 = 2**64
 _OPS = ("admit", "evict")

@@ -103,9 +103,9 @@ class Registry:
         key = (hello["instance_id"], hello["worker_id"])
         record = self.workers.get(key)
         if record is None:
+            self.index.register_worker(*key)  # first: a name the index refuses leaves no record behind
             record = WorkerRecord(*key)
             self.workers[key] = record
-            self.index.register_worker(*key)
             log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello["host"], hello["worker_port"])
         else:
             old = record.conn
