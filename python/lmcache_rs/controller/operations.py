@@ -78,7 +78,7 @@ class Operations:
         self.command_timeout = command_timeout
         self.events = events
         self.tasks: set[asyncio.Task] = set()
-        self._connecting: dict[tuple[str, int], asyncio.Future] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Task] = {}
 
     # -- command connections ---------------------------------------------------------------
     async def session(self, record: WorkerRecord):
@@ -88,26 +88,33 @@ class Operations:
         key = record.key
         if not record.worker_port:
             raise SessionError(f"worker {key[0]}/{key[1]} has not reconnected since the controller restarted")
-        pending = self._connecting.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._connecting[key] = future
-        try:
-            session = await connect(record.host, record.worker_port, connect_timeout=min(5.0, self.command_timeout),
-                                    request_timeout=self.command_timeout, name=f"{key[0]}/{key[1]}")
-        except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else SessionError("cancelled"))
-            future.exception()  # retrieved: nobody else may be waiting
-            raise
-        finally:
-            self._connecting.pop(key, None)
+        # One connect per worker, in a task of its own that every caller waits on: a caller
+        # that is cancelled (its HTTP client hung up) leaves it running for the others, and it
+        # ends with a session or an error for all of them.
+        task = self._connecting.get(key)
+        if task is None:
+            task = self._connecting[key] = asyncio.ensure_future(self._open(record))
+            self.tasks.add(task)
+            task.add_done_callback(self._connected)
+        return await asyncio.shield(task)
+
+    async def _open(self, record: WorkerRecord):
+        key = record.key
+        session = await connect(record.host, record.worker_port, connect_timeout=min(5.0, self.command_timeout),
+                                request_timeout=self.command_timeout, name=f"{key[0]}/{key[1]}")
         if self.registry.workers.get(key) is not record:
             session.close()  # removed while connecting
             raise SessionError(f"worker {key[0]}/{key[1]} went away")
         record.command = session
-        future.set_result(session)
         return session
+
+    def _connected(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        for key, pending in list(self._connecting.items()):
+            if pending is task:
+                del self._connecting[key]
+        if not task.cancelled():
+            task.exception()  # seen here, so an error nobody awaited any more is not reported as lost
 
     async def call(self, record: WorkerRecord, op: str, args: dict | None = None) -> Any:
         """One command to one worker. Raises SessionError, OSError or TimeoutError on failure."""
@@ -183,10 +190,14 @@ class Operations:
                 "registration_time": record.registered_at,
                 "last_heartbeat_time": record.last_seen_wall,
             }
-            if isinstance(result, dict) and isinstance(result.get("locations"), dict):
-                info["locations"] = result["locations"]
-            else:
+            locations = result.get("locations") if isinstance(result, dict) else None
+            if _is_location_counts(locations):
+                info["locations"] = locations
+            elif isinstance(result, BaseException):
                 info["error"] = _describe(result)
+            else:  # goes into JSON as it is, so nothing else may pass
+                info["error"] = "malformed info reply: locations must map names to {field: count}"
+
             infos.append(info)
         return infos
 
@@ -235,6 +246,15 @@ def _count(result: Any, field: str) -> int:
         if type(value) is int and value >= 0:
             return value
     raise OperationError(502, f"worker replied without an integer {field!r}: {result!r:.200}")
+
+
+def _is_location_counts(value: Any) -> bool:
+    """``{location: {"chunks": n, "bytes": n, "capacity": n, ...}}``, names str, counts int."""
+    return isinstance(value, dict) and all(
+        type(location) is str and isinstance(stats, dict)
+        and all(type(k) is str and type(n) is int for k, n in stats.items())
+        for location, stats in value.items()
+    )
 
 
 def _describe(exc: Any) -> str:
