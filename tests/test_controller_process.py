@@ -74,7 +74,8 @@ def test_bad_flags_and_config_exit_with_a_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunk_size: [1, 2]\n")
     for args, text in [(["--port", "99999"], "port must be"), (["--config", str(bad)], "chunk_size must be an integer"),
-                       (["--config", str(tmp_path / "missing.yaml")], "cannot read config")]:
+                       (["--config", str(tmp_path / "missing.yaml")], "cannot read config"),
+                       (["--max-body-bytes", str(5 << 30)], "max_body_bytes must be at most 4294967295")]:
         r = subprocess.run(controller_command() + args, capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr
 
@@ -384,6 +385,12 @@ def test_bad_input_is_answered_never_raised():
                 # the connection survived all of that
                 status, _, _ = await http.request("GET", "/healthz")
                 assert status == 200
+                # HEAD of a GET page: its head, no body, and the connection stays in step
+                http.raw(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await asyncio.wait_for(http.reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 0" not in head
+                status, _, data = await http.response()
+                assert status == 200 and json.loads(data)["status"] == "ok"
             # 413 before the body is read: send only the headers
             async with HttpClient(HOST, proc.http_port) as http:
                 http.raw(b"POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 400001\r\n\r\n")
@@ -528,6 +535,33 @@ def test_management_endpoints_against_workers():
         assert "Traceback" not in proc.log()
 
 
+
+def test_worker_info_of_an_odd_shape_is_an_error_entry_not_a_500():
+    class OddInfoWorker(FakeWorker):
+        def _info(self, args):
+            out = super()._info(args)
+            out["locations"] = {CPU: {"chunks": 1, "bytes": b"\x01\x02"}}  # msgpack bin: not JSON
+            return out
+
+    with ControllerProcess() as proc:
+
+        async def main():
+            odd, good = OddInfoWorker("inst", 0, proc.monitor_port), FakeWorker("inst", 1, proc.monitor_port)
+            for fw in (odd, good):
+                await fw.start()
+            async with HttpClient(HOST, proc.http_port) as http:
+                status, body = await http.json("POST", "/query_worker_info", {"instance_id": "inst"})
+            for fw in (odd, good):
+                await fw.close()
+            return status, body
+
+        status, body = run_with_workers(main())
+        assert status == 200
+        infos = {i["worker_id"]: i for i in body["worker_infos"]}
+        assert "malformed info reply" in infos[0]["error"] and "locations" not in infos[0]
+        assert infos[1]["locations"] == {} and "error" not in infos[1]
+        assert "Traceback" not in proc.log()
+
 def test_metrics_and_dashboard_json():
     with ControllerProcess() as proc:
 
@@ -656,6 +690,7 @@ def test_several_http_loops_share_the_port():
             assert len(loops) >= 2, loops  # connections were spread over the loops
             status, _, text = await clients[0].request("GET", "/metrics")
             assert b"lmcache_lookups_total 48\n" in text
+            assert b"lmcache_http_connections 16\n" in text  # on every loop, not just the main one
             status, body = await clients[1].json("GET", "/dashboard.json")
             assert body["lookups"] == 48
             for c in clients:

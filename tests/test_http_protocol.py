@@ -319,3 +319,49 @@ def test_pipelined_large_bodies_are_not_mistaken_for_large_headers():
         assert [r[0] for r in rs] == [200] * 5 and not t.closed
 
     run(main())
+
+
+def test_head_answers_have_no_body_and_pipelining_stays_in_step():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req("HEAD", "/x") + req("GET", "/y") + req("HEAD", "/slow1") + req("GET", "/z"))
+        await asyncio.sleep(0)
+        app.gates[b"/slow1"].set()
+        await asyncio.sleep(0.01)
+        data = t.take()
+        # read the answers as a client that knows which requests were HEAD: a HEAD answer has the
+        # Content-Length its GET would have, and no body
+        got = []
+        for was_head in (True, False, True, False):
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            body, data = (b"", data) if was_head else (data[:length], data[length:])
+            got.append((head.split(b" ")[1], length, body))
+        assert data == b""
+        assert got == [
+            (b"200", len(json.dumps({"path": "/x", "body": ""})), b""),
+            (b"200", len(json.dumps({"path": "/y", "body": ""})), json.dumps({"path": "/y", "body": ""}).encode()),
+            (b"200", len(b'{"slow": "/slow1"}'), b""),
+            (b"200", len(json.dumps({"path": "/z", "body": ""})), json.dumps({"path": "/z", "body": ""}).encode()),
+        ]
+
+    run(main())
+
+
+def test_100_continue_never_overtakes_an_earlier_response():
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/slow1") + b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        await asyncio.sleep(0)
+        assert t.take() == b""  # no 100 ahead of /slow1's answer
+        proto.data_received(b"abc")  # the client sends the body after its wait
+        app.gates[b"/slow1"].set()
+        await asyncio.sleep(0.01)
+        rs = responses(t.take())
+        assert [r[0] for r in rs] == [200, 200]
+        assert json.loads(rs[0][2]) == {"slow": "/slow1"} and json.loads(rs[1][2])["body"] == "abc"
+        # with nothing queued, the 100 is sent at once
+        proto.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n")
+        assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    run(main())

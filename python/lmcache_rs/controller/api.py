@@ -180,7 +180,9 @@ class Api:
                 guarded = self._require_key(path, guarded)
             self.routes.setdefault(path.encode(), {})[b"POST"] = guarded
         for path, handler in gets.items():
-            self.routes.setdefault(path.encode(), {})[b"GET"] = self._guard(path, handler)
+            guarded = self._guard(path, handler)
+            # HEAD: the same answer, whose body the HTTP layer leaves out
+            self.routes.setdefault(path.encode(), {}).update({b"GET": guarded, b"HEAD": guarded})
         self.routes[b"/lookup"] = {b"POST": self.lookup}
 
     def __call__(self, request: Request) -> Any:
@@ -384,7 +386,7 @@ class Api:
                 ({"instance": i, "worker": str(w), "location": loc}, n)
                 for i, w, loc, n in sorted(self.index.holder_counts())
             ]),
-            "lmcache_http_connections": ("Open HTTP connections.", [({}, len(self.c.http_state.connections))]),
+            "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
             "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
         }
         return (200, PROMETHEUS, self.metrics.render(gauges))

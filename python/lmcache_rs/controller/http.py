@@ -65,7 +65,9 @@ def status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-def encode_response(status: int, content_type: bytes, body: bytes, close: bool = False, extra: bytes = b"") -> bytes:
+def encode_response(status: int, content_type: bytes, body: bytes, close: bool = False, extra: bytes = b"",
+                    head: bool = False) -> bytes:
+    """The response's bytes; to a HEAD request, the same head without the body (RFC 9110 9.3.2)."""
     return b"".join((
         status_line(status),
         b"Content-Type: ", content_type,
@@ -73,7 +75,7 @@ def encode_response(status: int, content_type: bytes, body: bytes, close: bool =
         b"\r\nConnection: close\r\n" if close else b"\r\n",
         extra,
         b"\r\n",
-        body,
+        b"" if head else body,
     ))
 
 
@@ -81,10 +83,9 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _encode(result: Any, close: bool) -> bytes:
-    if len(result) == 3:
-        return encode_response(result[0], result[1], result[2], close)
-    return encode_response(result[0], result[1], result[2], close, result[3])
+def _encode(result: Any, close: bool, head: bool = False) -> bytes:
+    extra = result[3] if len(result) == 4 else b""
+    return encode_response(result[0], result[1], result[2], close, extra, head)
 
 
 class Request:
@@ -146,11 +147,12 @@ class _Abort(Exception):
 
 
 class _Slot:
-    __slots__ = ("data", "close")
+    __slots__ = ("data", "close", "head")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
         self.close = False
+        self.head = False  # the answer to a HEAD request: no body
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -324,7 +326,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._content_length > 0 and state.buffered_body + self._content_length > state.max_buffered_body:
             self._busy()
             raise _Abort
-        if self._expect_continue and self.transport is not None:
+        # 100 Continue is a response too: only when nothing is queued ahead of it (otherwise it
+        # would overtake earlier answers; the client then just sends the body after its wait)
+        if self._expect_continue and self.transport is not None and not self.queue:
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -360,8 +364,10 @@ class HttpProtocol(asyncio.Protocol):
         else:
             path, query = url, b""
         body = self._body
+        method = parser.get_method()
+        head = method == b"HEAD"
         request = Request(
-            parser.get_method(), path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
+            method, path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
             self._credential,
         )
         self._body = []
@@ -375,6 +381,7 @@ class HttpProtocol(asyncio.Protocol):
         if type(result) is not tuple:
             slot = _Slot()
             slot.close = not keep_alive
+            slot.head = head
             self.queue.append(slot)
             task = asyncio.ensure_future(self._await(result, slot))
             self.tasks.add(task)
@@ -385,11 +392,11 @@ class HttpProtocol(asyncio.Protocol):
             assert self.flow is not None
             self.flow.update(len(self.queue))
             return
-        if keep_alive and result[0] == 200 and result[1] is JSON and len(result) == 3:
+        if keep_alive and result[0] == 200 and result[1] is JSON and len(result) == 3 and not head:
             body = result[2]
             data = b"%s%d\r\n\r\n%s" % (_OK_JSON_HEAD, len(body), body)
         else:
-            data = _encode(result, not keep_alive)
+            data = _encode(result, not keep_alive, head)
         if not self.queue:
             assert self.transport is not None
             self.transport.write(data)
@@ -417,7 +424,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("http: async handler failed")
             result = (500, JSON, error_body("internal error"))
-        slot.data = _encode(result, slot.close)
+        slot.data = _encode(result, slot.close, slot.head)
         self._flush()
 
     def _flush(self) -> None:

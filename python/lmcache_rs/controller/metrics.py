@@ -49,16 +49,18 @@ class Metrics:
         m._buckets = list(self._buckets)
         m.rejected_requests = dict(self.rejected_requests)
         m.http_requests = dict(self.http_requests)
+        # The peers' loops keep counting meanwhile: list() copies their dicts in one step under
+        # the GIL, where iterating them here could meet a key being added.
         for p in self.peers:
             m.lookups += p.lookups
             m.lookup_errors += p.lookup_errors
             m.lookup_seconds += p.lookup_seconds
             m.connections_refused += p.connections_refused
-            for i, n in enumerate(p._buckets):
+            for i, n in enumerate(list(p._buckets)):
                 m._buckets[i] += n
-            for k, n in p.rejected_requests.items():
+            for k, n in list(p.rejected_requests.items()):
                 m.rejected_requests[k] = m.rejected_requests.get(k, 0) + n
-            for k2, n in p.http_requests.items():
+            for k2, n in list(p.http_requests.items()):
                 m.http_requests[k2] = m.http_requests.get(k2, 0) + n
         return m
 

@@ -66,6 +66,9 @@ class Settings:
                      "max_hello_frame_bytes", "max_monitor_connections", "http_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_header_bytes"):  # the /lookup fast path reads them as u32
+            if getattr(self, name) > 2**32 - 1:
+                raise ValueError(f"{name} must be at most 4294967295 (4 GiB), got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
                      "hello_timeout", "command_timeout", "snapshot_interval"):
             if getattr(self, name) <= 0:
