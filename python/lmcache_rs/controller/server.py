@@ -47,6 +47,7 @@ class Controller:
         self._housekeeping: asyncio.Task | None = None
         self._snapshots: asyncio.Task | None = None
         self._dumped_changes = 0
+        self._dumping: asyncio.Future | None = None  # the dump running in a thread, if any
         self.http_loops: list[HttpLoop] = []
         self.stopped = asyncio.Event()
 
@@ -153,6 +154,12 @@ class Controller:
                  path, len(self.index), restored, self.settings.heartbeat_timeout)
 
     async def _dump_snapshot(self, force: bool = False) -> None:
+        # One dump at a time: a periodic one cancelled at shutdown goes on in its thread, and
+        # the final dump must neither interleave with it nor be overwritten by it.
+        if self._dumping is not None and not self._dumping.done():
+            await asyncio.wait([self._dumping])
+            if not self._dumping.cancelled() and self._dumping.exception() is not None:
+                log.error("snapshot to %s failed: %s", self.settings.snapshot, self._dumping.exception())
         self.registry.flush()
         changes = self.registry.changes
         if not force and changes == self._dumped_changes:
@@ -161,7 +168,8 @@ class Controller:
         t0 = time.monotonic()
         try:
             # the index writes a temp file, fsyncs and renames; it releases the GIL meanwhile
-            await asyncio.get_running_loop().run_in_executor(None, self.index.dump, path)
+            self._dumping = asyncio.get_running_loop().run_in_executor(None, self.index.dump, path)
+            await asyncio.shield(self._dumping)
         except Exception as exc:
             log.error("snapshot to %s failed: %s", path, exc)
             return
