@@ -159,8 +159,12 @@ async def settle(rounds: int = 4) -> None:
         await asyncio.sleep(0)
 
 
-def parse_http_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
-    """Split what the server wrote into responses; raise Finding if it is not well-formed HTTP/1.1."""
+def parse_http_responses(data: bytes, heads: bool = False) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split what the server wrote into responses; raise Finding if it is not well-formed HTTP/1.1.
+
+    ``heads``: the requests may include HEAD, whose answers have a Content-Length and no body.
+    Such an answer is recognised by what follows its head: the next status line, or the end
+    (no body this server writes starts with a status line)."""
     out = []
     pos = 0
     while pos < len(data):
@@ -184,6 +188,9 @@ def parse_http_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]
         if "content-length" not in headers:
             raise Finding(f"response {status} without Content-Length")
         n = int(headers["content-length"])
+        if heads and n and (pos == len(data) or data.startswith(b"HTTP/1.1 ", pos)):
+            out.append((status, headers, b""))
+            continue
         body = bytes(data[pos:pos + n])
         if len(body) != n:
             raise Finding(f"response {status} body shorter than its Content-Length")

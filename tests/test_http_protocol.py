@@ -365,3 +365,15 @@ def test_100_continue_never_overtakes_an_earlier_response():
         assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
 
     run(main())
+
+
+def test_an_error_answer_to_a_head_request_has_no_body_either():
+    async def main():
+        state, app, proto, t = make(max_header_bytes=256)
+        proto.data_received(b"HEAD /x HTTP/1.1\r\nX-Big: " + b"a" * 400 + b"\r\n\r\n")
+        out = t.take()
+        head, _, rest = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 ") and b"Content-Length: 0" not in head and rest == b""
+        assert t.closed
+
+    run(main())

@@ -190,6 +190,7 @@ class HttpProtocol(asyncio.Protocol):
         self._content_length = -1
         self._expect_continue = False
         self._credential: bytes | None = None
+        self._head = False  # the request is a HEAD: its answer, an error included, has no body
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -291,8 +292,11 @@ class HttpProtocol(asyncio.Protocol):
         self._content_length = -1
         self._expect_continue = False
         self._credential = None
+        self._head = False
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:
+            self._head = self.parser.get_method() == b"HEAD"
         self._url += url
         self._header_bytes += len(url)
         if self._header_bytes > self.max_header:
@@ -365,7 +369,7 @@ class HttpProtocol(asyncio.Protocol):
             path, query = url, b""
         body = self._body
         method = parser.get_method()
-        head = method == b"HEAD"
+        head = self._head
         request = Request(
             method, path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
             self._credential,
@@ -461,9 +465,10 @@ class HttpProtocol(asyncio.Protocol):
             return
         log_refusal("http: %d %s", status, message)
         self.metrics.count_rejected(status)
+        head = self.receiving and self._head
         self.receiving = False
         slot = _Slot()
-        slot.data = encode_response(status, JSON, error_body(message), close=True, extra=extra)
+        slot.data = encode_response(status, JSON, error_body(message), close=True, extra=extra, head=head)
         slot.close = True
         self.queue.append(slot)
         self.closing = True  # read nothing more
