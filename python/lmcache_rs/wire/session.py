@@ -312,15 +312,22 @@ class Session(asyncio.Protocol):
         task.add_done_callback(self._task_done)
 
     async def _finish(self, request_id: int, op: str, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable)
         try:
-            if self.handler_timeout is not None:
-                result = await asyncio.wait_for(awaitable, self.handler_timeout)
-            else:
-                result = await awaitable
+            # Only this wait running out is a timeout of ours; a TimeoutError the handler
+            # raises itself (a nested call, a socket) is its error and is answered as such.
+            done, _ = await asyncio.wait({task}, timeout=self.handler_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._reply_error(request_id, f"{op} timed out after {self.handler_timeout:g} s")
+            return
+        try:
+            result = task.result()
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, asyncio.TimeoutError):
-            self._reply_error(request_id, f"{op} timed out after {self.handler_timeout:g} s")
         except Exception as exc:
             log.warning("session %s: command %s failed: %s", self.name, op, _describe(exc))
             self._reply_error(request_id, _describe(exc))

@@ -185,6 +185,21 @@ class LocalCPUBackend(LruEntries[CpuChunk]):
         self.arena_off = (self.arena_off + 63) & ~63  # next blob 64-byte aligned
         return tuple(pieces)
 
+    def replace_with_blob(self, chunk: CpuChunk, data: bytes, method: str, protect, evicted: list[int]) -> bool:
+        """Store a raw chunk (no readers) as the compressed blob ``data`` and give its slot
+        back. The slot is freed first, so placing the blob never evicts another chunk.
+        False, the chunk left raw in its slot, when the blob finds no room."""
+        slot = chunk.slot
+        self.free.append(slot)
+        place = self.place_blob(len(data), protect, evicted)
+        if place is None:
+            # nothing was written to the slot (all under the worker's lock): take it back as is
+            self.free.remove(slot)
+            return False
+        self.write_blob(place, data)
+        chunk.slot, chunk.blob, chunk.method = -1, place, method
+        return True
+
     def write_blob(self, blob: Blob, data: bytes) -> None:
         at = 0
         for slot, off, length in blob:

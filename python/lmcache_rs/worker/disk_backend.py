@@ -14,8 +14,9 @@ does not name (a crash between rename and record, or leftovers) are deleted, and
 rewritten compacted (temp file, fsync, rename). Every record carries the xxh3-64 checksum of
 its data, checked on every read: a damaged file is dropped, never returned.
 
-A header that does not match this worker (chunk size, hash seed, model shape) means the
-chunk keys or layouts differ: the old contents are discarded with a warning.
+A header that does not match this worker (chunk size, hash seed, model shape, kv_dtype) means
+the chunk keys, layouts or slot size differ: the old contents are discarded with a warning. So
+is an index whose header lacks a field (written by an older version).
 
 Locking: metadata methods are called with the worker's lock held; file writes and reads of
 chunk data are done outside it by the caller.
@@ -24,6 +25,7 @@ chunk data are done outside it by the caller.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import json
 import logging
@@ -175,12 +177,18 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
         path = self.path_of(key)
         tmp = path + ".tmp"
         checksum = xxhash.xxh3_64_intdigest(data)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if self.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            # a failed write (ENOSPC, EIO) must not leave an uncounted temp file filling the disk
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return checksum
 
     def open_chunk(self, key: int):
@@ -189,9 +197,14 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
 
     @staticmethod
     def read_into(handle, chunk: DiskChunk, out: memoryview) -> bool:
-        """Fill ``out`` from an open chunk file; False when short or the checksum fails."""
-        with handle:
-            got = handle.readinto(out)
+        """Fill ``out`` from an open chunk file; False when unreadable (EIO...), short or the
+        checksum fails."""
+        try:
+            with handle:
+                got = handle.readinto(out)
+        except OSError as exc:
+            log.warning("disk tier: reading chunk %016x failed: %s", chunk.key, exc)
+            return False
         if got != chunk.nbytes:
             return False
         return xxhash.xxh3_64_intdigest(out) == chunk.checksum

@@ -74,6 +74,7 @@ class ChunkExport:
     data: Optional[memoryview | bytes] = None
     file: Any = None
     checksum: Optional[int] = None
+    disk: Optional[DiskChunk] = None  # index entry of a file export, to drop it if the file is damaged
 
 
 class KVWorker:
@@ -111,6 +112,7 @@ class KVWorker:
                 "chunk_size": self.chunk_size,
                 "seed": self.seed,
                 "shape": [self.num_layers, self.num_kv_heads, self.head_dim],
+                "kv_dtype": dtype_name(self.dtype),  # sets the slot size: wider chunks would not fit
             }
             self.disk = LocalDiskBackend(directory, int(config.max_local_disk_size * GB), header)
         self._copier = Copier(self.slot_bytes)
@@ -457,9 +459,17 @@ class KVWorker:
 
     def _read_disk_chunk(self, meta: DiskChunk, handle: Any, protect: set[int]) -> Optional[torch.Tensor]:
         """Read a disk chunk into a CPU tensor (a pool slot, kept as a CPU chunk, when one is
-        free or evictable). None, and the chunk dropped from disk, when the file is damaged."""
+        free or evictable). None, and the chunk dropped from disk, when the file is damaged or
+        unreadable or the chunk does not fit a slot."""
         shape = self._chunk_shape(meta.ntokens)
         dtype = dtype_from_name(meta.dtype)
+        if not self._fits_slot(meta, dtype):
+            log.warning("disk tier: chunk %016x (%d bytes of %s) does not fit a pool slot of %d bytes; dropping it",
+                        meta.key, meta.nbytes, meta.dtype, self.slot_bytes)
+            with contextlib.suppress(OSError):
+                handle.close()
+            self.drop_disk_chunk(meta)
+            return None
         slot = None
         if self.report_cpu:
             evicted: list[int] = []
@@ -477,8 +487,7 @@ class KVWorker:
             with self._lock:
                 if slot is not None:
                     self.cpu.release(slot)
-                if self.disk is not None and self.disk.entries.get(meta.key) is meta:
-                    self._drop_disk([meta.key])
+            self.drop_disk_chunk(meta)
             return None
         if slot is None:
             return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
@@ -494,6 +503,17 @@ class KVWorker:
             # read under a reader count so the slot cannot be reused before the copy out
             tensor = self.cpu.slot_tensor(slot, meta.nbytes, dtype, shape).clone()
         return tensor
+
+    def _fits_slot(self, meta: DiskChunk, dtype: torch.dtype) -> bool:
+        """Whether a disk chunk's size matches its shape and fits a pool slot. An index
+        written under a wider kv_dtype (or damaged) would otherwise overrun the next slot."""
+        return meta.nbytes == self._nbytes(meta.ntokens, dtype) and meta.nbytes <= self.slot_bytes
+
+    def drop_disk_chunk(self, meta: DiskChunk) -> None:
+        """Drop a disk chunk found damaged, unless it was replaced meanwhile."""
+        with self._lock:
+            if self.disk is not None and self.disk.entries.get(meta.key) is meta:
+                self._drop_disk([meta.key])
 
     def _drop_disk(self, keys: list[int]) -> None:
         assert self.disk is not None
@@ -634,16 +654,10 @@ class KVWorker:
                 if chunk.dead or chunk.readers > 1 or len(blob) >= chunk.nbytes:
                     self.cpu.release_reader(chunk)
                     continue
+                chunk.readers -= 1  # ours was the only reader: the raw slot may go
                 evicted: list[int] = []
-                place = self.cpu.place_blob(len(blob), protect, evicted)
+                self.cpu.replace_with_blob(chunk, blob, method, protect, evicted)
                 self._after_cpu_evictions(evicted)
-                if place is None:
-                    self.cpu.release_reader(chunk)
-                    continue
-                self.cpu.write_blob(place, blob)
-                chunk.readers -= 1
-                self.cpu.free.append(chunk.slot)
-                chunk.slot, chunk.blob, chunk.method = -1, place, method
         return self._compression_summary(keys, compressed=True)
 
     def decompress(self, tokens: Any, method: Optional[str] = None, location: Optional[str] = None) -> dict[str, int]:
@@ -730,7 +744,8 @@ class KVWorker:
         elif meta is not None:
             try:
                 yield ChunkExport(
-                    key, meta.dtype, list(self._chunk_shape(meta.ntokens)), meta.nbytes, file=handle, checksum=meta.checksum
+                    key, meta.dtype, list(self._chunk_shape(meta.ntokens)), meta.nbytes, file=handle,
+                    checksum=meta.checksum, disk=meta,
                 )
             finally:
                 handle.close()

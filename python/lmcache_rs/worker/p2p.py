@@ -14,6 +14,7 @@ length and xxh3-64 checksum and commits nothing unless the whole transfer checks
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from typing import Any, Optional
@@ -24,7 +25,7 @@ import xxhash
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
 from ..log_limit import RateLimitedLog
-from .engine import KVWorker, dtype_from_name
+from .engine import ChunkExport, KVWorker, dtype_from_name
 
 log = logging.getLogger("lmcache_rs.worker.p2p")
 log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
@@ -149,7 +150,7 @@ class P2PServer:
                     return
                 self._answer(framed, request_id, keys)
         except OSError:
-            return  # the peer went away
+            return  # the peer went away, or a damaged disk chunk cut the transfer
         finally:
             with self._lock:
                 self._connections.pop(conn, None)
@@ -165,15 +166,26 @@ class P2PServer:
                 checksum = chunk.checksum
                 if checksum is None:
                     checksum = xxhash.xxh3_64_intdigest(chunk.data)
+                if chunk.file is not None and os.fstat(chunk.file.fileno()).st_size != chunk.nbytes:
+                    self._damaged(chunk, "its file is not the size its index entry says")
                 framed.send(
                     {"t": "chunk", "id": request_id, "key": key, "dtype": chunk.dtype, "shape": chunk.shape,
                      "nbytes": chunk.nbytes, "checksum": checksum}
                 )
                 if chunk.file is not None:
-                    framed.sock.sendfile(chunk.file, 0, chunk.nbytes)
+                    if framed.sock.sendfile(chunk.file, 0, chunk.nbytes) != chunk.nbytes:
+                        self._damaged(chunk, "its file shrank while it was sent")
                 else:
                     framed.sock.sendall(chunk.data)
         framed.send({"t": "end", "id": request_id, "missing": pack_u64s(missing)})
+
+    def _damaged(self, chunk: ChunkExport, why: str) -> None:
+        """Drop a disk chunk whose file cannot be sent whole and cut the connection (OSError):
+        the peer then fails at once rather than wait for bytes that never come."""
+        log.warning("p2p: disk chunk %016x is damaged (%s); dropping it", chunk.key, why)
+        assert chunk.disk is not None
+        self.engine.drop_disk_chunk(chunk.disk)
+        raise OSError(f"disk chunk {chunk.key:016x} is damaged")
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -240,7 +252,7 @@ def _receive(engine, framed: FramedSocket, want: list[int], ntokens_of: dict[int
             if kind != "chunk":
                 raise TransferError(f"unexpected frame {kind!r}")
             key, nbytes, checksum = message.get("key"), message.get("nbytes"), message.get("checksum")
-            if message.get("id") != 1 or key not in pending:
+            if message.get("id") != 1 or type(key) is not int or key not in pending:
                 raise TransferError(f"chunk {key!r} was not asked for")
             if type(nbytes) is not int or type(checksum) is not int:
                 raise TransferError("chunk frame without integer nbytes/checksum")

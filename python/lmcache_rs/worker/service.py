@@ -130,11 +130,24 @@ class WorkerService:
             await asyncio.gather(reporter_task, return_exceptions=True)
         if server is not None:
             server.close()
-            for session in list(self._sessions):
-                session.close()
+            await self._close_sessions()
             await server.wait_closed()
-            for session in list(self._sessions):
-                await session.wait_closed()
+
+    async def _close_sessions(self, timeout: float = 1.0) -> None:
+        """Close the command connections, flushing their replies for up to ``timeout`` s; a
+        peer that stopped reading would keep its connection (and shutdown) open forever, so
+        what is still open then is aborted (as Reporter.stop does)."""
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close()
+        if not sessions:
+            return
+        waits = {asyncio.ensure_future(session.wait_closed()): session for session in sessions}
+        _, still_open = await asyncio.wait(waits, timeout=timeout)
+        for wait in still_open:
+            waits[wait].abort()
+        if still_open:
+            await asyncio.wait(still_open, timeout=timeout)
 
     # -- commands -------------------------------------------------------------------------------
     def _handlers(self) -> dict[str, Callable[[dict], Any]]:
