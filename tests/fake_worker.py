@@ -78,6 +78,7 @@ class FakeWorker:
         self.holdings: dict[str, set[int]] = {}
         self.pinned: set[int] = set()
         self.compressed: set[int] = set()
+        self.clear_reports_seq = True  # False: answer clear as a worker that names no report frame
         self.seq = 0
         self.report: Session | None = None
         self.welcome: dict | None = None
@@ -279,6 +280,8 @@ class FakeWorker:
         cleared = sum(len(k) for _, _, k in ops)
         if ops:
             self.send_events(ops)
+        if self.clear_reports_seq:
+            return {"cleared": cleared, "seq": self.seq}
         return {"cleared": cleared}
 
     def _held_prefix(self, keys: list[int], location: str | None = None) -> list[int]:

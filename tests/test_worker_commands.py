@@ -65,7 +65,8 @@ def test_every_command(worker):
         assert back["chunks"] == 3
         assert await s.call("evict", {"tokens": pack_u32s(tokens[:4]), "location": None}) == {"chunks": 1}
         assert await s.call("lookup", {"tokens": packed}) == {"matched": 0}
-        assert await s.call("clear", {"location": None}) == {"cleared": 2}
+        # no controller link here: no report frame carries the evictions (seq None)
+        assert await s.call("clear", {"location": None}) == {"cleared": 2, "seq": None}
         return await s.call("health")
 
     assert run(worker, body)["chunks"] == 0

@@ -147,10 +147,21 @@ class Operations:
         records = self.workers_of(instance_id)
         results = await self.call_all(records, "clear", {"location": location})
         chunks = max((_count(r, "cleared") for r in results), default=0)
-        # The workers report the evictions too; clearing here makes the effect visible now.
-        self.registry.flush()
-        self.registry.index.clear(instance_id, location)
-        self.registry.changes += 1
+        # Each worker reports its evictions in order with everything else it reports, and says
+        # in which frame (seq). Waiting for those frames makes the clear visible when this
+        # returns; clearing the index here instead would also wipe chunks a worker stored after
+        # its clear and reported before its reply came. A worker whose frame does not arrive (or
+        # that names none: it is not reporting now, and its next full sync sets its holdings) is
+        # cleared here.
+        unconfirmed = []
+        for record, result in zip(records, results):
+            seq = result.get("seq") if isinstance(result, dict) else None
+            if type(seq) is not int or not await self.registry.reached(record, seq, self.command_timeout):
+                unconfirmed.append(("drop", record.instance_id, record.worker_id, location, b""))
+        if unconfirmed:
+            self.registry.flush()
+            self.registry.index.apply_batch(unconfirmed)
+            self.registry.changes += 1
         return chunks * self.chunk_size
 
     async def per_token_op(self, instance_id: str, op: str, args: dict, num_tokens: int) -> int:

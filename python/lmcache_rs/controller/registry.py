@@ -183,6 +183,20 @@ class Registry:
                 self.metrics.workers_expired += 1
                 self.remove(record, f"silent for {timeout:g} s")
 
+    async def reached(self, record: WorkerRecord, seq: int, timeout: float) -> bool:
+        """Wait until this worker's events frame ``seq`` has been applied to the index (True),
+        or it is gone, reconnected or out of step (a full sync then sets its holdings), or
+        ``timeout`` passes (False)."""
+        conn = record.conn
+        deadline = time.monotonic() + timeout
+        while record.expected_seq <= seq:
+            if (self.workers.get(record.key) is not record or record.conn is not conn or conn is None
+                    or record.state != LIVE or time.monotonic() >= deadline):
+                return False
+            await asyncio.sleep(0.001)
+        self.flush()
+        return True
+
     # -- ingest ----------------------------------------------------------------------------
     def queue(self, events: list[Event]) -> None:
         """Apply these (already validated) events with the others of this loop iteration."""

@@ -50,6 +50,7 @@ class Reporter:
         self._inbox: asyncio.Queue[Optional[dict[str, Any]]] = asyncio.Queue()
         self._resync = False
         self._last_error: Optional[str] = None
+        self._live = False  # synced, and each recorded event goes out in an events frame
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -63,6 +64,7 @@ class Reporter:
             except Exception:
                 log.exception("controller link failed")
             finally:
+                self._live = False
                 self.synced.clear()
                 self.engine.stop_reporting()
                 if self.session is not None:
@@ -207,6 +209,7 @@ class Reporter:
 
     # -- frames ---------------------------------------------------------------------------------
     async def _full_sync(self, session: Session) -> None:
+        self._live = False
         holdings = self.engine.start_reporting(self._waker)
         session.send({"t": "sync_start", "seq": self.seq})
         count = 0
@@ -218,7 +221,18 @@ class Reporter:
                 await session.drain()
         session.send({"t": "sync_end", "count": count})
         self.syncs += 1
+        self._live = True
         self.synced.set()
+
+    def flush_events(self) -> Optional[int]:
+        """Send the events recorded so far now, and return the seq of the last events frame:
+        once the controller has applied that seq it has everything up to here. None while not
+        reporting (no link, or a full sync under way): the next full sync carries the state."""
+        session = self.session
+        if not self._live or session is None or session.closed:
+            return None
+        self._send_events(session)
+        return self.seq
 
     def _send_events(self, session: Session) -> None:
         events = [

@@ -150,11 +150,19 @@ class WorkerService:
             await asyncio.wait(still_open, timeout=timeout)
 
     # -- commands -------------------------------------------------------------------------------
+    def _clear(self, args: dict) -> dict:
+        # The evictions go out at once, and the reply says in which report frame: the controller
+        # waits for that frame instead of clearing its index itself, which would also wipe what
+        # this worker stores between the clear and the reply reaching it.
+        cleared = self.engine.clear(_location(args))
+        seq = self.reporter.flush_events() if self.reporter is not None else None
+        return {"cleared": cleared, "seq": seq}
+
     def _handlers(self) -> dict[str, Callable[[dict], Any]]:
         ops: dict[str, Callable[[dict], Any]] = {
             "health": lambda args: self.engine.health(),
             "info": lambda args: self.engine.info(),
-            "clear": lambda args: {"cleared": self.engine.clear(_location(args))},
+            "clear": self._clear,
             "pin": lambda args: {"chunks": self.engine.pin(_tokens(args))},
             "unpin": lambda args: {"chunks": self.engine.unpin(_tokens(args))},
             "lookup": lambda args: {"matched": self.engine.lookup(_tokens(args))},
