@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import time
@@ -75,7 +76,8 @@ def test_bad_flags_and_config_exit_with_a_message(tmp_path):
     bad.write_text("chunk_size: [1, 2]\n")
     for args, text in [(["--port", "99999"], "port must be"), (["--config", str(bad)], "chunk_size must be an integer"),
                        (["--config", str(tmp_path / "missing.yaml")], "cannot read config"),
-                       (["--max-body-bytes", str(5 << 30)], "max_body_bytes must be at most 4294967295")]:
+                       (["--max-body-bytes", str(5 << 30)], "max_body_bytes must be at most 4294967295"),
+                       (["--port", "20100", "--monitor-port", "20100"], "must differ")]:
         r = subprocess.run(controller_command() + args, capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr
 
@@ -649,8 +651,38 @@ def test_corrupt_snapshot_starts_empty(tmp_path):
     assert snap.read_bytes() != b"not a snapshot at all"  # replaced by the shutdown snapshot
 
 
+def test_shared_keys_from_lmcache_environment_variables_as_the_workers_read_them(tmp_path):
+    # the same file and variables for both sides: the controller must end up with what a worker does
+    config = tmp_path / "c.yaml"
+    config.write_text("chunk_size: 64\nmax_frame_bytes: 8192\n")
+    env = {"LMCACHE_CONFIG_FILE": str(config), "LMCACHE_CHUNK_SIZE": "128", "LMCACHE_HASH_SEED": "7"}
+    with ControllerProcess(env=env) as proc:
+
+        async def main():
+            wrong = FakeWorker("inst", 0, proc.monitor_port, chunk_size=64, seed=7)
+            assert (await wrong.start())["code"] == "config_mismatch"
+            await wrong.close(bye=False)
+            right = FakeWorker("inst", 0, proc.monitor_port, chunk_size=128, seed=7)
+            assert (await right.start())["t"] == "welcome"
+            right.report.send({"t": "sync_chunk", "location": CPU, "hashes": b"\0" * 9000})  # > 8192
+            await asyncio.sleep(0.3)
+            await right.close(bye=False)
+
+        run_with_workers(main())
+        assert "chunk_size=128 hash_seed=7" in proc.log()
+        assert "frame_too_large" in proc.log()
+    import subprocess
+
+    from fake_worker import controller_command
+
+    r = subprocess.run(controller_command(), capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "LMCACHE_CHUNK_SIZE": "many"})
+    assert r.returncode == 2 and "chunk_size" in r.stderr and "many" in r.stderr and "Traceback" not in r.stderr
+
 def test_api_key_from_flag_or_environment():
-    for args, env in [(("--api-key", "k1"), None), ((), {"LMCACHE_API_KEY": "k1"})]:
+    for args, env in [(("--api-key", "k1"), None), ((), {"LMCACHE_API_KEY": "k1"}),
+                      ((), {"LMCACHE_CONTROLLER_API_KEY": "k1", "LMCACHE_API_KEY": "other"}),
+                      (("--api-key", "k1"), {"LMCACHE_CONTROLLER_API_KEY": "other"})]:
         with ControllerProcess(*args, env=env) as proc:
 
             async def main():

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
+from ..config import API_KEY_ENV, ENV_PREFIX, parse_value
 from ..wire import DEFAULT_MAX_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
@@ -58,6 +59,8 @@ class Settings:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be a TCP port (0-65535), got {value}")
+        if self.port == self.monitor_port != 0:
+            raise ValueError(f"port and monitor_port must differ, both are {self.port}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         if not 0 <= self.hash_seed < 2**64:
@@ -106,6 +109,16 @@ def read_yaml(path: str) -> dict[str, Any]:
             if kind is str and not isinstance(value, str):
                 raise ValueError(f"config {path}: {key} must be a string, got {value!r}")
             out[key] = value
+    return out
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The controller's keys from ``LMCACHE_<KEY>`` variables, parsed as the workers parse them.
+    Raises ValueError (ConfigError) naming the variable's key and value."""
+    out = {key: parse_value(key, env[ENV_PREFIX + key.upper()], from_env=True)
+           for key in _YAML_KEYS if ENV_PREFIX + key.upper() in env}
+    if "controller_api_key" not in out and env.get(API_KEY_ENV):
+        out["controller_api_key"] = env[API_KEY_ENV]
     return out
 
 
@@ -177,24 +190,23 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         snapshot_interval=args.snapshot_interval,
         log_level=args.log_level,
     )
+    # The shared keys as the workers read them: the file, then LMCACHE_<KEY> variables (and
+    # $LMCACHE_API_KEY for the key, unless $LMCACHE_CONTROLLER_API_KEY is set), then the flags.
     config = args.config or os.environ.get("LMCACHE_CONFIG_FILE")
-    if config:
-        values = read_yaml(config)
-        s.chunk_size = values.get("chunk_size", s.chunk_size)
-        s.hash_seed = values.get("hash_seed", s.hash_seed)
-        s.api_key = values.get("controller_api_key")
-        s.max_frame_bytes = values.get("max_frame_bytes", s.max_frame_bytes)
+    values = read_yaml(config) if config else {}
+    values.update(env_overrides(os.environ))
+    s.chunk_size = values.get("chunk_size", s.chunk_size)
+    s.hash_seed = values.get("hash_seed", s.hash_seed)
+    s.api_key = values.get("controller_api_key")
+    s.max_frame_bytes = values.get("max_frame_bytes", s.max_frame_bytes)
     if args.chunk_size is not None:
         s.chunk_size = args.chunk_size
     if args.hash_seed is not None:
         s.hash_seed = args.hash_seed
     if args.max_frame_bytes is not None:
         s.max_frame_bytes = args.max_frame_bytes
-    env_key = os.environ.get("LMCACHE_API_KEY")
     if args.api_key is not None:
         s.api_key = args.api_key
-    elif env_key:
-        s.api_key = env_key
     if s.api_key == "":
         s.api_key = None
     s.validate()
