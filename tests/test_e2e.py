@@ -269,16 +269,20 @@ def test_compress_and_decompress(cluster):
     assert torch.equal(pull(cluster.p2p_address("inst-a"), PC), synthetic_kv(PC, **SHAPE))  # still exact
     cluster.post("/decompress", {"instance_id": "inst-a", "tokens": PC, "method": "zlib", "location": CPU})
     assert cpu_bytes() == before
+    # arguments the workers refuse are the request's fault: 400, not 502
     bad = cluster.post("/compress", {"instance_id": "inst-a", "tokens": PC, "method": "lzma", "location": CPU},
-                       expect=502)
+                       expect=400)
     assert "unknown compression method" in bad["error"]
+    bad = cluster.post("/pin", {"instance_id": "inst-a", "tokens": PC, "location": "GPU"}, expect=400)
+    assert "unknown location 'GPU'" in bad["error"]
 
 
 def test_health_and_clear(cluster):
     assert cluster.post("/health", {"instance_id": "inst-tp"})["error_codes"] == {"0": 0, "1": 0}
+    cluster.post("/clear", {"instance_id": "inst-b", "location": "Bogus"}, expect=400)
     cleared = cluster.post("/clear", {"instance_id": "inst-b", "location": CPU})
     assert cleared["num_tokens"] > 0
-    cluster.wait_for(lambda: "inst-b" not in cluster.lookup(SHARED), "inst-b to be empty")
+    # visible when /clear returns: the controller waited for the workers' eviction reports
     assert cluster.lookup(SHARED) == {"inst-a": [CPU, 12]}
     assert cluster.lookup(PM) == {}
     info = cluster.post("/query_worker_info", {"instance_id": "inst-b"})["worker_infos"][0]

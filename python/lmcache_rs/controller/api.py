@@ -275,10 +275,9 @@ class Api:
         instance_id = _field(data, "instance_id", str, "a string")
         location = _field(data, "location", str, "a location name", optional=not needs_method)
         tokens = _tokens(data, optional=needs_method)
-        args: dict[str, Any] = {"tokens": pack_u32s(tokens)}
+        args: dict[str, Any] = {"tokens": pack_u32s(tokens), "location": location}
         if needs_method:
             args["method"] = _field(data, "method", str, "a compression method name")
-            args["location"] = location
         event_id = self.event_ids.new(kind)
 
         async def run() -> Response:

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from ..wire import RemoteError, SessionError, connect
+from ..wire.session import BAD_ARGS
 from .registry import Registry, WorkerRecord
 
 log = logging.getLogger("lmcache_rs.controller.ops")
@@ -124,10 +125,12 @@ class Operations:
     async def call_all(self, records: list[WorkerRecord], op: str, args: dict | None = None) -> list[Any]:
         """The same command to several workers at once; raises OperationError (502) naming the failures."""
         results = await asyncio.gather(*(self.call(r, op, args) for r in records), return_exceptions=True)
-        failures = [f"{r.instance_id}/{r.worker_id}: {_describe(x)}" for r, x in zip(records, results)
-                    if isinstance(x, BaseException)]
-        if failures:
-            raise OperationError(502, f"{op} failed on " + "; ".join(failures))
+        failed = [(r, x) for r, x in zip(records, results) if isinstance(x, BaseException)]
+        if failed:
+            # refused arguments (an unknown location or method) are the request's fault: 400
+            bad_request = all(isinstance(x, RemoteError) and x.code == BAD_ARGS for _, x in failed)
+            raise OperationError(400 if bad_request else 502, f"{op} failed on " + "; ".join(
+                f"{r.instance_id}/{r.worker_id}: {_describe(x)}" for r, x in failed))
         return results
 
     def workers_of(self, instance_id: str) -> list[WorkerRecord]:

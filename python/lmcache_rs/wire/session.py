@@ -61,12 +61,17 @@ class RequestTimeout(SessionError, TimeoutError):
 
 
 class RemoteError(SessionError):
-    """The peer answered ``ok: false``; ``op`` and the peer's ``error`` text are kept."""
+    """The peer answered ``ok: false``; ``op``, the peer's ``error`` text and its ``code`` are
+    kept (``"bad_args"``: the handler refused the arguments, a ValueError or TypeError)."""
 
-    def __init__(self, op: str, error: str):
+    def __init__(self, op: str, error: str, code: str | None = None):
         super().__init__(f"{op}: {error}")
         self.op = op
         self.error = error
+        self.code = code
+
+
+BAD_ARGS = "bad_args"
 
 
 def _is_int(value: Any) -> bool:
@@ -252,7 +257,10 @@ class Session(asyncio.Protocol):
         elif kind == "error":
             code, text = message.get("code"), message.get("message")
             self.remote_error = (str(code), str(text))
-            log.warning("session %s: peer sent error %s: %s", self.name, code, text)
+            # an owner that takes the frame reports it in its own terms (the reporter once per
+            # cause, not at every retry)
+            level = logging.DEBUG if self.on_message is not None else logging.WARNING
+            log.log(level, "session %s: peer sent error %s: %s", self.name, code, text)
             if self.on_message is not None:
                 self.on_message(message)
             self.close()
@@ -276,8 +284,9 @@ class Session(asyncio.Protocol):
         if ok:
             future.set_result(message.get("result"))
         else:
-            error = message.get("error")
-            future.set_exception(RemoteError(op, error if isinstance(error, str) else "unknown error"))
+            error, code = message.get("error"), message.get("code")
+            future.set_exception(RemoteError(op, error if isinstance(error, str) else "unknown error",
+                                             code if isinstance(code, str) else None))
 
     def _on_command(self, message: dict) -> None:
         request_id, op = message.get("id"), message.get("op")
@@ -302,7 +311,7 @@ class Session(asyncio.Protocol):
         try:
             result = handler(args)
         except Exception as exc:
-            self._reply_error(request_id, _describe(exc))
+            self._reply_error(request_id, _describe(exc), _code(exc))
             return
         if not inspect.isawaitable(result):
             self._reply_ok(request_id, result)
@@ -330,7 +339,7 @@ class Session(asyncio.Protocol):
             raise
         except Exception as exc:
             log.warning("session %s: command %s failed: %s", self.name, op, _describe(exc))
-            self._reply_error(request_id, _describe(exc))
+            self._reply_error(request_id, _describe(exc), _code(exc))
         else:
             self._reply_ok(request_id, result)
 
@@ -351,10 +360,17 @@ class Session(asyncio.Protocol):
             return
         self.transport.write(frame)
 
-    def _reply_error(self, request_id: int, error: str) -> None:
+    def _reply_error(self, request_id: int, error: str, code: str | None = None) -> None:
         if self._closing or self.transport is None:
             return
-        self.transport.write(encode_frame({"t": "reply", "id": request_id, "ok": False, "error": error}))
+        reply = {"t": "reply", "id": request_id, "ok": False, "error": error}
+        if code is not None:
+            reply["code"] = code
+        self.transport.write(encode_frame(reply))
+
+
+def _code(exc: BaseException) -> str | None:
+    return BAD_ARGS if isinstance(exc, (ValueError, TypeError)) else None
 
 
 def _describe(exc: BaseException) -> str:

@@ -546,27 +546,31 @@ class KVWorker:
             return location in (None, DISK) and self.disk is not None and key in self.disk.entries
 
     # -- pin / evict / clear --------------------------------------------------------------------
-    def pin(self, tokens: Any) -> int:
-        """Pin every held chunk of ``tokens``: pinned chunks are never evicted to make room
-        (clear still removes them). Returns the number of chunks pinned."""
+    def pin(self, tokens: Any, location: Optional[str] = None) -> int:
+        """Pin every chunk of ``tokens`` held at ``location`` (None: anywhere): pinned chunks
+        are never evicted to make room, in any tier (clear still removes them). Returns the
+        number of chunks pinned. Raises ValueError for an unknown location."""
+        self._check_location(location)
         keys = self.chunk_keys(token_list(tokens))
         count = 0
         with self._lock:
             for key in keys:
-                if not self.holds(key):
+                if not self.holds(key, location):
                     continue
                 self._pinned.add(key)
                 self._set_pinned(key, True)
                 count += 1
         return count
 
-    def unpin(self, tokens: Any) -> int:
-        """Unpin the chunks of ``tokens``; returns how many were pinned."""
+    def unpin(self, tokens: Any, location: Optional[str] = None) -> int:
+        """Unpin the chunks of ``tokens`` held at ``location`` (None: anywhere); returns how
+        many were pinned. Raises ValueError for an unknown location."""
+        self._check_location(location)
         keys = self.chunk_keys(token_list(tokens))
         count = 0
         with self._lock:
             for key in keys:
-                if key not in self._pinned:
+                if key not in self._pinned or not self.holds(key, location):
                     continue
                 self._pinned.discard(key)
                 self._set_pinned(key, False)
