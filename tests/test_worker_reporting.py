@@ -3,6 +3,7 @@ sequence numbers, heartbeats, resync, reconnect with backoff, bye."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -245,6 +246,27 @@ def test_refused_hello_is_retried_and_the_worker_keeps_working():
         w.close()
         c.close()
 
+
+
+def test_a_hello_refused_again_and_again_is_logged_once(caplog):
+    refusals = 4
+    answers = iter([{"t": "error", "code": "config_mismatch", "message": "chunk_size 4 != 256"}] * refusals)
+
+    def answer(hello):
+        return next(answers, {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+
+    c = FakeController(answer=answer)
+    with caplog.at_level(logging.INFO, logger="lmcache_rs"):
+        w = KVWorker(make_config(c.port))
+        try:
+            for n in range(1, refusals + 2):  # every refused hello is retried, then welcomed
+                number, _ = c.next("hello", skip=("heartbeat",), timeout=10)
+                assert number == n
+        finally:
+            w.close()
+            c.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "config_mismatch" in r.getMessage()]
+    assert len(warnings) == 1, warnings
 
 def test_a_stalled_controller_never_blocks_store():
     c = FakeController(read=False)

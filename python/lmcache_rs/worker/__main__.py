@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence
 from lmcache_rs.config import ConfigError, load_config
 
 log = logging.getLogger("lmcache_rs.worker")
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def read_preload(path: str) -> Iterator[list[int]]:
@@ -49,22 +50,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: $LMCACHE_CONFIG_FILE)")
     parser.add_argument("--worker-id", type=int, default=0, help="tensor-parallel rank (default 0)")
     parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for")
-    parser.add_argument("--log-level", default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO"))
-    return parser.parse_args(argv)
+    parser.add_argument("--log-level", type=str.upper, default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper(),
+                        choices=LOG_LEVELS, help="log level (default $LMCACHE_LOG_LEVEL, else INFO)")
+    args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # argparse does not check a default against the choices
+        parser.error(f"LMCACHE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if not 0 <= args.worker_id < 2**32:
+        print(f"lmcache_worker: --worker-id must be in 0..4294967295, got {args.worker_id}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
+        # this rank's ports, from lists or base + rank: a rank without one is a config error
+        config.worker_port(args.worker_id)
+        config.p2p_port(args.worker_id)
     except ConfigError as exc:
         print(f"lmcache_worker: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    if args.worker_id < 0:
-        print(f"lmcache_worker: --worker-id must be >= 0, got {args.worker_id}", file=sys.stderr)
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -50,6 +50,7 @@ class Reporter:
         self._inbox: asyncio.Queue[Optional[dict[str, Any]]] = asyncio.Queue()
         self._resync = False
         self._last_error: Optional[str] = None
+        self._welcomed = False
         self._live = False  # synced, and each recorded event goes out in an events frame
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ class Reporter:
         host, port = self.config.controller_address()
         self._inbox = asyncio.Queue()
         self._resync = False
+        self._welcomed = False
         session = await connect(
             host,
             port,
@@ -132,6 +134,7 @@ class Reporter:
             raise ConnectionError(f"the controller refused this worker: {reply.get('code')}: {reply.get('message')}")
         if reply["t"] != "welcome":
             raise ConnectionError(f"expected welcome, got {reply['t']!r}")
+        self._welcomed = True
         interval = _positive(reply.get("heartbeat_interval"), self.config.heartbeat_interval)
         # beat a little faster than asked so a slow beat never reaches the timeout
         interval = min(interval, _positive(reply.get("heartbeat_timeout"), self.config.heartbeat_timeout) / 3)
@@ -189,6 +192,8 @@ class Reporter:
             self._resync = True
             self._wake.set()
         elif kind in ("welcome", "error"):
+            if kind == "error" and self._welcomed:  # before welcome, the refusal is reported by _connection
+                self._note(f"the controller sent error {message.get('code')}: {message.get('message')}")
             self._inbox.put_nowait(message)
         else:
             log.warning("ignoring unexpected %r frame from the controller", kind)

@@ -1,0 +1,29 @@
+"""lmcache_worker's command line: bad arguments and bad configs exit 2 with one message naming
+the problem, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    (["--worker-id", "5000000000"], {}, "--worker-id must be in 0..4294967295"),
+    (["--worker-id", "-1"], {}, "--worker-id must be in 0..4294967295"),
+    (["--log-level", "LOUD"], {}, "invalid choice: 'LOUD'"),
+    ([], {"LMCACHE_LOG_LEVEL": "chatty"}, "LMCACHE_LOG_LEVEL must be one of"),
+    (["--worker-id", "1"], {"LMCACHE_LMCACHE_WORKER_PORTS": "65535"}, "lmcache_worker_ports"),
+    (["--worker-id", "2"], {"LMCACHE_LMCACHE_WORKER_PORTS": "20091,20092"}, "no port for worker rank 2"),
+    (["--worker-id", "1"], {"LMCACHE_P2P_INIT_PORTS": "65535"}, "p2p_init_ports"),
+]
+
+
+@pytest.mark.parametrize("args,env,message", CASES, ids=[c[2][:30] for c in CASES])
+def test_bad_arguments_exit_2_with_a_message(args, env, message, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    r = subprocess.run([sys.executable, "-m", "lmcache_rs.worker", *args], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env={**clean, "LMCACHE_ENABLE_CONTROLLER": "false", **env})
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
