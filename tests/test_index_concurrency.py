@@ -143,3 +143,43 @@ def test_readers_see_a_prefix_of_the_write_order() -> None:
     for i, p in enumerate(PROBES):
         assert ix.lookup(p) == answers[total][i]
     assert ix.stats()["holdings"] == sum(len(h) for h in ref.holdings.values())
+
+
+FIRST_CALLS_AT_ONCE = """
+import sys, threading, time
+
+class SlowImport:  # sysconfig imported while the GIL is released, as on a slow filesystem
+    def find_spec(self, name, path=None, target=None):
+        if name == "sysconfig":
+            time.sleep(0.3)
+        return None
+
+sys.modules.pop("sysconfig", None)
+sys.meta_path.insert(0, SlowImport())
+import lmcache_rs
+ix = lmcache_rs.Index(chunk_size=4)
+go = threading.Barrier(8)
+
+def first_call():
+    go.wait()
+    ix.lookup([1, 2, 3, 4])  # a list: the first one sets up the direct int read
+
+threads = [threading.Thread(target=first_call) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("done", lmcache_rs.runtime_info()["fast_int_lists"])
+"""
+
+
+def test_first_calls_from_many_threads_at_once_do_not_deadlock() -> None:
+    # The direct int read is set up at the first list argument, importing Python modules; a
+    # second thread must not wait for that with the GIL held. A fresh interpreter each time.
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith("done"), out.stderr
+

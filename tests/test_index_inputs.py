@@ -314,3 +314,35 @@ def test_list_shrunk_by_index_hook() -> None:
 
     toks.extend([1, 2, 3, Shrinker(), 5, 6, 7])
     assert chunk_hashes(toks, 2) == chunk_hashes([1, 2, 3, 4], 2)
+
+
+
+UNKNOWN_KEYWORD = {
+    "register_worker": lambda ix, p: ix.register_worker("a", 0, foo=1),
+    "remove_worker": lambda ix, p: ix.remove_worker("a", 0, foo=1),
+    "clear": lambda ix, p: ix.clear("a", foo=1),
+    "apply_batch": lambda ix, p: ix.apply_batch([], foo=1),
+    "dump": lambda ix, p: ix.dump(p, foo=1),
+    "load": lambda ix, p: ix.load(p, foo=1),
+    "answer_lookups": lambda ix, p: ix.answer_lookups(b"", "e", 0, 10, 10, foo=1),
+    "admit": lambda ix, p: ix.admit("a", 0, CPU, tokens=[1], foo=1),
+    "lookup": lambda ix, p: ix.lookup([1], foo=1),
+    "chunk_hashes": lambda ix, p: chunk_hashes([1], foo=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNKNOWN_KEYWORD))
+def test_unknown_keyword_arguments_raise_invalid_type_error(name: str, tmp_path) -> None:
+    ix = fresh()
+    before = snapshot(ix)
+    with pytest.raises(InvalidTypeError, match="foo"):
+        UNKNOWN_KEYWORD[name](ix, str(tmp_path / "x.snap"))
+    assert snapshot(ix) == before
+
+
+def test_a_sequence_is_checked_item_by_item_as_it_is_iterated() -> None:
+    # a bad first item of a huge range is refused at once, without building the whole sequence
+    with pytest.raises(InvalidArgumentError, match=r"tokens\[0\] = -1"):
+        chunk_hashes(range(-1, 10**12), CHUNK)
+    assert chunk_hashes(range(40), CHUNK) == chunk_hashes(list(range(40)), CHUNK)
+

@@ -50,7 +50,14 @@ class Index:
     """The chunked-prefix index. Thread-safe: lookups never wait for writers.
 
     Every method raises InvalidTypeError / InvalidArgumentError (naming the argument) on bad
-    input, including unknown keyword arguments, and then changes nothing."""
+    input, including unknown keyword arguments, and then changes nothing. (A missing required
+    argument is refused by Python's call itself: a plain TypeError, of which InvalidTypeError
+    is a subclass.)
+
+    A thread's first call registers it as a reader; that one step may wait for a write being
+    published. Buffers that can be written to (numpy arrays, bytearray, array.array) are
+    copied before the index reads them without the GIL; read-only ones (bytes) are read in
+    place. A buffer another thread writes during the call may still be read half old, half new."""
 
     def __new__(cls, chunk_size: int = 256, seed: int = 0) -> Index: ...
     @property

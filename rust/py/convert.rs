@@ -2,8 +2,10 @@
 //!
 //! Integer sequences arrive as lists/tuples, objects exposing the buffer protocol (bytes,
 //! bytearray, memoryview, array.array, numpy arrays) or objects with `__array__` (CPU torch
-//! tensors; torch is never imported here). A C-contiguous buffer whose items already have the
-//! target width is read in place, without a copy; other widths are range-checked and converted.
+//! tensors; torch is never imported here). A read-only C-contiguous buffer whose items already
+//! have the target width is read in place, without a copy. A writable one is copied first, with
+//! the GIL held: the index reads without the GIL, when another thread could be changing it.
+//! Other widths are range-checked and converted.
 //! One-byte buffers (bytes, bytearray, memoryview of bytes) are raw little-endian words.
 //! Conversion from a buffer happens in `view`, which needs no GIL.
 
@@ -63,9 +65,9 @@ enum Elem {
 }
 
 enum Data {
-    /// A C-contiguous buffer, read in place.
+    /// A read-only C-contiguous buffer (bytes), read in place.
     Buffer(PyUntypedBuffer),
-    /// A strided buffer, gathered into contiguous bytes.
+    /// A strided or writable buffer, copied into contiguous bytes while the GIL is held.
     Gathered(Vec<u8>),
 }
 
@@ -130,11 +132,17 @@ impl<T: Word> IntsArg<T> {
         // one-shot iterators are refused rather than guessed at
         match obj.cast::<PySequence>() {
             Ok(seq) => {
-                let items: Vec<Bound<'_, PyAny>> = seq
-                    .try_iter()
-                    .and_then(|it| it.collect::<PyResult<_>>())
-                    .map_err(|e| Error::ty(format!("{name}: iterating failed: {e}")))?;
-                Self::from_iter(name, items.len(), items.into_iter())
+                // item by item as they come: a bad item stops at once, and no list of objects
+                // (40 bytes an item) is built first
+                let iter_failed = |e: PyErr| Error::ty(format!("{name}: iterating failed: {e}"));
+                let mut out = Vec::with_capacity(seq.len().unwrap_or(0).min(1 << 20));
+                for (i, item) in seq.try_iter().map_err(iter_failed)?.enumerate() {
+                    push_item::<T>(name, i, &item.map_err(iter_failed)?, &mut out)?;
+                }
+                Ok(IntsArg {
+                    name,
+                    src: Src::Owned(out),
+                })
             }
             Err(_) => Err(Error::ty(format!(
                 "{name} must be a list of int, a buffer of integers (bytes, array.array, numpy) \
@@ -267,8 +275,20 @@ impl<T: Word> IntsArg<T> {
         }
         let items = buf.item_count();
         let size = buf.item_size();
-        let data = if buf.is_c_contiguous() {
+        let data = if buf.is_c_contiguous() && buf.readonly() {
             Data::Buffer(buf)
+        } else if buf.is_c_contiguous() {
+            // Writable: another thread may change it while the index reads without the GIL
+            // (numpy releases it to copy), so take a copy now, GIL held, through raw pointers.
+            let n = buf.len_bytes();
+            let mut v = vec![0u8; n];
+            if n > 0 {
+                // SAFETY: a C-contiguous exported buffer of n bytes, alive while `buf` holds it
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf.buf_ptr() as *const u8, v.as_mut_ptr(), n)
+                };
+            }
+            Data::Gathered(v)
         } else {
             // a strided view (e.g. arr[::2]): gather the items (GIL held, buffer exported)
             let stride = buf.strides()[0];
@@ -404,7 +424,7 @@ pub fn fast_int_lists(py: Python<'_>) -> bool {
 /// first use agrees with the interpreter's own conversion; otherwise every item goes through
 /// the general path.
 mod fastint {
-    use std::sync::OnceLock;
+    use pyo3::sync::PyOnceLock;
 
     use pyo3::ffi;
     use pyo3::prelude::*;
@@ -420,12 +440,14 @@ mod fastint {
         tagged: bool,
     }
 
-    static LAYOUT: OnceLock<Option<Layout>> = OnceLock::new();
+    // A PyOnceLock, not std's OnceLock: the probe runs Python code (imports) that may release
+    // the GIL, and a second thread must not wait for it while holding the GIL (a deadlock).
+    static LAYOUT: PyOnceLock<Option<Layout>> = PyOnceLock::new();
 
     /// The layout when the fast path is safe on this interpreter.
     #[inline]
     pub fn layout(py: Python<'_>) -> Option<&'static Layout> {
-        LAYOUT.get_or_init(|| probe(py).ok().flatten()).as_ref()
+        LAYOUT.get_or_init(py, || probe(py).ok().flatten()).as_ref()
     }
 
     fn probe(py: Python<'_>) -> PyResult<Option<Layout>> {

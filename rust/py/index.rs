@@ -189,13 +189,15 @@ impl PyIndex {
         self.inner.seed()
     }
 
-    #[pyo3(signature = (instance_id, worker_id))]
+    #[pyo3(signature = (instance_id, worker_id, **kwargs), text_signature = "(self, instance_id, worker_id)")]
     fn register_worker(
         &self,
         py: Python<'_>,
         instance_id: &Bound<'_, PyAny>,
         worker_id: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
+        no_kwargs("register_worker", kwargs)?;
         let inst = str_arg(instance_id, "instance_id")?;
         validate_instance_id(&inst)?;
         let w = worker_arg(worker_id)?;
@@ -205,20 +207,22 @@ impl PyIndex {
         })
     }
 
-    #[pyo3(signature = (instance_id, worker_id))]
+    #[pyo3(signature = (instance_id, worker_id, **kwargs), text_signature = "(self, instance_id, worker_id)")]
     fn remove_worker(
         &self,
         py: Python<'_>,
         instance_id: &Bound<'_, PyAny>,
         worker_id: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<u64> {
+        no_kwargs("remove_worker", kwargs)?;
         let inst = str_arg(instance_id, "instance_id")?;
         let w = worker_arg(worker_id)?;
         detached(py, || Ok(self.inner.write(Op::RemoveWorker(inst, w)).1))
     }
 
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let ws = self.inner.read(|c| c.workers());
+        let ws = detached(py, || Ok(self.inner.read(|c| c.workers())))?;
         let out = PyDict::new(py);
         for (inst, w) in ws {
             out.set_item(&*inst, w)?;
@@ -268,8 +272,14 @@ impl PyIndex {
         self.write_keys(py, ev, keys)
     }
 
-    #[pyo3(signature = (events))]
-    fn apply_batch(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
+    #[pyo3(signature = (events, **kwargs), text_signature = "(self, events)")]
+    fn apply_batch(
+        &self,
+        py: Python<'_>,
+        events: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(u64, u64)> {
+        no_kwargs("apply_batch", kwargs)?;
         let mut batch = Batch::default();
         let it = events.try_iter().map_err(|_| {
             Error::ty(
@@ -337,13 +347,15 @@ impl PyIndex {
         detached(py, || Ok(self.inner.write(Op::Batch(batch))))
     }
 
-    #[pyo3(signature = (instance_id, location=None))]
+    #[pyo3(signature = (instance_id, location=None, **kwargs), text_signature = "(self, instance_id, location=None)")]
     fn clear(
         &self,
         py: Python<'_>,
         instance_id: &Bound<'_, PyAny>,
         location: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<u64> {
+        no_kwargs("clear", kwargs)?;
         let inst = str_arg(instance_id, "instance_id")?;
         let loc = match location.filter(|l| !l.is_none()) {
             Some(l) => Some(str_arg(l, "location")?),
@@ -436,9 +448,10 @@ impl PyIndex {
     /// `POST /lookup` requests at the start of `data` (bytes a connection received), with the
     /// GIL released. Returns (responses, bytes consumed, seconds per answered request, close).
     #[pyo3(
-        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes),
+        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, **kwargs),
         text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes)"
     )]
+    #[allow(clippy::too_many_arguments)]
     fn answer_lookups<'py>(
         &self,
         py: Python<'py>,
@@ -447,7 +460,9 @@ impl PyIndex {
         first_id: &Bound<'py, PyAny>,
         max_header_bytes: &Bound<'py, PyAny>,
         max_body_bytes: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<(Bound<'py, PyBytes>, usize, Vec<f64>, bool)> {
+        no_kwargs("answer_lookups", kwargs)?;
         let prefix = str_arg(event_prefix, "event_prefix")?;
         let first_id = int_arg(first_id, "first_id", u64::MAX / 2)?;
         let limits = http_fast::Limits {
@@ -483,7 +498,7 @@ impl PyIndex {
     }
 
     fn holder_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let v = self.inner.read(|c| c.holder_counts());
+        let v = detached(py, || Ok(self.inner.read(|c| c.holder_counts())))?;
         let items: Vec<(String, u32, String, u64)> = v
             .into_iter()
             .map(|(i, w, l, n)| (i.to_string(), w, l.to_string(), n))
@@ -492,7 +507,7 @@ impl PyIndex {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.read(|c| c.stats());
+        let s = detached(py, || Ok(self.inner.read(|c| c.stats())))?;
         let out = PyDict::new(py);
         for (k, v) in s {
             out.set_item(k, v)?;
@@ -504,29 +519,41 @@ impl PyIndex {
         detached(py, || self.inner.check_invariants())
     }
 
-    #[pyo3(signature = (path))]
-    fn dump(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+    #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
+    fn dump(
+        &self,
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        no_kwargs("dump", kwargs)?;
         let path = path_arg(path, "path")?;
         detached(py, || self.inner.dump(&path))
     }
 
-    #[pyo3(signature = (path))]
-    fn load(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+    #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
+    fn load(
+        &self,
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        no_kwargs("load", kwargs)?;
         let path = path_arg(path, "path")?;
         detached(py, || self.inner.load(&path))
     }
 
-    fn __len__(&self) -> usize {
-        self.inner.read(|c| c.table.len())
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        detached(py, || Ok(self.inner.read(|c| c.table.len())))
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "Index(chunk_size={}, seed={}, chunks={})",
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let chunks = detached(py, || Ok(self.inner.read(|c| c.table.len())))?;
+        Ok(format!(
+            "Index(chunk_size={}, seed={}, chunks={chunks})",
             self.inner.chunk_size(),
             self.inner.seed(),
-            self.__len__()
-        )
+        ))
     }
 }
 
