@@ -225,10 +225,13 @@ def side_ours(args) -> dict:
         ]
         log(f"ours: lookup {case}: {args.rounds} rounds x {args.iters}")
         result["lookup"][case] = timed_rounds(idx.lookup, qs, args)
-    # the same lookups given a numpy uint32 array (zero-copy), for information
+    # the same lookups given a read-only numpy uint32 array (read in place), for information;
+    # a writable array is copied first (another thread could change it meanwhile)
     result["lookup_numpy"] = {}
     for case in CASES:
         arrs = [np.asarray(q, dtype=np.uint32) for q in queries[case]]
+        for a in arrs:
+            a.setflags(write=False)
         result["lookup_numpy"][case] = timed_rounds(idx.lookup, arrs, args)
     result["loadavg_end"] = loadavg()
     return result
@@ -383,7 +386,7 @@ def report(res: dict) -> str:
         lines.append(f"{side}: other work used " + "/".join(f"{q['cpu_busy_before'] * 100:.0f}%" for q in qs)
                      + f" of the CPUs just before its runs (waited {sum(q['waited_s'] for q in qs):.0f}s in all)")
     if ours:
-        lines.append("ours, tokens as numpy uint32 (zero-copy): " + ", ".join(
+        lines.append("ours, tokens as a read-only numpy uint32 array (read in place): " + ", ".join(
             f"{c} p50 {ours['lookup_numpy'][c]['p50_us']:.1f} us / p99 {ours['lookup_numpy'][c]['p99_us']:.1f} us"
             for c in CASES))
     for side, corr in res.get("correct", {}).items():

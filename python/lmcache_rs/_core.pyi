@@ -56,8 +56,8 @@ class Index:
 
     A thread's first call registers it as a reader; that one step may wait for a write being
     published. Buffers that can be written to (numpy arrays, bytearray, array.array) are
-    copied before the index reads them without the GIL; read-only ones (bytes) are read in
-    place. A buffer another thread writes during the call may still be read half old, half new."""
+    copied before the index reads them without the GIL; read-only ones (bytes, a numpy array
+    after ``setflags(write=False)``) are read in place. A buffer another thread writes during the call may still be read half old, half new."""
 
     def __new__(cls, chunk_size: int = 256, seed: int = 0) -> Index: ...
     @property
