@@ -13,6 +13,8 @@ pub mod snapshot;
 pub mod table;
 
 #[cfg(test)]
+mod fuzz_corpus_tests;
+#[cfg(test)]
 mod model_tests;
 
 // ---- the Python binding layer ----

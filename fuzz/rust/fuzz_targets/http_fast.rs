@@ -11,68 +11,9 @@
 //! branches with short inputs).
 #![no_main]
 
-use _core::http_fast::{answer_with, parse_lookup_request, Limits};
-use _core::json::parse_lookup_body;
+#[path = "../oracles/http_fast.rs"]
+mod oracle;
+
 use libfuzzer_sys::fuzz_target;
 
-fn lookup(body: &[u8], detail: bool, id: &str) -> _core::error::Result<String> {
-    let tokens = parse_lookup_body(body)?;
-    Ok(format!(
-        "{{\"id\":\"{id}\",\"n\":{},\"d\":{detail}}}",
-        tokens.len()
-    ))
-}
-
-fuzz_target!(|data: &[u8]| {
-    if data.is_empty() {
-        return;
-    }
-    let limits = if data[0] & 1 == 1 {
-        Limits {
-            max_header_bytes: 64,
-            max_body_bytes: 16,
-        }
-    } else {
-        Limits {
-            max_header_bytes: 16 * 1024,
-            max_body_bytes: 1 << 20,
-        }
-    };
-    let input = &data[1..];
-    let out = answer_with(input, &limits, "E-", 1, lookup);
-    assert!(out.consumed <= input.len());
-    // replay the requests it answered, one by one, and rebuild the responses it must have written
-    let mut pos = 0;
-    let mut expected = Vec::new();
-    for n in 0..out.seconds.len() {
-        let req = parse_lookup_request(&input[pos..], &limits)
-            .expect("answered a request it does not parse");
-        let body = lookup(req.body, req.detail, &format!("E-{}", 1 + n))
-            .expect("answered a failing lookup");
-        _core::http_fast::write_response(&mut expected, body.as_bytes(), req.keep_alive);
-        pos += req.len;
-        assert!(
-            req.keep_alive || n + 1 == out.seconds.len(),
-            "kept answering after a closing request"
-        );
-        if n + 1 == out.seconds.len() {
-            assert_eq!(out.close, !req.keep_alive);
-        }
-    }
-    assert_eq!(
-        pos, out.consumed,
-        "consumed is not the answered requests' length"
-    );
-    assert!(
-        expected == out.responses,
-        "responses differ from one 200 per answered request"
-    );
-    if !out.close {
-        if let Some(next) = parse_lookup_request(&input[pos..], &limits) {
-            assert!(
-                lookup(next.body, next.detail, "x").is_err(),
-                "stopped before a request it answers"
-            );
-        }
-    }
-});
+fuzz_target!(|data: &[u8]| oracle::check(data));

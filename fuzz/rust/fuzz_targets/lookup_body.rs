@@ -8,63 +8,9 @@
 //!   input is valid JSON and gives those strings back.
 #![no_main]
 
-use _core::index::Match;
-use _core::json::{parse_lookup_body, render_lookup};
-use libfuzzer_sys::fuzz_target;
-use serde_json::value::RawValue;
-use serde_json::Value;
+#[path = "../oracles/lookup_body.rs"]
+mod oracle;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(tokens) = parse_lookup_body(data) {
-        // serde_json::Value keeps the last of duplicate keys; the parser refuses duplicate
-        // "tokens", so the two agree whenever the parser accepts.
-        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(data) {
-            assert!(
-                map.get("tokens").is_some_and(Value::is_array),
-                "accepted without a tokens list"
-            );
-            // each element's own text: serde_json::Value reads -0 as the float -0.0 and could
-            // not tell it from -0.0, which must be refused
-            let raw: std::collections::BTreeMap<String, &RawValue> =
-                serde_json::from_slice(data).expect("Value read it, so this reads it");
-            let elements: Vec<&RawValue> =
-                serde_json::from_str(raw["tokens"].get()).expect("a list");
-            let theirs: Vec<u32> = elements
-                .iter()
-                .map(|e| match e.get() {
-                    "-0" => 0,
-                    t => {
-                        assert!(
-                            t.bytes().all(|c| c.is_ascii_digit()),
-                            "accepted the token {t}"
-                        );
-                        t.parse().expect("accepted a token out of u32 range")
-                    }
-                })
-                .collect();
-            assert_eq!(theirs, tokens, "parser and serde_json disagree");
-        }
-    }
-    // Names from the input (lossy UTF-8: any Rust string) through the writer.
-    let text = String::from_utf8_lossy(data);
-    let mut parts = text.splitn(3, '\u{1}');
-    let event_id = parts.next().unwrap_or("").to_string();
-    let instance = parts.next().unwrap_or("inst").to_string();
-    let location = parts.next().unwrap_or("GPU").to_string();
-    if instance == "event_id" || instance == "layout_info" {
-        return; // reserved: the index refuses these instance ids
-    }
-    let matches = vec![Match {
-        instance: instance.clone().into(),
-        location: location.clone().into(),
-        length: 7,
-    }];
-    let out = render_lookup(&event_id, &matches, None);
-    let v: Value = serde_json::from_str(&out).expect("render_lookup wrote invalid JSON");
-    assert_eq!(v["event_id"].as_str(), Some(event_id.as_str()));
-    assert_eq!(
-        v["layout_info"][&instance][0].as_str(),
-        Some(location.as_str())
-    );
-    assert_eq!(v["layout_info"][&instance][1].as_u64(), Some(7));
-});
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| oracle::check(data));

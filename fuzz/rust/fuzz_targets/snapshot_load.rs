@@ -7,55 +7,9 @@
 //! rest before loading, so mutated files get past the checksum and exercise every field check.
 #![no_main]
 
-use std::path::PathBuf;
+#[path = "../oracles/snapshot_load.rs"]
+mod oracle;
 
-use _core::snapshot::{dump, load};
 use libfuzzer_sys::fuzz_target;
-use xxhash_rust::xxh3::xxh3_64;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::var_os("FUZZ_SCRATCH")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    dir.join(format!("lmcache-fuzz-{}-{name}", std::process::id()))
-}
-
-fuzz_target!(|data: &[u8]| {
-    if data.is_empty() {
-        return;
-    }
-    let mut file = data[1..].to_vec();
-    if data[0] & 1 == 1 && file.len() >= 8 {
-        let n = file.len() - 8;
-        let sum = xxh3_64(&file[..n]).to_le_bytes();
-        file[n..].copy_from_slice(&sum);
-    }
-    let chunk_size = if data[0] & 2 == 2 { 256 } else { 4 };
-    let seed = if data[0] & 4 == 4 { 0 } else { 7 };
-    let path = scratch("in");
-    std::fs::write(&path, &file).expect("scratch file");
-    let loaded = load(&path, chunk_size, seed);
-    let _ = std::fs::remove_file(&path);
-    if let Ok(core) = loaded {
-        core.check().expect("a loaded snapshot breaks an invariant");
-        let first = scratch("first");
-        dump(&core, &first).expect("dump of a loaded snapshot");
-        let again = load(&first, chunk_size, seed).expect("load of our own dump");
-        again.check().expect("our own dump breaks an invariant");
-        let _ = std::fs::remove_file(&first);
-        let observable = |c: &_core::index::Core| {
-            let mut stats = c.stats();
-            stats.retain(|(k, _)| *k != "bytes");
-            let mut holders = c.holder_counts();
-            holders.sort();
-            let mut workers = c.workers();
-            workers.sort();
-            (stats, holders, workers)
-        };
-        assert_eq!(
-            observable(&core),
-            observable(&again),
-            "dump + load changed the index"
-        );
-    }
-});
+fuzz_target!(|data: &[u8]| oracle::check(data));
