@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 
@@ -11,6 +12,9 @@ import pytest
 from fake_worker import ControllerProcess, FakeWorker, HttpClient, run_with_workers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+# CI installs Chromium (.ci/run), so there a missing browser is a failure, not a skip
+if CHROMIUM is None and os.environ.get("CI"):
+    raise RuntimeError("CI is set but no Chromium is installed: .ci/run should have installed it")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install -y chromium)")
 
 

@@ -93,17 +93,24 @@ def test_a_failed_connect_fails_its_callers_and_the_next_call_connects_again(mon
     asyncio.run(main())
 
 
-def test_shutdown_cancels_a_pending_connect(monkeypatch):
+def test_controller_stop_cancels_a_pending_connect(monkeypatch):
+    from lmcache_rs.controller.server import Controller
+    from lmcache_rs.controller.settings import Settings
+
     async def main():
         s = await Setup().start(monkeypatch)
-        caller = asyncio.ensure_future(s.ops.call(s.record, "health"))
+        controller = Controller(Settings(port=0, monitor_port=0))
+        await controller.start()
+        record = WorkerRecord("inst", 0)
+        record.host, record.worker_port = s.record.host, s.record.worker_port
+        controller.registry.workers[record.key] = record
+        caller = asyncio.ensure_future(controller.ops.call(record, "health"))
         await asyncio.sleep(0.01)
-        pending = list(s.ops.tasks)
-        assert len(pending) == 1  # the server cancels ops.tasks when it stops
-        for task in pending:
-            task.cancel()
+        assert len(controller.ops.tasks) == 1  # the connect, held at the gate
+        await asyncio.wait_for(controller.stop(), 10)
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(caller, 5)
+        assert not controller.ops.tasks and record.command is None
         await s.close()
 
     asyncio.run(main())

@@ -55,7 +55,16 @@ class Side:
         self.lookup = Lookup(index, self.metrics, "Lookup-t-")
         self.app = App(self.lookup)
         state = HttpServerState(Settings(**settings), self.metrics, self.app)
+        self.fast_answered = 0  # bytes the fast path took (always 0 on the parser-only side)
         if fast:
+            answer = self.lookup.answer
+
+            def counting_answer(data, max_header, max_body):
+                out, consumed, close = answer(data, max_header, max_body)
+                self.fast_answered += consumed
+                return out, consumed, close
+
+            self.lookup.answer = counting_answer
             state.fast_lookup = self.lookup
         self.proto = HttpProtocol(state)
         self.t = attach(self.proto)
@@ -91,6 +100,7 @@ def both(*chunks: bytes, settle: bool = False, **settings) -> tuple[Side, Side]:
         return sides
 
     fast, slow = asyncio.run(main())
+    assert slow.fast_answered == 0
     assert bytes(fast.t.written) == bytes(slow.t.written)
     assert fast.t.closed == slow.t.closed
     assert fast.metrics.lookups == slow.metrics.lookups
@@ -105,6 +115,7 @@ def test_fast_path_answers_with_the_parser_paths_bytes():
     assert out.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
     assert b'"event_id": "Lookup-t-1"' in out and b'"a": ["LocalCPUBackend", 24]' in out
     assert fast.metrics.lookups == 1 and sum(fast.metrics._buckets) == 1
+    assert fast.fast_answered == len(lookup_req())  # answered by the fast path, whole
 
 
 def test_pipelined_mix_of_fast_and_parser_requests_stays_in_order():
@@ -116,13 +127,17 @@ def test_pipelined_mix_of_fast_and_parser_requests_stays_in_order():
     fast, _ = both(stream, settle=True)
     assert bytes(fast.t.written).count(b"HTTP/1.1 ") == 12  # 11 requests and one 100 Continue
     assert fast.lookup.counter == 9
+    assert fast.fast_answered >= len(lookup_req()) * 2  # at least the two plain ones at the start
 
 
 @pytest.mark.parametrize("second", [lookup_req(TOKENS[:5]), other_req("/b")])
 def test_split_at_every_byte(second):
     stream = lookup_req() + second + lookup_req(path="/lookup?detail=1")
+    taken = 0
     for i in range(len(stream) + 1):
-        both(stream[:i], stream[i:])
+        fast, _ = both(stream[:i], stream[i:])
+        taken += fast.fast_answered > 0
+    assert taken > len(stream) // 2  # most splits leave whole requests for the fast path
 
 
 def test_split_into_three_pieces():
@@ -171,6 +186,8 @@ def test_limits_still_answered_413_and_431():
 def test_keep_alive_and_close(version, extra, closes):
     fast, _ = both(lookup_req(version=version, extra=extra) + lookup_req())
     assert fast.t.closed == closes
+    if not extra:
+        assert fast.fast_answered >= len(lookup_req(version=version))
     if closes and "Upgrade" not in extra:
         assert bytes(fast.t.written).count(b"HTTP/1.1 ") == 1
 
@@ -189,7 +206,8 @@ def test_keep_alive_and_close(version, extra, closes):
     b"POST /lookup HTTP/1.1\r\nContent-Length: 9\r\n\r\nnot json!",
 ])
 def test_malformed_input_gets_the_parser_paths_answer(bad):
-    both(lookup_req() + bad + lookup_req())
+    fast, _ = both(lookup_req() + bad + lookup_req())
+    assert fast.fast_answered >= len(lookup_req())  # the plain request ahead of it
     both(bad + lookup_req())
 
 
