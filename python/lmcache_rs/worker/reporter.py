@@ -232,7 +232,9 @@ class Reporter:
     def flush_events(self) -> Optional[int]:
         """Send the events recorded so far now, and return the seq of the last events frame:
         once the controller has applied that seq it has everything up to here. None while not
-        reporting (no link, or a full sync under way): the next full sync carries the state."""
+        reporting (no link, or a full sync under way): the next full sync carries the state.
+        Call it on the service's loop: the report connection is its transport."""
+        asyncio.get_running_loop()  # raises RuntimeError on any other thread
         session = self.session
         if not self._live or session is None or session.closed:
             return None

@@ -150,11 +150,13 @@ class WorkerService:
             await asyncio.wait(still_open, timeout=timeout)
 
     # -- commands -------------------------------------------------------------------------------
-    def _clear(self, args: dict) -> dict:
+    async def _clear(self, args: dict) -> dict:
         # The evictions go out at once, and the reply says in which report frame: the controller
         # waits for that frame instead of clearing its index itself, which would also wipe what
-        # this worker stores between the clear and the reply reaching it.
-        cleared = self.engine.clear(_location(args))
+        # this worker stores between the clear and the reply reaching it. The clear runs in the
+        # pool; the flush runs here, on the loop that owns the report connection.
+        location = _location(args)
+        cleared = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.clear, location)
         seq = self.reporter.flush_events() if self.reporter is not None else None
         return {"cleared": cleared, "seq": seq}
 
@@ -162,7 +164,6 @@ class WorkerService:
         ops: dict[str, Callable[[dict], Any]] = {
             "health": lambda args: self.engine.health(),
             "info": lambda args: self.engine.info(),
-            "clear": self._clear,
             "pin": lambda args: {"chunks": self.engine.pin(_tokens(args), _location(args))},
             "unpin": lambda args: {"chunks": self.engine.unpin(_tokens(args), _location(args))},
             "lookup": lambda args: {"matched": self.engine.lookup(_tokens(args))},
@@ -171,7 +172,9 @@ class WorkerService:
             "decompress": lambda args: self.engine.decompress(_tokens(args), _method(args), _location(args)),
             "fetch": self._fetch,
         }
-        return {op: self._in_pool(fn) for op, fn in ops.items()}
+        handlers = {op: self._in_pool(fn) for op, fn in ops.items()}
+        handlers["clear"] = self._clear
+        return handlers
 
     def _in_pool(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
         def handler(args: dict) -> Any:
