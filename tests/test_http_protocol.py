@@ -354,12 +354,18 @@ def test_100_continue_never_overtakes_an_earlier_response():
         proto.data_received(req(path="/slow1") + b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
         await asyncio.sleep(0)
         assert t.take() == b""  # no 100 ahead of /slow1's answer
-        proto.data_received(b"abc")  # the client sends the body after its wait
         app.gates[b"/slow1"].set()
         await asyncio.sleep(0.01)
+        out = t.take()  # /slow1's answer, then the 100 owed to the waiting client
+        assert out.endswith(b"HTTP/1.1 100 Continue\r\n\r\n") and json.loads(responses(out[:-25])[0][2]) == {"slow": "/slow1"}
+        proto.data_received(b"abc")
         rs = responses(t.take())
-        assert [r[0] for r in rs] == [200, 200]
-        assert json.loads(rs[0][2]) == {"slow": "/slow1"} and json.loads(rs[1][2])["body"] == "abc"
+        assert [r[0] for r in rs] == [200] and json.loads(rs[0][2])["body"] == "abc"
+        # a client that sends its body without waiting is owed nothing
+        proto.data_received(req(path="/slow2") + b"POST /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nhi")
+        app.gates[b"/slow2"].set()
+        await asyncio.sleep(0.01)
+        assert b"100 Continue" not in t.take()
         # with nothing queued, the 100 is sent at once
         proto.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n")
         assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -189,6 +189,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
+        self._continue_owed = False  # a 100 Continue waits for earlier answers to go out
         self._credential: bytes | None = None
         self._head = False  # the request is a HEAD: its answer, an error included, has no body
 
@@ -291,6 +292,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers_done = False
         self._content_length = -1
         self._expect_continue = False
+        self._continue_owed = False
         self._credential = None
         self._head = False
 
@@ -330,10 +332,13 @@ class HttpProtocol(asyncio.Protocol):
         if self._content_length > 0 and state.buffered_body + self._content_length > state.max_buffered_body:
             self._busy()
             raise _Abort
-        # 100 Continue is a response too: only when nothing is queued ahead of it (otherwise it
-        # would overtake earlier answers; the client then just sends the body after its wait)
-        if self._expect_continue and self.transport is not None and not self.queue:
-            self.transport.write(_CONTINUE)
+        # 100 Continue is a response too: it goes out when nothing is queued ahead of it, so it
+        # never overtakes an earlier answer; otherwise _flush sends it once those have gone
+        if self._expect_continue and self.transport is not None:
+            if self.queue:
+                self._continue_owed = True
+            else:
+                self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         n = len(body)
@@ -359,6 +364,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.receiving = False
+        self._continue_owed = False  # the body came without it
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         url = self._url
@@ -445,6 +451,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.closing = True
                 transport.close()
                 return
+        if self._continue_owed and not queue and self.receiving and transport is not None:
+            self._continue_owed = False
+            transport.write(_CONTINUE)
         if self.flow is not None and not self.flow.write_paused:
             self.flow.update(len(queue))
 
