@@ -143,3 +143,27 @@ def test_api_key_from_the_controllers_variable():
     both = {"LMCACHE_API_KEY": "k1", "LMCACHE_CONTROLLER_API_KEY": "k2"}
     assert load_config(env=both).controller_api_key == "k2"
     assert load_config(env={"LMCACHE_API_KEY": ""}).controller_api_key is None
+
+
+
+@pytest.mark.parametrize("env", [
+    {"LMCACHE_API_KEY": ""},
+    {"LMCACHE_API_KEY": "k"},
+    {"LMCACHE_CONTROLLER_API_KEY": "c", "LMCACHE_API_KEY": "k"},
+    {"LMCACHE_CONTROLLER_API_KEY": "", "LMCACHE_API_KEY": "k"},
+    {"LMCACHE_CHUNK_SIZE": "128", "LMCACHE_HASH_SEED": "7", "LMCACHE_MAX_FRAME_BYTES": "8192"},
+    {},
+])
+def test_controller_reads_the_shared_keys_as_a_worker_does(tmp_path, env, monkeypatch):
+    from lmcache_rs.controller.settings import settings_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("controller_api_key: secret\nchunk_size: 64\n")
+    worker = load_config(str(path), env=env)
+    for name in [k for k in os.environ if k.startswith("LMCACHE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    controller = settings_from_args(["--config", str(path)])
+    assert (controller.api_key, controller.chunk_size, controller.hash_seed, controller.max_frame_bytes) == (
+        worker.controller_api_key, worker.chunk_size, worker.hash_seed, worker.max_frame_bytes)

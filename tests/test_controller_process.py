@@ -77,7 +77,9 @@ def test_bad_flags_and_config_exit_with_a_message(tmp_path):
     for args, text in [(["--port", "99999"], "port must be"), (["--config", str(bad)], "chunk_size must be an integer"),
                        (["--config", str(tmp_path / "missing.yaml")], "cannot read config"),
                        (["--max-body-bytes", str(5 << 30)], "max_body_bytes must be at most 4294967295"),
-                       (["--port", "20100", "--monitor-port", "20100"], "must differ")]:
+                       (["--port", "20100", "--monitor-port", "20100"], "must differ"),
+                       (["--http-threads", "2", "--max-body-bytes", "1000000", "--max-buffered-body-bytes", "1000000"],
+                        "must fit in each HTTP loop's share")]:
         r = subprocess.run(controller_command() + args, capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr
 

@@ -206,7 +206,7 @@ def test_endless_chunked_body_is_cut_at_the_limit_and_memory_stays_bounded(contr
 def test_many_half_sent_bodies_are_capped_in_all_and_others_are_served(controller):
     # 128 clients each announce 1 MiB and send 896 KiB of it, then stall: without the process-wide
     # cap the controller would hold 112 MiB; with an 8 MiB cap the rest get 503 at their headers.
-    c = controller("--max-buffered-body-bytes", str(8 << 20), "--request-timeout", "20")
+    c = controller("--max-buffered-body-bytes", str(8 << 20), "--max-body-bytes", str(2 << 20), "--request-timeout", "20")
     n, length, part = 128, 1 << 20, 14 * 65536
 
     async def half_sent():

@@ -72,6 +72,12 @@ class Settings:
         for name in ("max_body_bytes", "max_header_bytes"):  # the /lookup fast path reads them as u32
             if getattr(self, name) > 2**32 - 1:
                 raise ValueError(f"{name} must be at most 4294967295 (4 GiB), got {getattr(self, name)}")
+        per_loop = self.max_buffered_body_bytes // max(1, self.http_threads)
+        if self.max_body_bytes > per_loop:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) must fit in each HTTP loop's share of "
+                f"max_buffered_body_bytes ({self.max_buffered_body_bytes} / {self.http_threads} loops = {per_loop})"
+            )
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
                      "hello_timeout", "command_timeout", "snapshot_interval"):
             if getattr(self, name) <= 0:
@@ -117,8 +123,8 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     Raises ValueError (ConfigError) naming the variable's key and value."""
     out = {key: parse_value(key, env[ENV_PREFIX + key.upper()], from_env=True)
            for key in _YAML_KEYS if ENV_PREFIX + key.upper() in env}
-    if "controller_api_key" not in out and env.get(API_KEY_ENV):
-        out["controller_api_key"] = env[API_KEY_ENV]
+    if "controller_api_key" not in out and API_KEY_ENV in env:
+        out["controller_api_key"] = env[API_KEY_ENV] or None
     return out
 
 
