@@ -74,7 +74,7 @@ def test_bad_flags_and_config_exit_with_a_message(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunk_size: [1, 2]\n")
-    for args, text in [(["--port", "99999"], "port must be"), (["--config", str(bad)], "chunk_size must be an integer"),
+    for args, text in [(["--port", "99999"], "port must be"), (["--config", str(bad)], "bad value for chunk_size: [1, 2] (expected an integer)"),
                        (["--config", str(tmp_path / "missing.yaml")], "cannot read config"),
                        (["--max-body-bytes", str(5 << 30)], "max_body_bytes must be at most 4294967295"),
                        (["--port", "20100", "--monitor-port", "20100"], "must differ"),

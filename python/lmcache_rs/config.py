@@ -377,6 +377,11 @@ def config_from_dict(data: Mapping[str, Any]) -> LMCacheConfig:
     return config.validate()
 
 
+def read_file_values(path: str) -> dict[str, Any]:
+    """The keys of a config file, parsed (not yet checked together). Raises ConfigError."""
+    return _read_file(path, [])
+
+
 def _read_file(path: str, unknown: list[str]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:

@@ -12,9 +12,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-import yaml
 
-from ..config import API_KEY_ENV, ENV_PREFIX, parse_value
+from ..config import API_KEY_ENV, ENV_PREFIX, parse_value, read_file_values
 from ..wire import DEFAULT_MAX_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
@@ -84,45 +83,21 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-# YAML keys the controller reads (the rest of the workers' config is ignored here).
-_YAML_KEYS = {
-    "chunk_size": int,
-    "hash_seed": int,
-    "controller_api_key": str,
-    "max_frame_bytes": int,
-}
+# The keys of the workers' config the controller reads (the rest is theirs alone).
+SHARED_KEYS = ("chunk_size", "hash_seed", "controller_api_key", "max_frame_bytes")
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """The controller's keys from a worker config file. Raises ValueError on a bad file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config {path} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping, got {type(data).__name__}")
-    out: dict[str, Any] = {}
-    for key, kind in _YAML_KEYS.items():
-        if key in data and data[key] is not None:
-            value = data[key]
-            if kind is int and (type(value) is not int):
-                raise ValueError(f"config {path}: {key} must be an integer, got {value!r}")
-            if kind is str and not isinstance(value, str):
-                raise ValueError(f"config {path}: {key} must be a string, got {value!r}")
-            out[key] = value
-    return out
+    """The shared keys from the workers' config file, read and parsed exactly as the workers
+    read them (lmcache_rs.config). Raises ValueError (ConfigError) on a bad file or value."""
+    return {k: v for k, v in read_file_values(path).items() if k in SHARED_KEYS}
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """The controller's keys from ``LMCACHE_<KEY>`` variables, parsed as the workers parse them.
     Raises ValueError (ConfigError) naming the variable's key and value."""
     out = {key: parse_value(key, env[ENV_PREFIX + key.upper()], from_env=True)
-           for key in _YAML_KEYS if ENV_PREFIX + key.upper() in env}
+           for key in SHARED_KEYS if ENV_PREFIX + key.upper() in env}
     if "controller_api_key" not in out and API_KEY_ENV in env:
         out["controller_api_key"] = env[API_KEY_ENV] or None
     return out
