@@ -34,21 +34,6 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture
-def controller(tmp_path):
-    procs = []
-
-    def start(*args: str) -> Controller:
-        c = Controller(tmp_path, *args)
-        procs.append(c)
-        c.start()
-        return c
-
-    yield start
-    for c in procs:
-        c.kill()
-
-
 def rss_mb(c: Controller) -> float:
     return rss_kb(c.proc.pid) / 1024
 

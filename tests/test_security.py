@@ -26,21 +26,6 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture
-def controller(tmp_path):
-    procs = []
-
-    def start(*args: str, env: dict | None = None) -> Controller:
-        c = Controller(tmp_path, *args, env=env)
-        procs.append(c)
-        c.start()
-        return c
-
-    yield start
-    for c in procs:
-        c.kill()
-
-
 def hello(**extra) -> dict:
     return {"t": "hello", "v": 1, "instance_id": "sec", "worker_id": 0, "host": "127.0.0.1", "worker_port": 1,
             "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16, "seed": 0, **extra}
