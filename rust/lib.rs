@@ -8,6 +8,7 @@ pub mod holders;
 pub mod http_fast;
 pub mod index;
 pub mod json;
+pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
 pub mod table;
