@@ -343,7 +343,7 @@ mod tests {
 
     #[test]
     fn answers_from_the_index() {
-        let index = SharedIndex::new(4, 0).unwrap();
+        let index = SharedIndex::new(4, crate::keyspace::KeySpace::Xxh3 { seed: 0 }).unwrap();
         let a = answer_lookups(
             &index,
             &post("{\"tokens\": [1, 2, 3]}", ""),

@@ -15,6 +15,8 @@ use crate::holders::{
     pair, unpair, FxMap, HolderIx, InstanceIx, LocationIx, Registry, SetIx, WorkerId,
     RESERVED_INSTANCE_IDS,
 };
+use crate::keyspace::{ChunkKeys, KeySpace};
+use crate::pyhash::LmcacheHasher;
 use crate::table::Table;
 
 /// What to do with a holder's chunks in a batch event.
@@ -64,7 +66,7 @@ pub type OpResult = (u64, u64);
 #[derive(Clone, Debug)]
 pub struct Core {
     pub chunk_size: usize,
-    pub seed: u64,
+    pub key_space: KeySpace,
     pub table: Table,
     pub reg: Registry,
     /// Result of the last absorbed op (read back by the writer after publishing).
@@ -122,10 +124,10 @@ fn intersect<T: Ord + Copy>(cand: &mut Vec<T>, other: &[T], mut dropped: impl Fn
 }
 
 impl Core {
-    pub fn new(chunk_size: usize, seed: u64) -> Self {
+    pub fn new(chunk_size: usize, key_space: KeySpace) -> Self {
         Core {
             chunk_size,
-            seed,
+            key_space,
             table: Table::new(),
             reg: Registry::default(),
             last: (0, 0),
@@ -304,8 +306,25 @@ impl Core {
     /// Walk the chunks of `tokens` from the root while some (instance, location) pair still
     /// matches; hashes lazily. Calls `on_set(set, matched_before)` for each new set met and
     /// returns the total matched tokens of the walk (the last chunk where `keep_going` held).
-    fn walk(&self, tokens: &[u32], mut on_set: impl FnMut(SetIx, u64) -> bool) -> u64 {
-        let mut hasher = ChunkHasher::new(tokens, self.chunk_size, self.seed);
+    fn walk(&self, tokens: &[u32], on_set: impl FnMut(SetIx, u64) -> bool) -> u64 {
+        // one match per walk; each arm runs a loop compiled for its own hasher
+        match self.key_space {
+            KeySpace::Xxh3 { seed } => {
+                self.walk_keys(ChunkHasher::new(tokens, self.chunk_size, seed), on_set)
+            }
+            KeySpace::LmcacheBuiltin { none_hash } => self.walk_keys(
+                LmcacheHasher::new(tokens, self.chunk_size, none_hash),
+                on_set,
+            ),
+        }
+    }
+
+    #[inline(always)]
+    fn walk_keys(
+        &self,
+        mut hasher: impl ChunkKeys,
+        mut on_set: impl FnMut(SetIx, u64) -> bool,
+    ) -> u64 {
         let mut matched = 0u64;
         let mut prev = SetIx(u32::MAX);
         loop {
@@ -544,7 +563,9 @@ impl Core {
     pub fn digest(&self) -> u64 {
         let mut h = Xxh3::new();
         h.update(&(self.chunk_size as u64).to_le_bytes());
-        h.update(&self.seed.to_le_bytes());
+        h.update(self.key_space.name().as_bytes());
+        h.update(&self.key_space.seed().to_le_bytes());
+        h.update(&self.key_space.none_hash().to_le_bytes());
         h.update(&(self.table.capacity() as u64).to_le_bytes());
         for (k, v) in self.table.iter() {
             h.update(&k.to_le_bytes());
@@ -577,9 +598,4 @@ impl Absorb<Op> for Core {
     fn sync_with(&mut self, first: &Self) {
         *self = first.clone();
     }
-}
-
-/// Build the keys of `tokens` for this index.
-pub fn keys_of(tokens: &[u32], chunk_size: usize, seed: u64) -> Vec<PrefixHash> {
-    ChunkHasher::new(tokens, chunk_size, seed).collect()
 }

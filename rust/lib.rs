@@ -8,6 +8,7 @@ pub mod holders;
 pub mod http_fast;
 pub mod index;
 pub mod json;
+pub mod keyspace;
 pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
@@ -29,6 +30,8 @@ mod _core {
 
     #[pymodule_export]
     use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
+    #[pymodule_export]
+    use crate::py::pyhash::{lmcache_chunk_hashes, python_str_hash};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -8,17 +8,19 @@ use proptest::prelude::*;
 
 use crate::hash::chunk_hashes;
 use crate::index::{Batch, Event, EventKind, Match, Op};
+use crate::keyspace::KeySpace;
 use crate::shared::SharedIndex;
 
 const CHUNK: usize = 3;
-const SEED: u64 = 5;
+const XXH3: KeySpace = KeySpace::Xxh3 { seed: 5 };
+const LMCACHE: KeySpace = KeySpace::LmcacheBuiltin { none_hash: -5 };
 const INSTANCES: [&str; 3] = ["A", "B", "C"];
 const LOCATIONS: [&str; 4] = ["GPU", "LocalCPUBackend", "LocalDiskBackend", "remote"];
 
 type Holder = (String, u32, String);
 
-#[derive(Default)]
 struct Model {
+    space: KeySpace,
     workers: BTreeMap<String, BTreeSet<u32>>,
     holdings: HashMap<u64, BTreeSet<Holder>>,
 }
@@ -34,6 +36,13 @@ fn rank(loc: &str) -> (u8, &str) {
 }
 
 impl Model {
+    fn new(space: KeySpace) -> Self {
+        Model {
+            space,
+            workers: BTreeMap::new(),
+            holdings: HashMap::new(),
+        }
+    }
     fn register(&mut self, i: &str, w: u32) {
         self.workers.entry(i.into()).or_default().insert(w);
     }
@@ -83,7 +92,7 @@ impl Model {
         self.drop_where(|h| h.0 == i && l.is_none_or(|l| h.2 == l))
     }
     fn lookup(&self, tokens: &[u32]) -> Vec<(String, String, u64)> {
-        let keys = chunk_hashes(tokens, CHUNK, SEED);
+        let keys = self.space.keys(tokens, CHUNK);
         let mut out = Vec::new();
         for (inst, live) in &self.workers {
             let mut locs: Vec<&str> = self
@@ -189,11 +198,15 @@ fn as_tuples(v: Vec<Match>) -> Vec<(String, String, u64)> {
         .collect()
 }
 
-fn run(ops: &[TestOp], probes: &[Vec<u32>]) -> Result<(), TestCaseError> {
-    let ix = SharedIndex::new(CHUNK, SEED).unwrap();
-    let mut model = Model::default();
-    let snap = std::env::temp_dir().join(format!("lmcache_rs_model_{}.bin", std::process::id()));
-    let keys = |t: &[u32]| chunk_hashes(t, CHUNK, SEED);
+fn run(ops: &[TestOp], probes: &[Vec<u32>], space: KeySpace) -> Result<(), TestCaseError> {
+    let ix = SharedIndex::new(CHUNK, space).unwrap();
+    let mut model = Model::new(space);
+    let snap = std::env::temp_dir().join(format!(
+        "lmcache_rs_model_{}_{}.bin",
+        space.name(),
+        std::process::id()
+    ));
+    let keys = |t: &[u32]| space.keys(t, CHUNK);
     for op in ops {
         match op {
             TestOp::Admit(i, w, l, t) => {
@@ -325,7 +338,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 5, max_shrink_iters: 2_000, ..ProptestConfig::default() })]
     #[test]
     fn index_matches_naive_model(ops in proptest::collection::vec(op(), 2_000)) {
-        run(&ops, &probes())?;
+        run(&ops, &probes(), XXH3)?;
+    }
+}
+
+proptest! {
+    // the same model over LMCache's key chain (the index logic is shared; this checks the walk)
+    #![proptest_config(ProptestConfig { cases: 2, max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+    #[test]
+    fn lmcache_keys_match_naive_model(ops in proptest::collection::vec(op(), 2_000)) {
+        run(&ops, &probes(), LMCACHE)?;
     }
 }
 
@@ -333,7 +355,7 @@ proptest! {
 fn deep_chain_million_chunks() {
     let n = 1_000_000u32;
     let tokens: Vec<u32> = (0..n).collect();
-    let ix = SharedIndex::new(1, 0).unwrap();
+    let ix = SharedIndex::new(1, KeySpace::Xxh3 { seed: 0 }).unwrap();
     let keys: Arc<[u64]> = chunk_hashes(&tokens, 1, 0).into();
     let ev = event(EventKind::Admit, 0, 0, 1);
     assert_eq!(ix.write(Op::Admit(ev.clone(), keys.clone())).0, n as u64);
@@ -341,7 +363,7 @@ fn deep_chain_million_chunks() {
     assert_eq!(m[0].length, n as u64);
     let path = std::env::temp_dir().join(format!("lmcache_rs_deep_{}.bin", std::process::id()));
     ix.dump(&path).unwrap();
-    let ix2 = SharedIndex::new(1, 0).unwrap();
+    let ix2 = SharedIndex::new(1, KeySpace::Xxh3 { seed: 0 }).unwrap();
     ix2.load(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert_eq!(ix2.read(|c| c.lookup(&tokens))[0].length, n as u64);

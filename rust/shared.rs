@@ -14,27 +14,28 @@ use thread_local::ThreadLocal;
 use crate::error::{Error, Result};
 use crate::index::{Core, Op, OpResult};
 use crate::json;
+use crate::keyspace::KeySpace;
 use crate::snapshot;
 
 pub struct SharedIndex {
     chunk_size: usize,
-    seed: u64,
+    key_space: KeySpace,
     writer: Mutex<WriteHandle<Core, Op>>,
     factory: ReadHandleFactory<Core>,
     readers: ThreadLocal<ReadHandle<Core>>,
 }
 
 impl SharedIndex {
-    pub fn new(chunk_size: usize, seed: u64) -> Result<Self> {
+    pub fn new(chunk_size: usize, key_space: KeySpace) -> Result<Self> {
         if chunk_size == 0 {
             return Err(Error::arg("chunk_size must be > 0"));
         }
-        let (mut w, r) = left_right::new_from_empty::<Core, Op>(Core::new(chunk_size, seed));
+        let (mut w, r) = left_right::new_from_empty::<Core, Op>(Core::new(chunk_size, key_space));
         // the first publish only swaps; do it now so every later call is a steady-state one
         w.publish();
         Ok(SharedIndex {
             chunk_size,
-            seed,
+            key_space,
             writer: Mutex::new(w),
             factory: r.factory(),
             readers: ThreadLocal::new(),
@@ -45,8 +46,8 @@ impl SharedIndex {
         self.chunk_size
     }
 
-    pub fn seed(&self) -> u64 {
-        self.seed
+    pub fn key_space(&self) -> KeySpace {
+        self.key_space
     }
 
     /// Run `f` on the published copy. Never blocks on writers.
@@ -108,7 +109,7 @@ impl SharedIndex {
 
     /// Replace the contents with a snapshot; validated completely before anything changes.
     pub fn load(&self, path: &Path) -> Result<()> {
-        let core = snapshot::load(path, self.chunk_size, self.seed)?;
+        let core = snapshot::load(path, self.chunk_size, self.key_space)?;
         let mut w = self.lock();
         w.append(Op::Replace(Arc::new(core)));
         w.publish();

@@ -4,7 +4,9 @@
 //! ```text
 //! magic      8 bytes  b"LMCRSIDX"
 //! version    u32      FORMAT_VERSION
-//! chunk_size u64, seed u64
+//! chunk_size u64
+//! key space  u32 0 (xxh3) or 1 (lmcache_builtin), then u64: the xxh3 seed, or none_hash as
+//!            the two's-complement bit pattern of the i64
 //! instances  u64 n, then n x (name: u32 len + UTF-8, workers: u32 count + u32 ids ascending)
 //! locations  u64 n, then n x (name: u32 len + UTF-8)
 //! holders    u64 n, then n x (instance u32, worker u32, location u32)   (indices above)
@@ -12,6 +14,8 @@
 //! entries    u64 n, then n x (key u64, set u32)
 //! checksum   u64      xxh3-64 (seed 0) of every byte before it
 //! ```
+//! Version 1 files (before key spaces) have `seed u64` in place of the key space and load as
+//! xxh3 with that seed.
 //! Writing streams through a buffer into a temporary file in the target directory, fsyncs and
 //! renames it over the target. Reading streams too, builds a fresh `Core` and checks every
 //! field (and the checksum) before the caller swaps it in; on any error nothing changes.
@@ -25,9 +29,15 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::error::{Error, Result};
 use crate::holders::{HolderIx, SetIx, RESERVED_INSTANCE_IDS};
 use crate::index::Core;
+use crate::keyspace::KeySpace;
 
 pub const MAGIC: &[u8; 8] = b"LMCRSIDX";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The last version without a key space (xxh3 only).
+const VERSION_XXH3_ONLY: u32 = 1;
+
+const SPACE_XXH3: u32 = 0;
+const SPACE_LMCACHE_BUILTIN: u32 = 1;
 
 struct HashingWriter<W: Write> {
     inner: W,
@@ -92,7 +102,16 @@ fn write_file(core: &Core, tmp: &Path) -> Result<()> {
     w.put(MAGIC)?;
     w.u32(FORMAT_VERSION)?;
     w.u64(core.chunk_size as u64)?;
-    w.u64(core.seed)?;
+    match core.key_space {
+        KeySpace::Xxh3 { seed } => {
+            w.u32(SPACE_XXH3)?;
+            w.u64(seed)?;
+        }
+        KeySpace::LmcacheBuiltin { none_hash } => {
+            w.u32(SPACE_LMCACHE_BUILTIN)?;
+            w.u64(none_hash as u64)?;
+        }
+    }
     // dense renumbering of what is live
     let mut inst_ix = vec![u32::MAX; reg.instances.len()];
     let insts: Vec<_> = reg
@@ -230,8 +249,8 @@ fn corrupt(msg: impl std::fmt::Display) -> Error {
     Error::snapshot(format!("snapshot is corrupt: {msg}"))
 }
 
-/// Read and fully validate a snapshot for an index with this chunk_size and seed.
-pub fn load(path: &Path, chunk_size: usize, seed: u64) -> Result<Core> {
+/// Read and fully validate a snapshot for an index with this chunk_size and key space.
+pub fn load(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     if len < 8 + 4 + 8 + 8 + 5 * 8 + 8 {
@@ -254,18 +273,33 @@ pub fn load(path: &Path, chunk_size: usize, seed: u64) -> Result<Core> {
         )));
     }
     let version = r.u32()?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != VERSION_XXH3_ONLY {
         return Err(Error::snapshot(format!(
-            "snapshot format version {version} is not supported (this build reads {FORMAT_VERSION})"
+            "snapshot format version {version} is not supported \
+             (this build reads {VERSION_XXH3_ONLY} and {FORMAT_VERSION})"
         )));
     }
-    let (cs, sd) = (r.u64()?, r.u64()?);
-    if cs != chunk_size as u64 || sd != seed {
+    let cs = r.u64()?;
+    let space = if version == VERSION_XXH3_ONLY {
+        SPACE_XXH3
+    } else {
+        r.u32()?
+    };
+    let param = r.u64()?;
+    let theirs = match space {
+        SPACE_XXH3 => KeySpace::Xxh3 { seed: param },
+        SPACE_LMCACHE_BUILTIN => KeySpace::LmcacheBuiltin {
+            none_hash: param as i64,
+        },
+        other => return Err(corrupt(format!("unknown key space {other}"))),
+    };
+    if cs != chunk_size as u64 || theirs != key_space {
         return Err(Error::snapshot(format!(
-            "snapshot is for chunk_size={cs}, seed={sd}; this index has chunk_size={chunk_size}, seed={seed}"
+            "snapshot is for chunk_size={cs}, {theirs}; \
+             this index has chunk_size={chunk_size}, {key_space}"
         )));
     }
-    let mut core = Core::new(chunk_size, seed);
+    let mut core = Core::new(chunk_size, key_space);
     let reg = &mut core.reg;
 
     let n_inst = r.count("instances", 8)?;

@@ -124,7 +124,7 @@ def test_apply_batch_is_atomic_and_validated() -> None:
         [("admit", "A", 0, CPU, k), ("frobnicate", "A", 0, CPU, k)],
         [("admit", "A", 0, CPU, k), ("admit", "A", -1, CPU, k)],
         [("admit", "A", 0, CPU, k), ("admit", "event_id", 0, CPU, k)],
-        [("admit", "A", 0, CPU, k), ("admit", "A", 0, CPU, [-5])],
+        [("admit", "A", 0, CPU, k), ("admit", "A", 0, CPU, [-(2**63) - 1])],
         [("admit", "A", 0, CPU, k), ("admit", "A", 0, CPU)],
         [("admit", "A", 0, CPU, k), ["admit", "A", 0, CPU, k]],
         [("admit", "A", 0, 7, k)],

@@ -187,7 +187,9 @@ BAD_CALLS: list[tuple[str, Callable[[Index], Any], type, str]] = [
     ("int instance", lambda ix: ix.admit(5, 0, CPU, tokens=[1]), InvalidTypeError, "instance_id"),
     ("bytes location", lambda ix: ix.admit("A", 0, b"GPU", tokens=[1]), InvalidTypeError, "location"),
     ("reserved instance", lambda ix: ix.admit("layout_info", 0, CPU, tokens=[1]), InvalidArgumentError, "reserved"),
-    ("negative hash", lambda ix: ix.admit("A", 0, CPU, hashes=[-1]), InvalidArgumentError, r"hashes\[0\]"),
+    # negative keys down to -2**63 are accepted (LMCache's signed builtin-hash keys)
+    ("hash too negative", lambda ix: ix.admit("A", 0, CPU, hashes=[-(2**63) - 1]), InvalidArgumentError,
+     r"hashes\[0\] = -9223372036854775809 is out of range -9223372036854775808\.\.=18446744073709551615"),
     ("hash too large", lambda ix: ix.admit("A", 0, CPU, hashes=[2**64]), InvalidArgumentError, r"hashes\[0\]"),
     ("hash bytes not multiple of 8", lambda ix: ix.admit("A", 0, CPU, hashes=b"\x00" * 12), InvalidArgumentError, "bytes"),
     ("float hashes", lambda ix: ix.admit("A", 0, CPU, hashes=np.array([1.5])), InvalidTypeError, "format"),

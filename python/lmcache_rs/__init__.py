@@ -1,7 +1,8 @@
 """lmcache_rs: an exact KV-cache index and controller for LLM serving.
 
 ``Index`` is the chunked-prefix radix index (implemented in Rust); ``chunk_hashes`` computes
-the chunk keys every component agrees on. See rust/README.md for the design.
+the chunk keys every component agrees on; ``lmcache_chunk_hashes`` and
+``python_str_hash`` reproduce the keys LMCache's own workers compute with Python's ``hash()``. See rust/README.md for the design.
 """
 
 from ._core import (
@@ -12,6 +13,8 @@ from ._core import (
     SnapshotError,
     __version__,
     chunk_hashes,
+    lmcache_chunk_hashes,
+    python_str_hash,
     runtime_info,
 )
 
@@ -23,5 +26,7 @@ __all__ = [
     "SnapshotError",
     "__version__",
     "chunk_hashes",
+    "lmcache_chunk_hashes",
+    "python_str_hash",
     "runtime_info",
 ]

@@ -6,6 +6,8 @@ from typing import Any, Iterable, Sequence, Union, final
 __version__: str
 __all__ = [
     "chunk_hashes",
+    "lmcache_chunk_hashes",
+    "python_str_hash",
     "runtime_info",
     "Index",
     "LMCacheError",
@@ -19,7 +21,8 @@ __all__ = [
 # numpy int32/int64/uint32 arrays, CPU torch tensors, or bytes/memoryview of little-endian u32.
 # (Private names: type aliases do not exist at runtime.)
 _TokensLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
-# Chunk keys: list[int], array.array('Q'), numpy uint64, or bytes of little-endian u64.
+# Chunk keys: list[int], array.array('Q'), numpy uint64/int64, or bytes of little-endian u64.
+# Ints may be negative down to -2**63 (LMCache's signed keys): stored as their two's complement.
 _HashesLike = Union[Sequence[int], bytes, bytearray, memoryview, Any]
 
 class LMCacheError(Exception):
@@ -45,6 +48,24 @@ def chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, seed: int = 0) -> l
     Raises InvalidTypeError / InvalidArgumentError on bad tokens or chunk_size == 0.
     """
 
+def lmcache_chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, none_hash: int = 0) -> list[int]:
+    """LMCache 0.5's chunk keys of ``tokens``, as signed ints exactly as CPython computes them:
+    ``key[-1] = none_hash``, ``key[i] = hash((key[i-1], tuple(chunk_i), ()))`` with the
+    builtin ``hash``; the final partial chunk is hashed too. ``none_hash`` is a signed 64-bit
+    int (LMCache's ``NONE_HASH``). The keys of ``Index(key_space="lmcache_builtin")``.
+
+    Raises InvalidTypeError / InvalidArgumentError on bad tokens, chunk_size == 0 or a
+    none_hash outside -2**63..2**63-1.
+    """
+
+def python_str_hash(text: str, hash_seed: int, siphash: str = "siphash13") -> int:
+    """``hash(text)`` of a 64-bit CPython started with ``PYTHONHASHSEED=hash_seed``
+    (0..4294967295; 0 disables randomization), signed. ``siphash`` is the interpreter's str hash:
+    ``"siphash13"`` for CPython 3.11 and later, ``"siphash24"`` for 3.10. E.g. LMCache's
+    ``NONE_HASH`` with vLLM installed is ``python_str_hash(str(seed), seed)``. Strings with lone
+    surrogates are refused (InvalidArgumentError).
+    """
+
 @final
 class Index:
     """The chunked-prefix index. Thread-safe: lookups never wait for writers.
@@ -57,13 +78,27 @@ class Index:
     A thread's first call registers it as a reader; that one step may wait for a write being
     published. Buffers that can be written to (numpy arrays, bytearray, array.array) are
     copied before the index reads them without the GIL; read-only ones (bytes, a numpy array
-    after ``setflags(write=False)``) are read in place. A buffer another thread writes during the call may still be read half old, half new."""
+    after ``setflags(write=False)``) are read in place. A buffer another thread writes during the call may still be read half old, half new.
 
-    def __new__(cls, chunk_size: int = 256, seed: int = 0) -> Index: ...
+    ``key_space`` picks the chunk keys that ``tokens=`` arguments and lookups hash to:
+    ``"xxh3"`` (``chunk_hashes``, with ``seed``) or ``"lmcache_builtin"`` (LMCache's builtin
+    ``hash()`` chain, ``lmcache_chunk_hashes``, started from ``none_hash``; ``seed`` must then
+    be 0, and ``none_hash`` must be 0 for ``"xxh3"``). Keys given as ``hashes=`` must be of the
+    same space."""
+
+    def __new__(
+        cls, chunk_size: int = 256, seed: int = 0, *, key_space: str = "xxh3", none_hash: int = 0
+    ) -> Index: ...
     @property
     def chunk_size(self) -> int: ...
     @property
     def seed(self) -> int: ...
+    @property
+    def key_space(self) -> str:
+        """"xxh3" or "lmcache_builtin"."""
+    @property
+    def none_hash(self) -> int:
+        """The starting key of "lmcache_builtin" (0 for "xxh3")."""
     def register_worker(self, instance_id: str, worker_id: int) -> None: ...
     def remove_worker(self, instance_id: str, worker_id: int) -> int:
         """Unregister the worker and drop all its holdings; returns holdings dropped."""
@@ -141,7 +176,7 @@ class Index:
         Raises OSError if the file cannot be written (the target is then untouched)."""
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the contents with a snapshot. A corrupt, foreign or mismatched
-        (chunk_size/seed) file raises SnapshotError and leaves the index as it was; a file
+        (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a file
         that cannot be read raises OSError (e.g. FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""

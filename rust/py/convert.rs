@@ -8,6 +8,8 @@
 //! Other widths are range-checked and converted.
 //! One-byte buffers (bytes, bytearray, memoryview of bytes) are raw little-endian words.
 //! Conversion from a buffer happens in `view`, which needs no GIL.
+//! Chunk keys (`u64`) may also be given as negative ints down to -2^63 and are stored as their
+//! two's-complement bit pattern: LMCache's builtin-hash keys are signed `Py_hash_t` values.
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -24,6 +26,8 @@ use crate::error::{Error, Result};
 pub trait Word: Copy + Send + Sync + 'static {
     const BYTES: usize;
     const MAX: u64;
+    /// The smallest value accepted; a negative one is stored as its two's complement.
+    const MIN: i64;
     fn from_u64(v: u64) -> Self;
     fn from_le(b: &[u8]) -> Self;
 }
@@ -31,6 +35,7 @@ pub trait Word: Copy + Send + Sync + 'static {
 impl Word for u32 {
     const BYTES: usize = 4;
     const MAX: u64 = u32::MAX as u64;
+    const MIN: i64 = 0;
     #[inline]
     fn from_u64(v: u64) -> Self {
         v as u32
@@ -44,6 +49,7 @@ impl Word for u32 {
 impl Word for u64 {
     const BYTES: usize = 8;
     const MAX: u64 = u64::MAX;
+    const MIN: i64 = i64::MIN;
     #[inline]
     fn from_u64(v: u64) -> Self {
         v
@@ -94,7 +100,17 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 fn out_of_range<T: Word>(name: &str, i: usize, v: impl std::fmt::Display) -> Error {
-    Error::arg(format!("{name}[{i}] = {v} is out of range 0..={}", T::MAX))
+    Error::arg(format!(
+        "{name}[{i}] = {v} is out of range {}..={}",
+        T::MIN,
+        T::MAX
+    ))
+}
+
+/// A negative value `T` accepts (as its two's complement), if it does.
+#[inline]
+fn from_negative<T: Word>(v: i64) -> Option<T> {
+    (v < 0 && v >= T::MIN).then(|| T::from_u64(v as u64))
 }
 
 impl<T: Word> IntsArg<T> {
@@ -371,10 +387,16 @@ impl<T: Word> IntsArg<T> {
                 let mut out = Vec::with_capacity(items);
                 for (i, c) in bytes.chunks_exact(size).enumerate() {
                     let v = ne_signed(c);
-                    if v < 0 || v as u64 > T::MAX {
+                    if v < 0 {
+                        match from_negative::<T>(v) {
+                            Some(x) => out.push(x),
+                            None => return Err(out_of_range::<T>(name, i, v)),
+                        }
+                    } else if v as u64 > T::MAX {
                         return Err(out_of_range::<T>(name, i, v));
+                    } else {
+                        out.push(T::from_u64(v as u64));
                     }
-                    out.push(T::from_u64(v as u64));
                 }
                 Ok(Cow::Owned(out))
             }
@@ -396,14 +418,26 @@ fn push_item<T: Word>(
             Ok(())
         }
         Ok(v) => Err(out_of_range::<T>(name, i, v)),
-        Err(_) if item.is_instance_of::<PyInt>() => {
-            let repr = item.str().map(|s| s.to_string()).unwrap_or_default();
-            Err(out_of_range::<T>(name, i, repr))
+        Err(_) => {
+            // not a u64: maybe a negative value, which chunk keys accept down to -2^63
+            let negative = if T::MIN < 0 {
+                item.extract::<i64>().ok().and_then(from_negative::<T>)
+            } else {
+                None
+            };
+            if let Some(x) = negative {
+                out.push(x);
+                Ok(())
+            } else if item.is_instance_of::<PyInt>() {
+                let repr = item.str().map(|s| s.to_string()).unwrap_or_default();
+                Err(out_of_range::<T>(name, i, repr))
+            } else {
+                Err(Error::ty(format!(
+                    "{name}[{i}] must be an int, not {}",
+                    type_name(item)
+                )))
+            }
         }
-        Err(_) => Err(Error::ty(format!(
-            "{name}[{i}] must be an int, not {}",
-            type_name(item)
-        ))),
     }
 }
 
@@ -594,6 +628,24 @@ pub fn int_arg(obj: &Bound<'_, PyAny>, name: &str, max: u64) -> Result<u64> {
             )))
         }
     }
+}
+
+/// A signed 64-bit int argument.
+pub fn i64_arg(obj: &Bound<'_, PyAny>, name: &str) -> Result<i64> {
+    if !obj.is_instance_of::<PyInt>() {
+        return Err(Error::ty(format!(
+            "{name} must be an int, not {}",
+            type_name(obj)
+        )));
+    }
+    obj.extract::<i64>().map_err(|_| {
+        let repr = obj.str().map(|s| s.to_string()).unwrap_or_default();
+        Error::arg(format!(
+            "{name} = {repr} is out of range {}..={}",
+            i64::MIN,
+            i64::MAX
+        ))
+    })
 }
 
 /// A str argument.

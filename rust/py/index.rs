@@ -9,8 +9,9 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::error::{Error, Result};
 use crate::hash::{chunk_hashes as core_chunk_hashes, PrefixHash};
 use crate::http_fast;
-use crate::index::{keys_of, validate_instance_id, Batch, DetailedMatch, Event, EventKind, Op};
-use crate::py::convert::{bool_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
+use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Op};
+use crate::keyspace::KeySpace;
+use crate::py::convert::{bool_arg, i64_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
 use crate::shared::SharedIndex;
 
 /// Run `f` with the GIL released; map the core error on the way back.
@@ -22,7 +23,7 @@ fn worker_arg(obj: &Bound<'_, PyAny>) -> Result<u32> {
     Ok(int_arg(obj, "worker_id", u32::MAX as u64)? as u32)
 }
 
-fn chunk_size_arg(obj: &Bound<'_, PyAny>) -> Result<usize> {
+pub fn chunk_size_arg(obj: &Bound<'_, PyAny>) -> Result<usize> {
     let v = int_arg(obj, "chunk_size", u32::MAX as u64)?;
     if v == 0 {
         return Err(Error::arg("chunk_size must be > 0"));
@@ -109,11 +110,11 @@ impl PyIndex {
     }
 
     fn write_keys(&self, py: Python<'_>, ev: Event, keys: Keys) -> PyResult<u64> {
-        let (cs, seed) = (self.inner.chunk_size(), self.inner.seed());
+        let (cs, space) = (self.inner.chunk_size(), self.inner.key_space());
         let kind = ev.kind;
         detached(py, move || {
             let keys: Arc<[PrefixHash]> = match &keys {
-                Keys::Tokens(t) => keys_of(&t.view()?, cs, seed).into(),
+                Keys::Tokens(t) => space.keys(&t.view()?, cs).into(),
                 Keys::Hashes(h) => h.view()?.as_ref().into(),
             };
             let ev = Arc::new(ev);
@@ -160,12 +161,14 @@ fn detail_dict<'py>(py: Python<'py>, d: &DetailedMatch) -> PyResult<Bound<'py, P
 impl PyIndex {
     #[new]
     #[pyo3(
-        signature = (chunk_size=None, seed=None, **kwargs),
-        text_signature = "(chunk_size=256, seed=0)"
+        signature = (chunk_size=None, seed=None, *, key_space=None, none_hash=None, **kwargs),
+        text_signature = "(chunk_size=256, seed=0, *, key_space='xxh3', none_hash=0)"
     )]
     fn new(
         chunk_size: Option<&Bound<'_, PyAny>>,
         seed: Option<&Bound<'_, PyAny>>,
+        key_space: Option<&Bound<'_, PyAny>>,
+        none_hash: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         no_kwargs("Index", kwargs)?;
@@ -174,8 +177,17 @@ impl PyIndex {
             .map(|s| int_arg(s, "seed", u64::MAX))
             .transpose()?
             .unwrap_or(0);
+        let name = key_space
+            .map(|k| str_arg(k, "key_space"))
+            .transpose()?
+            .unwrap_or_else(|| KeySpace::XXH3.into());
+        let none_hash = none_hash
+            .map(|n| i64_arg(n, "none_hash"))
+            .transpose()?
+            .unwrap_or(0);
+        let space = KeySpace::from_parts(&name, seed, none_hash)?;
         Ok(PyIndex {
-            inner: SharedIndex::new(cs, seed)?,
+            inner: SharedIndex::new(cs, space)?,
         })
     }
 
@@ -186,7 +198,19 @@ impl PyIndex {
 
     #[getter]
     fn seed(&self) -> u64 {
-        self.inner.seed()
+        self.inner.key_space().seed()
+    }
+
+    /// "xxh3" or "lmcache_builtin".
+    #[getter]
+    fn key_space(&self) -> &'static str {
+        self.inner.key_space().name()
+    }
+
+    /// The chain's starting key of "lmcache_builtin" (0 for "xxh3").
+    #[getter]
+    fn none_hash(&self) -> i64 {
+        self.inner.key_space().none_hash()
     }
 
     #[pyo3(signature = (instance_id, worker_id, **kwargs), text_signature = "(self, instance_id, worker_id)")]
@@ -550,9 +574,9 @@ impl PyIndex {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let chunks = detached(py, || Ok(self.inner.read(|c| c.table.len())))?;
         Ok(format!(
-            "Index(chunk_size={}, seed={}, chunks={chunks})",
+            "Index(chunk_size={}, {}, chunks={chunks})",
             self.inner.chunk_size(),
-            self.inner.seed(),
+            self.inner.key_space(),
         ))
     }
 }

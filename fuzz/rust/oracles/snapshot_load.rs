@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use _core::keyspace::KeySpace;
 use _core::snapshot::{dump, load};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -30,16 +31,21 @@ pub fn check(data: &[u8]) {
         file[n..].copy_from_slice(&sum);
     }
     let chunk_size = if data[0] & 2 == 2 { 256 } else { 4 };
-    let seed = if data[0] & 4 == 4 { 0 } else { 7 };
+    let key_space = match data[0] & 12 {
+        0 => KeySpace::Xxh3 { seed: 7 },
+        4 => KeySpace::Xxh3 { seed: 0 },
+        8 => KeySpace::LmcacheBuiltin { none_hash: -7 },
+        _ => KeySpace::LmcacheBuiltin { none_hash: 0 },
+    };
     let path = scratch("in");
     std::fs::write(&path, &file).expect("scratch file");
-    let loaded = load(&path, chunk_size, seed);
+    let loaded = load(&path, chunk_size, key_space);
     let _ = std::fs::remove_file(&path);
     if let Ok(core) = loaded {
         core.check().expect("a loaded snapshot breaks an invariant");
         let first = scratch("first");
         dump(&core, &first).expect("dump of a loaded snapshot");
-        let again = load(&first, chunk_size, seed).expect("load of our own dump");
+        let again = load(&first, chunk_size, key_space).expect("load of our own dump");
         again.check().expect("our own dump breaks an invariant");
         let _ = std::fs::remove_file(&first);
         let observable = |c: &_core::index::Core| {
