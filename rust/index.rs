@@ -346,10 +346,28 @@ impl Core {
     /// Every instance with a match > 0: its best location and matched tokens, sorted by
     /// instance id.
     pub fn lookup(&self, tokens: &[u32]) -> Vec<Match> {
+        match self.key_space {
+            KeySpace::Xxh3 { seed } => {
+                self.lookup_by(ChunkHasher::new(tokens, self.chunk_size, seed))
+            }
+            KeySpace::LmcacheBuiltin { none_hash } => {
+                self.lookup_by(LmcacheHasher::new(tokens, self.chunk_size, none_hash))
+            }
+        }
+    }
+
+    /// Like `lookup`, for chunk keys already computed (a peer asking by its keys): lengths
+    /// are counted in chunks.
+    pub fn lookup_keys(&self, keys: &[PrefixHash]) -> Vec<Match> {
+        self.lookup_by(KeyList(keys.iter()))
+    }
+
+    #[inline(always)]
+    fn lookup_by(&self, keys: impl ChunkKeys) -> Vec<Match> {
         let mut cand: Vec<u64> = Vec::new();
         let mut done: Vec<(u64, u64)> = Vec::new();
         let mut first = true;
-        let total = self.walk(tokens, |s, matched| {
+        let total = self.walk_keys(keys, |s, matched| {
             let cov = &self.reg.set(s).covered;
             if first {
                 cand.extend_from_slice(cov);
@@ -597,5 +615,24 @@ impl Absorb<Op> for Core {
 
     fn sync_with(&mut self, first: &Self) {
         *self = first.clone();
+    }
+}
+
+/// Given keys, one chunk each.
+struct KeyList<'a>(std::slice::Iter<'a, PrefixHash>);
+
+impl Iterator for KeyList<'_> {
+    type Item = PrefixHash;
+
+    #[inline]
+    fn next(&mut self) -> Option<PrefixHash> {
+        self.0.next().copied()
+    }
+}
+
+impl ChunkKeys for KeyList<'_> {
+    #[inline]
+    fn next_len(&self) -> usize {
+        usize::from(self.0.len() > 0)
     }
 }

@@ -141,6 +141,9 @@ class Index:
         """Drop the instance's holdings (at one location, or all); returns holdings dropped."""
     def lookup(self, tokens: _TokensLike) -> dict[str, tuple[str, int]]:
         """instance_id -> (location, matched_prefix_length) for every instance with a match."""
+    def lookup_keys(self, hashes: _HashesLike) -> dict[str, tuple[str, int]]:
+        """Like ``lookup``, for chunk keys already computed (e.g. a peer's): instance_id ->
+        (location, matched chunks)."""
     def lookup_detailed(self, tokens: _TokensLike) -> dict[str, dict[str, Any]]:
         """instance_id -> {"location": str | None, "matched_prefix_length": int,
         "locations": {location: n}, "workers": {worker_id: {location: n}}} where

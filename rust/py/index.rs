@@ -408,6 +408,26 @@ impl PyIndex {
         Ok(out)
     }
 
+    #[pyo3(signature = (hashes, **kwargs), text_signature = "(self, hashes)")]
+    fn lookup_keys<'py>(
+        &self,
+        py: Python<'py>,
+        hashes: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        no_kwargs("lookup_keys", kwargs)?;
+        let hashes = IntsArg::<PrefixHash>::extract(hashes, "hashes")?;
+        let matches = detached(py, || {
+            let h = hashes.view()?;
+            Ok(self.inner.read(|c| c.lookup_keys(&h)))
+        })?;
+        let out = PyDict::new(py);
+        for m in matches {
+            out.set_item(&*m.instance, (&*m.location, m.length))?;
+        }
+        Ok(out)
+    }
+
     #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
     fn lookup_detailed<'py>(
         &self,
