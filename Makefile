@@ -5,7 +5,9 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.deps-installed
 export PYO3_PYTHON := $(abspath $(PY))
 
-.PHONY: help install build demo test test-rust test-py test-interpreters lint bench fuzz soak clean
+INTEROP ?= .venv-interop
+
+.PHONY: help install build demo test test-rust test-py test-interop interop-venv test-interpreters lint bench fuzz soak clean
 
 help:  ## list the entry points
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -13,7 +15,7 @@ help:  ## list the entry points
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml \
+	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml pyzmq msgspec \
 		pytest pytest-timeout hypothesis numpy mypy xxhash torch atheris
 	touch $(STAMP)
 
@@ -25,13 +27,19 @@ build: $(STAMP)  ## build the Rust extension into .venv (release mode)
 demo: install  ## run the spec's flow: controller + worker, then the spec's /lookup
 	$(PY) -m lmcache_rs.demo
 
-test: install test-rust test-py  ## run every test (cargo test + pytest)
+test: install test-rust test-py test-interop  ## run every test (cargo test, pytest, the real engines)
 
 test-rust:
 	cargo test --release
 
 test-py:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/interop
+
+interop-venv:  ## build $(INTEROP): LMCache and vLLM on CPU (about 6 GB, once per machine)
+	tools/interop_venv.sh $(INTEROP)
+
+test-interop: install interop-venv  ## tests against real LMCache engines (and vLLM) on loopback
+	$(PY) -m pytest -q tests/interop
 
 test-interpreters:  ## the index's tests under every CPython 3.10-3.14 installed here
 	tests/other_interpreters.sh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from soak import Controller  # noqa: E402
+
+# Controllers started by tests serve no LMCache worker unless a test asks for it with
+# --monitor-ports: LMCache's default ports (8300, 8400) are not the tests' to take.
+os.environ.setdefault("LMCACHE_CONTROLLER_MONITOR_PORTS", "none")
 
 
 @pytest.fixture

@@ -82,13 +82,32 @@ def _position(data: dict, name: str) -> tuple[str, str]:
 
 
 class Lookup:
-    """POST /lookup: the body goes to ``Index.lookup_json`` as bytes; one per HTTP loop."""
+    """POST /lookup: the body goes to ``Index.lookup_json`` as bytes; one per HTTP loop.
 
-    def __init__(self, index: Any, metrics: Any, event_prefix: str):
+    Each source's key space has its own index (our workers' xxh3 chain, LMCache workers'
+    CPython hash chain). While only one of them has workers, that one answers alone, on the
+    fast path too; while both have, each answers for its own instances (an instance id
+    belongs to one key space) and the answers are merged."""
+
+    def __init__(self, index: Any, metrics: Any, event_prefix: str, registry: Any = None, other: Any = None):
         self.index = index
         self.metrics = metrics
         self.prefix = event_prefix
         self.counter = 0
+        self.registry = registry  # counts workers per source: which index to ask
+        self.other = other  # the source (with .index) of the second key space, if served
+
+    def _chosen(self) -> Any:
+        """The one index to ask, or None when both key spaces have workers."""
+        other = self.other
+        if other is None:
+            return self.index
+        counts = self.registry.by_source
+        if not counts.get(other):
+            return self.index
+        if not counts.get(None):
+            return other.index
+        return None
 
     def __call__(self, request: Request) -> Response:
         start = time.perf_counter()
@@ -96,8 +115,13 @@ class Lookup:
         detail = False
         if request.query:
             detail = _truthy(request.query, b"detail")
+        event_id = self.prefix + str(self.counter)
+        index = self._chosen()
         try:
-            body = self.index.lookup_json(request.body, self.prefix + str(self.counter), detail)
+            if index is not None:
+                body = index.lookup_json(request.body, event_id, detail)
+            else:
+                body = self._merged(request.body, event_id, detail)
         except (ValueError, TypeError) as exc:  # the index's InvalidArgument/InvalidType errors
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
@@ -105,12 +129,25 @@ class Lookup:
         self.metrics.observe_lookup(time.perf_counter() - start)
         return (200, JSON, body)
 
+    def _merged(self, body: bytes, event_id: str, detail: bool) -> bytes:
+        ours = json.loads(self.index.lookup_json(body, event_id, detail))
+        theirs = json.loads(self.other.index.lookup_json(body, event_id, detail))
+        for instance_id, answer in theirs["layout_info"].items():
+            ours["layout_info"][instance_id] = answer
+            ours[instance_id] = answer
+        if detail:
+            ours["detail"].update(theirs["detail"])
+        return json.dumps(ours, separators=(",", ":")).encode()
+
     def answer(self, data: bytes, max_header_bytes: int, max_body_bytes: int) -> tuple[bytes, int, bool]:
         """The HTTP fast path: answer the complete plain ``POST /lookup`` requests at the start
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
-        out, consumed, seconds, close = self.index.answer_lookups(
+        index = self._chosen()
+        if index is None:
+            return b"", 0, False
+        out, consumed, seconds, close = index.answer_lookups(
             data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
         if seconds:
             self.counter += len(seconds)
@@ -152,7 +189,8 @@ class Api:
         self.ops: Operations = controller.ops
         self.event_ids = controller.event_ids
         self.chunk_size = controller.settings.chunk_size
-        self.lookup = Lookup(self.index, self.metrics, f"Lookup-{self.event_ids.tag}-")
+        self.lookup = Lookup(self.index, self.metrics, f"Lookup-{self.event_ids.tag}-", self.registry,
+                             controller.lmcache)
         posts: dict[str, Callable[[Request], Any]] = {
             "/clear": self.clear,
             "/pin": self.pin,
@@ -311,7 +349,9 @@ class Api:
             raise BadRequest("field 'copy' must be a boolean")
         # tokens of the prefix the source instance holds at the source location
         self.registry.flush()
-        detail = self.index.lookup_detailed(tokens) if tokens else {}
+        records = self.registry.instance_workers(source[0])
+        index = self.registry.index_of(records[0]) if records else self.index
+        detail = index.lookup_detailed(tokens) if tokens else {}
         held = detail.get(source[0], {}).get("locations", {}).get(source[1], 0)
         event_id = self.event_ids.new("Move")
         self.ops.start_move(event_id, source, target, pack_u32s(tokens[:held]), copy)
@@ -348,7 +388,12 @@ class Api:
         event_id = self.event_ids.new("QueryWorkerInfo")
 
         async def run() -> Response:
-            infos = await self.ops.worker_info(instance_id, worker_ids)
+            if instance_id == "all":
+                infos = []
+                for each in self.registry.instances():
+                    infos += await self.ops.worker_info(each, worker_ids, missing_ok=True)
+            else:
+                infos = await self.ops.worker_info(instance_id, worker_ids)
             return _ok({"event_id": event_id, "worker_infos": infos})
 
         return run()
@@ -368,9 +413,24 @@ class Api:
     def healthz(self, request: Request) -> Response:
         return _ok({"status": "ok", "workers": len(self.registry.workers)})
 
+    def _indexes(self) -> list[Any]:
+        """Every key space's index (ours first)."""
+        lmcache = self.c.lmcache
+        return [self.index] if lmcache is None else [self.index, lmcache.index]
+
+    def _stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for index in self._indexes():
+            for name, n in index.stats().items():
+                total[name] = total.get(name, 0) + n
+        return total
+
+    def _holder_counts(self) -> list[tuple[str, int, str, int]]:
+        return [row for index in self._indexes() for row in index.holder_counts()]
+
     def metrics_page(self, request: Request) -> Response:
         self.registry.flush()
-        stats = self.index.stats()
+        stats = self._stats()
         gauges: dict[str, tuple[str, list]] = {
             "lmcache_index_chunks": ("Distinct chunk keys in the index.", [({}, stats.get("chunks", 0))]),
             "lmcache_index_holdings": ("(holder, chunk) pairs in the index.", [({}, stats.get("holdings", 0))]),
@@ -383,11 +443,14 @@ class Api:
             ]),
             "lmcache_holder_chunks": ("Chunks held, by instance, worker and location.", [
                 ({"instance": i, "worker": str(w), "location": loc}, n)
-                for i, w, loc, n in sorted(self.index.holder_counts())
+                for i, w, loc, n in sorted(self._holder_counts())
             ]),
             "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
             "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
         }
+        if self.c.lmcache is not None:
+            gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
+                ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])
         return (200, PROMETHEUS, self.metrics.render(gauges))
 
     def dashboard(self, request: Request) -> Response:
@@ -396,7 +459,7 @@ class Api:
     def dashboard_json(self, request: Request) -> Response:
         self.registry.flush()
         holders: dict[tuple[str, int], dict[str, int]] = {}
-        for instance_id, worker_id, location, n in self.index.holder_counts():
+        for instance_id, worker_id, location, n in self._holder_counts():
             holders.setdefault((instance_id, worker_id), {})[location] = n
         instances = []
         now = time.monotonic()
@@ -413,7 +476,7 @@ class Api:
                     "last_seen_s": round(now - r.last_seen, 1), "chunks": held,
                 })
             instances.append({"instance_id": instance_id, "workers": workers, "locations": locations})
-        stats = self.index.stats()
+        stats = self._stats()
         m = self.metrics
         return _ok({
             "instances": instances,

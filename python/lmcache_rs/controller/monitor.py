@@ -58,6 +58,8 @@ class MonitorServerState:
         self.metrics = metrics
         self.registry = registry
         self.connections: set[MonitorProtocol] = set()
+        self.lmcache_ports: dict[str, int] = {}  # set once LMCache's sockets are bound (for the hint)
+        self.zmq_warned = False
         self.welcome = encode_frame({
             "t": "welcome", "v": PROTOCOL_VERSION,
             "heartbeat_interval": settings.heartbeat_interval,
@@ -122,6 +124,19 @@ class MonitorProtocol(asyncio.Protocol):
         self.send({"t": "error", "code": code, "message": message})
         self.close()
 
+    def refuse_zmq_peer(self) -> None:
+        """A ZMQ greeting (it starts with 0xFF): an LMCache worker with its pull URL on this port."""
+        self.metrics.count_rejected_frame("zmq_peer")
+        ports = self.state.lmcache_ports
+        where = (f"LMCache's sockets: pull {ports.get('pull')}, reply {ports.get('reply')}"
+                 if ports else "no LMCache socket: start the controller with --monitor-ports")
+        if self.state.zmq_warned is not True:
+            self.state.zmq_warned = True
+            log.warning("monitor %s: a ZMQ peer (an LMCache worker?) connected to --monitor-port, which speaks "
+                        "lmcache_rs's own worker protocol. LMCache workers need controller_pull_url and "
+                        "controller_reply_url set to %s (docs/lmcache-compat.md)", self.peer, where)
+        self.close()
+
     def resync(self, reason: str) -> None:
         record = self.record
         if record is None:
@@ -135,6 +150,9 @@ class MonitorProtocol(asyncio.Protocol):
     # -- frames ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self.record is None and data[:1] == b"\xff" and not self.decoder.buffered():
+            self.refuse_zmq_peer()
             return
         try:
             for message in self.decoder.frames(data):
@@ -232,7 +250,10 @@ class MonitorProtocol(asyncio.Protocol):
             raise FrameError("unauthorized", "hello: wrong or missing api_key")
         hello = {"instance_id": instance_id, "worker_id": worker_id, "host": host, "worker_port": worker_port,
                  "p2p_host": p2p_host, "p2p_port": p2p_port}
-        self.record = self.registry.attach(self, hello)
+        try:
+            self.record = self.registry.attach(self, hello)
+        except ValueError as exc:  # the id is taken by a worker of another protocol
+            raise FrameError("config_mismatch", f"worker {instance_id}/{worker_id} refused: {exc}") from None
         self.decoder.max_frame_bytes = s.max_frame_bytes  # a known worker may send full-size frames
         assert self.transport is not None
         self.transport.write(self.state.welcome)

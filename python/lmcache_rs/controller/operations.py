@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from ..wire import RemoteError, SessionError, connect
+from ..wire import RemoteError, SessionError, connect, unpack_u32s
 from ..wire.session import BAD_ARGS
 from .registry import Registry, WorkerRecord
 
@@ -119,6 +119,8 @@ class Operations:
 
     async def call(self, record: WorkerRecord, op: str, args: dict | None = None) -> Any:
         """One command to one worker. Raises SessionError, OSError or TimeoutError on failure."""
+        if record.source is not None:  # a worker of another protocol: its source carries the command
+            return await record.source.call(record, op, args or {})
         session = await self.session(record)
         return await session.call(op, args or {})
 
@@ -163,7 +165,7 @@ class Operations:
                 unconfirmed.append(("drop", record.instance_id, record.worker_id, location, b""))
         if unconfirmed:
             self.registry.flush()
-            self.registry.index.apply_batch(unconfirmed)
+            self.registry.index_of(records[0]).apply_batch(unconfirmed)
             self.registry.changes += 1
         return chunks * self.chunk_size
 
@@ -184,12 +186,14 @@ class Operations:
                 log.warning("health of %s/%d: %s", record.instance_id, record.worker_id, _describe(result))
         return codes
 
-    async def worker_info(self, instance_id: str, worker_ids: list[int] | None) -> list[dict]:
+    async def worker_info(self, instance_id: str, worker_ids: list[int] | None, missing_ok: bool = False) -> list[dict]:
+        """Each worker's registration and what it holds; ``worker_ids`` picks some (unknown ones
+        are a 404 unless ``missing_ok``)."""
         records = self.workers_of(instance_id)
         if worker_ids is not None:
             wanted = set(worker_ids)
             missing = wanted - {r.worker_id for r in records}
-            if missing:
+            if missing and not missing_ok:
                 raise OperationError(404, f"instance {instance_id!r} has no worker {sorted(missing)}")
             records = [r for r in records if r.worker_id in wanted]
         results = await asyncio.gather(*(self.call(r, "info") for r in records), return_exceptions=True)
@@ -232,6 +236,11 @@ class Operations:
     async def _move(self, event_id: str, src: list[WorkerRecord], dst: list[WorkerRecord], src_loc: str,
                     dst_loc: str, tokens: bytes, copy: bool) -> None:
         try:
+            if src[0].source is not None or dst[0].source is not None:
+                await self._move_by_source(src, dst, src_loc, dst_loc, tokens, copy)
+                log.info("move %s completed", event_id)
+                self.events.finish(event_id)
+                return
             fetches = await asyncio.gather(
                 *(self.call(d, "fetch", {"tokens": tokens, "source": [s.p2p_host, s.p2p_port], "location": dst_loc})
                   for s, d in zip(src, dst)),
@@ -252,6 +261,22 @@ class Operations:
         else:
             log.info("move %s completed", event_id)
             self.events.finish(event_id)
+
+
+    async def _move_by_source(self, src: list[WorkerRecord], dst: list[WorkerRecord], src_loc: str, dst_loc: str,
+                              tokens: bytes, copy: bool) -> None:
+        """A move between workers of another protocol: their source pushes from each source
+        rank to the destination rank at the same position (LMCache's pairing)."""
+        source = src[0].source
+        if source is None or any(r.source is not source for r in src + dst):
+            raise OperationError(400, "cannot move between workers of different protocols")
+        token_list = unpack_u32s(tokens).tolist()
+        results = await asyncio.gather(*(source.move(s, d, src_loc, dst_loc, token_list, copy)
+                                         for s, d in zip(src, dst)), return_exceptions=True)
+        failures = [f"{s.instance_id}/{s.worker_id}: {_describe(x)}" for s, x in zip(src, results)
+                    if isinstance(x, BaseException)]
+        if failures:
+            raise OperationError(502, "move failed on " + "; ".join(failures))
 
 
 def _count(result: Any, field: str) -> int:

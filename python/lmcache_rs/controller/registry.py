@@ -7,6 +7,11 @@ connection moves it through three states:
 ``syncing``    between ``sync_start`` and ``sync_end``: keys and later events are buffered;
 ``live``       ``events`` are applied when their ``seq`` is the next one expected.
 
+Workers of other sources (LMCache's ZMQ protocol) live here too, so instances, commands and
+the HTTP API see one set of workers; such a record names its ``source``, which owns its
+liveness and its commands, and its holdings are in that source's key space (``index_of``).
+An instance id belongs to one key space: a worker of another source that claims it is refused.
+
 Ingest is coalesced: event frames validated in one loop iteration are applied with one
 ``Index.apply_batch`` call scheduled with ``call_soon``. A full sync replaces the worker's
 holdings at ``sync_end`` with one ``apply_batch``: a ``drop`` of everything the worker
@@ -41,10 +46,10 @@ class WorkerRecord:
     __slots__ = (
         "instance_id", "worker_id", "host", "worker_port", "p2p_host", "p2p_port",
         "conn", "state", "expected_seq", "sync_chunks", "sync_keys", "sync_events",
-        "registered_at", "last_seen", "last_seen_wall", "disconnected_at", "command", "syncs",
+        "registered_at", "last_seen", "last_seen_wall", "disconnected_at", "command", "syncs", "source",
     )
 
-    def __init__(self, instance_id: str, worker_id: int):
+    def __init__(self, instance_id: str, worker_id: int, source: Any = None):
         self.instance_id = instance_id
         self.worker_id = worker_id
         self.host = ""
@@ -63,6 +68,8 @@ class WorkerRecord:
         self.disconnected_at: float | None = None
         self.command: Session | None = None  # command connection, opened on first use
         self.syncs = 0
+        # None: our own worker on the monitor port; else the source adapter that reports it
+        self.source = source
 
     @property
     def key(self) -> tuple[str, int]:
@@ -78,10 +85,12 @@ class Registry:
     """Workers by (instance_id, worker_id), and the coalescing writer into the index."""
 
     def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float):
-        self.index = index
+        self.index = index  # our workers' key space
         self.metrics = metrics
         self.heartbeat_timeout = heartbeat_timeout
         self.workers: dict[tuple[str, int], WorkerRecord] = {}
+        # workers per source (None: ours): which key spaces a lookup must ask
+        self.by_source: dict[Any, int] = {}
         self._pending: list[Event] = []
         self._pending_frames = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -98,14 +107,45 @@ class Registry:
             out.setdefault(record.instance_id, []).append(record)
         return out
 
+    def index_of(self, record: WorkerRecord) -> Any:
+        """The index holding this worker's chunks (its source's key space)."""
+        return self.index if record.source is None else record.source.index
+
+    def owner_of(self, instance_id: str) -> Any:
+        """(True, source) of the instance's workers, or (False, None) when it has none."""
+        for record in self.workers.values():
+            if record.instance_id == instance_id:
+                return True, record.source
+        return False, None
+
+    def add_external(self, source: Any, instance_id: str, worker_id: int) -> WorkerRecord:
+        """Register a worker that ``source`` reports. Raises ValueError when the instance id is
+        taken by workers of another source, or the index refuses the name."""
+        found, owner = self.owner_of(instance_id)
+        if found and owner is not source:
+            raise ValueError(f"instance id {instance_id!r} is already used by workers of another protocol")
+        source.index.register_worker(instance_id, worker_id)
+        record = WorkerRecord(instance_id, worker_id, source)
+        self._add(record)
+        return record
+
+    def _add(self, record: WorkerRecord) -> None:
+        self.workers[record.key] = record
+        self.by_source[record.source] = self.by_source.get(record.source, 0) + 1
+
     def attach(self, conn: MonitorProtocol, hello: dict) -> WorkerRecord:
         """A worker said hello on ``conn``: (re)register it; it must full-sync next."""
         key = (hello["instance_id"], hello["worker_id"])
         record = self.workers.get(key)
+        if record is not None and record.source is not None:
+            raise ValueError(f"worker {key[0]}/{key[1]} is already registered through another protocol")
+        found, owner = self.owner_of(key[0])
+        if found and owner is not None:
+            raise ValueError(f"instance id {key[0]!r} is already used by workers of another protocol")
         if record is None:
             self.index.register_worker(*key)  # first: a name the index refuses leaves no record behind
             record = WorkerRecord(*key)
-            self.workers[key] = record
+            self._add(record)
             log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello["host"], hello["worker_port"])
         else:
             old = record.conn
@@ -137,7 +177,7 @@ class Registry:
                 if (instance_id, worker_id) not in self.workers:
                     record = WorkerRecord(instance_id, worker_id)
                     record.disconnected_at = now
-                    self.workers[record.key] = record
+                    self._add(record)
                     restored += 1
         return restored
 
@@ -160,7 +200,8 @@ class Registry:
             return 0
         self.flush()
         del self.workers[record.key]
-        dropped = self.index.remove_worker(record.instance_id, record.worker_id)
+        self.by_source[record.source] = max(0, self.by_source.get(record.source, 0) - 1)
+        dropped = self.index_of(record).remove_worker(record.instance_id, record.worker_id)
         self.changes += 1
         if record.command is not None:
             record.command.close()
@@ -175,6 +216,8 @@ class Registry:
         """Remove workers silent (or gone) for longer than heartbeat_timeout."""
         timeout = self.heartbeat_timeout
         for record in list(self.workers.values()):
+            if record.source is not None:
+                continue  # its source decides when it is gone
             if record.conn is None:
                 if record.disconnected_at is not None and now - record.disconnected_at > timeout:
                     self.metrics.workers_expired += 1

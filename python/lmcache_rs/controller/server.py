@@ -11,6 +11,7 @@ from typing import Any
 
 from .api import Api, ForwardingApp, Lookup
 from .http import HttpProtocol, HttpServerState, Sweeper
+from .lmcache_source import LMCacheSource
 from .metrics import Metrics
 from .monitor import MonitorProtocol, MonitorServerState
 from .operations import EventIds, EventTracker, Operations
@@ -33,6 +34,12 @@ class Controller:
         self.index = index
         self.metrics = Metrics()
         self.registry = Registry(index, self.metrics, settings.heartbeat_timeout)
+        self.lmcache: LMCacheSource | None = None
+        if settings.monitor_ports is not None:
+            from .. import Index
+
+            lmcache_index = Index(settings.chunk_size, key_space="lmcache_builtin", none_hash=settings.none_hash)
+            self.lmcache = LMCacheSource(settings, self.registry, lmcache_index, self.metrics)
         self.events = EventTracker(settings.event_history)
         self.event_ids = EventIds()
         self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events)
@@ -74,6 +81,14 @@ class Controller:
             self.http_server.close()
             raise
         try:
+            if self.lmcache is not None:
+                await self.lmcache.start()
+                self.monitor_state.lmcache_ports = dict(self.lmcache.bound)
+        except BaseException:
+            self.http_server.close()
+            self.monitor_server.close()
+            raise
+        try:
             for k in range(1, s.http_threads):
                 extra = HttpLoop(self, k)
                 extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
@@ -82,10 +97,14 @@ class Controller:
             await self._stop_http_loops(0)
             self.http_server.close()
             self.monitor_server.close()
+            if self.lmcache is not None:
+                await self.lmcache.stop()
             raise
         self._housekeeping = loop.create_task(self._tick())
         if s.snapshot:
             self._snapshots = loop.create_task(self._snapshot_loop())
+        if self.lmcache is not None:
+            log.info("LMCache key space: NONE_HASH=%d (%s)", s.none_hash, s.none_hash_origin)
         log.info(
             "lmcache_controller listening: http=%s monitor=%s (chunk_size=%d hash_seed=%d)",
             _addresses(self.http_server), _addresses(self.monitor_server), s.chunk_size, s.hash_seed,
@@ -126,6 +145,8 @@ class Controller:
         for record in self.registry.workers.values():
             if record.command is not None:
                 record.command.close()
+        if self.lmcache is not None:
+            await self.lmcache.stop()
         # let the transports run their close callbacks
         for _ in range(3):
             await asyncio.sleep(0)
@@ -228,7 +249,8 @@ class HttpLoop:
         self.state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
         self.state.group = controller.http_state.group
         self.state.group.append(self.state)
-        lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-")
+        lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-",
+                        controller.registry, controller.lmcache)
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
         self.state.fast_lookup = lookup
         self.sweeper = Sweeper(self.state)

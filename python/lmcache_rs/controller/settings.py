@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Any, Mapping
 
@@ -52,6 +53,17 @@ class Settings:
     snapshot: str | None = None
     snapshot_interval: float = 60.0
     log_level: str = "INFO"
+    # LMCache workers (LMCache's own protocol, docs/lmcache-compat.md): its socket names -> ports
+    # (pull, reply, heartbeat; 0 picks a free port); None: not served
+    monitor_ports: dict[str, int] | None = None
+    none_hash: int = 0  # NONE_HASH of LMCache's key space (see resolve_none_hash)
+    none_hash_origin: str = "given"
+    worker_host_override: str | None = None  # dial this host instead of the IP a worker reports
+    lmcache_worker_timeout: float = 300.0  # a heartbeating worker silent this long is gone
+    lmcache_probe_interval: float = 10.0  # workers without heartbeats get a health probe this often
+    lmcache_max_command_failures: int = 3  # commands failed in a row before a worker counts as dead
+    lmcache_max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of every LMCache socket
+    lmcache_max_sync_keys: int = 16 * 1024 * 1024  # keys one full sync may hold in memory
 
     def validate(self) -> None:
         for name in ("port", "monitor_port"):
@@ -77,10 +89,74 @@ class Settings:
                 f"max_body_bytes ({self.max_body_bytes}) must fit in each HTTP loop's share of "
                 f"max_buffered_body_bytes ({self.max_buffered_body_bytes} / {self.http_threads} loops = {per_loop})"
             )
+        if self.monitor_ports is not None:
+            check_monitor_ports(self.monitor_ports)
+            taken = {self.port, self.monitor_port} - {0}
+            for name, port in self.monitor_ports.items():
+                if port and port in taken:
+                    raise ValueError(f"monitor_ports {name!r} port {port} is already used by another socket")
+                taken.add(port)
+        if not -(2**63) <= self.none_hash < 2**63:
+            raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
+        for name in ("lmcache_max_command_failures", "lmcache_max_message_bytes", "lmcache_max_sync_keys"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
-                     "hello_timeout", "command_timeout", "snapshot_interval"):
+                     "hello_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
+                     "lmcache_probe_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+MONITOR_PORT_NAMES = ("pull", "reply", "heartbeat")
+DEFAULT_MONITOR_PORTS = {"pull": 8300, "reply": 8400}  # LMCache's controller's defaults
+CONTROLLER_ENV_PREFIX = "LMCACHE_CONTROLLER_"  # LMCache's controller reads its keys from these
+
+
+def check_monitor_ports(ports: Any) -> dict[str, int]:
+    if not isinstance(ports, dict) or not ports:
+        raise ValueError(f"monitor_ports must be a JSON object like {json.dumps(DEFAULT_MONITOR_PORTS)}, got {ports!r}")
+    for name, port in ports.items():
+        if name not in MONITOR_PORT_NAMES:
+            raise ValueError(f"monitor_ports: unknown socket {name!r} (known: {', '.join(MONITOR_PORT_NAMES)})")
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise ValueError(f"monitor_ports: {name!r} must be a TCP port (0-65535), got {port!r}")
+    if "pull" not in ports:
+        raise ValueError("monitor_ports needs a 'pull' port: LMCache workers push their reports there")
+    return ports
+
+
+def parse_monitor_ports(text: str) -> dict[str, int] | None:
+    """``--monitor-ports``: LMCache's JSON object, or ``none``/``off`` to serve no LMCache worker."""
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"monitor_ports is not JSON ({exc}): {text!r}") from None
+    return check_monitor_ports(value)
+
+
+def resolve_none_hash(value: str, env: Mapping[str, str], siphash: str = "siphash13") -> tuple[int, str]:
+    """LMCache's NONE_HASH: an integer as given, or ``auto`` as an LMCache worker inside vLLM
+    derives it: Python's hash of the string $PYTHONHASHSEED (0 without the variable, as for a
+    worker without vLLM). Returns (value, how it was derived)."""
+    text = value.strip().lower()
+    if text != "auto":
+        try:
+            return int(text, 0), "given"
+        except ValueError:
+            raise ValueError(f"none_hash must be 'auto' or an integer, got {value!r}") from None
+    seed = env.get("PYTHONHASHSEED")
+    if seed is None or seed == "random":
+        return 0, "PYTHONHASHSEED is not set: 0, as LMCache workers without vLLM use"
+    try:
+        seed_value = int(seed)
+    except ValueError:
+        raise ValueError(f"PYTHONHASHSEED must be an integer, got {seed!r}") from None
+    from .. import python_str_hash
+
+    return python_str_hash(seed, seed_value, siphash), f"hash({seed!r}) under PYTHONHASHSEED={seed}"
 
 
 # The keys of the workers' config the controller reads (the rest is theirs alone).
@@ -143,6 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "written every --snapshot-interval seconds when changed and at shutdown")
     p.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval)
     p.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("LMCache workers", "unchanged LMCache instances (enable_controller: True) report "
+                             "on LMCache's own sockets; see docs/lmcache-compat.md")
+    g.add_argument("--monitor-ports", default=None,
+                   help="LMCache's controller sockets as JSON, e.g. '{\"pull\": 8300, \"reply\": 8400, "
+                   "\"heartbeat\": 8082}' (0: a free port), or 'none' (default %s, or "
+                   "$LMCACHE_CONTROLLER_MONITOR_PORTS)" % json.dumps(DEFAULT_MONITOR_PORTS))
+    g.add_argument("--none-hash", default=None,
+                   help="NONE_HASH of LMCache's key space: 'auto' (Python's hash of $PYTHONHASHSEED, as LMCache "
+                   "inside vLLM derives it; 0 without the variable) or an integer (0 for LMCache without vLLM); "
+                   "default auto, or $LMCACHE_CONTROLLER_NONE_HASH")
+    g.add_argument("--worker-python", default="3.11+", choices=["3.10", "3.11+"],
+                   help="Python version of the LMCache workers, for 'auto' (3.10 hashes str with SipHash-2-4, "
+                   "3.11+ with SipHash-1-3; default %(default)s)")
+    g.add_argument("--worker-host-override", default=None,
+                   help="dial LMCache workers' command ports at this host instead of the IP they report "
+                   "(e.g. 127.0.0.1 on one host; default: the reported IP, or "
+                   "$LMCACHE_CONTROLLER_WORKER_HOST_OVERRIDE)")
+    g.add_argument("--lmcache-worker-timeout", type=float, default=d.lmcache_worker_timeout,
+                   help="seconds without a heartbeat after which a heartbeating LMCache worker is removed "
+                   "(default %(default)s)")
+    g.add_argument("--lmcache-probe-interval", type=float, default=d.lmcache_probe_interval,
+                   help="seconds between health probes of LMCache workers that send no heartbeats; "
+                   f"{d.lmcache_max_command_failures} failed in a row remove the worker (default %(default)s)")
     return p
 
 
@@ -190,5 +289,15 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         s.api_key = args.api_key
     if s.api_key == "":
         s.api_key = None
+    env = os.environ
+    ports = args.monitor_ports if args.monitor_ports is not None else env.get(CONTROLLER_ENV_PREFIX + "MONITOR_PORTS")
+    s.monitor_ports = dict(DEFAULT_MONITOR_PORTS) if ports is None else parse_monitor_ports(ports)
+    none_hash = args.none_hash if args.none_hash is not None else env.get(CONTROLLER_ENV_PREFIX + "NONE_HASH", "auto")
+    if s.monitor_ports is not None or args.none_hash is not None:
+        s.none_hash, s.none_hash_origin = resolve_none_hash(
+            none_hash, env, "siphash24" if args.worker_python == "3.10" else "siphash13")
+    s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
+    s.lmcache_worker_timeout = args.lmcache_worker_timeout
+    s.lmcache_probe_interval = args.lmcache_probe_interval
     s.validate()
     return s

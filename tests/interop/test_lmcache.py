@@ -1,0 +1,294 @@
+"""Real LMCache engines (LMCache 0.5.6 on CPU, from the interop venv) report to our controller.
+
+Each test starts ``lmcache_controller`` (this venv) with LMCache's sockets on free loopback
+ports and one or more real LMCache engines (tests/interop/lmcache_engine.py in the interop
+venv), which register, report admits and evictions, heartbeat and full-sync exactly as they
+do inside vLLM. The oracle for every answer is the engine itself: its own chunk keys and its
+own ``lookup`` of the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmcache_rs import lmcache_chunk_hashes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fake_worker import ControllerProcess  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
+ENGINE = Path(__file__).resolve().parent / "lmcache_engine.py"
+CHUNK = 16
+SEED = "123"
+
+if not INTEROP_PY.exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
+    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Engine:
+    """One real LMCache engine process (one worker of one instance)."""
+
+    def __init__(self, instance_id: str, pull: int, reply: int, worker_port: int, *, vllm: bool = True,
+                 heartbeat: float | None = 1.0, max_cpu_gb: float = 0.05, save_unfull_chunk: bool = True):
+        self.instance_id = instance_id
+        config = {
+            "chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": max_cpu_gb,
+            "enable_controller": True, "lmcache_instance_id": instance_id,
+            "controller_pull_url": f"127.0.0.1:{pull}", "controller_reply_url": f"127.0.0.1:{reply}",
+            "lmcache_worker_ports": [worker_port], "save_unfull_chunk": save_unfull_chunk,
+        }
+        if heartbeat is not None:
+            config["lmcache_worker_heartbeat_time"] = heartbeat
+            config["lmcache_worker_heartbeat_delay_time"] = 0.5
+        argv = [str(INTEROP_PY), str(ENGINE), json.dumps(config)] + ([] if vllm else ["--no-vllm"])
+        env = dict(os.environ, PYTHONHASHSEED=SEED)
+        env.pop("PYTHONPATH", None)
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"lmcache-{instance_id}-{os.getpid()}.log", "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
+        ready = json.loads(self._line(180))
+        assert ready["ready"]
+        self.none_hash = ready["none_hash"]
+
+    def _line(self, timeout: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"LMCache engine {self.instance_id} did not answer in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"LMCache engine {self.instance_id} exited ({self.proc.poll()})")
+        return line
+
+    def ask(self, op: str, **args) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line(120))
+
+    def store(self, tokens: list[int]) -> None:
+        assert self.ask("store", tokens=tokens)["ok"]
+
+    def hit(self, tokens: list[int]) -> int:
+        return self.ask("lookup", tokens=tokens)["hit"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask("stop")
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.kill()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.log.close()
+
+
+class Setup:
+    def __init__(self):
+        self.pull, self.reply, self.heartbeat = free_ports(3)
+        self.controller: ControllerProcess | None = None
+        self.controllers: list[ControllerProcess] = []
+        self.engines: list[Engine] = []
+
+    def start_controller(self, *extra: str) -> ControllerProcess:
+        ports = json.dumps({"pull": self.pull, "reply": self.reply, "heartbeat": self.heartbeat})
+        ctl = ControllerProcess("--monitor-ports", ports, "--worker-host-override", "127.0.0.1",
+                                "--chunk-size", str(CHUNK), "--lmcache-worker-timeout", "4",
+                                "--lmcache-probe-interval", "0.5", *extra, env={"PYTHONHASHSEED": SEED})
+        self.controllers.append(ctl)
+        ctl.start()
+        self.controller = ctl
+        return ctl
+
+    def engine(self, instance_id: str, **kw) -> Engine:
+        (port,) = free_ports(1)
+        e = Engine(instance_id, self.pull, self.reply, port, **kw)
+        self.engines.append(e)
+        return e
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        assert self.controller is not None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.controller.http_port}{path}",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def lookup(self, tokens: list[int]) -> dict:
+        status, body = self.post("/lookup", {"tokens": tokens})
+        assert status == 200, body
+        return body["layout_info"]
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.stop()
+        for ctl in self.controllers:
+            ctl.__exit__(None, None, None)
+
+
+@pytest.fixture
+def setup():
+    s = Setup()
+    yield s
+    if s.controller is not None and s.controller.proc is not None:
+        print(s.controller.log()[-4000:])
+    s.close()
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(1, 128000) for _ in range(2 * CHUNK)]
+    out = []
+    for i in range(n):
+        tail = [rng.randrange(1, 128000) for _ in range(rng.randrange(1, 5 * CHUNK))]
+        out.append((shared if i % 2 else []) + tail)
+    return out
+
+
+@pytest.mark.parametrize("vllm", [True, False], ids=["with-vllm", "without-vllm"])
+def test_reports_lookup_and_key_space(setup, vllm):
+    """Stores show in /lookup with the engine's own prefix lengths, in both NONE_HASH modes."""
+    none_hash = [] if vllm else ["--none-hash", "0"]
+    setup.start_controller(*none_hash)
+    engine = setup.engine("lmc-a", vllm=vllm)
+    assert (engine.none_hash != 0) == vllm
+    work = prompts(8, seed=1)
+    for tokens in work:
+        assert engine.ask("keys", tokens=tokens)["keys"] == lmcache_chunk_hashes(tokens, CHUNK, engine.none_hash)
+        engine.store(tokens)
+    for tokens in work:
+        expected = engine.hit(tokens)
+        assert expected == len(tokens)  # nothing evicted yet; partial chunks are saved
+        wait_for(lambda: setup.lookup(tokens) == {"lmc-a": ["LocalCPUBackend", expected]}, 30, "the admits")
+    # a prefix the engine never saw as a whole still matches chunk by chunk
+    probe = work[1][: 2 * CHUNK] + [7, 7, 7]
+    assert setup.lookup(probe) == {"lmc-a": ["LocalCPUBackend", 2 * CHUNK]}
+    assert setup.lookup([5] * 40) == {}
+    assert "decode_errors" not in setup.controller.log()
+
+
+def test_evictions_clear_and_p2p_reach_the_engine(setup):
+    """Evictions under memory pressure stay exact; /clear goes to the engine and empties it."""
+    setup.start_controller()
+    engine = setup.engine("lmc-a", max_cpu_gb=0.002)  # a few dozen chunks: stores evict
+    work = prompts(40, seed=2)
+    for tokens in work:
+        engine.store(tokens)
+    hits = [engine.hit(tokens) for tokens in work]
+    assert 0 in hits or min(hits) < max(len(t) for t in work), "the engine evicted nothing; the test needs pressure"
+
+    def exact():
+        for tokens, hit in zip(work, hits):
+            answer = setup.lookup(tokens).get("lmc-a")
+            if (answer[1] if answer else 0) != hit:
+                return False
+        return True
+
+    wait_for(exact, 30, "answers equal to the engine's own lookups")
+    status, body = setup.post("/clear", {"instance_id": "lmc-a", "location": "LocalCPUBackend"})
+    assert status == 200, body
+    assert body["num_tokens"] > 0
+    assert all(engine.hit(tokens) == 0 for tokens in work)
+    wait_for(lambda: all(setup.lookup(tokens) == {} for tokens in work), 30, "the clear's evictions")
+    status, body = setup.post("/health", {"instance_id": "lmc-a"})
+    assert status == 200 and body["error_codes"] == {"0": 0}
+    status, body = setup.post("/query_worker_info", {"instance_id": "all"})
+    assert status == 200 and [w["instance_id"] for w in body["worker_infos"]] == ["lmc-a"]
+
+
+def test_kill_engine_then_restart_controller(setup):
+    """kill -9 of an engine removes its entries; a restarted controller gets the survivors
+    back by heartbeat and full sync."""
+    ctl = setup.start_controller()
+    a = setup.engine("lmc-a")
+    b = setup.engine("lmc-b")
+    work = prompts(6, seed=3)
+    for tokens in work:
+        a.store(tokens)
+    b.store(work[0])
+    wait_for(lambda: setup.lookup(work[0]).keys() == {"lmc-a", "lmc-b"}, 30, "both instances")
+    a.kill()
+    wait_for(lambda: "lmc-a" not in setup.lookup(work[0]), 30, "the dead engine's entries to go")
+    assert setup.lookup(work[0]) == {"lmc-b": ["LocalCPUBackend", len(work[0])]}
+
+    ctl.stop()
+    setup.start_controller()
+    assert setup.lookup(work[0]) == {}
+    # the engine heartbeats, is re-registered, is asked for a full sync and sends what it holds
+    wait_for(lambda: setup.lookup(work[0]) == {"lmc-b": ["LocalCPUBackend", len(work[0])]}, 90, "the full sync")
+    log = setup.controller.log()
+    assert "re-registered by heartbeat" in log and "full sync" in log
+
+
+def test_garbage_on_lmcache_sockets_changes_nothing(setup):
+    """Malformed frames on the pull and reply sockets are counted and dropped; the loops go on."""
+    import zmq
+
+    setup.start_controller()
+    engine = setup.engine("lmc-a")
+    tokens = prompts(1, seed=4)[0]
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{setup.pull}")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{setup.reply}")
+    garbage = [b"", b"\xc1", b"{not json", b"\x81\xa4type\xa7Unknown",
+               b'{"type": "BatchedKVOperationMsg", "instance_id": "lmc-a", "worker_id": 0, "location": "x", '
+               b'"operations": [{"op_type": "boom", "key": 1, "seq_num": 0}]}',
+               b'{"type": "BatchedKVOperationMsg", "instance_id": "ghost", "worker_id": 0, "location": "x", '
+               b'"operations": [{"op_type": "admit", "key": 1, "seq_num": 0}]}']
+    for frame in garbage:
+        push.send(frame)
+        dealer.send_multipart([b"", frame])
+        assert b"ErrorMsg" in dealer.recv_multipart()[-1]
+    push.close(0)
+    dealer.close(0)
+    ctx.term()
+    engine.store(tokens)
+    wait_for(lambda: setup.lookup(tokens) == {"lmc-a": ["LocalCPUBackend", len(tokens)]}, 30, "the store")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{setup.controller.http_port}/metrics", timeout=10).read().decode()
+    assert 'lmcache_lmcache_messages{kind="decode_errors"}' in body
+    assert setup.lookup([1, 2, 3]) == {}

@@ -1,0 +1,155 @@
+"""The LMCache adapter's decoding and state handling, fed random input (the real LMCache
+engines are in tests/interop/)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache_rs import Index, lmcache_chunk_hashes
+from lmcache_rs.controller import lmcache_messages as m
+from lmcache_rs.controller.lmcache_source import LMCacheSource
+from lmcache_rs.controller.metrics import Metrics
+from lmcache_rs.controller.registry import Registry
+from lmcache_rs.controller.settings import Settings
+
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=300))
+def test_decoders_raise_only_decode_errors(data):
+    for decode in (m.decode_push, m.decode_request):
+        try:
+            decode(data)
+        except DECODE_ERRORS:
+            pass
+        try:
+            decode(b"{" + data)
+        except DECODE_ERRORS:
+            pass
+
+
+def make_source() -> tuple[LMCacheSource, Registry]:
+    s = Settings(monitor_ports={"pull": 0, "reply": 0}, chunk_size=4)
+    metrics = Metrics()
+    registry = Registry(Index(4), metrics, 10.0)
+    source = LMCacheSource(s, registry, Index(4, key_space="lmcache_builtin", none_hash=0), metrics)
+    return source, registry
+
+
+def register(source: LMCacheSource, instance_id: str = "a") -> None:
+    reply = source._on_request(m.RegisterMsg(instance_id=instance_id, worker_id=0, ip="127.0.0.1", port=1,
+                                             peer_init_url=None))
+    assert isinstance(reply, m.RegisterRetMsg)
+
+
+def push(source: LMCacheSource, *msgs) -> None:
+    events: list = []
+    for msg in msgs:
+        source._on_push(msg, events)
+    if events:
+        source._apply(events)
+
+
+def ops(kind: m.OpType, keys: list[int], first_seq: int) -> list[m.KVOpEvent]:
+    return [m.KVOpEvent(op_type=kind, key=k, seq_num=first_seq + i) for i, k in enumerate(keys)]
+
+
+def test_admits_evicts_and_gaps():
+    async def main():
+        source, registry = make_source()
+        register(source)
+        tokens = list(range(10))
+        keys = lmcache_chunk_hashes(tokens, 4, 0)
+        push(source, m.BatchedKVOperationMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                             operations=ops(m.OpType.ADMIT, keys, 0)))
+        assert source.index.lookup(tokens) == {"a": ("LocalCPUBackend", 10)}
+        push(source, m.BatchedKVOperationMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                             operations=ops(m.OpType.EVICT, keys[1:2], 5)))  # 3 expected: a gap
+        assert source.index.lookup(tokens) == {"a": ("LocalCPUBackend", 4)}
+        assert source.counts["seq_gaps"] == 1
+        beat = source._on_request(m.HeartbeatMsg(instance_id="a", worker_id=0, ip="127.0.0.1", port=1,
+                                                 peer_init_url=None))
+        assert [c.reason for c in beat.commands] == ["seq_gap"]
+        # an unknown worker's report changes nothing
+        push(source, m.BatchedKVOperationMsg(instance_id="ghost", worker_id=0, location="LocalCPUBackend",
+                                             operations=ops(m.OpType.ADMIT, keys, 0)))
+        assert "ghost" not in source.index.lookup(tokens)
+        assert registry.by_source[source] == 1
+
+    asyncio.run(main())
+
+
+def test_full_sync_replaces_holdings_atomically():
+    async def main():
+        source, _ = make_source()
+        register(source)
+        old = lmcache_chunk_hashes([9] * 8, 4, 0)
+        new = lmcache_chunk_hashes(list(range(8)), 4, 0)
+        push(source, m.BatchedKVOperationMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                             operations=ops(m.OpType.ADMIT, old, 0)))
+        start = source._on_request(m.FullSyncStartMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                                      sync_id="s1", total_keys=2, batch_count=2))
+        assert start.accepted
+        push(source, m.FullSyncBatchMsg(instance_id="a", worker_id=0, location="LocalCPUBackend", sync_id="s1",
+                                        batch_id=0, keys=new[:1]))
+        push(source, m.FullSyncEndMsg(instance_id="a", worker_id=0, location="LocalCPUBackend", sync_id="s1",
+                                      actual_total_keys=2))
+        status = source._on_request(m.FullSyncStatusMsg(instance_id="a", worker_id=0, sync_id="s1"))
+        assert status.missing_batches == [1] and not status.can_exit_freeze
+        assert source.index.lookup([9] * 8) == {"a": ("LocalCPUBackend", 8)}  # not applied while incomplete
+        push(source, m.FullSyncBatchMsg(instance_id="a", worker_id=0, location="LocalCPUBackend", sync_id="s1",
+                                        batch_id=1, keys=new[1:]),
+             m.FullSyncEndMsg(instance_id="a", worker_id=0, location="LocalCPUBackend", sync_id="s1",
+                              actual_total_keys=2))
+        status = source._on_request(m.FullSyncStatusMsg(instance_id="a", worker_id=0, sync_id="s1"))
+        assert status.is_complete and status.can_exit_freeze
+        assert source.index.lookup([9] * 8) == {}
+        assert source.index.lookup(list(range(8))) == {"a": ("LocalCPUBackend", 8)}
+
+    asyncio.run(main())
+
+
+def test_instance_ids_belong_to_one_protocol():
+    async def main():
+        source, registry = make_source()
+        registry.index.register_worker("ours", 0)
+        registry.attach(_Conn(), {"instance_id": "ours", "worker_id": 0, "host": "h", "worker_port": 1,
+                                  "p2p_host": "", "p2p_port": 0})
+        reply = source._on_request(m.RegisterMsg(instance_id="ours", worker_id=1, ip="127.0.0.1", port=1,
+                                                 peer_init_url=None))
+        assert isinstance(reply, m.ErrorMsg) and "another protocol" in reply.error
+
+    asyncio.run(main())
+
+
+class _Conn:
+    def detach(self, replaced: bool) -> None:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "evict"]), st.integers(-(2**63), 2**63 - 1),
+                          st.integers(0, 5)), max_size=40))
+def test_random_batches_match_a_set_model(batch):
+    """Applied ops leave exactly the keys a plain set model holds (seq gaps included)."""
+    async def main():
+        source, _ = make_source()
+        register(source)
+        model: set[int] = set()
+        seq = 0
+        for kind, key, jump in batch:
+            seq += jump
+            op = m.OpType.ADMIT if kind == "admit" else m.OpType.EVICT
+            push(source, m.BatchedKVOperationMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                                 operations=[m.KVOpEvent(op_type=op, key=key, seq_num=seq)]))
+            seq += 1
+            (model.add if kind == "admit" else model.discard)(key)
+        held = {n for _, _, _, n in source.index.holder_counts()}
+        assert held == ({len(model)} if model else set())
+
+    asyncio.run(main())
