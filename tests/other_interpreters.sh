@@ -27,7 +27,7 @@ for minor in 10 11 12 13 14; do
     "$env/bin/pip" install -q --force-reinstall --no-deps "$env"/wheels/*.whl
     "$env/bin/python" -m pytest -q -p no:cacheprovider tests/test_index.py tests/test_index_inputs.py \
         tests/test_index_concurrency.py tests/test_index_snapshot.py tests/test_index_stateful.py \
-        tests/test_hashing.py
+        tests/test_hashing.py tests/test_lmcache_hash.py
 done
 if [ "$found" -eq 0 ]; then
     echo "no CPython 3.10-3.14 found" >&2
