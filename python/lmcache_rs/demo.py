@@ -126,9 +126,9 @@ def stop(name: str, proc: subprocess.Popen) -> int:
 
 
 def main() -> int:
-    busy = [p for p in (HTTP_PORT, MONITOR_PORT, 8001, 8200) if not port_free(p)]
+    busy = [p for p in (HTTP_PORT, MONITOR_PORT, 8001, 8200, 8300, 8400) if not port_free(p)]
     if busy:
-        say(f"demo: port(s) {busy} are in use; stop whatever holds them (the spec's flow needs 9000, 9001, 8001, 8200)")
+        say(f"demo: port(s) {busy} are in use; stop whatever holds them (the spec's flow needs 9000, 9001, 8001, 8200, and LMCache's 8300, 8400)")
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="lmcache-demo-"))
     config = example_config(workdir)

@@ -29,7 +29,7 @@ from fake_worker import ControllerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-ENGINE = Path(__file__).resolve().parent / "lmcache_engine.py"
+ENGINE = REPO / "tools" / "lmcache_engine.py"
 CHUNK = 16
 SEED = "123"
 
