@@ -153,3 +153,28 @@ def test_random_batches_match_a_set_model(batch):
         assert held == ({len(model)} if model else set())
 
     asyncio.run(main())
+
+
+def test_lmcache_worker_on_the_monitor_port_is_told_the_right_ports():
+    """A ZMQ peer (its greeting starts with 0xFF) on --monitor-port gets one log line naming
+    LMCache's sockets, not a frame error."""
+    import time
+
+    import zmq
+    from fake_worker import ControllerProcess
+
+    with ControllerProcess("--monitor-ports", '{"pull": 0, "reply": 0}') as ctl:
+        ctx = zmq.Context()
+        for _ in range(3):
+            push = ctx.socket(zmq.PUSH)
+            push.connect(f"tcp://127.0.0.1:{ctl.monitor_port}")
+            time.sleep(0.3)
+            push.close(0)
+        ctx.term()
+        deadline = time.monotonic() + 10
+        while "ZMQ peer" not in ctl.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = ctl.log()
+    assert log.count("ZMQ peer") == 1, log
+    assert "controller_pull_url and controller_reply_url set to LMCache's sockets: pull" in log
+    assert "frame_too_large" not in log

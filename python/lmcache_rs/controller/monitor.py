@@ -151,7 +151,7 @@ class MonitorProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.record is None and data[:1] == b"\xff" and not self.decoder.buffered():
+        if self.record is None and data[:1] == b"\xff" and not self.decoder.buffered:
             self.refuse_zmq_peer()
             return
         try:
