@@ -1,0 +1,196 @@
+"""Ingest of LMCache workers' reports: our controller beside LMCache's own, same messages, same run.
+
+A producer (LMCache's own message classes, run in .venv-interop) registers W workers through the
+reply socket and pushes BatchedKVOperationMsg admits (``--ops-per-msg`` ops each, up to 50 frames
+a multipart message, as LMCache's worker sends them) to the controller's pull socket as fast as
+it can. The clock runs from the first push until the controller reports every key applied (our
+/metrics ``lmcache_index_holdings``; LMCache's ``/controller/key-stats`` total). Also times
+/lookup in both key spaces of our controller on the same prompts.
+
+    .venv/bin/python benchmarks/lmcache_ingest.py [--keys 2000000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUR_EXE = ROOT / ".venv" / "bin" / "lmcache_controller"
+INTEROP_PY = ROOT / ".venv-interop" / "bin" / "python"
+
+PRODUCER = r'''
+import sys, time, json, zmq, msgspec
+from lmcache.v1.cache_controller.message import (BatchedKVOperationMsg, KVOpEvent, OpType, RegisterMsg)
+pull, reply, keys, workers, per_msg = (int(a) for a in sys.argv[1:6])
+ctx = zmq.Context()
+dealer = ctx.socket(zmq.DEALER); dealer.connect(f"tcp://127.0.0.1:{reply}")
+for w in range(workers):
+    dealer.send_multipart([b"", msgspec.msgpack.encode(RegisterMsg(instance_id=f"inst{w}", worker_id=0,
+                           ip="127.0.0.1", port=1, peer_init_url=None))])
+    dealer.recv_multipart()
+push = ctx.socket(zmq.PUSH); push.setsockopt(zmq.SNDHWM, 0); push.connect(f"tcp://127.0.0.1:{pull}")
+frames_per_worker = []
+per_worker = keys // workers
+for w in range(workers):
+    frames, seq = [], 0
+    for start in range(0, per_worker, per_msg):
+        ops = [KVOpEvent(op_type=OpType.ADMIT, key=(w << 40) + k - (1 << 62), seq_num=seq + i)
+               for i, k in enumerate(range(start, min(start + per_msg, per_worker)))]
+        seq += len(ops)
+        frames.append(msgspec.msgpack.encode(BatchedKVOperationMsg(instance_id=f"inst{w}", worker_id=0,
+                      location="LocalCPUBackend", operations=ops)))
+    frames_per_worker.append(frames)
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+t0 = time.time()
+for frames in frames_per_worker:
+    for i in range(0, len(frames), 50):
+        push.send_multipart(frames[i:i + 50])
+print(json.dumps({"sent_at": t0, "send_s": time.time() - t0}), flush=True)
+sys.stdin.readline()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            get(url)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def ours_applied(http: int) -> int:
+    text = get(f"http://127.0.0.1:{http}/metrics").decode()
+    m = re.search(r"^lmcache_index_holdings (\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def theirs_applied(http: int) -> int:
+    return int(json.loads(get(f"http://127.0.0.1:{http}/controller/key-stats"))["total_key_count"])
+
+
+def run_side(side: str, keys: int, workers: int, per_msg: int) -> dict:
+    http, pull, reply = free_port(), free_port(), free_port()
+    ports = json.dumps({"pull": pull, "reply": reply})
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    if side == "ours":
+        cmd = [str(OUR_EXE), "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(free_port()),
+               "--monitor-ports", ports, "--log-level", "WARNING"]
+        applied = ours_applied
+    else:
+        cmd = [str(INTEROP_PY), "-m", "lmcache.v1.api_server", "--host", "127.0.0.1", "--port", str(http),
+               "--monitor-ports", ports]
+        applied = theirs_applied
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    producer = None
+    try:
+        wait_http(f"http://127.0.0.1:{http}/metrics")
+        producer = subprocess.Popen([str(INTEROP_PY), "-c", PRODUCER, str(pull), str(reply), str(keys),
+                                     str(workers), str(per_msg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True, env=env)
+        assert json.loads(producer.stdout.readline())["ready"]
+        producer.stdin.write("go\n")
+        producer.stdin.flush()
+        sent = json.loads(producer.stdout.readline())
+        total = (keys // workers) * workers
+        deadline = time.time() + 600
+        n = 0
+        while time.time() < deadline:
+            n = applied(http)
+            if n >= total:
+                break
+            time.sleep(0.02)
+        elapsed = time.time() - sent["sent_at"]
+        producer.stdin.write("done\n")
+        producer.stdin.flush()
+        return {"side": side, "keys": total, "applied": n, "seconds": round(elapsed, 3),
+                "admits_per_s": round(n / elapsed), "producer_send_s": round(sent["send_s"], 3)}
+    finally:
+        for proc in (producer, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def lookup_spaces(prompts: int, length: int) -> dict:
+    """/lookup p50 in each key space of one Index pair, in process (no HTTP): the hash chain's cost."""
+    sys.path.insert(0, str(ROOT / "python"))
+    from lmcache_rs import Index, chunk_hashes, lmcache_chunk_hashes
+
+    rng = random.Random(7)
+    work = [[rng.randrange(128000) for _ in range(length)] for _ in range(prompts)]
+    out = {}
+    for name, index, keys_of in (
+        ("xxh3", Index(256), lambda t: chunk_hashes(t, 256)),
+        ("lmcache_builtin", Index(256, key_space="lmcache_builtin", none_hash=-6197052367682486848),
+         lambda t: lmcache_chunk_hashes(t, 256, -6197052367682486848)),
+    ):
+        for i, t in enumerate(work):
+            index.admit(f"inst{i % 8}", 0, "LocalCPUBackend", hashes=keys_of(t))
+        times = []
+        for _ in range(5):
+            for t in work:
+                t0 = time.perf_counter()
+                index.lookup(t)
+                times.append(time.perf_counter() - t0)
+        out[name] = {"p50_us": round(statistics.median(times) * 1e6, 1),
+                     "p99_us": round(sorted(times)[int(len(times) * 0.99)] * 1e6, 1)}
+    out["ratio_p50"] = round(out["lmcache_builtin"]["p50_us"] / out["xxh3"]["p50_us"], 2)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--keys", type=int, default=2_000_000)
+    p.add_argument("--anchor-keys", type=int, default=200_000, help="keys for LMCache's controller (slower)")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--ops-per-msg", type=int, default=50)
+    p.add_argument("--json")
+    args = p.parse_args()
+    report = {
+        "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
+        "ours": run_side("ours", args.keys, args.workers, args.ops_per_msg),
+        "lmcache": run_side("lmcache", args.anchor_keys, args.workers, args.ops_per_msg),
+        "lookup_4k_tokens": lookup_spaces(200, 4096),
+    }
+    report["ratio_admits"] = round(report["ours"]["admits_per_s"] / max(1, report["lmcache"]["admits_per_s"]), 1)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
