@@ -9,7 +9,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::error::{Error, Result};
 use crate::hash::{chunk_hashes as core_chunk_hashes, PrefixHash};
 use crate::http_fast;
-use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Op};
+use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Match, Op};
 use crate::keyspace::KeySpace;
 use crate::py::convert::{bool_arg, i64_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
 use crate::shared::SharedIndex;
@@ -401,11 +401,7 @@ impl PyIndex {
             let t = tokens.view()?;
             Ok(self.inner.read(|c| c.lookup(&t)))
         })?;
-        let out = PyDict::new(py);
-        for m in matches {
-            out.set_item(&*m.instance, (&*m.location, m.length))?;
-        }
-        Ok(out)
+        matches_dict(py, matches)
     }
 
     #[pyo3(signature = (hashes, **kwargs), text_signature = "(self, hashes)")]
@@ -421,11 +417,7 @@ impl PyIndex {
             let h = hashes.view()?;
             Ok(self.inner.read(|c| c.lookup_keys(&h)))
         })?;
-        let out = PyDict::new(py);
-        for m in matches {
-            out.set_item(&*m.instance, (&*m.location, m.length))?;
-        }
-        Ok(out)
+        matches_dict(py, matches)
     }
 
     #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
@@ -607,4 +599,13 @@ fn prefix_err(n: usize, e: Error) -> Error {
         Error::InvalidType(m) => Error::InvalidType(format!("events[{n}]: {m}")),
         e => e,
     }
+}
+
+/// instance_id -> (location, length), as `lookup` and `lookup_keys` return it.
+fn matches_dict(py: Python<'_>, matches: Vec<Match>) -> PyResult<Bound<'_, PyDict>> {
+    let out = PyDict::new(py);
+    for m in matches {
+        out.set_item(&*m.instance, (&*m.location, m.length))?;
+    }
+    Ok(out)
 }
