@@ -39,10 +39,6 @@ from .registry import Registry, WorkerRecord
 
 log = logging.getLogger("lmcache_rs.controller.lmcache")
 
-LIVE = "live"
-SYNCING = "syncing"
-
-
 class _Sync:
     """One full sync of one location, from FullSyncStartMsg to FullSyncEndMsg."""
 
@@ -602,8 +598,6 @@ class LMCacheSource:
     def _locations(self, record: WorkerRecord) -> list[str]:
         return sorted(self._location_counts(record))
 
-    def stats(self) -> dict[str, Any]:
-        return {"ports": dict(self.bound), "workers": len(self.workers), "messages": dict(self.counts)}
 
 
 def _chunks(num_tokens: int, chunk_size: int) -> int:
