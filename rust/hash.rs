@@ -23,13 +23,20 @@ pub struct ChunkHasher<'a> {
 impl<'a> ChunkHasher<'a> {
     /// `chunk_size` must be > 0 (checked by the callers that take it from users).
     pub fn new(tokens: &'a [u32], chunk_size: usize, seed: u64) -> Self {
+        Self::after(None, tokens, chunk_size, seed)
+    }
+
+    /// The keys of `tokens` as the continuation of a prefix whose last key is `parent`
+    /// (`None`: `tokens` start the sequence). Engine events announce blocks after a parent
+    /// block, so their keys continue the parent's chain.
+    pub fn after(parent: Option<u64>, tokens: &'a [u32], chunk_size: usize, seed: u64) -> Self {
         let chunk_size = chunk_size.max(1);
         ChunkHasher {
             tokens,
             chunk_size,
             seed,
             pos: 0,
-            prev: None,
+            prev: parent,
             buf: Vec::new(),
         }
     }
@@ -82,9 +89,30 @@ pub fn chunk_hashes(tokens: &[u32], chunk_size: usize, seed: u64) -> Vec<PrefixH
     ChunkHasher::new(tokens, chunk_size, seed).collect()
 }
 
+/// The chunk keys of `tokens` continuing the chain after the key `parent`.
+pub fn chunk_hashes_after(
+    parent: Option<u64>,
+    tokens: &[u32],
+    chunk_size: usize,
+    seed: u64,
+) -> Vec<PrefixHash> {
+    ChunkHasher::after(parent, tokens, chunk_size, seed).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn continuing_after_a_parent_equals_hashing_the_whole_prefix() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let whole = chunk_hashes(&tokens, 16, 7);
+        for cut in 0..whole.len() {
+            let parent = if cut == 0 { None } else { Some(whole[cut - 1]) };
+            let rest = chunk_hashes_after(parent, &tokens[cut * 16..], 16, 7);
+            assert_eq!(rest, whole[cut..]);
+        }
+    }
 
     /// The vector documented in README.md; also asserted by tests/test_hashing.py.
     #[test]

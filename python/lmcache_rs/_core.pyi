@@ -42,8 +42,9 @@ def runtime_info() -> dict[str, Any]:
     (whether lists and tuples of int are read straight from CPython's int objects, as on
     CPython 3.10-3.14 with the GIL after a self-check at first use, or through the C API)."""
 
-def chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, seed: int = 0) -> list[int]:
-    """Chained seeded xxh3-64 keys of the chunks of ``tokens`` (see rust/README.md).
+def chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, seed: int = 0, *, parent: int | None = None) -> list[int]:
+    """Chained seeded xxh3-64 keys of the chunks of ``tokens`` (see rust/README.md); with
+    ``parent``, the keys continue the chain after that key.
 
     Raises InvalidTypeError / InvalidArgumentError on bad tokens or chunk_size == 0.
     """

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::error::{Error, Result};
-use crate::hash::{chunk_hashes as core_chunk_hashes, PrefixHash};
+use crate::hash::{chunk_hashes_after, PrefixHash};
 use crate::http_fast;
 use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Match, Op};
 use crate::keyspace::KeySpace;
@@ -31,27 +31,33 @@ pub fn chunk_size_arg(obj: &Bound<'_, PyAny>) -> Result<usize> {
     Ok(v as usize)
 }
 
-/// Chained seeded xxh3-64 keys of the chunks of `tokens` (see rust/README.md).
+/// Chained seeded xxh3-64 keys of the chunks of `tokens` (see rust/README.md); with `parent`,
+/// the keys continue the chain after that key.
 #[pyfunction]
 #[pyo3(
-    signature = (tokens, chunk_size=None, seed=None, **kwargs),
-    text_signature = "(tokens, chunk_size=256, seed=0)"
+    signature = (tokens, chunk_size=None, seed=None, *, parent=None, **kwargs),
+    text_signature = "(tokens, chunk_size=256, seed=0, *, parent=None)"
 )]
 pub fn chunk_hashes<'py>(
     py: Python<'py>,
     tokens: &Bound<'py, PyAny>,
     chunk_size: Option<&Bound<'py, PyAny>>,
     seed: Option<&Bound<'py, PyAny>>,
+    parent: Option<&Bound<'py, PyAny>>,
     kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyList>> {
     no_kwargs("chunk_hashes", kwargs)?;
+    let parent = match parent {
+        Some(p) if !p.is_none() => Some(int_arg(p, "parent", u64::MAX)?),
+        _ => None,
+    };
     let cs = chunk_size.map(chunk_size_arg).transpose()?.unwrap_or(256);
     let seed = seed
         .map(|s| int_arg(s, "seed", u64::MAX))
         .transpose()?
         .unwrap_or(0);
     let tokens = IntsArg::<u32>::extract(tokens, "tokens")?;
-    let keys = detached(py, || Ok(core_chunk_hashes(&tokens.view()?, cs, seed)))?;
+    let keys = detached(py, || Ok(chunk_hashes_after(parent, &tokens.view()?, cs, seed)))?;
     PyList::new(py, keys)
 }
 
