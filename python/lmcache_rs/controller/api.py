@@ -81,33 +81,43 @@ def _position(data: dict, name: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
+# A /lookup body naming one of these picks engine-event namespaces (model, LoRA, salt).
+NAMESPACE_FIELDS = ("model", "lora_name", "cache_salt")
+_NAMESPACE_KEYS = tuple(f'"{name}"'.encode() for name in NAMESPACE_FIELDS)
+
+
 class Lookup:
     """POST /lookup: the body goes to ``Index.lookup_json`` as bytes; one per HTTP loop.
 
-    Each source's key space has its own index (our workers' xxh3 chain, LMCache workers'
-    CPython hash chain). While only one of them has workers, that one answers alone, on the
-    fast path too; while both have, each answers for its own instances (an instance id
-    belongs to one key space) and the answers are merged."""
+    Each key space has its own index: our workers' xxh3 chain, LMCache workers' CPython hash
+    chain, and one per engine-event namespace (model, LoRA, salt, block size). An instance
+    belongs to one of them. A request is answered by the indexes that have holders: one alone
+    answers directly, on the fast path too; several answer each for its own instances and the
+    answers are merged. A body naming ``model``, ``lora_name`` or ``cache_salt`` asks only the
+    engine-event namespaces that match; without them every base namespace (no LoRA, no salt)
+    of every model takes part."""
 
-    def __init__(self, index: Any, metrics: Any, event_prefix: str, registry: Any = None, other: Any = None):
+    def __init__(self, index: Any, metrics: Any, event_prefix: str, registry: Any = None, lmcache: Any = None,
+                 kv_events: Any = None):
         self.index = index
         self.metrics = metrics
         self.prefix = event_prefix
         self.counter = 0
         self.registry = registry  # counts workers per source: which index to ask
-        self.other = other  # the source (with .index) of the second key space, if served
+        self.lmcache = lmcache  # the LMCache source (its .index), if served
+        self.kv_events = kv_events  # the engine-event source (its namespaces), if served
 
-    def _chosen(self) -> Any:
-        """The one index to ask, or None when both key spaces have workers."""
-        other = self.other
-        if other is None:
-            return self.index
+    def _indexes(self) -> list[Any]:
+        """The indexes a request without namespace fields asks."""
+        if self.lmcache is None and self.kv_events is None:
+            return [self.index]
         counts = self.registry.by_source
-        if not counts.get(other):
-            return self.index
-        if not counts.get(None):
-            return other.index
-        return None
+        out = [self.index] if counts.get(None) else []
+        if self.lmcache is not None and counts.get(self.lmcache):
+            out.append(self.lmcache.index)
+        if self.kv_events is not None:
+            out.extend(ns.index for ns in self.kv_events.lookup_namespaces(None, None, None))
+        return out or [self.index]
 
     def __call__(self, request: Request) -> Response:
         start = time.perf_counter()
@@ -116,12 +126,19 @@ class Lookup:
         if request.query:
             detail = _truthy(request.query, b"detail")
         event_id = self.prefix + str(self.counter)
-        index = self._chosen()
         try:
-            if index is not None:
-                body = index.lookup_json(request.body, event_id, detail)
+            if self.kv_events is not None and any(k in request.body for k in _NAMESPACE_KEYS):
+                indexes = self._named_indexes(request.body)
             else:
-                body = self._merged(request.body, event_id, detail)
+                indexes = self._indexes()
+            if len(indexes) == 1 and not (detail and self.kv_events is not None and self.kv_events.any_stale):
+                body = indexes[0].lookup_json(request.body, event_id, detail)
+            else:
+                body = self._merged(indexes, request.body, event_id, detail)
+        except BadRequest as exc:
+            self.metrics.lookup_errors += 1
+            self.metrics.count_rejected(400)
+            return (400, JSON, error_body(str(exc)))
         except (ValueError, TypeError) as exc:  # the index's InvalidArgument/InvalidType errors
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
@@ -129,25 +146,49 @@ class Lookup:
         self.metrics.observe_lookup(time.perf_counter() - start)
         return (200, JSON, body)
 
-    def _merged(self, body: bytes, event_id: str, detail: bool) -> bytes:
-        ours = json.loads(self.index.lookup_json(body, event_id, detail))
-        theirs = json.loads(self.other.index.lookup_json(body, event_id, detail))
-        for instance_id, answer in theirs["layout_info"].items():
-            ours["layout_info"][instance_id] = answer
-            ours[instance_id] = answer
+    def _named_indexes(self, body: bytes) -> list[Any]:
+        data = _parse(body)
+        names = []
+        for field in NAMESPACE_FIELDS:
+            value = data.get(field)
+            if value is not None and (type(value) is not str or not value):
+                raise BadRequest(f"field {field!r} must be a non-empty string or null")
+            names.append(value)
+        _tokens(data)  # checked here too: no namespace may answer, and a bad body is still a 400
+        return [ns.index for ns in self.kv_events.lookup_namespaces(*names)]
+
+    def _merged(self, indexes: list[Any], body: bytes, event_id: str, detail: bool) -> bytes:
+        """Each index answers for its instances; an instance in several keeps its longest match."""
+        out: dict[str, Any] = {"event_id": event_id, "layout_info": {}}
+        layout = out["layout_info"]
+        details: dict[str, Any] = {}
+        for index in indexes:
+            theirs = json.loads(index.lookup_json(body, event_id, detail))
+            for instance_id, answer in theirs["layout_info"].items():
+                if instance_id not in layout or answer[1] > layout[instance_id][1]:
+                    layout[instance_id] = answer
+                    if detail:
+                        details[instance_id] = theirs["detail"].get(instance_id)
+        out.update(layout)
         if detail:
-            ours["detail"].update(theirs["detail"])
-        return json.dumps(ours, separators=(",", ":")).encode()
+            out["detail"] = details
+            stale = self.kv_events.stale_instances() if self.kv_events is not None else None
+            if stale:
+                out["stale"] = stale  # engines that lost messages for good: older blocks may be missing
+        return json.dumps(out, separators=(",", ":")).encode()
 
     def answer(self, data: bytes, max_header_bytes: int, max_body_bytes: int) -> tuple[bytes, int, bool]:
         """The HTTP fast path: answer the complete plain ``POST /lookup`` requests at the start
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
-        index = self._chosen()
-        if index is None:
+        kv = self.kv_events
+        if kv is not None and (any(k in data for k in _NAMESPACE_KEYS) or (kv.any_stale and b"detail=1" in data)):
+            return b"", 0, False  # the general path picks namespaces and lists stale engines
+        indexes = self._indexes()
+        if len(indexes) != 1:
             return b"", 0, False
-        out, consumed, seconds, close = index.answer_lookups(
+        out, consumed, seconds, close = indexes[0].answer_lookups(
             data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
         if seconds:
             self.counter += len(seconds)
@@ -190,7 +231,7 @@ class Api:
         self.event_ids = controller.event_ids
         self.chunk_size = controller.settings.chunk_size
         self.lookup = Lookup(self.index, self.metrics, f"Lookup-{self.event_ids.tag}-", self.registry,
-                             controller.lmcache)
+                             controller.lmcache, controller.kv_events)
         posts: dict[str, Callable[[Request], Any]] = {
             "/clear": self.clear,
             "/pin": self.pin,
@@ -351,7 +392,7 @@ class Api:
         self.registry.flush()
         records = self.registry.instance_workers(source[0])
         index = self.registry.index_of(records[0]) if records else self.index
-        detail = index.lookup_detailed(tokens) if tokens else {}
+        detail = index.lookup_detailed(tokens) if tokens and index is not None else {}
         held = detail.get(source[0], {}).get("locations", {}).get(source[1], 0)
         event_id = self.event_ids.new("Move")
         self.ops.start_move(event_id, source, target, pack_u32s(tokens[:held]), copy)
@@ -415,8 +456,12 @@ class Api:
 
     def _indexes(self) -> list[Any]:
         """Every key space's index (ours first)."""
-        lmcache = self.c.lmcache
-        return [self.index] if lmcache is None else [self.index, lmcache.index]
+        out = [self.index]
+        if self.c.lmcache is not None:
+            out.append(self.c.lmcache.index)
+        if self.c.kv_events is not None:
+            out.extend(ns.index for ns in self.c.kv_events.namespaces.all())
+        return out
 
     def _stats(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -451,6 +496,24 @@ class Api:
         if self.c.lmcache is not None:
             gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
                 ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])
+        kv = self.c.kv_events
+        if kv is not None:
+            publishers = kv.describe()
+            stale = sum(1 for p in publishers if p["stale"])
+            gauges["lmcache_kv_event_publishers"] = ("Engines publishing KV events; stale: messages were lost for "
+                                                     "good and older blocks may be missing.", [
+                ({"stale": "false"}, len(publishers) - stale), ({"stale": "true"}, stale)])
+            gauges["lmcache_kv_event_batches"] = ("KV-event batches applied, by instance.", [
+                ({"instance": p["instance_id"]}, p["batches"]) for p in publishers])
+            gauges["lmcache_kv_event_next_seq"] = ("The sequence number expected next, by instance.", [
+                ({"instance": p["instance_id"]}, p["next_seq"] or 0) for p in publishers])
+            for name, what in (("gaps", "Sequence gaps seen"), ("replays", "Replays asked for"),
+                               ("restarts", "Publisher restarts seen")):
+                gauges[f"lmcache_kv_event_{name}"] = (f"{what}, by instance.", [
+                    ({"instance": p["instance_id"]}, p[name]) for p in publishers])
+            skipped = {**kv.decoder.counts, **kv.counts}
+            gauges["lmcache_kv_events_skipped"] = ("KV events or messages not applied, by reason.", [
+                ({"reason": reason}, n) for reason, n in sorted(skipped.items())])
         return (200, PROMETHEUS, self.metrics.render(gauges))
 
     def dashboard(self, request: Request) -> Response:
@@ -487,6 +550,7 @@ class Api:
             "ingest_rate": round(m.ingest_rate, 1),
             "uptime_s": round(time.time() - m.started, 1),
             "chunk_size": self.chunk_size,
+            "kv_event_publishers": self.c.kv_events.describe() if self.c.kv_events is not None else [],
         })
 
 

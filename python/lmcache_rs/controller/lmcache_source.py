@@ -166,6 +166,13 @@ class LMCacheSource:
     def _count(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
 
+    # registry hooks: this source's workers live in its one index
+    def register_worker(self, instance_id: str, worker_id: int) -> None:
+        self.index.register_worker(instance_id, worker_id)
+
+    def remove_worker(self, instance_id: str, worker_id: int) -> int:
+        return self.index.remove_worker(instance_id, worker_id)
+
     # -- PUSH messages ---------------------------------------------------------------------
     async def _pull_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:

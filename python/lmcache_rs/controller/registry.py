@@ -108,7 +108,8 @@ class Registry:
         return out
 
     def index_of(self, record: WorkerRecord) -> Any:
-        """The index holding this worker's chunks (its source's key space)."""
+        """The index holding this worker's chunks (its source's key space); None for a source
+        whose workers span several (engine event namespaces)."""
         return self.index if record.source is None else record.source.index
 
     def owner_of(self, instance_id: str) -> Any:
@@ -124,7 +125,7 @@ class Registry:
         found, owner = self.owner_of(instance_id)
         if found and owner is not source:
             raise ValueError(f"instance id {instance_id!r} is already used by workers of another protocol")
-        source.index.register_worker(instance_id, worker_id)
+        source.register_worker(instance_id, worker_id)
         record = WorkerRecord(instance_id, worker_id, source)
         self._add(record)
         return record
@@ -201,7 +202,10 @@ class Registry:
         self.flush()
         del self.workers[record.key]
         self.by_source[record.source] = max(0, self.by_source.get(record.source, 0) - 1)
-        dropped = self.index_of(record).remove_worker(record.instance_id, record.worker_id)
+        if record.source is None:
+            dropped = self.index.remove_worker(record.instance_id, record.worker_id)
+        else:
+            dropped = record.source.remove_worker(record.instance_id, record.worker_id)
         self.changes += 1
         if record.command is not None:
             record.command.close()

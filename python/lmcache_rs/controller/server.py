@@ -11,6 +11,7 @@ from typing import Any
 
 from .api import Api, ForwardingApp, Lookup
 from .http import HttpProtocol, HttpServerState, Sweeper
+from .kv_event_source import KVEventSource
 from .lmcache_source import LMCacheSource
 from .metrics import Metrics
 from .monitor import MonitorProtocol, MonitorServerState
@@ -40,6 +41,9 @@ class Controller:
 
             lmcache_index = Index(settings.chunk_size, key_space="lmcache_builtin", none_hash=settings.none_hash)
             self.lmcache = LMCacheSource(settings, self.registry, lmcache_index, self.metrics)
+        self.kv_events: KVEventSource | None = None
+        if settings.kv_events:
+            self.kv_events = KVEventSource(settings, self.registry, self.metrics)
         self.events = EventTracker(settings.event_history)
         self.event_ids = EventIds()
         self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events)
@@ -84,9 +88,13 @@ class Controller:
             if self.lmcache is not None:
                 await self.lmcache.start()
                 self.monitor_state.lmcache_ports = dict(self.lmcache.bound)
+            if self.kv_events is not None:
+                await self.kv_events.start()
         except BaseException:
             self.http_server.close()
             self.monitor_server.close()
+            if self.lmcache is not None:
+                await self.lmcache.stop()
             raise
         try:
             for k in range(1, s.http_threads):
@@ -99,6 +107,8 @@ class Controller:
             self.monitor_server.close()
             if self.lmcache is not None:
                 await self.lmcache.stop()
+            if self.kv_events is not None:
+                await self.kv_events.stop()
             raise
         self._housekeeping = loop.create_task(self._tick())
         if s.snapshot:
@@ -147,6 +157,8 @@ class Controller:
                 record.command.close()
         if self.lmcache is not None:
             await self.lmcache.stop()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         # let the transports run their close callbacks
         for _ in range(3):
             await asyncio.sleep(0)
@@ -250,7 +262,7 @@ class HttpLoop:
         self.state.group = controller.http_state.group
         self.state.group.append(self.state)
         lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-",
-                        controller.registry, controller.lmcache)
+                        controller.registry, controller.lmcache, controller.kv_events)
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
         self.state.fast_lookup = lookup
         self.sweeper = Sweeper(self.state)

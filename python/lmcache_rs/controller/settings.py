@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping
 
 
@@ -64,6 +65,13 @@ class Settings:
     lmcache_max_command_failures: int = 3  # commands failed in a row before a worker counts as dead
     lmcache_max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of every LMCache socket
     lmcache_max_sync_keys: int = 16 * 1024 * 1024  # keys one full sync may hold in memory
+    # engines' KV-cache event streams (vLLM, SGLang; docs/kv-events.md): one dict per subscription
+    kv_events: list = dataclasses.field(default_factory=list)
+    kv_events_max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of the event sockets
+    kv_events_replay_timeout: float = 10.0  # a replay socket silent this long has failed
+    kv_events_idle_check: float = 5.0  # a publisher quiet this long is asked (once) for a lost tail
+    kv_events_max_replay: int = 1_000_000  # messages one replay may return
+    kv_events_max_publishers: int = 10_000  # distinct (subscription, topic) pairs remembered
 
     def validate(self) -> None:
         for name in ("port", "monitor_port"):
@@ -98,14 +106,47 @@ class Settings:
                 taken.add(port)
         if not -(2**63) <= self.none_hash < 2**63:
             raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
-        for name in ("lmcache_max_command_failures", "lmcache_max_message_bytes", "lmcache_max_sync_keys"):
+        self.kv_events = [parse_subscription(spec) for spec in self.kv_events]
+        for name in ("lmcache_max_command_failures", "lmcache_max_message_bytes", "lmcache_max_sync_keys",
+                     "kv_events_max_message_bytes", "kv_events_max_replay", "kv_events_max_publishers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
                      "hello_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
-                     "lmcache_probe_interval"):
+                     "lmcache_probe_interval", "kv_events_replay_timeout", "kv_events_idle_check"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+SUBSCRIPTION_KEYS = {"bind", "connect", "replay_endpoint", "topic", "instance_id", "model"}
+
+
+def parse_subscription(spec: Any) -> dict:
+    """Check one subscription's settings (a JSON object); raises ValueError naming the problem."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a kv_events subscription is a JSON object, got {spec!r}")
+    unknown = set(spec) - SUBSCRIPTION_KEYS
+    if unknown:
+        raise ValueError(f"kv_events: unknown keys {sorted(unknown)} (known: {sorted(SUBSCRIPTION_KEYS)})")
+    if ("bind" in spec) == ("connect" in spec):
+        raise ValueError("kv_events: give exactly one of 'bind' (engines connect to us) or 'connect' (to an engine)")
+    for key in SUBSCRIPTION_KEYS:
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"kv_events: {key!r} must be a string")
+    for key in ("bind", "connect", "replay_endpoint"):
+        if key in spec and not re.match(r"^(tcp|ipc|inproc)://.+", spec[key]):
+            raise ValueError(f"kv_events: {key!r} must be a ZMQ endpoint like tcp://127.0.0.1:5557, got {spec[key]!r}")
+    return dict(spec)
+
+
+def parse_kv_events(text: str) -> list[dict]:
+    """``--kv-events``: one subscription (a JSON object) or several (a JSON list)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"kv_events is not JSON ({exc}): {text!r}") from None
+    specs = value if isinstance(value, list) else [value]
+    return [parse_subscription(spec) for spec in specs]
 
 
 MONITOR_PORT_NAMES = ("pull", "reply", "heartbeat")
@@ -242,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lmcache-probe-interval", type=float, default=d.lmcache_probe_interval,
                    help="seconds between health probes of LMCache workers that send no heartbeats; "
                    f"{d.lmcache_max_command_failures} failed in a row remove the worker (default %(default)s)")
+    e = p.add_argument_group("engine KV-cache events", "vLLM and SGLang engines' KV-cache event streams "
+                             "(--kv-events-config on the engine); see docs/kv-events.md")
+    e.add_argument("--kv-events", action="append", default=None, metavar="JSON",
+                   help="a subscription: '{\"bind\": \"tcp://127.0.0.1:5557\", \"replay_endpoint\": "
+                   "\"tcp://127.0.0.1:5558\", \"topic\": \"\", \"instance_id\": \"pod-a\", \"model\": \"m\"}' "
+                   "('connect' instead of 'bind' dials an engine's PUB); repeat it, or give a JSON list "
+                   "(default: none, or $LMCACHE_CONTROLLER_KV_EVENTS)")
+    e.add_argument("--kv-events-replay-timeout", type=float, default=d.kv_events_replay_timeout,
+                   help="seconds a replay socket may stay silent before the replay counts as failed "
+                   "(default %(default)s)")
+    e.add_argument("--kv-events-idle-check", type=float, default=d.kv_events_idle_check,
+                   help="seconds a publisher may be quiet before its replay socket is asked for messages lost "
+                   "at the end of its stream (default %(default)s)")
     return p
 
 
@@ -299,5 +353,11 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
     s.lmcache_worker_timeout = args.lmcache_worker_timeout
     s.lmcache_probe_interval = args.lmcache_probe_interval
+    if args.kv_events is not None:
+        s.kv_events = [spec for text in args.kv_events for spec in parse_kv_events(text)]
+    elif env.get(CONTROLLER_ENV_PREFIX + "KV_EVENTS"):
+        s.kv_events = parse_kv_events(env[CONTROLLER_ENV_PREFIX + "KV_EVENTS"])
+    s.kv_events_replay_timeout = args.kv_events_replay_timeout
+    s.kv_events_idle_check = args.kv_events_idle_check
     s.validate()
     return s

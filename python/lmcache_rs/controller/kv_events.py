@@ -1,0 +1,204 @@
+"""Decoding the KV-cache event stream that vLLM (0.9 to 0.33) and SGLang publish.
+
+One message payload is a msgpack ``KVEventBatch``: ``[ts, [events], data_parallel_rank]``
+(0.9.0 has no rank; a map form is accepted too). Each event is ``BlockStored``,
+``BlockRemoved`` or ``AllBlocksCleared``, tagged either as a positional array
+``["BlockStored", field, ...]`` (vLLM up to 0.23) or as a map ``{"type": "BlockStored", ...}``
+(vLLM 0.24 on, SGLang). Fields arrive release by release and trailing defaults are omitted,
+so every field past the first few is optional here.
+
+The decoder is tolerant where the stream evolves and strict where a value matters: unknown
+event types and unknown fields are counted and skipped; a field of the wrong type makes its
+event malformed (counted, skipped); a payload that is not a batch is an error for the caller
+to count. Nothing here touches an index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+STORED = "BlockStored"
+REMOVED = "BlockRemoved"
+CLEARED = "AllBlocksCleared"
+
+# Positional field order of the array-tagged events (vLLM 0.9 to 0.23); later fields only
+# ever arrive in the map form, where they are looked up by name.
+STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
+                 "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window")
+REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+KNOWN_FIELDS = {
+    STORED: frozenset(STORED_FIELDS) | {"type", "locality", "ownership", "session_id", "lookahead_token_ids"},
+    REMOVED: frozenset(REMOVED_FIELDS) | {"type", "locality", "ownership"},
+    CLEARED: frozenset({"type"}),
+}
+
+# Attention kinds whose blocks form a prefix that a longer prompt reuses from its start
+# (sliding-window and Mamba groups do not).
+PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+
+MAX_HASH_BYTES = 64  # engine block hashes as bytes: 32 (sha256) or 16 (xxh3-128) in practice
+
+
+class Stored:
+    __slots__ = ("hashes", "parent", "token_ids", "block_size", "medium", "lora_name", "extra_keys")
+
+    def __init__(self, hashes: list, parent: Any, token_ids: list, block_size: int, medium: str | None,
+                 lora_name: str | None, extra_keys: list | None):
+        self.hashes = hashes
+        self.parent = parent
+        self.token_ids = token_ids
+        self.block_size = block_size
+        self.medium = medium
+        self.lora_name = lora_name
+        self.extra_keys = extra_keys
+
+
+class Removed:
+    __slots__ = ("hashes", "medium")
+
+    def __init__(self, hashes: list, medium: str | None):
+        self.hashes = hashes
+        self.medium = medium
+
+
+class Cleared:
+    __slots__ = ()
+
+
+class Batch:
+    __slots__ = ("ts", "events", "dp_rank")
+
+    def __init__(self, ts: float, events: list, dp_rank: int):
+        self.ts = ts
+        self.events = events
+        self.dp_rank = dp_rank
+
+
+class BatchError(ValueError):
+    """The payload is not a KV-event batch at all."""
+
+
+class EventDecoder:
+    """Turns payloads into :class:`Batch` es; counts what it skipped in ``counts``."""
+
+    def __init__(self) -> None:
+        self._msgpack = msgspec.msgpack.Decoder()
+        self.counts: dict[str, int] = {}
+
+    def _count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    def decode(self, payload: bytes) -> Batch:
+        try:
+            raw = self._msgpack.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise BatchError(f"not msgpack: {exc}") from None
+        if isinstance(raw, list):
+            if not 2 <= len(raw) <= 8:
+                raise BatchError(f"a batch array has 2 or 3 items, got {len(raw)}")
+            ts, events = raw[0], raw[1]
+            rank = raw[2] if len(raw) > 2 else None
+        elif isinstance(raw, dict):
+            ts, events = raw.get("ts"), raw.get("events")
+            rank = raw.get("data_parallel_rank", raw.get("attn_dp_rank"))
+        else:
+            raise BatchError(f"a batch is an array or a map, got {type(raw).__name__}")
+        if type(ts) not in (float, int) or not isinstance(events, list):
+            raise BatchError("a batch needs a timestamp and a list of events")
+        if rank is None:
+            rank = 0
+        elif type(rank) is not int or not 0 <= rank < 1 << 16:
+            raise BatchError(f"data_parallel_rank must be a small non-negative integer, got {rank!r}")
+        out = []
+        for event in events:
+            decoded = self._event(event)
+            if decoded is not None:
+                out.append(decoded)
+        return Batch(float(ts), out, rank)
+
+    def _event(self, raw: Any) -> Stored | Removed | Cleared | None:
+        if isinstance(raw, dict):
+            kind = raw.get("type")
+            fields = raw
+            known = KNOWN_FIELDS.get(kind) if isinstance(kind, str) else None
+            if known is not None and not known.issuperset(raw):
+                self._count("unknown_fields")
+        elif isinstance(raw, list) and raw:
+            kind = raw[0]
+            names = STORED_FIELDS if kind == STORED else REMOVED_FIELDS if kind == REMOVED else ()
+            if len(raw) - 1 > len(names) and kind in KNOWN_FIELDS:
+                self._count("unknown_fields")
+            fields = dict(zip(names, raw[1:]))
+        else:
+            self._count("malformed_events")
+            return None
+        try:
+            if kind == STORED:
+                return self._stored(fields)
+            if kind == REMOVED:
+                return self._removed(fields)
+            if kind == CLEARED:
+                return Cleared()
+        except ValueError:
+            self._count("malformed_events")
+            return None
+        self._count("unknown_event_types")
+        return None
+
+    def _stored(self, f: dict) -> Stored | None:
+        if not _prefix_group(f):
+            self._count("other_attention_groups")
+            return None
+        hashes = _hashes(f.get("block_hashes"))
+        parent = f.get("parent_block_hash")
+        if parent is not None:
+            _check_hash(parent)
+        token_ids = f.get("token_ids")
+        block_size = f.get("block_size")
+        if not isinstance(token_ids, list) or type(block_size) is not int or not 0 <= block_size <= 1 << 20:
+            raise ValueError("token_ids must be a list and block_size a non-negative integer")
+        extra = f.get("extra_keys")
+        if extra is not None and not isinstance(extra, list):
+            raise ValueError("extra_keys must be a list")
+        return Stored(hashes, parent, token_ids, block_size, _optional_str(f.get("medium")),
+                      _optional_str(f.get("lora_name")), extra)
+
+    def _removed(self, f: dict) -> Removed | None:
+        if not _prefix_group(f):
+            self._count("other_attention_groups")
+            return None
+        return Removed(_hashes(f.get("block_hashes")), _optional_str(f.get("medium")))
+
+
+def _prefix_group(f: dict) -> bool:
+    """Events of the main full-attention group: by ``kv_cache_spec_kind`` (vLLM 0.22 on), else
+    ``group_idx`` 0 (older hybrid streams), else every event (single-group models)."""
+    kind = f.get("kv_cache_spec_kind")
+    if kind is not None:
+        return kind in PREFIX_KINDS
+    group = f.get("group_idx")
+    return group is None or group == 0
+
+
+def _hashes(value: Any) -> list:
+    if not isinstance(value, list):
+        raise ValueError("block_hashes must be a list")
+    for h in value:
+        _check_hash(h)
+    return value
+
+
+def _check_hash(h: Any) -> None:
+    if type(h) is int:
+        return
+    if type(h) is bytes and 0 < len(h) <= MAX_HASH_BYTES:
+        return
+    raise ValueError(f"a block hash is an integer or up to {MAX_HASH_BYTES} bytes")
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise ValueError("expected a string or null")
