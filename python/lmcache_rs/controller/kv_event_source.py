@@ -225,9 +225,10 @@ class KVEventSource:
             if sub.starting:
                 sub.held.append((topic, seq, payload))
                 continue
-            self._message(position, sub, topic, seq, payload)
+            self.receive(position, sub, topic, seq, payload)
 
-    def _message(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
+    def receive(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
+        """One live message of subscription number ``position``."""
         batch = self._decode(sub, payload)
         if batch is None:
             return
@@ -380,8 +381,12 @@ class KVEventSource:
             why = f"{why}; replay from {endpoint} failed: {exc}"
         for _topic, seq, payload in replies:
             batch = self._decode(pub.subscription, payload)
-            if batch is not None:
-                self._in_order(pub, seq, batch, why)
+            if batch is None:
+                continue
+            if batch.dp_rank != pub.rank:  # a replay socket serves one rank; never mix another's in
+                self._count("replayed_other_rank")
+                continue
+            self._in_order(pub, seq, batch, why)
         held, pub.held = pub.held, []
         pub.replaying = False
         for seq, batch in held:
@@ -456,7 +461,7 @@ class KVEventSource:
             for topic, seq, payload in held:
                 if replayed and self._seen_in_replay(position, sub, topic, seq, payload, replayed):
                     continue
-                self._message(position, sub, topic, seq, payload)
+                self.receive(position, sub, topic, seq, payload)
 
     def _seen_in_replay(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes,
                         replayed: dict[Publisher, int]) -> bool:
