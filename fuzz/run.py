@@ -34,9 +34,10 @@ TARGETS = {
     "lookup_json": "fuzz_lookup_json.py",
     "monitor": "fuzz_monitor.py",
     "frames": "fuzz_frames.py",
+    "kv_events": "fuzz_kv_events.py",
 }
 RUST_TARGETS = ["lookup_body", "http_fast", "snapshot_load"]
-MAX_LEN = {"http": 4096, "lookup_json": 4096, "monitor": 4096, "frames": 2048, "lookup_body": 4096,
+MAX_LEN = {"http": 4096, "lookup_json": 4096, "monitor": 4096, "frames": 2048, "kv_events": 2048, "lookup_body": 4096,
            "http_fast": 4096, "snapshot_load": 4096}
 
 

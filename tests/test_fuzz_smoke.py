@@ -27,11 +27,13 @@ sys.path.insert(0, str(FUZZ))
 
 import fuzz_frames  # noqa: E402
 import fuzz_http  # noqa: E402
+import fuzz_kv_events  # noqa: E402
 import fuzz_lookup_json  # noqa: E402
 import fuzz_monitor  # noqa: E402
 import harness  # noqa: E402
 
-TARGETS = {"http": fuzz_http, "lookup_json": fuzz_lookup_json, "monitor": fuzz_monitor, "frames": fuzz_frames}
+TARGETS = {"http": fuzz_http, "lookup_json": fuzz_lookup_json, "monitor": fuzz_monitor, "frames": fuzz_frames,
+           "kv_events": fuzz_kv_events}
 SMOKE_RUNS = 4000
 
 
