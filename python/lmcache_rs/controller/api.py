@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from ..wire import pack_u32s
 from .dashboard import DASHBOARD_HTML
 from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
+from .key_space_check import STATES as KEY_SPACE_STATES
 from .operations import OperationError, Operations
 from .registry import Registry
 
@@ -96,6 +97,19 @@ class Lookup:
         self.counter = 0
         self.registry = registry  # counts workers per source: which index to ask
         self.other = other  # the source (with .index) of the second key space, if served
+        # key_space_check.py asks for a request body now and then: the next /lookup then takes
+        # the general path, which keeps its body. The fast path pays one attribute test.
+        self._sample_wanted = False
+        self._sample: bytes | None = None
+
+    def want_sample(self) -> None:
+        self._sample_wanted = True
+
+    def take_sample(self) -> bytes | None:
+        """The body kept since want_sample() (None if no /lookup came); stops asking."""
+        self._sample_wanted = False
+        body, self._sample = self._sample, None
+        return body
 
     def _chosen(self) -> Any:
         """The one index to ask, or None when both key spaces have workers."""
@@ -116,6 +130,9 @@ class Lookup:
         if request.query:
             detail = _truthy(request.query, b"detail")
         event_id = self.prefix + str(self.counter)
+        if self._sample_wanted:
+            self._sample_wanted = False
+            self._sample = request.body
         index = self._chosen()
         try:
             if index is not None:
@@ -144,6 +161,8 @@ class Lookup:
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
+        if self._sample_wanted:
+            return b"", 0, False
         index = self._chosen()
         if index is None:
             return b"", 0, False
@@ -448,6 +467,15 @@ class Api:
             "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
             "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
         }
+        check = self.c.key_space_check
+        if check is not None:
+            gauges["lmcache_lmcache_key_space"] = (
+                "LMCache key-space check: 'mismatch' when lookups of full chunks never match what LMCache workers "
+                "hold (settings likely differ from the workers'), 'matched' once one did.",
+                [({"state": st}, int(check.state == st)) for st in KEY_SPACE_STATES])
+            gauges["lmcache_lmcache_key_space_unmatched_lookups"] = (
+                "Sampled full-chunk lookups that matched no LMCache instance while none had matched yet.",
+                [({}, check.unmatched)])
         if self.c.lmcache is not None:
             gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
                 ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])

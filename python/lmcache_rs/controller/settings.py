@@ -64,6 +64,10 @@ class Settings:
     lmcache_max_command_failures: int = 3  # commands failed in a row before a worker counts as dead
     lmcache_max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of every LMCache socket
     lmcache_max_sync_keys: int = 16 * 1024 * 1024  # keys one full sync may hold in memory
+    # key_space_check.py: sampled full-chunk lookups matching no LMCache worker before the
+    # mismatch warning (0: no check), one sample per HTTP loop per interval
+    lmcache_key_check_lookups: int = 30
+    lmcache_key_check_interval: float = 1.0
 
     def validate(self) -> None:
         for name in ("port", "monitor_port"):
@@ -98,12 +102,14 @@ class Settings:
                 taken.add(port)
         if not -(2**63) <= self.none_hash < 2**63:
             raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
+        if self.lmcache_key_check_lookups < 0:
+            raise ValueError(f"lmcache_key_check_lookups must be 0 (off) or positive, got {self.lmcache_key_check_lookups}")
         for name in ("lmcache_max_command_failures", "lmcache_max_message_bytes", "lmcache_max_sync_keys"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
                      "hello_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
-                     "lmcache_probe_interval"):
+                     "lmcache_probe_interval", "lmcache_key_check_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -242,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lmcache-probe-interval", type=float, default=d.lmcache_probe_interval,
                    help="seconds between health probes of LMCache workers that send no heartbeats; "
                    f"{d.lmcache_max_command_failures} failed in a row remove the worker (default %(default)s)")
+    g.add_argument("--lmcache-key-check-lookups", type=int, default=d.lmcache_key_check_lookups,
+                   help="warn (and show state 'mismatch' in /metrics) when this many sampled lookups of a full "
+                   "chunk or more matched nothing LMCache workers hold while they hold chunks: the key-space "
+                   "settings likely differ from the workers'; one sample a second; 0: no check "
+                   "(default %(default)s)")
     return p
 
 
@@ -299,5 +310,6 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
     s.lmcache_worker_timeout = args.lmcache_worker_timeout
     s.lmcache_probe_interval = args.lmcache_probe_interval
+    s.lmcache_key_check_lookups = args.lmcache_key_check_lookups
     s.validate()
     return s
