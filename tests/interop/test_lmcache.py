@@ -201,3 +201,33 @@ def test_garbage_on_lmcache_sockets_changes_nothing(setup):
     body = urllib.request.urlopen(f"http://127.0.0.1:{setup.controller.http_port}/metrics", timeout=10).read().decode()
     assert 'lmcache_lmcache_messages{kind="decode_errors"}' in body
     assert setup.lookup([1, 2, 3]) == {}
+
+
+@pytest.mark.parametrize("none_hash", ["auto", "0"], ids=["right-none-hash", "wrong-none-hash"])
+def test_key_space_mismatch_is_reported(setup, none_hash):
+    """An engine inside vLLM reports keys from hash('123'); a controller given --none-hash 0
+    never matches them and says so; one given auto confirms its settings and says nothing."""
+    setup.start_controller("--none-hash", none_hash, "--lmcache-key-check-lookups", "3")
+    engine = setup.engine("lmc-a")
+    rng = random.Random(6)
+    work = [[rng.randrange(1, 128000) for _ in range(3 * CHUNK)] for _ in range(4)]
+    for tokens in work:
+        engine.store(tokens)
+    metrics = f"http://127.0.0.1:{setup.controller.http_port}/metrics"
+    wait_for(lambda: "lmcache_index_holdings 0\n" not in urllib.request.urlopen(metrics, timeout=10).read().decode(),
+             30, "the admits")
+    verdicts = ("LMCache key space confirmed", "LMCache key space: 3 lookups")
+
+    def verdict():
+        setup.lookup(work[0])
+        return any(v in setup.controller.log() for v in verdicts)
+
+    wait_for(verdict, 60, "the key-space check's verdict")
+    log = setup.controller.log()
+    body = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    if none_hash == "auto":
+        assert verdicts[0] in log and verdicts[1] not in log
+        assert 'lmcache_lmcache_key_space{state="matched"} 1' in body
+    else:
+        assert verdicts[1] in log and "PYTHONHASHSEED" in log and verdicts[0] not in log
+        assert 'lmcache_lmcache_key_space{state="mismatch"} 1' in body
