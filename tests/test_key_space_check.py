@@ -63,7 +63,7 @@ class Deployment:
         push = ctx.socket(zmq.PUSH)
         push.connect(f"tcp://127.0.0.1:{bound['pull']}")
         keys = [k for p in self.prompts for k in lmcache_chunk_hashes(p, CHUNK, self.worker_none_hash)]
-        ops = [m.KVOpEvent(op_type=m.OpType.ADMIT, key=k, seq_num=i) for i, k in enumerate(keys)]
+        ops = [m.AdmitOp(key=k, seq_num=i) for i, k in enumerate(keys)]
         await push.send(msgspec.msgpack.encode(m.BatchedKVOperationMsg(
             instance_id="lmc", worker_id=0, location="LocalCPUBackend", operations=ops)))
         while len(self.controller.lmcache.index) < len(keys):
