@@ -123,7 +123,7 @@ def check(source: KVEventSource, exact: bool) -> None:
             for location in block.locations:
                 implied.setdefault((id(block.namespace), pub.instance_id, location), set()).add(block.key)
     for ns in source.namespaces.all():
-        for instance_id, worker_id, location, n in ns.index.holder_counts():
+        for instance_id, _worker_id, location, n in ns.index.holder_counts():
             backed = len(implied.get((id(ns), instance_id, location), ()))
             if n > backed or (exact and n != backed):
                 raise harness.Finding(f"{instance_id}@{location} holds {n} chunks, the engine maps say {backed}")

@@ -5,10 +5,12 @@ LMCache's standalone starter runs a real ``LMCacheEngine`` (mock GPU connector, 
 its own controller worker, which registers with and reports to the controller named in the
 config exactly as it does inside vLLM. Usage::
 
-    python lmcache_engine.py CONFIG_JSON [--no-vllm]
+    python lmcache_engine.py CONFIG_JSON [--no-vllm] [--loopback]
 
 ``--no-vllm`` makes ``import vllm`` fail, as on a machine without vLLM, so LMCache derives its
-NONE_HASH as 0 instead of from vLLM. Commands on stdin, one JSON object a line, each answered
+NONE_HASH as 0 instead of from vLLM. ``--loopback`` makes the worker report 127.0.0.1 instead
+of the host's routable IP: a controller that dials what workers report (LMCache's own has no
+override) then stays on loopback. Commands on stdin, one JSON object a line, each answered
 by one JSON line on stdout::
 
     {"op": "store", "tokens": [...]}       -> {"ok": true}
@@ -42,6 +44,11 @@ def main() -> int:
     from lmcache.v1.config import LMCacheEngineConfig
     from lmcache.v1.metadata import LMCacheMetadata
     from lmcache.v1.standalone.__main__ import LMCacheStandaloneStarter, parse_kvcache_shape_spec
+
+    if "--loopback" in sys.argv[2:]:
+        from lmcache.v1.cache_controller import worker
+
+        worker.get_ip = lambda: "127.0.0.1"  # the address the worker registers with
 
     chunk = config.get("chunk_size", 256)
     cfg = LMCacheEngineConfig.from_dict(config)

@@ -1,7 +1,7 @@
 """Real LMCache engines (LMCache 0.5.6 on CPU, from the interop venv) report to our controller.
 
 Each test starts ``lmcache_controller`` (this venv) with LMCache's sockets on free loopback
-ports and one or more real LMCache engines (tests/interop/lmcache_engine.py in the interop
+ports and one or more real LMCache engines (tools/lmcache_engine.py in the interop
 venv), which register, report admits and evictions, heartbeat and full-sync exactly as they
 do inside vLLM. The oracle for every answer is the engine itself: its own chunk keys and its
 own ``lookup`` of the same tokens.
@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,103 +21,16 @@ import pytest
 from lmcache_rs import lmcache_chunk_hashes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_worker import ControllerProcess  # noqa: E402
+from lmcache_engines import INTEROP_PY, SEED, Engine, free_ports, wait_for  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-ENGINE = REPO / "tools" / "lmcache_engine.py"
 CHUNK = 16
-SEED = "123"
 
 if not INTEROP_PY.exists():
     if os.environ.get("CI"):
         raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
     pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Engine:
-    """One real LMCache engine process (one worker of one instance)."""
-
-    def __init__(self, instance_id: str, pull: int, reply: int, worker_port: int, *, vllm: bool = True,
-                 heartbeat: float | None = 1.0, max_cpu_gb: float = 0.05, save_unfull_chunk: bool = True):
-        self.instance_id = instance_id
-        config = {
-            "chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": max_cpu_gb,
-            "enable_controller": True, "lmcache_instance_id": instance_id,
-            "controller_pull_url": f"127.0.0.1:{pull}", "controller_reply_url": f"127.0.0.1:{reply}",
-            "lmcache_worker_ports": [worker_port], "save_unfull_chunk": save_unfull_chunk,
-        }
-        if heartbeat is not None:
-            config["lmcache_worker_heartbeat_time"] = heartbeat
-            config["lmcache_worker_heartbeat_delay_time"] = 0.5
-        argv = [str(INTEROP_PY), str(ENGINE), json.dumps(config)] + ([] if vllm else ["--no-vllm"])
-        env = dict(os.environ, PYTHONHASHSEED=SEED)
-        env.pop("PYTHONPATH", None)
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"lmcache-{instance_id}-{os.getpid()}.log", "w")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
-        ready = json.loads(self._line(180))
-        assert ready["ready"]
-        self.none_hash = ready["none_hash"]
-
-    def _line(self, timeout: float) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"LMCache engine {self.instance_id} did not answer in {timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"LMCache engine {self.instance_id} exited ({self.proc.poll()})")
-        return line
-
-    def ask(self, op: str, **args) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._line(120))
-
-    def store(self, tokens: list[int]) -> None:
-        assert self.ask("store", tokens=tokens)["ok"]
-
-    def hit(self, tokens: list[int]) -> int:
-        return self.ask("lookup", tokens=tokens)["hit"]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.ask("stop")
-                self.proc.wait(timeout=30)
-            except Exception:
-                self.kill()
-        self.proc.stdin.close()
-        self.proc.stdout.close()
-        self.log.close()
 
 
 class Setup:
@@ -143,7 +52,7 @@ class Setup:
 
     def engine(self, instance_id: str, **kw) -> Engine:
         (port,) = free_ports(1)
-        e = Engine(instance_id, self.pull, self.reply, port, **kw)
+        e = Engine(instance_id, self.pull, self.reply, port, chunk_size=CHUNK, **kw)
         self.engines.append(e)
         return e
 
@@ -292,3 +201,33 @@ def test_garbage_on_lmcache_sockets_changes_nothing(setup):
     body = urllib.request.urlopen(f"http://127.0.0.1:{setup.controller.http_port}/metrics", timeout=10).read().decode()
     assert 'lmcache_lmcache_messages{kind="decode_errors"}' in body
     assert setup.lookup([1, 2, 3]) == {}
+
+
+@pytest.mark.parametrize("none_hash", ["auto", "0"], ids=["right-none-hash", "wrong-none-hash"])
+def test_key_space_mismatch_is_reported(setup, none_hash):
+    """An engine inside vLLM reports keys from hash('123'); a controller given --none-hash 0
+    never matches them and says so; one given auto confirms its settings and says nothing."""
+    setup.start_controller("--none-hash", none_hash, "--lmcache-key-check-lookups", "3")
+    engine = setup.engine("lmc-a")
+    rng = random.Random(6)
+    work = [[rng.randrange(1, 128000) for _ in range(3 * CHUNK)] for _ in range(4)]
+    for tokens in work:
+        engine.store(tokens)
+    metrics = f"http://127.0.0.1:{setup.controller.http_port}/metrics"
+    wait_for(lambda: "lmcache_index_holdings 0\n" not in urllib.request.urlopen(metrics, timeout=10).read().decode(),
+             30, "the admits")
+    verdicts = ("LMCache key space confirmed", "LMCache key space: 3 lookups")
+
+    def verdict():
+        setup.lookup(work[0])
+        return any(v in setup.controller.log() for v in verdicts)
+
+    wait_for(verdict, 60, "the key-space check's verdict")
+    log = setup.controller.log()
+    body = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    if none_hash == "auto":
+        assert verdicts[0] in log and verdicts[1] not in log
+        assert 'lmcache_lmcache_key_space{state="matched"} 1' in body
+    else:
+        assert verdicts[1] in log and "PYTHONHASHSEED" in log and verdicts[0] not in log
+        assert 'lmcache_lmcache_key_space{state="mismatch"} 1' in body

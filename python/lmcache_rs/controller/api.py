@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from ..wire import pack_u32s
 from .dashboard import DASHBOARD_HTML
 from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
+from .key_space_check import STATES as KEY_SPACE_STATES
 from .operations import OperationError, Operations
 from .registry import Registry
 
@@ -106,6 +107,19 @@ class Lookup:
         self.registry = registry  # counts workers per source: which index to ask
         self.lmcache = lmcache  # the LMCache source (its .index), if served
         self.kv_events = kv_events  # the engine-event source (its namespaces), if served
+        # key_space_check.py asks for a request body now and then: the next /lookup then takes
+        # the general path, which keeps its body. The fast path pays one attribute test.
+        self._sample_wanted = False
+        self._sample: bytes | None = None
+
+    def want_sample(self) -> None:
+        self._sample_wanted = True
+
+    def take_sample(self) -> bytes | None:
+        """The body kept since want_sample() (None if no /lookup came); stops asking."""
+        self._sample_wanted = False
+        body, self._sample = self._sample, None
+        return body
 
     def _indexes(self) -> list[Any]:
         """The indexes a request without namespace fields asks."""
@@ -126,6 +140,9 @@ class Lookup:
         if request.query:
             detail = _truthy(request.query, b"detail")
         event_id = self.prefix + str(self.counter)
+        if self._sample_wanted:
+            self._sample_wanted = False
+            self._sample = request.body
         try:
             if self.kv_events is not None and any(k in request.body for k in _NAMESPACE_KEYS):
                 indexes = self._named_indexes(request.body)
@@ -182,6 +199,8 @@ class Lookup:
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
+        if self._sample_wanted:
+            return b"", 0, False
         kv = self.kv_events
         if kv is not None and (any(k in data for k in _NAMESPACE_KEYS) or (kv.any_stale and b"detail=1" in data)):
             return b"", 0, False  # the general path picks namespaces and lists stale engines
@@ -493,6 +512,15 @@ class Api:
             "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
             "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
         }
+        check = self.c.key_space_check
+        if check is not None:
+            gauges["lmcache_lmcache_key_space"] = (
+                "LMCache key-space check: 'mismatch' when lookups of full chunks never match what LMCache workers "
+                "hold (settings likely differ from the workers'), 'matched' once one did.",
+                [({"state": st}, int(check.state == st)) for st in KEY_SPACE_STATES])
+            gauges["lmcache_lmcache_key_space_unmatched_lookups"] = (
+                "Sampled full-chunk lookups that matched no LMCache instance while none had matched yet.",
+                [({}, check.unmatched)])
         if self.c.lmcache is not None:
             gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
                 ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])

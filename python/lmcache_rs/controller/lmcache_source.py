@@ -20,6 +20,7 @@ heartbeat after the controller lost it, is answered with a full-sync command.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import itertools
 import logging
@@ -177,33 +178,62 @@ class LMCacheSource:
     async def _pull_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=True)
-            events: list[tuple] = []
-            for frame in frames:
+            pending = PendingOps()
+            self.read_pull(frames, pending)
+            # Reads already waiting join the same index batch: fewer, larger batches. A
+            # non-blocking recv completes at once, so no other task runs before the apply.
+            while pending.keys < PULL_BATCH_KEYS:
                 try:
-                    msg = m.decode_push(frame)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._count("decode_errors")
-                    self._warn("LMCache pull socket: dropped a message that does not decode (%d bytes): %s",
-                               len(frame), exc)
-                    continue
-                try:
-                    self._on_push(msg, events)
-                except Exception as exc:  # a handler bug must not stop the socket's loop
-                    self._count("handler_errors")
-                    log.exception("LMCache pull socket: %s failed: %s", type(msg).__name__, exc)
-            if events:
-                self._apply(events)
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
+                except zmq.Again:
+                    break
+                self.read_pull(frames, pending)
+            self.apply_pending(pending)
 
-    def _apply(self, events: list[tuple]) -> None:
+    def on_pull(self, frames: list[bytes]) -> None:
+        """One read of the pull socket, applied (the loop above joins reads; tests use this)."""
+        pending = PendingOps()
+        self.read_pull(frames, pending)
+        self.apply_pending(pending)
+
+    def read_pull(self, frames: list[bytes], pending: PendingOps) -> None:
+        """Decode one read of the pull socket (up to 50 messages, as LMCache's workers send
+        them); admits and evicts join ``pending``, other messages take effect now."""
+        for frame in frames:
+            try:
+                msg = m.decode_push(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._count("decode_errors")
+                self._warn("LMCache pull socket: dropped a message that does not decode (%d bytes): %s",
+                           len(frame), exc)
+                continue
+            try:
+                self._on_push(msg, pending)
+            except Exception as exc:  # a handler bug must not stop the socket's loop
+                self._count("handler_errors")
+                log.exception("LMCache pull socket: %s failed: %s", type(msg).__name__, exc)
+
+    def apply_pending(self, pending: PendingOps) -> None:
+        if pending.keys:
+            events = pending.events()
+            pending.clear()
+            if not self._apply(events, quiet=len(events) > 1):
+                # one bad event must not cost the other holders theirs: each on its own
+                for event in events:
+                    self._apply([event])
+
+    def _apply(self, events: list[tuple], quiet: bool = False) -> bool:
         try:
             admitted, evicted = self.index.apply_batch(events)
         except Exception as exc:  # checked before; the index has the last word
-            self._count("index_refused")
-            log.error("index refused a batch of %d LMCache events: %s", len(events), exc)
-            return
+            if not quiet:
+                self._count("index_refused")
+                log.error("index refused a batch of %d LMCache events: %s", len(events), exc)
+            return False
         self.registry.changes += 1
         self.metrics.admits += admitted
         self.metrics.evicts += evicted
+        return True
 
     def _known(self, instance_id: str, worker_id: int, what: str) -> LMCacheWorkerState | None:
         state = self.workers.get((instance_id, worker_id))
@@ -213,31 +243,29 @@ class LMCacheSource:
                        "heartbeat, then full-syncs)", what, instance_id, worker_id)
         return state
 
-    def _on_push(self, msg: Any, events: list[tuple]) -> None:
-        kind = type(msg).__name__
-        self._count(kind)
-        if isinstance(msg, m.BatchedKVOperationMsg):
-            self._on_ops(msg.instance_id, msg.worker_id, msg.location, msg.operations, events)
-        elif isinstance(msg, (m.KVAdmitMsg, m.KVEvictMsg)):
-            op = m.OpType.ADMIT if isinstance(msg, m.KVAdmitMsg) else m.OpType.EVICT
-            self._on_ops(msg.instance_id, msg.worker_id, msg.location,
-                         [m.KVOpEvent(op_type=op, key=msg.key, seq_num=msg.seq_num)], events, check_seq=False)
-        elif isinstance(msg, m.FullSyncBatchMsg):
+    def _on_push(self, msg: Any, pending: PendingOps) -> None:
+        cls = type(msg)
+        self._count(cls.__name__)
+        if cls is m.BatchedKVOperationMsg:
+            self._on_ops(msg.instance_id, msg.worker_id, msg.location, msg.operations, pending)
+        elif cls is m.KVAdmitMsg:
+            self._on_ops(msg.instance_id, msg.worker_id, msg.location, [m.AdmitOp(msg.key, msg.seq_num)], pending,
+                         check_seq=False)
+        elif cls is m.KVEvictMsg:
+            self._on_ops(msg.instance_id, msg.worker_id, msg.location, [m.EvictOp(msg.key, msg.seq_num)], pending,
+                         check_seq=False)
+        elif cls is m.FullSyncBatchMsg:
             self._on_sync_batch(msg)
-        elif isinstance(msg, m.FullSyncEndMsg):
-            if events:  # what came before the end applies first
-                self._apply(events)
-                events.clear()
+        elif cls is m.FullSyncEndMsg:
+            self.apply_pending(pending)  # what came before the end applies first
             self._on_sync_end(msg)
-        elif isinstance(msg, m.DeRegisterMsg):
-            if events:
-                self._apply(events)
-                events.clear()
+        elif cls is m.DeRegisterMsg:
+            self.apply_pending(pending)
             state = self.workers.get((msg.instance_id, msg.worker_id))
             if state is not None:
                 self.forget(state, "deregistered")
 
-    def _on_ops(self, instance_id: str, worker_id: int, location: str, ops: list, events: list[tuple],
+    def _on_ops(self, instance_id: str, worker_id: int, location: str, ops: list, pending: PendingOps,
                 check_seq: bool = True) -> None:
         state = self._known(instance_id, worker_id, "operations")
         if state is None or not ops:
@@ -254,26 +282,18 @@ class LMCacheSource:
                            instance_id, worker_id, location, expected, first)
                 state.sync_reason = "seq_gap"
             state.next_seq[location] = ops[-1].seq_num + 1
-        # consecutive ops of one kind become one event; order between kinds is kept
-        out: list[tuple] = []
-        run_kind = None
-        keys: list[int] = []
-        admit = m.OpType.ADMIT
-        for op in ops:
-            kind = "admit" if op.op_type is admit else "evict"
-            if kind != run_kind:
-                if keys:
-                    out.append((run_kind, instance_id, worker_id, location, keys))
-                run_kind, keys = kind, []
-            keys.append(op.key)
-        if keys:
-            out.append((run_kind, instance_id, worker_id, location, keys))
+        try:
+            runs = [("admit", [op.key for op in ops])]  # the usual batch: admits only
+        except AttributeError:  # an EvictOp among them
+            runs = _runs(ops)
+        holder = (instance_id, worker_id, location)
         sync = state.syncing(location)
         if sync is not None:
             if len(sync.events) < self.settings.lmcache_max_sync_keys:
-                sync.events.extend(out)
+                sync.events.extend((kind, *holder, keys) for kind, keys in runs)
             return
-        events.extend(out)
+        for kind, keys in runs:
+            pending.add(holder, kind, keys)
 
     # -- full sync -------------------------------------------------------------------------
     def _on_sync_start(self, msg: m.FullSyncStartMsg) -> m.FullSyncStartRetMsg:
@@ -331,7 +351,7 @@ class LMCacheSource:
         # it reported during the sync); readers see the old holdings or the new, never half.
         events: list[tuple] = [("drop", msg.instance_id, msg.worker_id, msg.location, b"")]
         if sync.keys:
-            events.append(("admit", msg.instance_id, msg.worker_id, msg.location, sync.keys))
+            events.append(("admit", msg.instance_id, msg.worker_id, msg.location, _packed(sync.keys)))
         events.extend(sync.events)
         self._apply(events)
         sync.keys, sync.events, sync.done = [], [], True
@@ -373,7 +393,7 @@ class LMCacheSource:
             else:
                 self._count(type(msg).__name__)
                 try:
-                    reply = self._on_request(msg)
+                    reply = self.on_request(msg)
                 except Exception as exc:
                     self._count("handler_errors")
                     log.exception("LMCache %s failed: %s", type(msg).__name__, exc)
@@ -383,7 +403,7 @@ class LMCacheSource:
             except zmq.ZMQError as exc:
                 self._warn("LMCache reply to a worker not sent: %s", exc)
 
-    def _on_request(self, msg: Any) -> Any:
+    def on_request(self, msg: Any) -> Any:
         if isinstance(msg, m.RegisterMsg):
             return self._on_register(msg)
         if isinstance(msg, m.HeartbeatMsg):
@@ -605,6 +625,61 @@ class LMCacheSource:
     def _locations(self, record: WorkerRecord) -> list[str]:
         return sorted(self._location_counts(record))
 
+
+
+# Keys read from the pull socket per index batch, at most (reads waiting are joined up to this).
+PULL_BATCH_KEYS = 64 * 1024
+
+
+class PendingOps:
+    """Admits and evicts read from the pull socket and not yet applied: per holder (instance,
+    worker, location), runs of one kind in arrival order. Holders are independent of each
+    other, so one index event per run keeps every order that matters."""
+
+    __slots__ = ("runs", "keys")
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, int, str], list[tuple[str, list[int]]]] = {}
+        self.keys = 0
+
+    def add(self, holder: tuple[str, int, str], kind: str, keys: list[int]) -> None:
+        runs = self.runs.get(holder)
+        if runs is None:
+            self.runs[holder] = [(kind, keys)]
+        elif runs[-1][0] == kind:
+            runs[-1][1].extend(keys)
+        else:
+            runs.append((kind, keys))
+        self.keys += len(keys)
+
+    def events(self) -> list[tuple]:
+        """Index events, keys packed: one per run."""
+        return [(kind, *holder, _packed(keys)) for holder, runs in self.runs.items() for kind, keys in runs]
+
+    def clear(self) -> None:
+        self.runs = {}
+        self.keys = 0
+
+
+def _runs(ops: list) -> list[tuple[str, list[int]]]:
+    """A batch's ops as runs of one kind, in order."""
+    runs: list[tuple[str, list[int]]] = []
+    for op in ops:
+        kind, key = ("admit", op.key) if type(op) is m.AdmitOp else ("evict", op.evicted_key)
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(key)
+        else:
+            runs.append((kind, [key]))
+    return runs
+
+
+def _packed(keys: list[int]) -> bytes | list[int]:
+    """Keys as the index reads them fastest: native 64-bit words (a signed key and its unsigned
+    twin are the same word to the index)."""
+    try:
+        return array.array("q", keys).tobytes()
+    except OverflowError:  # a key of 2^63 or more (unsigned on the wire): the index takes the list
+        return keys
 
 
 def _chunks(num_tokens: int, chunk_size: int) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from .api import Api, ForwardingApp, Lookup
 from .http import HttpProtocol, HttpServerState, Sweeper
 from .kv_event_source import KVEventSource
+from .key_space_check import KeySpaceCheck
 from .lmcache_source import LMCacheSource
 from .metrics import Metrics
 from .monitor import MonitorProtocol, MonitorServerState
@@ -51,12 +52,19 @@ class Controller:
         self.api = Api(self)
         self.http_state.app = self.api
         self.http_state.fast_lookup = self.api.lookup
+        self.key_space_check: KeySpaceCheck | None = None
+        if self.lmcache is not None:
+            self.key_space_check = KeySpaceCheck(
+                self.lmcache.index, settings.chunk_size, settings.lmcache_key_check_lookups,
+                f"chunk_size={settings.chunk_size}, NONE_HASH={settings.none_hash} ({settings.none_hash_origin})")
+            self.key_space_check.watch(self.api.lookup)
         self.monitor_state = MonitorServerState(settings, self.metrics, self.registry)
         self.sweeper = Sweeper(self.http_state)
         self.http_server: asyncio.AbstractServer | None = None
         self.monitor_server: asyncio.AbstractServer | None = None
         self._housekeeping: asyncio.Task | None = None
         self._snapshots: asyncio.Task | None = None
+        self._key_checks: asyncio.Task | None = None
         self._dumped_changes = 0
         self._dumping: asyncio.Future | None = None  # the dump running in a thread, if any
         self.http_loops: list[HttpLoop] = []
@@ -113,6 +121,8 @@ class Controller:
         self._housekeeping = loop.create_task(self._tick())
         if s.snapshot:
             self._snapshots = loop.create_task(self._snapshot_loop())
+        if self.key_space_check is not None and s.lmcache_key_check_lookups:
+            self._key_checks = loop.create_task(self._key_check_loop())
         if self.lmcache is not None:
             log.info("LMCache key space: NONE_HASH=%d (%s)", s.none_hash, s.none_hash_origin)
         log.info(
@@ -144,7 +154,7 @@ class Controller:
             conn.close()
         self.registry.flush()
         tasks = list(self.ops.tasks)
-        for task in (self._housekeeping, self._snapshots):
+        for task in (self._housekeeping, self._snapshots, self._key_checks):
             if task is not None:
                 tasks.append(task)
         for task in tasks:
@@ -214,6 +224,15 @@ class Controller:
             await asyncio.sleep(self.settings.snapshot_interval)
             await self._dump_snapshot()
 
+    async def _key_check_loop(self) -> None:
+        assert self.key_space_check is not None
+        while True:
+            await asyncio.sleep(self.settings.lmcache_key_check_interval)
+            try:
+                self.key_space_check.tick()
+            except Exception:  # a diagnostic must never stop the controller
+                log.exception("LMCache key-space check failed")
+
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         interval = min(self.sweeper.interval, max(0.02, self.settings.heartbeat_timeout / 8))
@@ -265,6 +284,8 @@ class HttpLoop:
                         controller.registry, controller.lmcache, controller.kv_events)
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
         self.state.fast_lookup = lookup
+        if controller.key_space_check is not None:
+            controller.key_space_check.watch(lookup)
         self.sweeper = Sweeper(self.state)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None

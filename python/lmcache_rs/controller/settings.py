@@ -72,6 +72,10 @@ class Settings:
     kv_events_idle_check: float = 5.0  # a publisher quiet this long is asked (once) for a lost tail
     kv_events_max_replay: int = 1_000_000  # messages one replay may return
     kv_events_max_publishers: int = 10_000  # distinct (subscription, topic) pairs remembered
+    # key_space_check.py: sampled full-chunk lookups matching no LMCache worker before the
+    # mismatch warning (0: no check), one sample per HTTP loop per interval
+    lmcache_key_check_lookups: int = 30
+    lmcache_key_check_interval: float = 1.0
 
     def validate(self) -> None:
         for name in ("port", "monitor_port"):
@@ -106,6 +110,8 @@ class Settings:
                 taken.add(port)
         if not -(2**63) <= self.none_hash < 2**63:
             raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
+        if self.lmcache_key_check_lookups < 0:
+            raise ValueError(f"lmcache_key_check_lookups must be 0 (off) or positive, got {self.lmcache_key_check_lookups}")
         self.kv_events = [parse_subscription(spec) for spec in self.kv_events]
         for name in ("lmcache_max_command_failures", "lmcache_max_message_bytes", "lmcache_max_sync_keys",
                      "kv_events_max_message_bytes", "kv_events_max_replay", "kv_events_max_publishers"):
@@ -113,7 +119,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
                      "hello_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
-                     "lmcache_probe_interval", "kv_events_replay_timeout", "kv_events_idle_check"):
+                     "lmcache_probe_interval", "lmcache_key_check_interval", "kv_events_replay_timeout",
+                     "kv_events_idle_check"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -296,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-events-idle-check", type=float, default=d.kv_events_idle_check,
                    help="seconds a publisher may be quiet before its replay socket is asked for messages lost "
                    "at the end of its stream (default %(default)s)")
+    g.add_argument("--lmcache-key-check-lookups", type=int, default=d.lmcache_key_check_lookups,
+                   help="warn (and show state 'mismatch' in /metrics) when this many sampled lookups of a full "
+                   "chunk or more matched nothing LMCache workers hold while they hold chunks: the key-space "
+                   "settings likely differ from the workers'; one sample a second; 0: no check "
+                   "(default %(default)s)")
     return p
 
 
@@ -359,5 +371,6 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         s.kv_events = parse_kv_events(env[CONTROLLER_ENV_PREFIX + "KV_EVENTS"])
     s.kv_events_replay_timeout = args.kv_events_replay_timeout
     s.kv_events_idle_check = args.kv_events_idle_check
+    s.lmcache_key_check_lookups = args.lmcache_key_check_lookups
     s.validate()
     return s
