@@ -42,6 +42,9 @@ from .registry import Registry, WorkerRecord
 log = logging.getLogger("lmcache_rs.controller.kv_events")
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+# Applied messages remembered per publisher: a message behind the sequence that is one of
+# these is a late copy (a live message queued while its replay ran), not an engine restart.
+RECENT_SEQS = 4096
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
 def offset_port(endpoint: str, rank: int) -> str:
@@ -58,7 +61,8 @@ class Publisher:
     """One engine's stream (one data-parallel rank): where it is, what it holds."""
 
     __slots__ = ("subscription", "topic", "rank", "instance_id", "engine", "record", "expected", "replaying",
-                 "held", "stale", "batches", "gaps", "replays", "restarts", "last_ts", "last_message", "checked")
+                 "held", "stale", "batches", "gaps", "replays", "restarts", "last_ts", "last_message", "checked",
+                 "recent")
 
     def __init__(self, subscription: Subscription, topic: bytes, rank: int, instance_id: str, engine: EngineBlocks,
                  record: WorkerRecord):
@@ -79,6 +83,7 @@ class Publisher:
         self.last_ts = 0.0
         self.last_message = time.monotonic()
         self.checked = False  # the replay socket was asked for a silent tail since the last message
+        self.recent: dict[int, int] = {}  # seq -> payload digest of the last RECENT_SEQS applied
 
     def describe(self) -> dict:
         return {"instance_id": self.instance_id, "topic": self.topic.decode(errors="replace"),
@@ -247,11 +252,14 @@ class KVEventSource:
                 self._recover(pub, 0, seq, batch, "joined mid-stream")
         elif seq == pub.expected:
             self._apply(pub, seq, batch)
+        elif seq < pub.expected and pub.recent.get(seq) == batch.digest:
+            self._count("late_duplicates")
         elif seq < pub.expected:
             pub.restarts += 1
             log.info("KV events: %s restarted (seq %d after %d); its holdings are dropped",
                      pub.instance_id, seq, pub.expected - 1)
             self._drop(pub)
+            pub.recent.clear()
             self._mark_stale(pub, None)  # a restarted engine holds nothing: dropping everything is exact
             if seq == 0:
                 self._apply(pub, seq, batch)
@@ -316,6 +324,8 @@ class KVEventSource:
         if pub.stale is not None and any(type(e) is Cleared for e in batch.events):
             self._mark_stale(pub, None)  # the engine starts over from nothing: exact again
         pub.expected = seq + 1
+        pub.recent[seq] = batch.digest
+        pub.recent.pop(seq - RECENT_SEQS, None)
         pub.batches += 1
         pub.last_ts = batch.ts
         self._write(ops)
@@ -435,7 +445,6 @@ class KVEventSource:
     async def _startup_replay(self, position: int, sub: Subscription) -> None:
         """Rebuild from the engine's replay buffer before applying the live stream."""
         endpoint = sub.spec["replay_endpoint"]
-        replayed: dict[Publisher, int] = {}  # publisher -> the seq after the last replayed message
         try:
             try:
                 replies = await self._replay(sub, endpoint, 0)
@@ -453,20 +462,9 @@ class KVEventSource:
                 pub = self._publisher(position, sub, topic, batch.dp_rank)
                 if pub is not None:
                     self._in_order(pub, seq, batch, why)
-                    replayed[pub] = seq + 1
             log.info("KV events: start-up replay from %s: %d messages", endpoint, len(replies))
         finally:
             held, sub.held = sub.held, []
             sub.starting = False
             for topic, seq, payload in held:
-                if replayed and self._seen_in_replay(position, sub, topic, seq, payload, replayed):
-                    continue
                 self.receive(position, sub, topic, seq, payload)
-
-    def _seen_in_replay(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes,
-                        replayed: dict[Publisher, int]) -> bool:
-        """A live message that arrived during the start-up replay and that the replay already
-        applied (not an engine restart, although its number is behind)."""
-        batch = self._decode(sub, payload)
-        pub = self._publisher(position, sub, topic, batch.dp_rank) if batch is not None else None
-        return pub is not None and seq < replayed.get(pub, 0)

@@ -68,12 +68,13 @@ class Cleared:
 
 
 class Batch:
-    __slots__ = ("ts", "events", "dp_rank")
+    __slots__ = ("ts", "events", "dp_rank", "digest")
 
-    def __init__(self, ts: float, events: list, dp_rank: int):
+    def __init__(self, ts: float, events: list, dp_rank: int, digest: int = 0):
         self.ts = ts
         self.events = events
         self.dp_rank = dp_rank
+        self.digest = digest  # hash of the payload: tells a repeated message from a new one
 
 
 class BatchError(ValueError):
@@ -116,7 +117,7 @@ class EventDecoder:
             decoded = self._event(event)
             if decoded is not None:
                 out.append(decoded)
-        return Batch(float(ts), out, rank)
+        return Batch(float(ts), out, rank, hash(payload))
 
     def _event(self, raw: Any) -> Stored | Removed | Cleared | None:
         if isinstance(raw, dict):

@@ -1,0 +1,85 @@
+"""A real vLLM engine on CPU publishing its KV-cache events, driven line by line: run by the
+interop tests and demos in the interop venv (tools/interop_venv.sh), never in .venv.
+
+The model is a tiny random Llama built here with ``transformers`` (2 layers, hidden 128,
+head_dim 64, vocab 512; no hub access). vLLM runs with prefix caching, ``block_size`` 32 (the
+CPU attention needs a multiple of 32) and a small ``num_gpu_blocks_override`` so that prompts
+evict each other. Usage::
+
+    python vllm_engine.py CONFIG_JSON
+
+CONFIG_JSON: ``{"model_dir": ..., "endpoint": "tcp://127.0.0.1:P", "replay_endpoint": ...,
+"topic": "kv@<instance>@<model>", "num_blocks": 16}``. Commands on stdin, one JSON object a
+line, each answered by one JSON line on stdout::
+
+    {"op": "generate", "tokens": [...]}   -> {"cached": n}  (one request, 1 new token; n: prompt
+                                             tokens vLLM served from its prefix cache)
+    {"op": "reset"}                       -> {"ok": <bool>} (reset_prefix_cache)
+    {"op": "stop"}                        -> {"ok": true}, then the process exits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def build_tiny_llama(path: Path) -> None:
+    if (path / "config.json").exists():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      torch_dtype="float32", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+
+
+def main() -> int:
+    config = json.loads(sys.argv[1])
+    # vLLM and its engine process print to stdout: keep fd 1 for the replies, send the rest to stderr
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def reply(obj: dict) -> None:
+        replies.write(json.dumps(obj) + "\n")
+
+    for name, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                        ("OMP_NUM_THREADS", "1")):
+        os.environ.setdefault(name, value)
+    model = Path(config["model_dir"])
+    build_tiny_llama(model)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": config["endpoint"],
+              "topic": config.get("topic", "")}
+    if config.get("replay_endpoint"):
+        events["replay_endpoint"] = config["replay_endpoint"]
+    llm = LLM(model=str(model), skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=256,
+              block_size=32, enable_prefix_caching=True, num_gpu_blocks_override=config.get("num_blocks", 16),
+              max_num_seqs=2, kv_events_config=events)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    reply({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "generate":
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=cmd["tokens"])], params, use_tqdm=False)
+            reply({"cached": out.num_cached_tokens or 0})
+        elif op == "reset":
+            reply({"ok": bool(llm.reset_prefix_cache())})
+        elif op == "stop":
+            reply({"ok": True})
+            return 0
+        else:
+            reply({"error": f"unknown op {op!r}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
