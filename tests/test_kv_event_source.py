@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 class Setup:
-    def __init__(self, controller, *, replay=True, ring=10000, replay_topic=True, extra=None):
+    def __init__(self, controller, *, replay=True, ring=10000, replay_topic=True, extra=None, idle_check=600.0):
         self.pub_port, self.replay_port = free_port(), free_port()
         spec = {"bind": f"tcp://127.0.0.1:{self.pub_port}"}
         if replay:
@@ -36,7 +36,8 @@ class Setup:
         spec.update(extra or {})
         self.publisher = Publisher(f"tcp://127.0.0.1:{self.pub_port}",
                                    spec.get("replay_endpoint"), ring=ring, replay_topic=replay_topic)
-        self.controller = controller("--kv-events", json.dumps(spec), "--kv-events-replay-timeout", "5")
+        self.controller = controller("--kv-events", json.dumps(spec), "--kv-events-replay-timeout", "5",
+                                     "--kv-events-idle-check", str(idle_check))
         self.base = f"http://127.0.0.1:{self.controller.http_port}"
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
@@ -152,6 +153,17 @@ def test_lost_messages_come_back_by_replay(setup):
     assert s.answer(A) == {"pod-a": ["GPU", 48]}
     assert s.publisher.replays >= 1
     assert 'lmcache_kv_event_gaps{instance="pod-a"} 1' in s.metrics()
+    assert "stale" not in s.lookup(A, detail=True)
+    with urllib.request.urlopen(s.base + "/dashboard.json", timeout=10) as r:
+        (pub,) = json.loads(r.read())["kv_event_publishers"]
+    assert (pub["instance_id"], pub["gaps"], pub["stale"], pub["next_seq"]) == ("pod-a", 1, None, s.publisher.seq)
+
+
+def test_a_lost_last_message_comes_back_by_the_idle_check(setup):
+    s = setup(idle_check=0.5)
+    s.connected()
+    s.publisher.publish([stored(A, BS)], send=False)  # nothing follows it
+    s.until(lambda: s.answer(A) == {"pod-a": ["GPU", 64]}, "the idle check's replay")
     assert "stale" not in s.lookup(A, detail=True)
 
 

@@ -28,6 +28,7 @@ DASHBOARD_HTML = b"""<!doctype html>
  <span>ingest keys/s <b id="ingest-rate">-</b></span>
 </div>
 <div id="instances"></div>
+<div id="publishers"></div>
 <div id="status">loading...</div>
 <script>
 function esc(s) {
@@ -56,6 +57,21 @@ function render(d) {
     html += '</table>';
   });
   if (!d.instances.length) html = "<p>No workers registered.</p>";
+  var pubs = d.kv_event_publishers || [], ph = "";
+  if (pubs.length) {
+    ph = '<h2>KV-event publishers</h2><table><tr><th>instance</th><th>topic</th><th>dp rank</th>' +
+         '<th>next seq</th><th>batches</th><th>gaps</th><th>replays</th><th>restarts</th><th>blocks</th>' +
+         '<th>state</th></tr>';
+    pubs.forEach(function (p) {
+      ph += '<tr class="publisher"><td>' + esc(p.instance_id) + '</td><td>' + esc(p.topic) + '</td><td>' +
+            p.dp_rank + '</td><td>' + p.next_seq + '</td><td>' + p.batches + '</td><td>' + p.gaps +
+            '</td><td>' + p.replays + '</td><td>' + p.restarts + '</td><td>' + p.blocks + '</td><td class="' +
+            (p.stale ? 'disconnected">stale: ' + esc(p.stale) : (p.replaying ? 'syncing">replaying' : 'live">live')) +
+            '</td></tr>';
+    });
+    ph += '</table>';
+  }
+  document.getElementById("publishers").innerHTML = ph;
   document.getElementById("instances").innerHTML = html;
   document.getElementById("n-instances").textContent = d.instances.length;
   document.getElementById("n-workers").textContent = workers;

@@ -45,6 +45,7 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 # Applied messages remembered per publisher: a message behind the sequence that is one of
 # these is a late copy (a live message queued while its replay ran), not an engine restart.
 RECENT_SEQS = 4096
+MAX_REPLAY_ATTEMPTS = 3  # replays in a row for one gap before its messages count as lost
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
 def offset_port(endpoint: str, rank: int) -> str:
@@ -121,7 +122,7 @@ class KVEventSource:
         self.decoder = EventDecoder()
         self.counts: dict[str, int] = {}  # what could not be applied, by reason
         self.ctx: zmq.asyncio.Context | None = None
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: set[asyncio.Task] = set()
         self.index = None  # no single key space: see ``namespaces``
         self._warn = RateLimitedLog(log)
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
@@ -132,7 +133,6 @@ class KVEventSource:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        loop = asyncio.get_running_loop()
         try:
             for sub in self.subscriptions:
                 sock = self.ctx.socket(zmq.SUB)
@@ -151,17 +151,17 @@ class KVEventSource:
         for position, sub in enumerate(self.subscriptions):
             if sub.spec.get("replay_endpoint"):
                 sub.starting = True
-                self.tasks.append(loop.create_task(self._startup_replay(position, sub)))
-            self.tasks.append(loop.create_task(self._live_loop(position, sub)))
+                self._spawn(self._startup_replay(position, sub))
+            self._spawn(self._live_loop(position, sub))
             log.info("KV events: %s %s (topic %r, replay %s)", "bound" if "bind" in sub.spec else "connected to",
                      sub.endpoint, sub.spec.get("topic", ""), sub.spec.get("replay_endpoint", "none"))
-        self.tasks.append(loop.create_task(self._idle_checks()))
+        self._spawn(self._idle_checks())
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks = []
+        self.tasks = set()
         self.close_sockets()
 
     def close_sockets(self) -> None:
@@ -366,9 +366,7 @@ class KVEventSource:
                 if (endpoint and not pub.checked and not pub.replaying and pub.expected is not None
                         and now - pub.last_message >= interval):
                     pub.checked = True
-                    pub.replaying = True
-                    self.tasks.append(asyncio.get_running_loop().create_task(self._replay_publisher(
-                        pub, offset_port(endpoint, pub.rank), pub.expected, "a message lost while idle")))
+                    self._start_replay(pub, pub.expected, "a message lost while idle")
 
     def _recover(self, pub: Publisher, start: int, seq: int, batch: Batch, why: str) -> None:
         endpoint = pub.subscription.spec.get("replay_endpoint")
@@ -376,13 +374,21 @@ class KVEventSource:
             self._lose(pub, f"{why}; no replay endpoint")
             self._apply(pub, seq, batch)
             return
-        pub.replaying = True
         pub.held = [(seq, batch)]
-        pub.replays += 1
-        self.tasks.append(asyncio.get_running_loop().create_task(
-            self._replay_publisher(pub, offset_port(endpoint, pub.rank), start, why)))
+        self._start_replay(pub, start, why)
 
-    async def _replay_publisher(self, pub: Publisher, endpoint: str, start: int, why: str) -> None:
+    def _start_replay(self, pub: Publisher, start: int, why: str, attempt: int = 1) -> None:
+        endpoint = pub.subscription.spec["replay_endpoint"]
+        pub.replaying = True
+        pub.replays += 1
+        self._spawn(self._replay_publisher(pub, offset_port(endpoint, pub.rank), start, why, attempt))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _replay_publisher(self, pub: Publisher, endpoint: str, start: int, why: str, attempt: int) -> None:
         try:
             replies = await self._replay(pub.subscription, endpoint, start)
         except (zmq.ZMQError, TimeoutError, ValueError) as exc:
@@ -399,7 +405,13 @@ class KVEventSource:
             self._in_order(pub, seq, batch, why)
         held, pub.held = pub.held, []
         pub.replaying = False
-        for seq, batch in held:
+        for i, (seq, batch) in enumerate(held):
+            expected = pub.expected if pub.expected is not None else 0
+            if seq > expected and replies and attempt < MAX_REPLAY_ATTEMPTS:
+                # published after the replay answered: ask again for the rest
+                pub.held = held[i:]
+                self._start_replay(pub, expected, why, attempt + 1)
+                return
             self._in_order(pub, seq, batch, why)
 
     def _in_order(self, pub: Publisher, seq: int, batch: Batch, why: str) -> None:
