@@ -212,6 +212,27 @@ def test_engine_restart_drops_its_holdings(setup):
     assert 'lmcache_kv_event_restarts{instance="pod-a"} 1' in s.metrics()
 
 
+def test_an_unseen_engine_restart_is_caught_by_the_replay(setup):
+    """The engine restarts and publishes past the old sequence while every message is lost: the
+    next one looks like a gap, but the replay shows the last applied number carrying another
+    message, so the old holdings go and the new stream is applied from 0."""
+    s = setup()
+    s.connected()
+    s.publisher.publish([stored(A, BS)])
+    s.until(lambda: s.answer(A) == {"pod-a": ["GPU", 64]}, "A stored")
+    old_seq = s.publisher.seq
+    s.publisher.restart()
+    s.publisher.publish([stored(B, BS)], send=False)
+    while s.publisher.seq <= old_seq + 1:
+        s.publisher.publish([], send=False)
+    s.publisher.publish([stored(list(range(6000, 6032)), BS)])
+    s.until(lambda: s.answer(list(range(6000, 6032))) == {"pod-a": ["GPU", 32]}, "the new engine's live batch")
+    assert s.answer(B) == {"pod-a": ["GPU", 64]}  # from the new engine's replay
+    assert s.answer(A) == {"pod-a": ["GPU", 32]}  # only B's share of A: the old engine's blocks are gone
+    assert 'lmcache_kv_event_restarts{instance="pod-a"} 1' in s.metrics()
+    assert "stale" not in s.lookup(A, detail=True)
+
+
 def test_controller_restart_rebuilds_from_the_replay_ring(setup):
     # vLLM before 0.26 replays without the topic: the subscription names the engine
     s = setup(replay_topic=False, extra={"instance_id": "pod-a", "model": "tiny"})

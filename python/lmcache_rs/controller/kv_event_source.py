@@ -255,12 +255,7 @@ class KVEventSource:
         elif seq < pub.expected and pub.recent.get(seq) == batch.digest:
             self._count("late_duplicates")
         elif seq < pub.expected:
-            pub.restarts += 1
-            log.info("KV events: %s restarted (seq %d after %d); its holdings are dropped",
-                     pub.instance_id, seq, pub.expected - 1)
-            self._drop(pub)
-            pub.recent.clear()
-            self._mark_stale(pub, None)  # a restarted engine holds nothing: dropping everything is exact
+            self._restarted(pub, f"seq {seq} after {pub.expected - 1}")
             if seq == 0:
                 self._apply(pub, seq, batch)
             else:
@@ -268,6 +263,15 @@ class KVEventSource:
         else:
             pub.gaps += 1
             self._recover(pub, pub.expected, seq, batch, f"messages {pub.expected}..{seq - 1} lost")
+
+    def _restarted(self, pub: Publisher, why: str) -> None:
+        """The engine started over: it holds nothing it held before."""
+        pub.restarts += 1
+        log.info("KV events: %s restarted (%s); its holdings are dropped", pub.instance_id, why)
+        self._drop(pub)
+        pub.recent.clear()
+        pub.expected = None
+        self._mark_stale(pub, None)  # dropping everything is exact for a new engine
 
     def _decode(self, sub: Subscription, payload: bytes) -> Batch | None:
         try:
@@ -389,8 +393,11 @@ class KVEventSource:
         task.add_done_callback(self.tasks.discard)
 
     async def _replay_publisher(self, pub: Publisher, endpoint: str, start: int, why: str, attempt: int) -> None:
+        # Ask from the last message applied too: if the engine sends another one under that
+        # number, it restarted meanwhile (its numbers start over) and what it holds is new.
+        check = start - 1 if start > 0 and (start - 1) in pub.recent else None
         try:
-            replies = await self._replay(pub.subscription, endpoint, start)
+            replies = await self._replay(pub.subscription, endpoint, start if check is None else check)
         except (zmq.ZMQError, TimeoutError, ValueError) as exc:
             self._count("replay_failures")
             replies = []
@@ -402,6 +409,10 @@ class KVEventSource:
             if batch.dp_rank != pub.rank:  # a replay socket serves one rank; never mix another's in
                 self._count("replayed_other_rank")
                 continue
+            if seq == check and batch.digest != pub.recent.get(seq):
+                self._restarted(pub, f"its message {seq} changed")
+                self._start_replay(pub, 0, "restarted", attempt)
+                return
             self._in_order(pub, seq, batch, why)
         held, pub.held = pub.held, []
         pub.replaying = False
