@@ -38,7 +38,21 @@ DEFAULT_LOCATION = "GPU"
 MAX_LOCATION_CHARS = 64
 
 
+_LOCATION_CACHE: dict[str, str] = {}
+
+
 def location_of(medium: str | None) -> str:
+    if medium is None:
+        return DEFAULT_LOCATION
+    known = _LOCATION_CACHE.get(medium)  # the same few names on every event
+    if known is None:
+        known = _location_of(medium)
+        if len(_LOCATION_CACHE) < 1024:  # names come from the wire: bound the cache
+            _LOCATION_CACHE[medium] = known
+    return known
+
+
+def _location_of(medium: str | None) -> str:
     if medium is None:
         return DEFAULT_LOCATION
     known = MEDIUM_LOCATIONS.get(medium.upper())
@@ -258,7 +272,14 @@ class EngineBlocks:
                 del blocks[h]
             else:
                 blocks[h] = (block[0], block[1], tuple(x for x in locs if x != location))
-            self._op(ops, every[block[0]], "evict", location, [block[1]])
+            ns = every[block[0]]
+            batch = ops.get(ns)
+            if batch:  # vLLM sends one remove per event: most follow another at the same tier
+                last = batch[-1]
+                if last[0] == "evict" and last[3] == location and last[1] == self.instance_id:
+                    last[4].append(block[1])
+                    continue
+            self._op(ops, ns, "evict", location, [block[1]])
 
     def _evict_all(self, block: tuple, ops: dict[Namespace, list]) -> None:
         ns = self.namespaces.all()[block[0]]

@@ -42,6 +42,10 @@ from .registry import Registry, WorkerRecord
 log = logging.getLogger("lmcache_rs.controller.kv_events")
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+# Messages taken from a socket at once when more are queued: their index operations go in
+# with one ``apply_batch`` per namespace (a write costs ~10 µs however small it is), and the
+# loop still yields to lookups between rounds.
+DRAIN_MESSAGES = 256
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
 def offset_port(endpoint: str, rank: int) -> str:
@@ -120,6 +124,9 @@ class KVEventSource:
         self.index = None  # no single key space: see ``namespaces``
         self._warn = RateLimitedLog(log)
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
+        # index operations of the messages applied since the last ``_flush``: every caller of
+        # ``_apply`` or ``_drop`` flushes before it returns or awaits
+        self._pending: dict[Namespace, list] = {}
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -212,23 +219,44 @@ class KVEventSource:
 
     # -- live stream -----------------------------------------------------------------------
     async def _live_loop(self, position: int, sub: Subscription) -> None:
-        assert sub.sub is not None
+        sock = sub.sub
+        assert sock is not None
         while True:
-            frames = await sub.sub.recv_multipart(copy=True)
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self._count("bad_frames")
-                self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
-                           sub.endpoint, len(frames))
-                continue
-            topic, seq_bytes, payload = frames
-            seq = int.from_bytes(seq_bytes, "big")
-            if sub.starting:
-                sub.held.append((topic, seq, payload))
-                continue
-            self.receive(position, sub, topic, seq, payload)
+            messages = [await sock.recv_multipart(copy=True)]
+            while len(messages) < DRAIN_MESSAGES:  # what else is queued, without waiting
+                try:
+                    messages.append(sock.recv_multipart(zmq.DONTWAIT, copy=True).result())
+                except zmq.Again:
+                    break
+            self.receive_many(position, sub, messages)
+
+    def receive_many(self, position: int, sub: Subscription, messages: list[list[bytes]]) -> None:
+        """Live messages (their frames) of subscription number ``position``, in order; their
+        index operations are applied together at the end."""
+        try:
+            for frames in messages:
+                if len(frames) != 3 or len(frames[1]) != 8:
+                    self._count("bad_frames")
+                    self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
+                               sub.endpoint, len(frames))
+                    continue
+                topic, seq_bytes, payload = frames
+                seq = int.from_bytes(seq_bytes, "big")
+                if sub.starting:
+                    sub.held.append((topic, seq, payload))
+                    continue
+                self._receive(position, sub, topic, seq, payload)
+        finally:
+            self._flush()
 
     def receive(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
         """One live message of subscription number ``position``."""
+        try:
+            self._receive(position, sub, topic, seq, payload)
+        finally:
+            self._flush()
+
+    def _receive(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
         batch = self._decode(sub, payload)
         if batch is None:
             return
@@ -311,17 +339,17 @@ class KVEventSource:
 
     # -- applying --------------------------------------------------------------------------
     def _apply(self, pub: Publisher, seq: int, batch: Batch) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.apply(batch.events, ops)
+        """Apply one message's events (to the index at the next ``_flush``)."""
+        pub.engine.apply(batch.events, self._pending)
         if pub.stale is not None and any(type(e) is Cleared for e in batch.events):
             self._mark_stale(pub, None)  # the engine starts over from nothing: exact again
         pub.expected = seq + 1
         pub.batches += 1
         pub.last_ts = batch.ts
-        self._write(ops)
         self.registry.touch(pub.record)
 
-    def _write(self, ops: dict[Namespace, list]) -> None:
+    def _flush(self) -> None:
+        ops, self._pending = self._pending, {}
         for ns, batch in ops.items():
             admitted, evicted = ns.index.apply_batch(batch)
             self.metrics.admits += admitted
@@ -330,9 +358,7 @@ class KVEventSource:
             self.registry.changes += 1
 
     def _drop(self, pub: Publisher) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.clear(ops)
-        self._write(ops)
+        pub.engine.clear(self._pending)
 
     def _lose(self, pub: Publisher, reason: str) -> None:
         """Messages are gone for good: forget the engine's holdings and mark it stale."""
@@ -379,18 +405,21 @@ class KVEventSource:
             self._count("replay_failures")
             replies = []
             why = f"{why}; replay from {endpoint} failed: {exc}"
-        for _topic, seq, payload in replies:
-            batch = self._decode(pub.subscription, payload)
-            if batch is None:
-                continue
-            if batch.dp_rank != pub.rank:  # a replay socket serves one rank; never mix another's in
-                self._count("replayed_other_rank")
-                continue
-            self._in_order(pub, seq, batch, why)
-        held, pub.held = pub.held, []
-        pub.replaying = False
-        for seq, batch in held:
-            self._in_order(pub, seq, batch, why)
+        try:
+            for _topic, seq, payload in replies:
+                batch = self._decode(pub.subscription, payload)
+                if batch is None:
+                    continue
+                if batch.dp_rank != pub.rank:  # a replay socket serves one rank; never mix another's in
+                    self._count("replayed_other_rank")
+                    continue
+                self._in_order(pub, seq, batch, why)
+            held, pub.held = pub.held, []
+            pub.replaying = False
+            for seq, batch in held:
+                self._in_order(pub, seq, batch, why)
+        finally:
+            self._flush()
 
     def _in_order(self, pub: Publisher, seq: int, batch: Batch, why: str) -> None:
         """Apply a replayed or held message when it is the next one; skip one already applied;
@@ -458,10 +487,13 @@ class KVEventSource:
         finally:
             held, sub.held = sub.held, []
             sub.starting = False
-            for topic, seq, payload in held:
-                if replayed and self._seen_in_replay(position, sub, topic, seq, payload, replayed):
-                    continue
-                self.receive(position, sub, topic, seq, payload)
+            try:
+                for topic, seq, payload in held:
+                    if replayed and self._seen_in_replay(position, sub, topic, seq, payload, replayed):
+                        continue
+                    self._receive(position, sub, topic, seq, payload)
+            finally:
+                self._flush()
 
     def _seen_in_replay(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes,
                         replayed: dict[Publisher, int]) -> bool:

@@ -122,10 +122,15 @@ class EventDecoder:
                 pass
             else:
                 events = fast.events
-                for event in events:
-                    if type(event) is not Cleared and not _prefix_group_of(event):
-                        events = self._main_group(events)
-                        break
+                for event in events:  # (``_prefix_group_of``, inlined: it runs per event)
+                    kind = event.kv_cache_spec_kind if type(event) is Stored else None
+                    if kind is None:
+                        if type(event) is Cleared or event.group_idx is None or event.group_idx == 0:
+                            continue
+                    elif type(kind) is str and kind in PREFIX_KINDS:
+                        continue
+                    events = self._main_group(events)
+                    break
                 return Batch(fast.ts, events, fast.dp_rank or 0)
         try:
             raw = self._msgpack.decode(payload)
