@@ -299,7 +299,7 @@ def ours_in_process(stream: dict, runs: int, profile: bool, group: int = 1) -> d
         registry = Registry(Index(256), metrics, 3600.0)
         source = KVEventSource(settings, registry, metrics)
         sub = source.subscriptions[0]
-        receive, receive_many = source.receive, source.receive_many
+        receive, receive_many = source.receive, getattr(source, "receive_many", None)
         gc.collect()
         if prof is not None:
             prof.enable()
