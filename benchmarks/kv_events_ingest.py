@@ -148,6 +148,8 @@ class Pod:
 
     def _allocate(self) -> None:
         while len(self.ref) + len(self.free) >= self.args.pool_blocks:
+            if not self.free:  # (vLLM would preempt a request; this model does not)
+                raise SystemExit("--pool-blocks is too small for --max-running requests of this size")
             h, _ = self.free.popitem(last=False)
             self.events.append(("removed", h))
 
@@ -666,7 +668,7 @@ def main() -> int:
         write_json(args.out, dynamo_radix_side(args.stream, args.runs))
         return 0
     if args.quick:
-        args.pods, args.requests_per_pod, args.pool_blocks = 8, 40, 4096
+        args.pods, args.requests_per_pod, args.pool_blocks, args.max_running = 8, 40, 4096, 8
         args.runs, args.duration, args.repeats = 1, 1, 1
     import msgspec
 
