@@ -119,12 +119,12 @@ def payloads(r: Reader, structured: bool, content_hashes: bool) -> list[bytes]:
 def check(source: KVEventSource, exact: bool) -> None:
     implied: dict[tuple, set] = {}
     for pub in source.publishers.values():
-        for block in pub.engine.blocks.values():
-            for location in block.locations:
-                implied.setdefault((id(block.namespace), pub.instance_id, location), set()).add(block.key)
+        for namespace_number, key, locations in pub.engine.blocks.values():
+            for location in locations:
+                implied.setdefault((namespace_number, pub.instance_id, location), set()).add(key)
     for ns in source.namespaces.all():
         for instance_id, _worker_id, location, n in ns.index.holder_counts():
-            backed = len(implied.get((id(ns), instance_id, location), ()))
+            backed = len(implied.get((ns.number, instance_id, location), ()))
             if n > backed or (exact and n != backed):
                 raise harness.Finding(f"{instance_id}@{location} holds {n} chunks, the engine maps say {backed}")
 
