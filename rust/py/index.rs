@@ -57,7 +57,9 @@ pub fn chunk_hashes<'py>(
         .transpose()?
         .unwrap_or(0);
     let tokens = IntsArg::<u32>::extract(tokens, "tokens")?;
-    let keys = detached(py, || Ok(chunk_hashes_after(parent, &tokens.view()?, cs, seed)))?;
+    let keys = detached(py, || {
+        Ok(chunk_hashes_after(parent, &tokens.view()?, cs, seed))
+    })?;
     PyList::new(py, keys)
 }
 
