@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,37 @@ BENCH_DIR = ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
 OUR_PY = ROOT / ".venv" / "bin" / "python"
 ANCHOR_PY = ROOT / ".bench-venv" / "bin" / "python"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the benchmarks stay on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its waited-for children) in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
+def stop(proc: subprocess.Popen | None, what: str) -> None:
+    """SIGINT (a graceful stop), then SIGTERM, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log(f"{what} ignored SIGINT for 10s; terminating it")
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def log(msg: str) -> None:

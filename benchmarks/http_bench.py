@@ -32,8 +32,6 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,11 +47,14 @@ from common import (  # noqa: E402
     OUR_PY,
     RESULTS_DIR,
     ROOT,
+    cpu_seconds,
     fmt,
+    free_port,
     loadavg,
     log,
     machine,
     publish,
+    stop,
     table,
     wait_quiet,
 )
@@ -65,10 +66,6 @@ POPULATE = BENCH_DIR / "anchors" / "lmcache_populate.py"
 WORKER = BENCH_DIR / "synthetic_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_post(port: int, path: str, body: dict, timeout: float = 5) -> tuple[int, bytes]:
@@ -97,27 +94,8 @@ def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str) -> f
     raise RuntimeError(f"{what} did not answer /lookup within {timeout}s")
 
 
-def stop(proc: subprocess.Popen | None, what: str) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        log(f"{what} ignored SIGINT for 10s; terminating it")
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its waited-for children) in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return sum(int(x) for x in fields[11:15]) / ticks
 
 
 def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: Path,

@@ -51,7 +51,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ANCHOR_PY, ROOT, fmt, loadavg, log, machine, publish, table, wait_quiet, write_json  # noqa: E402
+from common import (ANCHOR_PY, ROOT, cpu_seconds, fmt, free_port, loadavg, log, machine, publish, stop,  # noqa: E402
+                    table, wait_quiet, write_json)
 
 TARGET_BLOCKS_PER_S = 2e6
 TARGET_RATIO = 3.0
@@ -340,12 +341,6 @@ def ours_in_process(stream: dict, runs: int, profile: bool) -> dict:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(port: int, path: str, timeout: float = 30) -> str:
@@ -392,9 +387,6 @@ class Sender:
         self.ctx.term()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until(check, what: str, timeout: float, interval: float = 0.02) -> float:
@@ -407,14 +399,6 @@ def wait_until(check, what: str, timeout: float, interval: float = 0.02) -> floa
         time.sleep(interval)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def ours_e2e(stream: dict, args, then=None) -> dict:
@@ -458,7 +442,7 @@ def ours_e2e(stream: dict, args, then=None) -> dict:
     finally:
         if sender is not None:
             sender.close()
-        stop(ctl)
+        stop(ctl, "the controller")
 
 
 def _answers(port: int) -> bool:
@@ -587,7 +571,7 @@ def dynamo_indexer_e2e(stream: dict, args, anchor: str) -> dict:
         return res
     finally:
         sender.close()
-        stop(proc)
+        stop(proc, "dynamo.indexer")
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, free_port  # noqa: E402
+
 INTEROP_PY = ROOT / ".venv-interop" / "bin" / "python"
 
 PRODUCER = r'''
@@ -67,10 +69,6 @@ sys.stdin.readline()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> bytes:

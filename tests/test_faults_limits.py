@@ -311,6 +311,25 @@ def _connections(wanted: int) -> int:
     return n
 
 
+async def count_refused(socks: list[socket.socket], refusal, wanted: int, deadline: float) -> int:
+    """How many of ``socks`` have received a refusal (``refusal(data)``, read without consuming
+    it), waiting until ``wanted`` have or ``deadline`` (monotonic) passes: the answers come as
+    fast as the machine allows, never after a fixed sleep."""
+    refused: set[int] = set()
+    while len(refused) < wanted and time.monotonic() < deadline:
+        for i, s in enumerate(socks):
+            if i in refused:
+                continue
+            try:
+                data = s.recv(65536, socket.MSG_PEEK)
+            except OSError:  # BlockingIOError included: nothing yet
+                continue
+            if refusal(data):
+                refused.add(i)
+        await asyncio.sleep(0.05)
+    return len(refused)
+
+
 def test_idle_http_connections_are_refused_over_the_limit_and_timed_out(controller):
     n = _connections(IDLE_CONNECTIONS)
     keepalive = 3.0
@@ -339,20 +358,8 @@ def test_idle_http_connections_are_refused_over_the_limit_and_timed_out(controll
         peak = rss_mb(c)
         # refused ones get a 503 and are closed at once; wait for the answers (however busy
         # the machine), but not past the keep-alive timeout, which closes the held ones too
-        refused_socks: set[int] = set()
-        deadline = t0 + opened + keepalive - 0.5
-        while len(refused_socks) < n - max_conn - 1 and time.monotonic() < deadline:
-            for i, s in enumerate(socks):
-                if i in refused_socks:
-                    continue
-                try:
-                    data = s.recv(4096, socket.MSG_PEEK)
-                except (BlockingIOError, OSError):
-                    continue
-                if data.startswith(b"HTTP/1.1 503"):
-                    refused_socks.add(i)
-            await asyncio.sleep(0.05)
-        refused = len(refused_socks)
+        refused = await count_refused(socks, lambda data: data.startswith(b"HTTP/1.1 503"), n - max_conn - 1,
+                                      t0 + opened + keepalive - 0.5)
         held = len(socks) - refused
         latencies_during = len(served.latencies)
         # the held ones are closed once idle for the keep-alive timeout
@@ -413,20 +420,11 @@ def test_idle_monitor_connections_are_refused_over_the_limit_and_dropped_after_t
         peak = rss_mb(c)
         # those over the limit are refused at once; wait for those answers (however busy the
         # machine), but not past the hello timeout, which drops the others too
-        refused_socks: set[int] = set()
-        while len(refused_socks) < n - limit and time.monotonic() < t0 + hello_timeout - 0.2:
-            for i, s in enumerate(socks):
-                if i in refused_socks:
-                    continue
-                try:
-                    data = s.recv(65536, socket.MSG_PEEK)
-                except (BlockingIOError, OSError):
-                    continue
-                if data[:4] and len(data) >= 4 + int.from_bytes(data[:4], "big") and \
-                        FrameDecoder().feed(data)[0].get("code") == "too_many_connections":
-                    refused_socks.add(i)
-            await asyncio.sleep(0.05)
-        refused = len(refused_socks)
+        def too_many(data: bytes) -> bool:
+            whole = len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big")
+            return whole and FrameDecoder().feed(data)[0].get("code") == "too_many_connections"
+
+        refused = await count_refused(socks, too_many, n - limit, t0 + hello_timeout - 0.2)
         deadline = time.monotonic() + hello_timeout + 30
         open_left = n
         while time.monotonic() < deadline and open_left:
