@@ -112,6 +112,28 @@ def test_full_sync_replaces_holdings_atomically():
     asyncio.run(main())
 
 
+def test_changes_beyond_what_a_full_sync_may_buffer_ask_for_a_new_sync():
+    async def main():
+        s = Settings(monitor_ports={"pull": 0, "reply": 0}, chunk_size=4, lmcache_max_sync_keys=2)
+        metrics = Metrics()
+        registry = Registry(Index(4), metrics, 10.0)
+        source = LMCacheSource(s, registry, Index(4, key_space="lmcache_builtin", none_hash=0), metrics)
+        register(source)
+        start = source.on_request(m.FullSyncStartMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                                      sync_id="s1", total_keys=2, batch_count=1))
+        assert start.accepted
+        keys = lmcache_chunk_hashes(list(range(12)), 4, 0)
+        for i, key in enumerate(keys):  # three changes while the sync runs: one more than it may hold
+            push(source, m.BatchedKVOperationMsg(instance_id="a", worker_id=0, location="LocalCPUBackend",
+                                                 operations=ops("admit", [key], i)))
+        assert source.counts["sync_refused"] == 1
+        beat = source.on_request(m.HeartbeatMsg(instance_id="a", worker_id=0, ip="127.0.0.1", port=1,
+                                                peer_init_url=None))
+        assert [c.reason for c in beat.commands] == ["sync_overflow"]
+
+    asyncio.run(main())
+
+
 def test_instance_ids_belong_to_one_protocol():
     async def main():
         source, registry = make_source()

@@ -291,7 +291,14 @@ class LMCacheSource:
         if sync is not None:
             if len(sync.events) < self.settings.lmcache_max_sync_keys:
                 sync.events.extend((kind, *holder, keys) for kind, keys in runs)
-            return
+                return
+            # more changes during one sync than it may buffer: the sync cannot end exact, so it
+            # is dropped and the next heartbeat asks for a new one (which replaces the holdings)
+            self._count("sync_refused")
+            self._warn("LMCache worker %s/%d at %s: more than %d changes during full sync %s; asking for a new one",
+                       instance_id, worker_id, location, self.settings.lmcache_max_sync_keys, sync.sync_id)
+            state.syncs.pop(location, None)
+            state.sync_reason = "sync_overflow"
         for kind, keys in runs:
             pending.add(holder, kind, keys)
 
