@@ -38,7 +38,7 @@ from lmcache_rs.wire import (
 from lmcache_rs.wire.framing import _HEADER
 from reference_model import chunk_hashes
 
-PROTOCOL_VERSION = 1
+from lmcache_rs.wire.report import PROTOCOL_VERSION  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 _LIVE: set["FakeWorker"] = set()
 

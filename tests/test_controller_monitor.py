@@ -15,6 +15,7 @@ from lmcache_rs.controller.metrics import Metrics
 from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
 from lmcache_rs.controller.registry import LIVE, NEED_SYNC, SYNCING, Registry
 from lmcache_rs.controller.settings import Settings
+from lmcache_rs.wire.report import Hello
 from lmcache_rs.wire import FrameDecoder, encode_frame, pack_u64s
 from lmcache_rs.wire.framing import _HEADER
 from py_index import PyIndex
@@ -354,6 +355,6 @@ def test_reserved_ids_are_the_ones_the_native_index_refuses_and_attach_leaves_no
         Index(256, 0).register_worker(name, 0)
     registry = Registry(Index(256, 0), Metrics(), 10.0)
     with pytest.raises(InvalidArgumentError):
-        registry.attach(None, {"instance_id": "detail", "worker_id": 0, "host": "h", "worker_port": 1,
-                               "p2p_host": "h", "p2p_port": 2})
+        registry.attach(None, Hello(instance_id="detail", worker_id=0, host="h", worker_port=1,
+                                    p2p_host="h", p2p_port=2, chunk_size=256, seed=0))
     assert registry.workers == {}

@@ -148,7 +148,7 @@ def test_hello_sync_events_heartbeat_bye(controller):
         _, hello = controller.next("hello")
         assert hello["v"] == 1 and hello["instance_id"] == "inst-a" and hello["worker_id"] == 3
         assert hello["chunk_size"] == CS and hello["seed"] == 0
-        assert hello["worker_port"] == w.service.worker_port and hello["p2p_port"] == w.service.p2p_port
+        assert hello["worker_port"] == w.worker_port and hello["p2p_port"] == w.p2p_port
         assert controller.sync() == (0, {})
         keys = w.chunk_keys(prompt(1))
         w.store(prompt(1), synthetic_kv(prompt(1), **SHAPE))
@@ -180,7 +180,7 @@ def test_eviction_under_pressure_is_reported(controller):
             _, events = controller.next("events")
             for op, _loc, hashes in events["ops"]:
                 (admitted if op == "admit" else evicted).update(unpack_u64s(hashes))
-        assert admitted - evicted == set(w.cpu.entries)
+        assert admitted - evicted == set(w.kvstore.cpu.entries)
     finally:
         w.close()
 
@@ -198,7 +198,7 @@ def test_controller_down_then_up_full_sync(tmp_path):
         try:
             c.next("hello", timeout=10)
             seq, held = c.sync()
-            assert held == {CPU: set(w.cpu.entries)} and len(held[CPU]) == 6
+            assert held == {CPU: set(w.kvstore.cpu.entries)} and len(held[CPU]) == 6
         finally:
             c.close()
     finally:
@@ -214,7 +214,7 @@ def test_resync_and_reconnect_send_full_syncs(controller):
         _, events = controller.next("events")
         controller.send({"t": "resync", "reason": "test"})
         seq, held = controller.sync()
-        assert seq == events["seq"] and held == {CPU: set(w.cpu.entries)}
+        assert seq == events["seq"] and held == {CPU: set(w.kvstore.cpu.entries)}
         w.store(prompt(2), synthetic_kv(prompt(2), **SHAPE))
         _, after = controller.next("events")
         assert after["seq"] == seq + 1
@@ -222,7 +222,7 @@ def test_resync_and_reconnect_send_full_syncs(controller):
         number, hello = controller.next("hello", skip=("heartbeat", "events"))
         assert number == 2
         seq, held = controller.sync()
-        assert held[CPU] == set(w.cpu.entries) and len(held[CPU]) == 4
+        assert held[CPU] == set(w.kvstore.cpu.entries) and len(held[CPU]) == 4
     finally:
         w.close()
 

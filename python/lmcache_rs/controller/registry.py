@@ -1,11 +1,14 @@
 """Workers known to the controller and the path from their reports into the index.
 
-Each worker is a :class:`WorkerRecord` keyed by ``(instance_id, worker_id)``. Its report
-connection moves it through three states:
+Each worker is a :class:`WorkerRecord` keyed by ``(instance_id, worker_id)``. What its report
+connection says moves it through three states, in the record's own methods:
 
 ``need_sync``  after ``hello`` or a sequence gap: ``events`` are ignored;
 ``syncing``    between ``sync_start`` and ``sync_end``: keys and later events are buffered;
 ``live``       ``events`` are applied when their ``seq`` is the next one expected.
+
+The registry knows a report connection only as a :class:`ReportLink` (the monitor's
+protocol object implements it), so it imports nothing of the monitor.
 
 Workers of other sources (LMCache's ZMQ protocol) live here too, so instances, commands and
 the HTTP API see one set of workers; such a record names its ``source``, which owns its
@@ -25,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ..wire import report
 from .metrics import Metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..wire import Session
-    from .monitor import MonitorProtocol
 
 log = logging.getLogger("lmcache_rs.controller")
 
@@ -40,6 +43,22 @@ SYNCING = "syncing"
 LIVE = "live"
 
 Event = tuple  # ("admit" | "evict", instance_id, worker_id, location, hashes bytes)
+
+# what on_events decided about a frame
+IGNORED = "ignored"  # waiting for a sync: dropped
+GAP = "gap"  # out of sequence: the worker must resync
+APPLY = "apply"  # live: apply now
+BUFFERED = "buffered"  # syncing: applied after the synced set
+
+
+class ReportLink(Protocol):
+    """A worker's report connection, as the registry sees it."""
+
+    def detach(self, replaced: bool) -> None:
+        """Forget the worker (a newer connection took over, or it was removed) and close."""
+
+    def resync(self, reason: str) -> None:
+        """Ask the worker for a full sync."""
 
 
 class WorkerRecord:
@@ -56,7 +75,7 @@ class WorkerRecord:
         self.worker_port = 0
         self.p2p_host = ""
         self.p2p_port = 0
-        self.conn: MonitorProtocol | None = None
+        self.conn: ReportLink | None = None
         self.state = NEED_SYNC
         self.expected_seq = 0
         self.sync_chunks: list[tuple[str, bytes]] = []
@@ -75,10 +94,51 @@ class WorkerRecord:
     def key(self) -> tuple[str, int]:
         return (self.instance_id, self.worker_id)
 
+    # -- sync state: the transitions the report connection drives ---------------------------
     def reset_sync(self) -> None:
         self.sync_chunks = []
         self.sync_keys = 0
         self.sync_events = []
+
+    def need_sync(self) -> None:
+        """After hello, a gap or a lost connection: ignore events until the next sync."""
+        self.state = NEED_SYNC
+        self.reset_sync()
+
+    def begin_sync(self, seq: int) -> None:
+        """sync_start: buffer keys; the events frame after the snapshot has ``seq + 1``."""
+        self.reset_sync()
+        self.state = SYNCING
+        self.expected_seq = seq + 1
+
+    def add_sync_chunk(self, location: str, hashes: bytes) -> None:
+        """A sync_chunk; the tail of an abandoned sync (not syncing) is dropped."""
+        if self.state == SYNCING:
+            self.sync_chunks.append((location, hashes))
+            self.sync_keys += len(hashes) // 8
+
+    def on_events(self, seq: int, events: list[Event]) -> str:
+        """What to do with a valid events frame: IGNORED, GAP, APPLY (now) or BUFFERED
+        (kept for the end of the sync). Advances the expected seq."""
+        if self.state == NEED_SYNC:
+            return IGNORED
+        if seq != self.expected_seq:
+            return GAP
+        self.expected_seq = seq + 1
+        if self.state == LIVE:
+            return APPLY
+        self.sync_events.extend(events)
+        return BUFFERED
+
+    def heartbeat_in_step(self, seq: int) -> bool:
+        """Whether a heartbeat's last seq agrees with the events received."""
+        return self.state == NEED_SYNC or seq == self.expected_seq - 1
+
+    def synced(self) -> None:
+        """The synced set was applied: the worker is live."""
+        self.reset_sync()
+        self.state = LIVE
+        self.syncs += 1
 
 
 class Registry:
@@ -134,9 +194,9 @@ class Registry:
         self.workers[record.key] = record
         self.by_source[record.source] = self.by_source.get(record.source, 0) + 1
 
-    def attach(self, conn: MonitorProtocol, hello: dict) -> WorkerRecord:
+    def attach(self, conn: ReportLink, hello: report.Hello) -> WorkerRecord:
         """A worker said hello on ``conn``: (re)register it; it must full-sync next."""
-        key = (hello["instance_id"], hello["worker_id"])
+        key = (hello.instance_id, hello.worker_id)
         record = self.workers.get(key)
         if record is not None and record.source is not None:
             raise ValueError(f"worker {key[0]}/{key[1]} is already registered through another protocol")
@@ -147,24 +207,23 @@ class Registry:
             self.index.register_worker(*key)  # first: a name the index refuses leaves no record behind
             record = WorkerRecord(*key)
             self._add(record)
-            log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello["host"], hello["worker_port"])
+            log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello.host, hello.worker_port)
         else:
             old = record.conn
             if old is not None and old is not conn:
                 log.info("worker %s/%d: new connection replaces the old one", *key)
                 old.detach(replaced=True)
-            if (record.host, record.worker_port) != (hello["host"], hello["worker_port"]) and record.command is not None:
+            if (record.host, record.worker_port) != (hello.host, hello.worker_port) and record.command is not None:
                 record.command.close()
                 record.command = None
             log.info("worker %s/%d reconnected", *key)
-        record.host = hello["host"]
-        record.worker_port = hello["worker_port"]
-        record.p2p_host = hello["p2p_host"]
-        record.p2p_port = hello["p2p_port"]
+        record.host = hello.host
+        record.worker_port = hello.worker_port
+        record.p2p_host = hello.p2p_host
+        record.p2p_port = hello.p2p_port
         record.conn = conn
         record.disconnected_at = None
-        record.state = NEED_SYNC
-        record.reset_sync()
+        record.need_sync()
         self.touch(record)
         return record
 
@@ -190,8 +249,7 @@ class Registry:
         """The worker's connection dropped: keep its entries for heartbeat_timeout."""
         record.conn = None
         record.disconnected_at = time.monotonic()
-        record.state = NEED_SYNC
-        record.reset_sync()
+        record.need_sync()
         log.info("worker %s/%d disconnected; kept for %g s", record.instance_id, record.worker_id,
                  self.heartbeat_timeout)
 
@@ -293,7 +351,5 @@ class Registry:
         events.insert(0, ("drop", record.instance_id, record.worker_id, None, b""))
         self.changes += 1
         self.index.apply_batch(events)
-        record.reset_sync()
-        record.state = LIVE
-        record.syncs += 1
+        record.synced()
         self.metrics.syncs += 1

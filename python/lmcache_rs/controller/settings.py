@@ -18,8 +18,6 @@ from typing import Any, Mapping
 from ..config import API_KEY_ENV, ENV_PREFIX, parse_value, read_file_values
 from ..wire import DEFAULT_MAX_FRAME_BYTES
 
-PROTOCOL_VERSION = 1
-
 
 @dataclasses.dataclass
 class Settings:

@@ -78,8 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    from .engine import KVWorker
     from .synthetic import synthetic_for
+    from .worker import KVWorker
 
     try:
         worker = KVWorker(config, args.worker_id, serve=False)
@@ -104,16 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "preload: %d prompts, %d of %d tokens stored in %.2f s",
                 prompts, stored, tokens, time.monotonic() - started,
             )
-        from .service import WorkerService
-
-        if config.enable_controller or config.lmcache_worker_ports is not None or config.p2p_init_ports is not None:
-            worker.service = WorkerService(worker)
-            try:
-                worker.service.start()
-            except OSError as exc:
-                worker.service = None
-                print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
-                return 1
+        try:
+            worker.start_services()
+        except OSError as exc:
+            print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
+            return 1
         info = worker.info()
         print(
             f"lmcache_worker ready: instance={info['instance_id']} worker={info['worker_id']} "

@@ -25,7 +25,7 @@ import xxhash
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
 from ..log_limit import RateLimitedLog
-from .engine import ChunkExport, KVWorker, dtype_from_name
+from .store import ChunkExport, KVStore, dtype_from_name
 
 log = logging.getLogger("lmcache_rs.worker.p2p")
 log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
@@ -79,8 +79,8 @@ class FramedSocket:
 class P2PServer:
     """Serves this worker's chunks to peers; one thread per peer connection."""
 
-    def __init__(self, engine: KVWorker, host: str, port: int, max_frame_bytes: int):
-        self.engine = engine
+    def __init__(self, store: KVStore, host: str, port: int, max_frame_bytes: int):
+        self.store = store
         self.max_frame_bytes = max_frame_bytes
         self.listener = socket.create_server((host, port), backlog=64)
         self.listener.settimeout(0.2)
@@ -159,7 +159,7 @@ class P2PServer:
     def _answer(self, framed: FramedSocket, request_id: int, keys) -> None:
         missing: list[int] = []
         for key in keys:
-            with self.engine.export_chunk(key) as chunk:
+            with self.store.export_chunk(key) as chunk:
                 if chunk is None:
                     missing.append(key)
                     continue
@@ -184,13 +184,13 @@ class P2PServer:
         the peer then fails at once rather than wait for bytes that never come."""
         log.warning("p2p: disk chunk %016x is damaged (%s); dropping it", chunk.key, why)
         assert chunk.disk is not None
-        self.engine.drop_disk_chunk(chunk.disk)
+        self.store.drop_disk_chunk(chunk.disk)
         raise OSError(f"disk chunk {chunk.key:016x} is damaged")
 
 
 # -- client ------------------------------------------------------------------------------------
 def fetch(
-    engine: KVWorker,
+    store: KVStore,
     tokens: list[int],
     source: tuple[str, int],
     location: str,
@@ -200,39 +200,39 @@ def fetch(
     """Pull the chunks of ``tokens`` this worker lacks at ``location`` from the peer at
     ``source`` (host, p2p_port) and store them there. All or nothing: a refused, short or
     corrupt transfer raises TransferError and stores nothing. Returns {"chunks", "tokens"}."""
-    engine._check_location(location)
-    expected = engine.expected_chunks(tokens)
+    store.check_location(location)
+    expected = store.expected_chunks(tokens)
     ntokens_of = dict(expected)
     if location == "LocalDiskBackend":
-        engine.ensure_on_disk([k for k, _ in expected])
+        store.ensure_on_disk([k for k, _ in expected])
     on_disk = location == "LocalDiskBackend"
-    want = [k for k, _ in expected if not engine.holds(k, location) and not (on_disk and engine.holds(k, "LocalCPUBackend"))]
+    want = [k for k, _ in expected if not store.holds(k, location) and not (on_disk and store.holds(k, "LocalCPUBackend"))]
     if not want:
         if location == "LocalDiskBackend":
-            engine.flush()
+            store.flush()
         return {"chunks": 0, "tokens": 0}
-    slots = engine.reserve_slots(len(want), set(ntokens_of))
+    slots = store.reserve_slots(len(want), set(ntokens_of))
     if slots is None:
         raise TransferError(f"the CPU pool has no room for {len(want)} chunks")
     received: list[tuple[int, int, Any, int]] = []
     try:
         with socket.create_connection(source, timeout=timeout) as sock:
-            framed = FramedSocket(sock, engine.config.max_frame_bytes)
+            framed = FramedSocket(sock, store.config.max_frame_bytes)
             framed.send({"t": "get", "id": 1, "keys": pack_u64s(want)})
-            received = _receive(engine, framed, want, ntokens_of, slots)
+            received = _receive(store, framed, want, ntokens_of, slots)
     except (OSError, FrameError, msgpack.UnpackException, ValueError) as exc:
-        engine.release_slots(slots + [r[3] for r in received])
+        store.release_slots(slots + [r[3] for r in received])
         raise TransferError(f"fetch from {source[0]}:{source[1]} failed: {exc}") from None
     except BaseException:
-        engine.release_slots(slots + [r[3] for r in received])
+        store.release_slots(slots + [r[3] for r in received])
         raise
-    engine.release_slots(slots)
-    stored = engine.commit_received(received, location)
+    store.release_slots(slots)
+    stored = store.commit_received(received, location)
     log.info("p2p: fetched %d chunks (%d new) from %s:%d", len(received), stored, *source)
     return {"chunks": len(received), "tokens": sum(r[1] for r in received)}
 
 
-def _receive(engine, framed: FramedSocket, want: list[int], ntokens_of: dict[int, int], slots: list[int]):
+def _receive(store: KVStore, framed: FramedSocket, want: list[int], ntokens_of: dict[int, int], slots: list[int]):
     """Read the answer to one get into ``slots`` (popped as used). Raises on any problem,
     with the slots of chunks read so far listed in the exception-free path only."""
     pending = set(want)
@@ -258,14 +258,14 @@ def _receive(engine, framed: FramedSocket, want: list[int], ntokens_of: dict[int
                 raise TransferError("chunk frame without integer nbytes/checksum")
             dtype = dtype_from_name(message.get("dtype"))
             ntokens = ntokens_of[key]
-            shape = list(engine._chunk_shape(ntokens))
+            shape = list(store.chunk_shape(ntokens))
             if message.get("shape") != shape:
                 raise TransferError(f"chunk {key:016x} has shape {message.get('shape')}, expected {shape}")
-            if nbytes != engine._nbytes(ntokens, dtype) or nbytes > engine.slot_bytes:
+            if nbytes != store.chunk_nbytes(ntokens, dtype) or nbytes > store.slot_bytes:
                 raise TransferError(f"chunk {key:016x}: {nbytes} bytes do not match {shape} of {message.get('dtype')}")
             slot = slots.pop()
             received.append((key, ntokens, dtype, slot))
-            memory = engine.cpu.slot_memory(slot, nbytes)
+            memory = store.cpu.slot_memory(slot, nbytes)
             if framed.read_exact(memory) < nbytes:
                 raise TransferError(f"transfer truncated inside chunk {key:016x}")
             if xxhash.xxh3_64_intdigest(memory) != checksum:
