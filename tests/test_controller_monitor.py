@@ -18,6 +18,7 @@ from lmcache_rs.controller.settings import Settings
 from lmcache_rs.wire.report import Hello
 from lmcache_rs.wire import FrameDecoder, encode_frame, pack_u64s
 from lmcache_rs.wire.framing import _HEADER
+from lmcache_rs.wire.report import PROTOCOL_VERSION
 from py_index import PyIndex
 
 CPU = "LocalCPUBackend"
@@ -36,8 +37,9 @@ class Harness:
         return proto, attach(proto)
 
 
-def hello(instance="inst", worker=0, **over):
-    m = {"t": "hello", "v": 1, "instance_id": instance, "worker_id": worker, "host": "127.0.0.1",
+def hello(instance="inst", worker=0, world_size=1, **over):
+    m = {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": instance, "worker_id": worker, "world_size": world_size,
+         "host": "127.0.0.1",
          "worker_port": 8001 + worker, "p2p_host": "127.0.0.1", "p2p_port": 8200 + worker,
          "chunk_size": 256, "seed": 0}
     m.update(over)
@@ -56,6 +58,10 @@ def held(index, instance="inst", worker=0, location=CPU) -> set[int]:
     return {k for k, hs in index.ref.holdings.items() if (instance, worker, location) in hs}
 
 
+def ever_admitted(index, instance="inst", worker=0, location=CPU) -> set[int]:
+    return {k for i, w, loc, k in index.admitted if (i, w, loc) == (instance, worker, location)}
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -65,12 +71,12 @@ async def settle():
         await asyncio.sleep(0)
 
 
-async def registered(h, instance="inst", worker=0, keys=()):
+async def registered(h, instance="inst", worker=0, keys=(), world_size=1):
     """A connection past hello and an (optionally non-empty) full sync."""
     proto, t = h.connect()
-    proto.data_received(encode_frame(hello(instance, worker)))
+    proto.data_received(encode_frame(hello(instance, worker, world_size)))
     (welcome,) = out(t)
-    assert welcome["t"] == "welcome" and welcome["v"] == 1
+    assert welcome["t"] == "welcome" and welcome["v"] == PROTOCOL_VERSION
     proto.data_received(f(t="sync_start", seq=0) + f(t="sync_chunk", location=CPU, hashes=pack_u64s(keys))
                         + f(t="sync_end", count=len(keys)))
     return proto, t
@@ -98,8 +104,8 @@ def test_hello_welcome_and_full_sync_registers_holdings():
 def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
     async def main():
         h = Harness()
-        p0, _ = await registered(h, worker=0)
-        p1, _ = await registered(h, worker=1)
+        p0, _ = await registered(h, worker=0, world_size=2)
+        p1, _ = await registered(h, worker=1, world_size=2)
         await settle()
         before = h.index.batches
         p0.data_received(b"".join(f(t="events", seq=i, ops=[["admit", CPU, pack_u64s([i])]]) for i in range(1, 6)))
@@ -116,7 +122,7 @@ def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
 @pytest.mark.parametrize("field, value, text", [
     ("chunk_size", 128, "chunk_size 128 (controller uses 256)"),
     ("seed", 5, "hash seed 5 (controller uses 0)"),
-    ("v", 2, "protocol version 2"),
+    ("v", 1, f"protocol version 1 (controller speaks {PROTOCOL_VERSION})"),
 ])
 def test_config_mismatch_is_refused_with_both_values(field, value, text):
     async def main():
@@ -172,7 +178,8 @@ def test_bad_frames_get_error_and_close_and_change_nothing(data, code):
         frames = out(t)
         assert frames[-1]["t"] == "error" and frames[-1]["code"] == code, frames
         assert t.closed
-        assert held(h.index) == {10, 11, 1}  # the good frame stands; nothing of the bad one or after
+        assert ever_admitted(h.index) == {10, 11, 1}  # the good frame was applied; nothing of the bad one or after
+        assert held(h.index) == set()  # then the connection closed: a rank out of reach holds nothing
         assert h.metrics.rejected_frames == {code: 1}
 
     run(main())
@@ -186,7 +193,7 @@ def test_bad_op_after_good_ops_rejects_the_whole_frame():
                                                       ["admit", CPU, b"\x01"]]))
         await settle()
         assert out(t)[-1]["code"] == "bad_field" and t.closed
-        assert held(h.index) == {10}
+        assert ever_admitted(h.index) == {10}
 
     run(main())
 
@@ -275,7 +282,7 @@ def test_full_sync_replaces_holdings_exactly():
     run(main())
 
 
-def test_second_connection_replaces_first_and_disconnect_keeps_entries_until_timeout():
+def test_second_connection_replaces_first_and_disconnect_drops_entries_but_keeps_the_record_until_timeout():
     async def main():
         h = Harness(heartbeat_timeout=0.2)
         p1, t1 = await registered(h, keys=[1])
@@ -290,9 +297,10 @@ def test_second_connection_replaces_first_and_disconnect_keeps_entries_until_tim
         assert rec.conn is None
         import time as _time
         h.registry.expire(_time.monotonic())
-        assert held(h.index) == {1}  # kept while it may come back
+        # out of reach, it holds nothing; its record waits for it to come back and sync
+        assert held(h.index) == set() and h.index.workers() == {"inst": [0]} and ("inst", 0) in h.registry.workers
         h.registry.expire(_time.monotonic() + 0.3)
-        assert held(h.index) == set() and h.registry.workers == {} and h.metrics.workers_expired == 1
+        assert h.index.workers() == {} and h.registry.workers == {} and h.metrics.workers_expired == 1
 
     run(main())
 
@@ -314,12 +322,12 @@ def test_silent_worker_expires():
 def test_tensor_parallel_instance_needs_every_rank():
     async def main():
         h = Harness()
-        p0, _ = await registered(h, worker=0, keys=[1, 2])
-        p1, _ = await registered(h, worker=1, keys=[1])
-        assert h.index.workers() == {"inst": [0, 1]}
+        p0, _ = await registered(h, worker=0, keys=[1, 2], world_size=2)
+        assert h.index.workers() == {"inst": [0, 1]}  # every rank is registered at the first hello
+        p1, _ = await registered(h, worker=1, keys=[1], world_size=2)
         # rank 1 reconnects: until it syncs, it holds nothing, so the instance matches nothing
         p1b, t1b = h.connect()
-        p1b.data_received(encode_frame(hello(worker=1)))
+        p1b.data_received(encode_frame(hello(worker=1, world_size=2)))
         assert held(h.index, worker=1) == {1}  # entries kept until the sync replaces them
         p1b.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
         assert held(h.index, worker=1) == set() and h.index.workers() == {"inst": [0, 1]}
@@ -355,6 +363,6 @@ def test_reserved_ids_are_the_ones_the_native_index_refuses_and_attach_leaves_no
         Index(256, 0).register_worker(name, 0)
     registry = Registry(Index(256, 0), Metrics(), 10.0)
     with pytest.raises(InvalidArgumentError):
-        registry.attach(None, Hello(instance_id="detail", worker_id=0, host="h", worker_port=1,
+        registry.attach(None, Hello(instance_id="detail", worker_id=0, world_size=1, host="h", worker_port=1,
                                     p2p_host="h", p2p_port=2, chunk_size=256, seed=0))
     assert registry.workers == {}

@@ -313,3 +313,8 @@ def test_synthetic_kv_is_deterministic_and_prefix_stable():
     b = synthetic_kv(list(range(10)) + [7, 7], **SHAPE)
     assert torch.equal(a, b[:, :, :10])
     assert torch.equal(a, synthetic_kv(list(range(10)), **SHAPE))
+
+
+def test_a_worker_id_outside_the_world_size_is_refused():
+    with pytest.raises(ValueError, match="worker_id 2 is not a rank of world_size 2"):
+        KVWorker(config_from_dict({"chunk_size": CS, "world_size": 2}), worker_id=2)

@@ -15,6 +15,7 @@ from lmcache_rs.config import GB, config_from_dict
 from lmcache_rs.wire.framing import encode_frame, unpack_u64s
 from lmcache_rs.worker import KVWorker, synthetic_kv
 from lmcache_rs.worker.p2p import FramedSocket
+from lmcache_rs.wire.report import PROTOCOL_VERSION
 
 CS = 4
 SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=8)
@@ -35,7 +36,7 @@ class FakeController:
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.frames: queue.Queue = queue.Queue()
-        self.answer = answer or (lambda hello: {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        self.answer = answer or (lambda hello: {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
         self.read = read
         self.conns: list[socket.socket] = []
         self.threads: list[threading.Thread] = []
@@ -143,10 +144,12 @@ def controller():
 
 
 def test_hello_sync_events_heartbeat_bye(controller):
-    w = KVWorker(make_config(controller.port, lmcache_worker_ports=0, p2p_init_ports=0, p2p_host="127.0.0.1"), worker_id=3)
+    config = make_config(controller.port, lmcache_worker_ports=0, p2p_init_ports=0, p2p_host="127.0.0.1", world_size=4)
+    w = KVWorker(config, worker_id=3)
     try:
         _, hello = controller.next("hello")
-        assert hello["v"] == 1 and hello["instance_id"] == "inst-a" and hello["worker_id"] == 3
+        assert hello["v"] == PROTOCOL_VERSION and hello["instance_id"] == "inst-a"
+        assert hello["worker_id"] == 3 and hello["world_size"] == 4
         assert hello["chunk_size"] == CS and hello["seed"] == 0
         assert hello["worker_port"] == w.worker_port and hello["p2p_port"] == w.p2p_port
         assert controller.sync() == (0, {})
@@ -231,7 +234,7 @@ def test_refused_hello_is_retried_and_the_worker_keeps_working():
     answers = iter([{"t": "error", "code": "config_mismatch", "message": "chunk_size 4 != 256"}])
 
     def answer(hello):
-        return next(answers, {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        return next(answers, {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
 
     c = FakeController(answer=answer)
     w = KVWorker(make_config(c.port))
@@ -253,7 +256,7 @@ def test_a_hello_refused_again_and_again_is_logged_once(caplog):
     answers = iter([{"t": "error", "code": "config_mismatch", "message": "chunk_size 4 != 256"}] * refusals)
 
     def answer(hello):
-        return next(answers, {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        return next(answers, {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
 
     c = FakeController(answer=answer)
     with caplog.at_level(logging.INFO, logger="lmcache_rs"):

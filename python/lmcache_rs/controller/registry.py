@@ -10,6 +10,15 @@ connection says moves it through three states, in the record's own methods:
 The registry knows a report connection only as a :class:`ReportLink` (the monitor's
 protocol object implements it), so it imports nothing of the monitor.
 
+Tensor parallelism: our workers' hello names the instance's ``world_size`` N. At the first
+hello of an instance every rank 0..N-1 is registered in the index, so the instance matches a
+chunk only when all N hold it (the index requires every registered worker of an instance).
+A rank whose connection drops has its holdings dropped at once (the instance stops matching
+until it returns and syncs); a rank that expires or says bye leaves an empty registration
+behind while other ranks of its instance are known, so the remaining ranks never match
+alone. The instance's registrations go when its last rank does. A hello with another world
+size is refused while another rank of the instance is connected.
+
 Workers of other sources (LMCache's ZMQ protocol) live here too, so instances, commands and
 the HTTP API see one set of workers; such a record names its ``source``, which owns its
 liveness and its commands, and its holdings are in that source's key space (``index_of``).
@@ -149,6 +158,7 @@ class Registry:
         self.metrics = metrics
         self.heartbeat_timeout = heartbeat_timeout
         self.workers: dict[tuple[str, int], WorkerRecord] = {}
+        self.world_sizes: dict[str, int] = {}  # our instances: ranks registered in the index
         # workers per source (None: ours): which key spaces a lookup must ask
         self.by_source: dict[Any, int] = {}
         self._pending: list[Event] = []
@@ -203,8 +213,9 @@ class Registry:
         found, owner = self.owner_of(key[0])
         if found and owner is not None:
             raise ValueError(f"instance id {key[0]!r} is already used by workers of another protocol")
+        self._settle_world_size(hello, record)
+        record = self.workers.get(key)  # gone if the instance was re-formed
         if record is None:
-            self.index.register_worker(*key)  # first: a name the index refuses leaves no record behind
             record = WorkerRecord(*key)
             self._add(record)
             log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello.host, hello.worker_port)
@@ -227,12 +238,60 @@ class Registry:
         self.touch(record)
         return record
 
+    def _settle_world_size(self, hello: report.Hello, record: WorkerRecord | None) -> None:
+        """Register every rank of a new instance; refuse a world size that another connected
+        rank contradicts; re-form an instance none of whose other ranks is connected."""
+        instance_id, size = hello.instance_id, hello.world_size
+        known = self.world_sizes.get(instance_id)
+        if known == size:
+            return
+        if known is not None:
+            connected = sorted(r.worker_id for r in self.instance_workers(instance_id)
+                               if r.conn is not None and r is not record)
+            if connected:
+                raise ValueError(f"world_size {size} disagrees with the instance's {known} "
+                                 f"(ranks {connected} connected with it); all ranks must share one world_size")
+            log.info("instance %s re-formed: world_size %d -> %d", instance_id, known, size)
+            self._remove_instance(instance_id, f"re-formed with world_size {size}")
+        for rank in range(size):  # a name the index refuses raises here and leaves no record
+            try:
+                self.index.register_worker(instance_id, rank)
+            except Exception:
+                for registered in range(rank):
+                    self.index.remove_worker(instance_id, registered)
+                raise
+        self.world_sizes[instance_id] = size
+        self.changes += 1
+
+    def _remove_instance(self, instance_id: str, reason: str) -> None:
+        for record in self.instance_workers(instance_id):
+            self.remove(record, reason)
+        self._forget_instance(instance_id)
+
+    def _forget_instance(self, instance_id: str) -> int:
+        """Unregister every rank of an instance none of whose ranks is known any more."""
+        dropped = 0
+        for rank in range(self.world_sizes.pop(instance_id, 0)):
+            dropped += self.index.remove_worker(instance_id, rank)
+        self.changes += 1
+        return dropped
+
+    def _drop_holdings(self, record: WorkerRecord) -> int:
+        """Empty a rank's holdings, keeping it registered: its instance stops matching."""
+        self.flush()
+        _, dropped = self.index.apply_batch([("drop", record.instance_id, record.worker_id, None, b"")])
+        self.changes += 1
+        return dropped
+
     def restore(self) -> int:
         """After loading a snapshot: its workers are known but not connected; each must come
         back within heartbeat_timeout (and full-sync) or its holdings are removed."""
         now = time.monotonic()
         restored = 0
         for instance_id, worker_ids in self.index.workers().items():
+            if self.owner_of(instance_id)[1] is None:
+                # every rank was registered at the first hello: the ranks are the world
+                self.world_sizes.setdefault(instance_id, max(worker_ids) + 1)
             for worker_id in worker_ids:
                 if (instance_id, worker_id) not in self.workers:
                     record = WorkerRecord(instance_id, worker_id)
@@ -246,12 +305,15 @@ class Registry:
         record.last_seen_wall = time.time()
 
     def detached(self, record: WorkerRecord) -> None:
-        """The worker's connection dropped: keep its entries for heartbeat_timeout."""
+        """The worker's connection dropped: its holdings stop counting at once (a rank that
+        cannot be reached must not make its instance match); the record is kept for
+        heartbeat_timeout, for the worker to come back and full-sync."""
         record.conn = None
         record.disconnected_at = time.monotonic()
         record.need_sync()
-        log.info("worker %s/%d disconnected; kept for %g s", record.instance_id, record.worker_id,
-                 self.heartbeat_timeout)
+        dropped = self._drop_holdings(record)
+        log.info("worker %s/%d disconnected: %d holdings dropped; kept for %g s", record.instance_id,
+                 record.worker_id, dropped, self.heartbeat_timeout)
 
     def remove(self, record: WorkerRecord, reason: str) -> int:
         """Drop the worker and all its holdings now."""
@@ -261,7 +323,12 @@ class Registry:
         del self.workers[record.key]
         self.by_source[record.source] = max(0, self.by_source.get(record.source, 0) - 1)
         if record.source is None:
-            dropped = self.index.remove_worker(record.instance_id, record.worker_id)
+            if self.instance_workers(record.instance_id):  # the rank stays registered, empty
+                dropped = self._drop_holdings(record)
+            elif record.instance_id in self.world_sizes:
+                dropped = self._forget_instance(record.instance_id)
+            else:
+                dropped = self.index.remove_worker(record.instance_id, record.worker_id)
         else:
             dropped = record.source.remove_worker(record.instance_id, record.worker_id)
         self.changes += 1

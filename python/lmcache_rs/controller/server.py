@@ -151,7 +151,7 @@ class Controller:
         await self._stop_http_loops(grace)
         await self.http_state.drain([self.http_server] if self.http_server is not None else [], grace)
         for conn in list(self.monitor_state.connections):
-            conn.close()
+            conn.detach(replaced=False)  # closed by us, not lost: the holdings stay for the snapshot
         self.registry.flush()
         tasks = list(self.ops.tasks)
         for task in (self._housekeeping, self._snapshots, self._key_checks):

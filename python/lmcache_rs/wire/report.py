@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional
 
+from ..config import MAX_WORLD_SIZE
 from .framing import FrameError, pack_u64s
 
-PROTOCOL_VERSION = 1
+# 2: hello carries world_size (an instance matches only when all its ranks hold a chunk)
+PROTOCOL_VERSION = 2
 
 MAX_NAME_LEN = 256  # instance ids, hosts and locations
 U32 = 2**32
@@ -82,10 +84,11 @@ def _positive_number(message: dict, field: str) -> float:
 # -- hello ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello:
-    """Who a worker is: one tensor-parallel rank (``worker_id``) of an instance."""
+    """Who a worker is: tensor-parallel rank ``worker_id`` of the ``world_size`` ranks of an instance."""
 
     instance_id: str
     worker_id: int
+    world_size: int
     host: str
     worker_port: int
     p2p_host: str
@@ -115,6 +118,7 @@ def parse_hello(message: dict) -> Hello:
     hello = Hello(
         instance_id=name_field(message, "instance_id"),
         worker_id=int_field(message, "worker_id", hi=U32),
+        world_size=int_field(message, "world_size", lo=1, hi=MAX_WORLD_SIZE + 1),
         host=name_field(message, "host"),
         worker_port=int_field(message, "worker_port", hi=65536),
         p2p_host=name_field(message, "p2p_host"),
@@ -124,6 +128,8 @@ def parse_hello(message: dict) -> Hello:
         api_key=api_key,
         v=version,
     )
+    if hello.worker_id >= hello.world_size:
+        raise FrameError("bad_field", f"hello: worker_id {hello.worker_id} is not a rank of world_size {hello.world_size}")
     return hello
 
 

@@ -52,6 +52,10 @@ class KVWorker:
     """
 
     def __init__(self, config: LMCacheConfig, worker_id: int = 0, *, serve: bool = True):
+        config.validate()
+        if not 0 <= worker_id < config.world_size:
+            raise ValueError(f"worker_id {worker_id} is not a rank of world_size {config.world_size} "
+                             "(set world_size in the config to the instance's tensor-parallel size)")
         self.kvstore = KVStore(config, worker_id)
         self.config = config
         self.worker_id = worker_id
@@ -174,6 +178,7 @@ class KVWorker:
         return report.Hello(
             instance_id=self.instance_id,
             worker_id=self.worker_id,
+            world_size=config.world_size,
             host=config.lmcache_worker_host,
             worker_port=self.worker_port or 0,
             p2p_host=config.p2p_host or config.lmcache_worker_host,
