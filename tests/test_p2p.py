@@ -106,6 +106,32 @@ def test_unreachable_peer(pair):
     assert b.kvstore.cpu.free_slots == b.kvstore.cpu.num_slots
 
 
+def test_a_failed_fetch_evicts_nothing_from_a_full_pool():
+    with KVWorker(make_config(slots=4, p2p=False)) as b:
+        held = list(range(16))  # four chunks: the pool is full
+        b.store(held, synthetic_kv(held, **SHAPE))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = ("127.0.0.1", s.getsockname()[1])
+        with pytest.raises(TransferError, match="failed"):
+            fetch(b.kvstore, list(range(500, 516)), dead, CPU)
+        assert b.lookup(held) == 16  # room is made only once the bytes are in hand
+        b.kvstore.check()
+
+
+def test_a_fetch_into_a_full_pool_evicts_once_the_bytes_are_in(pair):
+    a, _ = pair
+    with KVWorker(make_config(slots=4, p2p=False)) as b:
+        held, wanted = list(range(16)), list(range(500, 508))
+        b.store(held, synthetic_kv(held, **SHAPE))
+        a.store(wanted, synthetic_kv(wanted, **SHAPE))
+        assert fetch(b.kvstore, wanted, source_of(a), CPU) == {"chunks": 2, "tokens": 8}
+        assert b.lookup(wanted) == 8
+        assert sum(k in b.kvstore.cpu.entries for k in b.chunk_keys(held)) == 2  # two chunks made room
+        assert torch.equal(b.retrieve(wanted)[1], synthetic_kv(wanted, **SHAPE))
+        b.kvstore.check()
+
+
 class EvilPeer:
     """A P2P server that answers one get with whatever the test scripts."""
 

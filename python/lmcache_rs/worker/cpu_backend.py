@@ -114,6 +114,12 @@ class LocalCPUBackend(LruEntries[CpuChunk]):
             evicted.append(victim)
         return self.free.pop()
 
+    def reserve_free(self, count: int) -> list[int]:
+        """Up to ``count`` free slots, reserved without evicting anything."""
+        taken = self.free[len(self.free) - min(count, len(self.free)):]
+        del self.free[len(self.free) - len(taken):]
+        return taken
+
     def release(self, slot: int) -> None:
         """Give back a slot reserved with reserve() and never committed."""
         self.free.append(slot)

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import msgpack
@@ -189,6 +190,17 @@ class P2PServer:
 
 
 # -- client ------------------------------------------------------------------------------------
+@dataclass
+class _Landed:
+    """A chunk received: in a pool slot that was free, or staged in memory until room is made."""
+
+    key: int
+    ntokens: int
+    dtype: Any
+    slot: Optional[int] = None
+    staged: Optional[bytearray] = None
+
+
 def fetch(
     store: KVStore,
     tokens: list[int],
@@ -199,7 +211,10 @@ def fetch(
 ) -> dict[str, int]:
     """Pull the chunks of ``tokens`` this worker lacks at ``location`` from the peer at
     ``source`` (host, p2p_port) and store them there. All or nothing: a refused, short or
-    corrupt transfer raises TransferError and stores nothing. Returns {"chunks", "tokens"}."""
+    corrupt transfer raises TransferError and stores nothing. Chunks are read straight into
+    pool slots that are free; the rest wait in memory, and room is made for them (evicting least
+    recently used chunks) only once the whole transfer is in hand and checked, so a failed fetch
+    never costs a chunk. Returns {"chunks", "tokens"}."""
     store.check_location(location)
     expected = store.expected_chunks(tokens)
     ntokens_of = dict(expected)
@@ -211,67 +226,75 @@ def fetch(
         if location == "LocalDiskBackend":
             store.flush()
         return {"chunks": 0, "tokens": 0}
-    slots = store.reserve_slots(len(want), set(ntokens_of))
-    if slots is None:
-        raise TransferError(f"the CPU pool has no room for {len(want)} chunks")
-    received: list[tuple[int, int, Any, int]] = []
+    free = store.reserve_free_slots(len(want))
+    landed: list[_Landed] = []
     try:
-        with socket.create_connection(source, timeout=timeout) as sock:
-            framed = FramedSocket(sock, store.config.max_frame_bytes)
-            framed.send({"t": "get", "id": 1, "keys": pack_u64s(want)})
-            received = _receive(store, framed, want, ntokens_of, slots)
-    except (OSError, FrameError, msgpack.UnpackException, ValueError) as exc:
-        store.release_slots(slots + [r[3] for r in received])
-        raise TransferError(f"fetch from {source[0]}:{source[1]} failed: {exc}") from None
+        try:
+            with socket.create_connection(source, timeout=timeout) as sock:
+                framed = FramedSocket(sock, store.config.max_frame_bytes)
+                framed.send({"t": "get", "id": 1, "keys": pack_u64s(want)})
+                _receive(store, framed, want, ntokens_of, free, landed)
+        except (OSError, FrameError, msgpack.UnpackException, ValueError) as exc:
+            raise TransferError(f"fetch from {source[0]}:{source[1]} failed: {exc}") from None
+        staged = [chunk for chunk in landed if chunk.slot is None]
+        if staged:  # the bytes are in hand: only now make room
+            slots = store.reserve_slots(len(staged), set(ntokens_of))
+            if slots is None:
+                raise TransferError(f"the CPU pool has no room for {len(staged)} more chunks")
+            for chunk, slot in zip(staged, slots):
+                assert chunk.staged is not None
+                store.slot_memory(slot, len(chunk.staged))[:] = chunk.staged
+                chunk.slot, chunk.staged = slot, None
     except BaseException:
-        store.release_slots(slots + [r[3] for r in received])
+        store.release_slots(free + [chunk.slot for chunk in landed if chunk.slot is not None])
         raise
-    store.release_slots(slots)
-    stored = store.commit_received(received, location)
-    log.info("p2p: fetched %d chunks (%d new) from %s:%d", len(received), stored, *source)
-    return {"chunks": len(received), "tokens": sum(r[1] for r in received)}
+    store.release_slots(free)
+    stored = store.commit_received([(c.key, c.ntokens, c.dtype, c.slot) for c in landed], location)
+    log.info("p2p: fetched %d chunks (%d new) from %s:%d", len(landed), stored, *source)
+    return {"chunks": len(landed), "tokens": sum(c.ntokens for c in landed)}
 
 
-def _receive(store: KVStore, framed: FramedSocket, want: list[int], ntokens_of: dict[int, int], slots: list[int]):
-    """Read the answer to one get into ``slots`` (popped as used). Raises on any problem,
-    with the slots of chunks read so far listed in the exception-free path only."""
+def _receive(store: KVStore, framed: FramedSocket, want: list[int], ntokens_of: dict[int, int],
+             free: list[int], landed: list[_Landed]) -> None:
+    """Read the answer to one get: each chunk into one of the ``free`` slots (popped as used)
+    or, when none is left, into memory of its size; appended to ``landed`` as it arrives.
+    Raises TransferError (or FrameError) on any problem; the caller gives the slots back."""
     pending = set(want)
-    received: list[tuple[int, int, Any, int]] = []
-    try:
-        while True:
-            message = framed.read_frame()
-            if message is None:
-                raise TransferError("the peer closed the connection before the end of the transfer")
-            kind = message["t"]
-            if kind == "end":
-                if message.get("id") != 1:
-                    raise TransferError("end frame of another request")
-                return received
-            if kind == "error":
-                raise TransferError(f"the peer refused: {message.get('code')}: {message.get('message')}")
-            if kind != "chunk":
-                raise TransferError(f"unexpected frame {kind!r}")
-            key, nbytes, checksum = message.get("key"), message.get("nbytes"), message.get("checksum")
-            if message.get("id") != 1 or type(key) is not int or key not in pending:
-                raise TransferError(f"chunk {key!r} was not asked for")
-            if type(nbytes) is not int or type(checksum) is not int:
-                raise TransferError("chunk frame without integer nbytes/checksum")
-            dtype = dtype_from_name(message.get("dtype"))
-            ntokens = ntokens_of[key]
-            shape = list(store.chunk_shape(ntokens))
-            if message.get("shape") != shape:
-                raise TransferError(f"chunk {key:016x} has shape {message.get('shape')}, expected {shape}")
-            if nbytes != store.chunk_nbytes(ntokens, dtype) or nbytes > store.slot_bytes:
-                raise TransferError(f"chunk {key:016x}: {nbytes} bytes do not match {shape} of {message.get('dtype')}")
-            slot = slots.pop()
-            received.append((key, ntokens, dtype, slot))
-            memory = store.cpu.slot_memory(slot, nbytes)
-            if framed.read_exact(memory) < nbytes:
-                raise TransferError(f"transfer truncated inside chunk {key:016x}")
-            if xxhash.xxh3_64_intdigest(memory) != checksum:
-                raise TransferError(f"checksum mismatch for chunk {key:016x}")
-            pending.discard(key)
-    except BaseException:
-        slots.extend(r[3] for r in received)
-        received.clear()
-        raise
+    while True:
+        message = framed.read_frame()
+        if message is None:
+            raise TransferError("the peer closed the connection before the end of the transfer")
+        kind = message["t"]
+        if kind == "end":
+            if message.get("id") != 1:
+                raise TransferError("end frame of another request")
+            return
+        if kind == "error":
+            raise TransferError(f"the peer refused: {message.get('code')}: {message.get('message')}")
+        if kind != "chunk":
+            raise TransferError(f"unexpected frame {kind!r}")
+        key, nbytes, checksum = message.get("key"), message.get("nbytes"), message.get("checksum")
+        if message.get("id") != 1 or type(key) is not int or key not in pending:
+            raise TransferError(f"chunk {key!r} was not asked for")
+        if type(nbytes) is not int or type(checksum) is not int:
+            raise TransferError("chunk frame without integer nbytes/checksum")
+        dtype = dtype_from_name(message.get("dtype"))
+        ntokens = ntokens_of[key]
+        shape = list(store.chunk_shape(ntokens))
+        if message.get("shape") != shape:
+            raise TransferError(f"chunk {key:016x} has shape {message.get('shape')}, expected {shape}")
+        if nbytes != store.chunk_nbytes(ntokens, dtype) or nbytes > store.slot_bytes:
+            raise TransferError(f"chunk {key:016x}: {nbytes} bytes do not match {shape} of {message.get('dtype')}")
+        chunk = _Landed(key, ntokens, dtype)
+        if free:
+            chunk.slot = free.pop()
+            memory = store.slot_memory(chunk.slot, nbytes)
+        else:
+            chunk.staged = bytearray(nbytes)  # at most one slot, checked above
+            memory = memoryview(chunk.staged)
+        landed.append(chunk)
+        if framed.read_exact(memory) < nbytes:
+            raise TransferError(f"transfer truncated inside chunk {key:016x}")
+        if xxhash.xxh3_64_intdigest(memory) != checksum:
+            raise TransferError(f"checksum mismatch for chunk {key:016x}")
+        pending.discard(key)

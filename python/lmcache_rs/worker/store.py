@@ -752,6 +752,16 @@ class KVStore:
         keys = self.chunk_keys(tokens)
         return [(k, e - s) for k, (s, e) in zip(keys, self._bounds(len(tokens)))]
 
+    def reserve_free_slots(self, count: int) -> list[int]:
+        """Up to ``count`` pool slots that are free now, evicting nothing (give them back with
+        ``release_slots``)."""
+        with self._lock:
+            return self.cpu.reserve_free(count)
+
+    def slot_memory(self, slot: int, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of a reserved slot, to read into."""
+        return self.cpu.slot_memory(slot, nbytes)
+
     def reserve_slots(self, count: int, protect: set[int]) -> Optional[list[int]]:
         """``count`` pool slots for an incoming transfer, or None (nothing reserved)."""
         slots: list[int] = []
