@@ -282,25 +282,44 @@ def test_full_sync_replaces_holdings_exactly():
     run(main())
 
 
-def test_second_connection_replaces_first_and_disconnect_drops_entries_but_keeps_the_record_until_timeout():
+def test_an_identity_sticks_to_its_connection_until_it_closes():
     async def main():
         h = Harness(heartbeat_timeout=0.2)
         p1, t1 = await registered(h, keys=[1])
         p2, t2 = h.connect()
-        p2.data_received(encode_frame(hello()))
-        assert out(t2)[0]["t"] == "welcome"
-        assert t1.closed
-        await settle()  # the old connection's connection_lost must not detach the new one
+        p2.data_received(encode_frame(hello(p2p_port=9999)))  # a stranger claims the live rank
+        (err,) = out(t2)
+        assert err["t"] == "error" and err["code"] == "worker_in_use" and t2.closed and not t1.closed
+        await settle()
         rec = h.registry.workers[("inst", 0)]
-        assert rec.conn is p2 and held(h.index) == {1}
-        p2.connection_lost(None)
+        assert rec.conn is p1 and rec.p2p_port == 8200 and held(h.index) == {1}
+        p1.connection_lost(None)  # the first connection closes: the identity is free again
         assert rec.conn is None
         import time as _time
         h.registry.expire(_time.monotonic())
         # out of reach, it holds nothing; its record waits for it to come back and sync
         assert held(h.index) == set() and h.index.workers() == {"inst": [0]} and ("inst", 0) in h.registry.workers
+        p3, t3 = h.connect()
+        p3.data_received(encode_frame(hello()))
+        assert out(t3)[0]["t"] == "welcome" and rec.conn is p3
+        p3.connection_lost(None)
         h.registry.expire(_time.monotonic() + 0.3)
         assert h.index.workers() == {} and h.registry.workers == {} and h.metrics.workers_expired == 1
+
+    run(main())
+
+
+def test_a_silent_connection_loses_its_identity_at_the_heartbeat_timeout():
+    async def main():
+        import time as _time
+
+        h = Harness(heartbeat_timeout=0.2)
+        p1, t1 = await registered(h, keys=[1])
+        h.registry.expire(_time.monotonic() + 0.5)  # silent: removed, its connection closed
+        assert t1.closed and h.registry.workers == {}
+        p2, t2 = h.connect()
+        p2.data_received(encode_frame(hello()))
+        assert out(t2)[0]["t"] == "welcome"
 
     run(main())
 
@@ -325,11 +344,10 @@ def test_tensor_parallel_instance_needs_every_rank():
         p0, _ = await registered(h, worker=0, keys=[1, 2], world_size=2)
         assert h.index.workers() == {"inst": [0, 1]}  # every rank is registered at the first hello
         p1, _ = await registered(h, worker=1, keys=[1], world_size=2)
-        # rank 1 reconnects: until it syncs, it holds nothing, so the instance matches nothing
-        p1b, t1b = h.connect()
-        p1b.data_received(encode_frame(hello(worker=1, world_size=2)))
-        assert held(h.index, worker=1) == {1}  # entries kept until the sync replaces them
-        p1b.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
+        # rank 1 asks for a resync: its entries stand until the sync replaces them
+        p1.resync("test")
+        assert held(h.index, worker=1) == {1}
+        p1.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
         assert held(h.index, worker=1) == set() and h.index.workers() == {"inst": [0, 1]}
 
     run(main())

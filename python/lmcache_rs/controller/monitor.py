@@ -8,14 +8,14 @@ frame and the connection is closed (the frames before it on the connection stand
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from ..config import RESERVED_INSTANCE_IDS
 from ..log_limit import RateLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame, report
+from ..wire.auth import key_matches
 from .metrics import Metrics
-from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, WorkerRecord
+from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, WorkerInUse, WorkerRecord
 from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.monitor")
@@ -193,11 +193,13 @@ class MonitorProtocol(asyncio.Protocol):
                 + ". Workers and controller must share one config.",
             )
         api_key = hello.api_key
-        if s.api_key is not None and (api_key is None or not hmac.compare_digest(api_key.encode(), s.api_key.encode())):
+        if s.api_key is not None and not key_matches(api_key, s.api_key):
             raise FrameError(report.UNAUTHORIZED, "hello: wrong or missing api_key")
         try:
             self.record = self.registry.attach(self, hello)
-        except ValueError as exc:  # the id is taken by a worker of another protocol
+        except WorkerInUse as exc:
+            raise FrameError(report.WORKER_IN_USE, str(exc)) from None
+        except ValueError as exc:  # the id is taken by a worker of another protocol, or another world size
             raise FrameError(report.CONFIG_MISMATCH, f"worker {instance_id}/{worker_id} refused: {exc}") from None
         self.decoder.max_frame_bytes = s.max_frame_bytes  # a known worker may send full-size frames
         assert self.transport is not None

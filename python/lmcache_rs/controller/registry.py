@@ -60,6 +60,10 @@ APPLY = "apply"  # live: apply now
 BUFFERED = "buffered"  # syncing: applied after the synced set
 
 
+class WorkerInUse(ValueError):
+    """A hello for a worker whose identity another live connection holds."""
+
+
 class ReportLink(Protocol):
     """A worker's report connection, as the registry sees it."""
 
@@ -213,6 +217,11 @@ class Registry:
         found, owner = self.owner_of(key[0])
         if found and owner is not None:
             raise ValueError(f"instance id {key[0]!r} is already used by workers of another protocol")
+        if record is not None and record.conn is not None and record.conn is not conn:
+            # an identity sticks to its connection until that one closes or goes silent: without
+            # an API key, this is what keeps a stranger from taking over a live rank
+            raise WorkerInUse(f"worker {key[0]}/{key[1]} is connected already; a new connection is accepted "
+                              "once that one closes or is silent for the heartbeat timeout")
         self._settle_world_size(hello, record)
         record = self.workers.get(key)  # gone if the instance was re-formed
         if record is None:
@@ -220,10 +229,6 @@ class Registry:
             self._add(record)
             log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello.host, hello.worker_port)
         else:
-            old = record.conn
-            if old is not None and old is not conn:
-                log.info("worker %s/%d: new connection replaces the old one", *key)
-                old.detach(replaced=True)
             if (record.host, record.worker_port) != (hello.host, hello.worker_port) and record.command is not None:
                 record.command.close()
                 record.command = None

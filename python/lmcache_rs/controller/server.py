@@ -47,7 +47,8 @@ class Controller:
             self.kv_events = KVEventSource(settings, self.registry, self.metrics)
         self.events = EventTracker(settings.event_history)
         self.event_ids = EventIds()
-        self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events)
+        self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events,
+                              api_key=settings.api_key)
         self.http_state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
         self.api = Api(self)
         self.http_state.app = self.api

@@ -17,12 +17,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import msgpack
 import xxhash
 
+from lmcache_rs.wire.auth import AUTH, UNAUTHORIZED, auth_frame, check_first_frame
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
 from ..log_limit import RateLimitedLog
@@ -39,12 +41,20 @@ class TransferError(RuntimeError):
 
 
 # -- blocking framed socket --------------------------------------------------------------------
-class FramedSocket:
-    """Frames and raw byte runs over one blocking socket."""
+READ_PIECE = 1 << 16  # a frame body grows by at most this much per read: memory follows the bytes
 
-    def __init__(self, sock: socket.socket, max_frame_bytes: int):
+
+class FramedSocket:
+    """Frames and raw byte runs over one blocking socket.
+
+    ``frame_timeout``: once a frame has started, all of it must arrive within this many
+    seconds (a slow peer is cut); None waits as long as the socket's own timeout allows.
+    """
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int, frame_timeout: Optional[float] = None):
         self.sock = sock
         self.max_frame_bytes = max_frame_bytes
+        self.frame_timeout = frame_timeout
 
     def read_exact(self, out: memoryview) -> int:
         """Fill ``out``; returns the bytes read (less than len(out) only at end of stream)."""
@@ -56,33 +66,66 @@ class FramedSocket:
             got += n
         return got
 
-    def read_frame(self) -> Optional[dict[str, Any]]:
-        """The next message; None at a clean end of stream. Raises FrameError or TransferError."""
-        header = bytearray(_HEADER_BYTES)
-        got = self.read_exact(memoryview(header))
-        if got == 0:
+    def read_frame(self, idle_timeout: Optional[float] = None) -> Optional[dict[str, Any]]:
+        """The next message; None at a clean end of stream. ``idle_timeout``: how long to wait
+        for a frame to start (None: the socket's timeout). Raises FrameError, TransferError,
+        or OSError (socket.timeout) when the peer is idle or slow past its time."""
+        if idle_timeout is not None:
+            self.sock.settimeout(idle_timeout)
+        first = self.sock.recv(_HEADER_BYTES)
+        if not first:
             return None
-        if got < _HEADER_BYTES:
-            raise TransferError("connection closed inside a frame header")
+        deadline = None if self.frame_timeout is None else time.monotonic() + self.frame_timeout
+        header = bytearray(first)
+        while len(header) < _HEADER_BYTES:
+            piece = self._recv(_HEADER_BYTES - len(header), deadline)
+            if not piece:
+                raise TransferError("connection closed inside a frame header")
+            header += piece
         length = int.from_bytes(header, "big")
         if length > self.max_frame_bytes:
             raise FrameError("frame_too_large", f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}")
-        body = bytearray(length)
-        if self.read_exact(memoryview(body)) < length:
-            raise TransferError("connection closed inside a frame")
+        body = bytearray()  # grown as bytes arrive: a claimed length costs nothing until it is sent
+        while len(body) < length:
+            piece = self._recv(min(length - len(body), READ_PIECE), deadline)
+            if not piece:
+                raise TransferError("connection closed inside a frame")
+            body += piece
         return decode_body(bytes(body))
+
+    def _recv(self, n: int, deadline: Optional[float]) -> bytes:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the peer is too slow to send a frame")
+            self.sock.settimeout(left)
+        return self.sock.recv(n)
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.sendall(encode_frame(message))
 
 
 # -- server ------------------------------------------------------------------------------------
-class P2PServer:
-    """Serves this worker's chunks to peers; one thread per peer connection."""
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 60.0  # s a peer connection may wait between requests
+IO_TIMEOUT = 30.0  # s a frame may take to arrive, and a send may block on a peer that does not read
 
-    def __init__(self, store: KVStore, host: str, port: int, max_frame_bytes: int):
+
+class P2PServer:
+    """Serves this worker's chunks to peers; one thread per peer connection, at most
+    ``max_connections`` of them (one more gets ``too_many_connections``). With ``api_key`` a
+    connection's first frame must prove it (wire/auth.py). A peer idle for ``idle_timeout``
+    or slower than ``io_timeout`` to send a frame or take our bytes is cut."""
+
+    def __init__(self, store: KVStore, host: str, port: int, max_frame_bytes: int, *, api_key: Optional[str] = None,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT,
+                 io_timeout: float = IO_TIMEOUT):
         self.store = store
         self.max_frame_bytes = max_frame_bytes
+        self.api_key = api_key
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
         self.listener = socket.create_server((host, port), backlog=64)
         self.listener.settimeout(0.2)
         self.host = host
@@ -94,6 +137,10 @@ class P2PServer:
 
     def start(self) -> None:
         self._acceptor.start()
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
 
     def close(self) -> None:
         self._closing = True
@@ -123,20 +170,43 @@ class P2PServer:
                 if self._closing:
                     return
                 continue
-            conn.settimeout(None)
-            thread = threading.Thread(target=self._serve, args=(conn,), name="lmcache-p2p-conn", daemon=True)
             with self._lock:
-                self._connections[conn] = thread
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    thread = threading.Thread(target=self._serve, args=(conn,), name="lmcache-p2p-conn", daemon=True)
+                    self._connections[conn] = thread
+            if full:
+                self._refuse(conn, "too_many_connections", f"this worker serves at most {self.max_connections} peers")
+                continue
             thread.start()
 
+    def _refuse(self, conn: socket.socket, code: str, message: str) -> None:
+        log_refusal("p2p: refusing a peer: %s", code)
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(encode_frame({"t": "error", "code": code, "message": message}))
+        except OSError:
+            pass
+        conn.close()
+
     def _serve(self, conn: socket.socket) -> None:
-        framed = FramedSocket(conn, self.max_frame_bytes)
+        framed = FramedSocket(conn, self.max_frame_bytes, frame_timeout=self.io_timeout)
+        authenticated = self.api_key is None
         try:
             while not self._closing:
                 try:
-                    message = framed.read_frame()
+                    message = framed.read_frame(idle_timeout=self.idle_timeout)
                     if message is None:
                         return
+                    conn.settimeout(self.io_timeout)  # for our sends: a peer that stops reading is cut
+                    if not authenticated:
+                        assert self.api_key is not None
+                        if not check_first_frame(message, self.api_key):
+                            raise FrameError(UNAUTHORIZED, "the first frame must be auth with the API key")
+                        authenticated = True
+                        continue
+                    if message["t"] == AUTH:
+                        continue  # a key this worker does not ask for
                     if message["t"] != "get":
                         raise FrameError("unknown_type", f"unexpected frame type {message['t']!r} on a P2P connection")
                     request_id, keys = message.get("id"), message.get("keys")
@@ -151,7 +221,7 @@ class P2PServer:
                     return
                 self._answer(framed, request_id, keys)
         except OSError:
-            return  # the peer went away, or a damaged disk chunk cut the transfer
+            return  # the peer went away, idled or stalled, or a damaged disk chunk cut the transfer
         finally:
             with self._lock:
                 self._connections.pop(conn, None)
@@ -208,13 +278,15 @@ def fetch(
     location: str,
     *,
     timeout: float = 60.0,
+    api_key: Optional[str] = None,
 ) -> dict[str, int]:
     """Pull the chunks of ``tokens`` this worker lacks at ``location`` from the peer at
     ``source`` (host, p2p_port) and store them there. All or nothing: a refused, short or
     corrupt transfer raises TransferError and stores nothing. Chunks are read straight into
     pool slots that are free; the rest wait in memory, and room is made for them (evicting least
     recently used chunks) only once the whole transfer is in hand and checked, so a failed fetch
-    never costs a chunk. Returns {"chunks", "tokens"}."""
+    never costs a chunk. With ``api_key`` the connection proves it first (the peer asks for it
+    when it has one). Returns {"chunks", "tokens"}."""
     store.check_location(location)
     expected = store.expected_chunks(tokens)
     ntokens_of = dict(expected)
@@ -232,6 +304,8 @@ def fetch(
         try:
             with socket.create_connection(source, timeout=timeout) as sock:
                 framed = FramedSocket(sock, store.config.max_frame_bytes)
+                if api_key is not None:
+                    framed.send(auth_frame(api_key))
                 framed.send({"t": "get", "id": 1, "keys": pack_u64s(want)})
                 _receive(store, framed, want, ntokens_of, free, landed)
         except (OSError, FrameError, msgpack.UnpackException, ValueError) as exc:

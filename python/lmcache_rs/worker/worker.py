@@ -120,7 +120,7 @@ class KVWorker:
     def fetch(self, tokens: Any, source: tuple[str, int], location: str = "LocalCPUBackend") -> dict[str, int]:
         """Pull the chunks of ``tokens`` held by the peer at ``source`` (host, p2p_port);
         see p2p.fetch. Raises p2p.TransferError (nothing stored) or ValueError."""
-        return p2p.fetch(self.kvstore, list(tokens), source, location)
+        return p2p.fetch(self.kvstore, list(tokens), source, location, api_key=self.config.controller_api_key)
 
     def info(self) -> dict[str, Any]:
         """The store's info with this worker's addresses."""
@@ -149,7 +149,8 @@ class KVWorker:
             return
         port = config.p2p_port(self.worker_id)
         if port is not None:
-            self.p2p_server = p2p.P2PServer(self.kvstore, config.p2p_host or "localhost", port, config.max_frame_bytes)
+            self.p2p_server = p2p.P2PServer(self.kvstore, config.p2p_host or "localhost", port, config.max_frame_bytes,
+                                            api_key=config.controller_api_key)
             self.p2p_server.start()
             self.p2p_port = self.p2p_server.port
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmcache-cmd")
@@ -220,7 +221,7 @@ class KVWorker:
         return self.reporter.flush_events() if self.reporter is not None else None
 
     def _fetch(self, tokens: list[int], source: tuple[str, int], location: str) -> dict[str, int]:
-        return p2p.fetch(self.kvstore, tokens, source, location)
+        return p2p.fetch(self.kvstore, tokens, source, location, api_key=self.config.controller_api_key)
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
@@ -241,6 +242,7 @@ class KVWorker:
                     on_open=self._sessions.add,
                     on_close=lambda session, exc: self._sessions.discard(session),
                     name="command",
+                    require_key=config.controller_api_key,
                 )
                 self.worker_port = server.sockets[0].getsockname()[1]
             if config.enable_controller:
