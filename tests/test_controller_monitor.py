@@ -29,7 +29,8 @@ class Harness:
         self.settings = Settings(**settings)
         self.metrics = Metrics()
         self.index = PyIndex(self.settings.chunk_size, self.settings.hash_seed)
-        self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout)
+        self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout,
+                                 max_sync_bytes=self.settings.max_sync_bytes)
         self.state = MonitorServerState(self.settings, self.metrics, self.registry)
 
     def connect(self):
@@ -384,3 +385,29 @@ def test_reserved_ids_are_the_ones_the_native_index_refuses_and_attach_leaves_no
         registry.attach(None, Hello(instance_id="detail", worker_id=0, world_size=1, host="h", worker_port=1,
                                     p2p_host="h", p2p_port=2, chunk_size=256, seed=0))
     assert registry.workers == {}
+
+
+def test_full_syncs_in_progress_share_a_bounded_budget():
+    async def main():
+        h = Harness(max_sync_bytes=8 * 100)  # 100 keys staged at most, all workers together
+        a, ta = h.connect()
+        a.data_received(encode_frame(hello("a")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(60))))
+        b, tb = h.connect()
+        b.data_received(encode_frame(hello("b")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(30))))
+        assert h.registry.sync_budget.used == 8 * 90
+        # a never-ending sync: the next chunk would go over, so it is refused and closed
+        b.data_received(f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(30, 50))))
+        err = out(tb)[-1]
+        assert err["t"] == "error" and err["code"] == "sync_too_large" and "--max-sync-bytes" in err["message"]
+        await settle()
+        assert tb.closed and h.registry.sync_budget.used == 8 * 60  # b's staged keys were given back
+        # events sent during a sync are staged too
+        a.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s(range(100, 130))]]))
+        assert h.registry.sync_budget.used == 8 * 90
+        a.data_received(f(t="sync_end", count=60))
+        assert h.registry.sync_budget.used == 0 and not ta.closed
+        assert held(h.index, instance="a") == set(range(60)) | set(range(100, 130))
+
+    run(main())

@@ -15,7 +15,7 @@ from ..log_limit import RateLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame, report
 from ..wire.auth import key_matches
 from .metrics import Metrics
-from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, WorkerInUse, WorkerRecord
+from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, SyncTooLarge, WorkerInUse, WorkerRecord
 from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.monitor")
@@ -131,6 +131,12 @@ class MonitorProtocol(asyncio.Protocol):
             self.reject("internal_error", "the controller failed to process the frame")
 
     def dispatch(self, message: dict) -> None:
+        try:
+            self.dispatch_frame(message)
+        except SyncTooLarge as exc:  # the connection closes, and its staged sync is given back
+            raise FrameError(report.SYNC_TOO_LARGE, str(exc)) from None
+
+    def dispatch_frame(self, message: dict) -> None:
         kind = message["t"]
         record = self.record
         if record is None:

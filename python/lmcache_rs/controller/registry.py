@@ -60,6 +60,28 @@ APPLY = "apply"  # live: apply now
 BUFFERED = "buffered"  # syncing: applied after the synced set
 
 
+class SyncTooLarge(ValueError):
+    """Staging this sync would take the syncs in progress over their byte budget."""
+
+
+class SyncBudget:
+    """Bytes of keys staged by all full syncs in progress (and the events buffered during
+    them), bounded: the controller's memory for syncs does not grow with what workers send."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.used + nbytes > self.limit:
+            raise SyncTooLarge(f"full syncs in progress would hold more than {self.limit} bytes of keys "
+                               "(--max-sync-bytes); retry later, or raise the limit for workers this large")
+        self.used += nbytes
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
 class WorkerInUse(ValueError):
     """A hello for a worker whose identity another live connection holds."""
 
@@ -79,9 +101,10 @@ class WorkerRecord:
         "instance_id", "worker_id", "host", "worker_port", "p2p_host", "p2p_port",
         "conn", "state", "expected_seq", "sync_chunks", "sync_keys", "sync_events",
         "registered_at", "last_seen", "last_seen_wall", "disconnected_at", "command", "syncs", "source",
+        "sync_bytes", "budget",
     )
 
-    def __init__(self, instance_id: str, worker_id: int, source: Any = None):
+    def __init__(self, instance_id: str, worker_id: int, source: Any = None, budget: SyncBudget | None = None):
         self.instance_id = instance_id
         self.worker_id = worker_id
         self.host = ""
@@ -94,6 +117,8 @@ class WorkerRecord:
         self.sync_chunks: list[tuple[str, bytes]] = []
         self.sync_keys = 0
         self.sync_events: list[Event] = []
+        self.sync_bytes = 0  # staged in sync_chunks and sync_events, counted in the budget
+        self.budget = budget if budget is not None else SyncBudget(2**63)
         self.registered_at = time.time()
         self.last_seen = time.monotonic()
         self.last_seen_wall = time.time()
@@ -112,6 +137,12 @@ class WorkerRecord:
         self.sync_chunks = []
         self.sync_keys = 0
         self.sync_events = []
+        self.budget.give_back(self.sync_bytes)
+        self.sync_bytes = 0
+
+    def _stage(self, nbytes: int) -> None:
+        self.budget.take(nbytes)  # raises SyncTooLarge
+        self.sync_bytes += nbytes
 
     def need_sync(self) -> None:
         """After hello, a gap or a lost connection: ignore events until the next sync."""
@@ -127,6 +158,7 @@ class WorkerRecord:
     def add_sync_chunk(self, location: str, hashes: bytes) -> None:
         """A sync_chunk; the tail of an abandoned sync (not syncing) is dropped."""
         if self.state == SYNCING:
+            self._stage(len(hashes))
             self.sync_chunks.append((location, hashes))
             self.sync_keys += len(hashes) // 8
 
@@ -140,6 +172,7 @@ class WorkerRecord:
         self.expected_seq = seq + 1
         if self.state == LIVE:
             return APPLY
+        self._stage(sum(len(event[4]) for event in events))
         self.sync_events.extend(events)
         return BUFFERED
 
@@ -157,12 +190,13 @@ class WorkerRecord:
 class Registry:
     """Workers by (instance_id, worker_id), and the coalescing writer into the index."""
 
-    def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float):
+    def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float, max_sync_bytes: int = 256 << 20):
         self.index = index  # our workers' key space
         self.metrics = metrics
         self.heartbeat_timeout = heartbeat_timeout
         self.workers: dict[tuple[str, int], WorkerRecord] = {}
         self.world_sizes: dict[str, int] = {}  # our instances: ranks registered in the index
+        self.sync_budget = SyncBudget(max_sync_bytes)
         # workers per source (None: ours): which key spaces a lookup must ask
         self.by_source: dict[Any, int] = {}
         self._pending: list[Event] = []
@@ -225,7 +259,7 @@ class Registry:
         self._settle_world_size(hello, record)
         record = self.workers.get(key)  # gone if the instance was re-formed
         if record is None:
-            record = WorkerRecord(*key)
+            record = WorkerRecord(*key, budget=self.sync_budget)
             self._add(record)
             log.info("worker %s/%d registered from %s:%d", key[0], key[1], hello.host, hello.worker_port)
         else:
@@ -299,7 +333,7 @@ class Registry:
                 self.world_sizes.setdefault(instance_id, max(worker_ids) + 1)
             for worker_id in worker_ids:
                 if (instance_id, worker_id) not in self.workers:
-                    record = WorkerRecord(instance_id, worker_id)
+                    record = WorkerRecord(instance_id, worker_id, budget=self.sync_budget)
                     record.disconnected_at = now
                     self._add(record)
                     restored += 1
@@ -325,6 +359,7 @@ class Registry:
         if self.workers.get(record.key) is not record:
             return 0
         self.flush()
+        record.reset_sync()  # its staged sync, if any, leaves the budget
         del self.workers[record.key]
         self.by_source[record.source] = max(0, self.by_source.get(record.source, 0) - 1)
         if record.source is None:

@@ -35,7 +35,7 @@ class Controller:
         self.settings = settings
         self.index = index
         self.metrics = Metrics()
-        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout)
+        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes)
         self.lmcache: LMCacheSource | None = None
         if settings.monitor_ports is not None:
             from .. import Index
