@@ -75,7 +75,7 @@ def test_persistent_across_restart(tmp_path):
         matched, out = w2.retrieve(prompt(1, 10))
         assert matched == 10 and torch.equal(out, kv)
     # another rank of the instance has its own directory
-    with KVWorker(make_config(tmp_path), worker_id=1) as w3:
+    with KVWorker(make_config(tmp_path, world_size=2), worker_id=1) as w3:
         assert w3.lookup(prompt(1, 10)) == 0
 
 
