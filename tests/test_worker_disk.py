@@ -171,3 +171,18 @@ def test_local_cpu_false_uses_the_pool_as_staging(tmp_path):
         assert "LocalCPUBackend" not in w.kvstore.location_stats()
         assert torch.equal(w.retrieve(prompt(7))[1], kv)
         assert not w.kvstore.cpu.entries
+
+
+def test_cpu_hits_keep_the_hot_prefix_on_disk(tmp_path):
+    # the disk holds 4 chunks; a (2 chunks) then b (2 chunks) fill it
+    with KVWorker(make_config(tmp_path, cpu_slots=16, disk_chunks=4)) as w:
+        a, b, c = prompt(1), prompt(2), prompt(3)
+        for p in (a, b):
+            w.store(p, synthetic_kv(p, **SHAPE))
+        w.flush()
+        assert w.retrieve(a)[0] == 8  # served from the CPU pool: a is the hot prefix
+        w.store(c, synthetic_kv(c, **SHAPE))
+        w.flush()
+        on_disk = set(w.kvstore.disk.entries)
+        assert set(w.chunk_keys(a)) <= on_disk  # the disk made room by evicting b, not a
+        assert not set(w.chunk_keys(b)) & on_disk

@@ -221,6 +221,8 @@ class KVStore:
             for i, key in enumerate(keys):
                 if key in self.cpu.entries:
                     self.cpu.touch(key)
+                    if self.disk is not None:
+                        self.disk.touch(key)
                     continue
                 slot = self.cpu.reserve(protect, evicted)
                 if slot is None:
@@ -385,6 +387,8 @@ class KVStore:
                 if chunk is not None:
                     plan.append((i, self.cpu.acquire(key)))
                     self.cpu.touch(key)
+                    if self.disk is not None:
+                        self.disk.touch(key)  # a hit is a hit in every tier: the hot prefix stays on disk too
                     continue
                 if self.disk is not None and key in self.disk.entries:
                     try:
