@@ -54,7 +54,8 @@ class Link:
         self.seq = 0
         self.lock = threading.Lock()
         self.send({
-            "t": "hello", "v": 1, "instance_id": instance_id, "worker_id": worker_id,
+            # docs/protocol.md; this script speaks the wire without importing lmcache_rs
+            "t": "hello", "v": 2, "instance_id": instance_id, "worker_id": worker_id, "world_size": worker_id + 1,
             "host": "127.0.0.1", "worker_port": 1, "p2p_host": "127.0.0.1", "p2p_port": 1,
             "chunk_size": chunk_size, "seed": seed,
         })

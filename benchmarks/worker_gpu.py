@@ -11,10 +11,10 @@ the same process and on the same pinned pool:
   pinned pool (the anchor: what the link gives a plain large copy);
 * ``naive``: per chunk, ``slot.copy_(kv[:, :, s:e])`` on the current stream (torch makes the
   chunk contiguous on the GPU, then copies), one sync at the end;
-* ``worker``: ``KVWorker.store`` / ``KVWorker.retrieve(tokens, out=buffer)`` into a buffer
+* ``worker``: ``KVStore.store`` / ``KVStore.retrieve(tokens, out=buffer)`` into a buffer
   allocated once, as the raw copy has (two side streams, double-buffered staging, one sync per
   call; see python/lmcache_rs/worker/transfer.py), metadata included;
-* ``new``: ``KVWorker.retrieve(tokens, device=...)``, which allocates its result every call
+* ``new``: ``KVStore.retrieve(tokens, device=...)``, which allocates its result every call
   (on CPU that means fresh pages each time).
 
 Each figure is the median of ``--repeats`` timed runs after a warm-up. Store runs start
@@ -65,7 +65,7 @@ except ImportError:
     HASHES = "python fallback (native module not built)"
 
 from lmcache_rs.config import GB, config_from_dict  # noqa: E402
-from lmcache_rs.worker import KVWorker  # noqa: E402
+from lmcache_rs.worker import KVStore  # noqa: E402
 
 LLAMA = dict(num_layers=32, num_kv_heads=8, head_dim=128, kv_dtype="bfloat16", chunk_size=256)
 TINY = dict(num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="float16", chunk_size=16)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         f"pool {pool_bytes / 2**30:.2f} GiB; median of {repeats}"
     )
     started = time.perf_counter()
-    worker = KVWorker(config, serve=False)
+    worker = KVStore(config)  # the store alone: no services to start
     print(f"pool: {worker.cpu.num_slots} slots, {worker.cpu.pinned_how} memory, allocated in {time.perf_counter() - started:.2f} s")
     pool = worker.cpu.buffer
     rows = []

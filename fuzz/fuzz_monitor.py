@@ -44,6 +44,7 @@ from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
 from lmcache_rs.controller.registry import Registry
 from lmcache_rs.controller.settings import Settings
 from lmcache_rs.wire import FrameDecoder, FrameError, encode_frame, pack_u64s
+from lmcache_rs.wire.report import PROTOCOL_VERSION
 
 import msgpack  # noqa: E402
 
@@ -58,7 +59,8 @@ TYPES = ["hello", "heartbeat", "sync_start", "sync_chunk", "sync_end", "events",
 
 
 def hello(api_key: str | None = None) -> dict:
-    m = {"t": "hello", "v": 1, "instance_id": INSTANCE, "worker_id": WORKER, "host": "127.0.0.1",
+    m = {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": INSTANCE, "worker_id": WORKER, "world_size": 1,
+         "host": "127.0.0.1",
          "worker_port": 8001, "p2p_host": "127.0.0.1", "p2p_port": 8200, "chunk_size": harness.CHUNK,
          "seed": harness.SEED}
     if api_key is not None:

@@ -38,7 +38,7 @@ from lmcache_rs.wire import (
 from lmcache_rs.wire.framing import _HEADER
 from reference_model import chunk_hashes
 
-PROTOCOL_VERSION = 1
+from lmcache_rs.wire.report import PROTOCOL_VERSION  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 _LIVE: set["FakeWorker"] = set()
 
@@ -65,9 +65,10 @@ def payload(key: int) -> bytes:
 class FakeWorker:
     def __init__(self, instance_id: str, worker_id: int, monitor_port: int, *, monitor_host: str = "127.0.0.1",
                  chunk_size: int = 256, seed: int = 0, version: int = PROTOCOL_VERSION,
-                 heartbeat: bool = True, reconnect: bool = False, api_key: str | None = None):
+                 heartbeat: bool = True, reconnect: bool = False, api_key: str | None = None, world_size: int = 1):
         self.instance_id = instance_id
         self.worker_id = worker_id
+        self.world_size = world_size
         self.monitor = (monitor_host, monitor_port)
         self.chunk_size = chunk_size
         self.seed = seed
@@ -130,6 +131,7 @@ class FakeWorker:
         extra = {} if self.api_key is None else {"api_key": self.api_key}
         return {**extra,
             "t": "hello", "v": self.version, "instance_id": self.instance_id, "worker_id": self.worker_id,
+            "world_size": self.world_size,
             "host": "127.0.0.1", "worker_port": self.worker_port, "p2p_host": "127.0.0.1",
             "p2p_port": self.p2p_port, "chunk_size": self.chunk_size, "seed": self.seed,
         }

@@ -19,6 +19,7 @@ class PyIndex:
         self.chunk_size = chunk_size
         self.seed = seed
         self.batches = 0
+        self.admitted: list[tuple[str, int, str, int]] = []  # every (instance, worker, location, key) admitted
 
     def register_worker(self, instance_id, worker_id):
         self.ref.register_worker(instance_id, worker_id)
@@ -43,6 +44,7 @@ class PyIndex:
                 continue
             keys = list(unpack_u64s(hashes)) if isinstance(hashes, (bytes, bytearray)) else list(hashes)
             if op == "admit":
+                self.admitted += [(instance_id, worker_id, location, key) for key in keys]
                 admitted += self.ref.admit(instance_id, worker_id, location, keys)
             else:
                 evicted += self.ref.evict(instance_id, worker_id, location, keys)

@@ -88,10 +88,10 @@ def test_real_worker_storing_right_after_its_clear():
         })
         worker = KVWorker(config)
         try:
-            assert worker.service.reporter.synced.wait(10)
+            assert worker.reporter.synced.wait(10)
             old, new = list(range(16)), list(range(100, 116))
             worker.store(old, synthetic_kv(old, **shape))
-            clear = worker.clear
+            clear = worker.kvstore.clear
             stored_after = []
 
             def clear_then_store(location=None):
@@ -99,7 +99,7 @@ def test_real_worker_storing_right_after_its_clear():
                 stored_after.append(worker.store(new, synthetic_kv(new, **shape)))
                 return cleared
 
-            worker.clear = clear_then_store  # the service's clear handler calls engine.clear
+            worker.kvstore.clear = clear_then_store  # the clear command calls the store's clear
 
             async def main():
                 async with HttpClient(HOST, proc.http_port) as http:

@@ -32,7 +32,7 @@ def test_dashboard_in_headless_chromium(tmp_path):
     with ControllerProcess() as proc:
 
         async def main():
-            workers = [FakeWorker("tp_instance", w, proc.monitor_port) for w in (0, 1)]
+            workers = [FakeWorker("tp_instance", w, proc.monitor_port, world_size=2) for w in (0, 1)]
             workers.append(FakeWorker("solo_instance", 0, proc.monitor_port))
             for fw in workers:
                 await fw.start()

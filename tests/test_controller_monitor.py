@@ -15,8 +15,10 @@ from lmcache_rs.controller.metrics import Metrics
 from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
 from lmcache_rs.controller.registry import LIVE, NEED_SYNC, SYNCING, Registry
 from lmcache_rs.controller.settings import Settings
+from lmcache_rs.wire.report import Hello
 from lmcache_rs.wire import FrameDecoder, encode_frame, pack_u64s
 from lmcache_rs.wire.framing import _HEADER
+from lmcache_rs.wire.report import PROTOCOL_VERSION
 from py_index import PyIndex
 
 CPU = "LocalCPUBackend"
@@ -27,7 +29,8 @@ class Harness:
         self.settings = Settings(**settings)
         self.metrics = Metrics()
         self.index = PyIndex(self.settings.chunk_size, self.settings.hash_seed)
-        self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout)
+        self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout,
+                                 max_sync_bytes=self.settings.max_sync_bytes)
         self.state = MonitorServerState(self.settings, self.metrics, self.registry)
 
     def connect(self):
@@ -35,8 +38,9 @@ class Harness:
         return proto, attach(proto)
 
 
-def hello(instance="inst", worker=0, **over):
-    m = {"t": "hello", "v": 1, "instance_id": instance, "worker_id": worker, "host": "127.0.0.1",
+def hello(instance="inst", worker=0, world_size=1, **over):
+    m = {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": instance, "worker_id": worker, "world_size": world_size,
+         "host": "127.0.0.1",
          "worker_port": 8001 + worker, "p2p_host": "127.0.0.1", "p2p_port": 8200 + worker,
          "chunk_size": 256, "seed": 0}
     m.update(over)
@@ -55,6 +59,10 @@ def held(index, instance="inst", worker=0, location=CPU) -> set[int]:
     return {k for k, hs in index.ref.holdings.items() if (instance, worker, location) in hs}
 
 
+def ever_admitted(index, instance="inst", worker=0, location=CPU) -> set[int]:
+    return {k for i, w, loc, k in index.admitted if (i, w, loc) == (instance, worker, location)}
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -64,12 +72,12 @@ async def settle():
         await asyncio.sleep(0)
 
 
-async def registered(h, instance="inst", worker=0, keys=()):
+async def registered(h, instance="inst", worker=0, keys=(), world_size=1):
     """A connection past hello and an (optionally non-empty) full sync."""
     proto, t = h.connect()
-    proto.data_received(encode_frame(hello(instance, worker)))
+    proto.data_received(encode_frame(hello(instance, worker, world_size)))
     (welcome,) = out(t)
-    assert welcome["t"] == "welcome" and welcome["v"] == 1
+    assert welcome["t"] == "welcome" and welcome["v"] == PROTOCOL_VERSION
     proto.data_received(f(t="sync_start", seq=0) + f(t="sync_chunk", location=CPU, hashes=pack_u64s(keys))
                         + f(t="sync_end", count=len(keys)))
     return proto, t
@@ -97,8 +105,8 @@ def test_hello_welcome_and_full_sync_registers_holdings():
 def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
     async def main():
         h = Harness()
-        p0, _ = await registered(h, worker=0)
-        p1, _ = await registered(h, worker=1)
+        p0, _ = await registered(h, worker=0, world_size=2)
+        p1, _ = await registered(h, worker=1, world_size=2)
         await settle()
         before = h.index.batches
         p0.data_received(b"".join(f(t="events", seq=i, ops=[["admit", CPU, pack_u64s([i])]]) for i in range(1, 6)))
@@ -115,7 +123,7 @@ def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
 @pytest.mark.parametrize("field, value, text", [
     ("chunk_size", 128, "chunk_size 128 (controller uses 256)"),
     ("seed", 5, "hash seed 5 (controller uses 0)"),
-    ("v", 2, "protocol version 2"),
+    ("v", 1, f"protocol version 1 (controller speaks {PROTOCOL_VERSION})"),
 ])
 def test_config_mismatch_is_refused_with_both_values(field, value, text):
     async def main():
@@ -171,7 +179,8 @@ def test_bad_frames_get_error_and_close_and_change_nothing(data, code):
         frames = out(t)
         assert frames[-1]["t"] == "error" and frames[-1]["code"] == code, frames
         assert t.closed
-        assert held(h.index) == {10, 11, 1}  # the good frame stands; nothing of the bad one or after
+        assert ever_admitted(h.index) == {10, 11, 1}  # the good frame was applied; nothing of the bad one or after
+        assert held(h.index) == set()  # then the connection closed: a rank out of reach holds nothing
         assert h.metrics.rejected_frames == {code: 1}
 
     run(main())
@@ -185,7 +194,7 @@ def test_bad_op_after_good_ops_rejects_the_whole_frame():
                                                       ["admit", CPU, b"\x01"]]))
         await settle()
         assert out(t)[-1]["code"] == "bad_field" and t.closed
-        assert held(h.index) == {10}
+        assert ever_admitted(h.index) == {10}
 
     run(main())
 
@@ -274,24 +283,44 @@ def test_full_sync_replaces_holdings_exactly():
     run(main())
 
 
-def test_second_connection_replaces_first_and_disconnect_keeps_entries_until_timeout():
+def test_an_identity_sticks_to_its_connection_until_it_closes():
     async def main():
         h = Harness(heartbeat_timeout=0.2)
         p1, t1 = await registered(h, keys=[1])
         p2, t2 = h.connect()
-        p2.data_received(encode_frame(hello()))
-        assert out(t2)[0]["t"] == "welcome"
-        assert t1.closed
-        await settle()  # the old connection's connection_lost must not detach the new one
+        p2.data_received(encode_frame(hello(p2p_port=9999)))  # a stranger claims the live rank
+        (err,) = out(t2)
+        assert err["t"] == "error" and err["code"] == "worker_in_use" and t2.closed and not t1.closed
+        await settle()
         rec = h.registry.workers[("inst", 0)]
-        assert rec.conn is p2 and held(h.index) == {1}
-        p2.connection_lost(None)
+        assert rec.conn is p1 and rec.p2p_port == 8200 and held(h.index) == {1}
+        p1.connection_lost(None)  # the first connection closes: the identity is free again
         assert rec.conn is None
         import time as _time
         h.registry.expire(_time.monotonic())
-        assert held(h.index) == {1}  # kept while it may come back
+        # out of reach, it holds nothing; its record waits for it to come back and sync
+        assert held(h.index) == set() and h.index.workers() == {"inst": [0]} and ("inst", 0) in h.registry.workers
+        p3, t3 = h.connect()
+        p3.data_received(encode_frame(hello()))
+        assert out(t3)[0]["t"] == "welcome" and rec.conn is p3
+        p3.connection_lost(None)
         h.registry.expire(_time.monotonic() + 0.3)
-        assert held(h.index) == set() and h.registry.workers == {} and h.metrics.workers_expired == 1
+        assert h.index.workers() == {} and h.registry.workers == {} and h.metrics.workers_expired == 1
+
+    run(main())
+
+
+def test_a_silent_connection_loses_its_identity_at_the_heartbeat_timeout():
+    async def main():
+        import time as _time
+
+        h = Harness(heartbeat_timeout=0.2)
+        p1, t1 = await registered(h, keys=[1])
+        h.registry.expire(_time.monotonic() + 0.5)  # silent: removed, its connection closed
+        assert t1.closed and h.registry.workers == {}
+        p2, t2 = h.connect()
+        p2.data_received(encode_frame(hello()))
+        assert out(t2)[0]["t"] == "welcome"
 
     run(main())
 
@@ -313,14 +342,13 @@ def test_silent_worker_expires():
 def test_tensor_parallel_instance_needs_every_rank():
     async def main():
         h = Harness()
-        p0, _ = await registered(h, worker=0, keys=[1, 2])
-        p1, _ = await registered(h, worker=1, keys=[1])
-        assert h.index.workers() == {"inst": [0, 1]}
-        # rank 1 reconnects: until it syncs, it holds nothing, so the instance matches nothing
-        p1b, t1b = h.connect()
-        p1b.data_received(encode_frame(hello(worker=1)))
-        assert held(h.index, worker=1) == {1}  # entries kept until the sync replaces them
-        p1b.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
+        p0, _ = await registered(h, worker=0, keys=[1, 2], world_size=2)
+        assert h.index.workers() == {"inst": [0, 1]}  # every rank is registered at the first hello
+        p1, _ = await registered(h, worker=1, keys=[1], world_size=2)
+        # rank 1 asks for a resync: its entries stand until the sync replaces them
+        p1.resync("test")
+        assert held(h.index, worker=1) == {1}
+        p1.data_received(f(t="sync_start", seq=0) + f(t="sync_end", count=0))
         assert held(h.index, worker=1) == set() and h.index.workers() == {"inst": [0, 1]}
 
     run(main())
@@ -354,6 +382,32 @@ def test_reserved_ids_are_the_ones_the_native_index_refuses_and_attach_leaves_no
         Index(256, 0).register_worker(name, 0)
     registry = Registry(Index(256, 0), Metrics(), 10.0)
     with pytest.raises(InvalidArgumentError):
-        registry.attach(None, {"instance_id": "detail", "worker_id": 0, "host": "h", "worker_port": 1,
-                               "p2p_host": "h", "p2p_port": 2})
+        registry.attach(None, Hello(instance_id="detail", worker_id=0, world_size=1, host="h", worker_port=1,
+                                    p2p_host="h", p2p_port=2, chunk_size=256, seed=0))
     assert registry.workers == {}
+
+
+def test_full_syncs_in_progress_share_a_bounded_budget():
+    async def main():
+        h = Harness(max_sync_bytes=8 * 100)  # 100 keys staged at most, all workers together
+        a, ta = h.connect()
+        a.data_received(encode_frame(hello("a")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(60))))
+        b, tb = h.connect()
+        b.data_received(encode_frame(hello("b")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(30))))
+        assert h.registry.sync_budget.used == 8 * 90
+        # a never-ending sync: the next chunk would go over, so it is refused and closed
+        b.data_received(f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(30, 50))))
+        err = out(tb)[-1]
+        assert err["t"] == "error" and err["code"] == "sync_too_large" and "--max-sync-bytes" in err["message"]
+        await settle()
+        assert tb.closed and h.registry.sync_budget.used == 8 * 60  # b's staged keys were given back
+        # events sent during a sync are staged too
+        a.data_received(f(t="events", seq=1, ops=[["admit", CPU, pack_u64s(range(100, 130))]]))
+        assert h.registry.sync_budget.used == 8 * 90
+        a.data_received(f(t="sync_end", count=60))
+        assert h.registry.sync_budget.used == 0 and not ta.closed
+        assert held(h.index, instance="a") == set(range(60)) | set(range(100, 130))
+
+    run(main())

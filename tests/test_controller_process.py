@@ -95,7 +95,7 @@ def test_random_workload_matches_reference_model():
             ref = ReferenceIndex(chunk, 7)
             for inst, n in layout_.items():
                 for w in range(n):
-                    fw = FakeWorker(inst, w, proc.monitor_port, chunk_size=chunk, seed=7)
+                    fw = FakeWorker(inst, w, proc.monitor_port, chunk_size=chunk, seed=7, world_size=n)
                     assert (await fw.start())["t"] == "welcome"
                     workers[(inst, w)] = fw
                     ref.register_worker(inst, w)
@@ -214,7 +214,7 @@ def test_silent_worker_is_removed_after_heartbeat_timeout():
         assert "removed (silent for 0.6 s)" in proc.log()
 
 
-def test_dropped_worker_kept_while_it_returns_removed_if_not():
+def test_dropped_worker_matches_nothing_until_it_returns_and_is_removed_if_not():
     with ControllerProcess("--heartbeat-interval", "0.1", "--heartbeat-timeout", "0.8") as proc:
 
         async def main():
@@ -224,21 +224,24 @@ def test_dropped_worker_kept_while_it_returns_removed_if_not():
             fw.admit_tokens(CPU, tokens)
             await fw.barrier()
             async with HttpClient(HOST, proc.http_port) as http:
-                await fw.drop_connection()
-                await asyncio.sleep(0.2)
                 assert await lookup(http, tokens) == {"inst": (CPU, 600)}
-                await fw.connect()  # returns in time and full-syncs
-                await asyncio.sleep(1.0)
-                assert await lookup(http, tokens) == {"inst": (CPU, 600)}
-                await fw.drop_connection()
 
                 async def gone():
                     return await lookup(http, tokens) == {}
 
+                await fw.drop_connection()
+                await wait_for(gone, timeout=5)  # out of reach, it is not live: no match
+                await fw.connect()  # returns in time and full-syncs
+                await fw.barrier()
+                assert await lookup(http, tokens) == {"inst": (CPU, 600)}
+                await fw.drop_connection()
                 await wait_for(gone, timeout=5)
             await fw.close(bye=False)
 
         run(main())
+        deadline = time.monotonic() + 10
+        while "did not reconnect" not in proc.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "did not reconnect" in proc.log()
 
 
@@ -293,7 +296,7 @@ def test_controller_restart_workers_reconnect_and_resync():
     with proc:
 
         async def main():
-            workers = [FakeWorker("tp", w, proc.monitor_port, reconnect=True) for w in (0, 1)]
+            workers = [FakeWorker("tp", w, proc.monitor_port, reconnect=True, world_size=2) for w in (0, 1)]
             tokens = list(range(700))
             for fw in workers:
                 await fw.start()
@@ -452,8 +455,8 @@ def test_management_endpoints_against_workers():
     with ControllerProcess(config={"chunk_size": chunk}) as proc:
 
         async def main():
-            src = [FakeWorker("src", w, proc.monitor_port, chunk_size=chunk) for w in (0, 1)]
-            dst = [FakeWorker("dst", w, proc.monitor_port, chunk_size=chunk) for w in (0, 1)]
+            src = [FakeWorker("src", w, proc.monitor_port, chunk_size=chunk, world_size=2) for w in (0, 1)]
+            dst = [FakeWorker("dst", w, proc.monitor_port, chunk_size=chunk, world_size=2) for w in (0, 1)]
             tokens = list(range(100))
             for fw in src + dst:
                 await fw.start()
@@ -549,7 +552,8 @@ def test_worker_info_of_an_odd_shape_is_an_error_entry_not_a_500():
     with ControllerProcess() as proc:
 
         async def main():
-            odd, good = OddInfoWorker("inst", 0, proc.monitor_port), FakeWorker("inst", 1, proc.monitor_port)
+            odd = OddInfoWorker("inst", 0, proc.monitor_port, world_size=2)
+            good = FakeWorker("inst", 1, proc.monitor_port, world_size=2)
             for fw in (odd, good):
                 await fw.start()
             async with HttpClient(HOST, proc.http_port) as http:

@@ -80,6 +80,7 @@ class Cluster:
                     f"max_local_cpu_size: {POOL_SLOTS[instance] * CHUNK_BYTES / 1024**3!r}",
                     "enable_controller: true",
                     f"lmcache_instance_id: {instance}",
+                    f"world_size: {sum(1 for inst, _ in PRELOAD if inst == instance)}",
                     f"controller_pull_url: 127.0.0.1:{self.monitor_port}",
                     "lmcache_worker_host: 127.0.0.1",
                     "lmcache_worker_ports: 0",
@@ -305,10 +306,17 @@ def test_killed_worker_disappears_within_the_heartbeat_timeout(cluster):
     killed_at = time.monotonic()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # with rank 1 gone, rank 0 alone is the instance: its own prefix now matches
-    cluster.wait_for(lambda: cluster.lookup(PT0) == {"inst-tp": [CPU, 8]}, "rank 1 to be dropped", timeout=10)
-    assert time.monotonic() - killed_at < HEARTBEAT_TIMEOUT + 2.0
-    assert "1" not in cluster.detail(PT)["inst-tp"]["workers"]
+    # rank 1's connection went with it: the instance stops matching at once ...
+    cluster.wait_for(lambda: cluster.lookup(PT) == {}, "inst-tp to stop matching", timeout=10)
+    assert "1" not in cluster.detail(PT)["inst-tp"]["workers"] and cluster.lookup(PT0) == {}
+
+    def rank_1_known():
+        infos = cluster.post("/query_worker_info", {"instance_id": "inst-tp", "worker_ids": None})["worker_infos"]
+        return 1 in [info["worker_id"] for info in infos]
+
+    # ... and once rank 1's record expires, rank 0 alone is still not the instance: nothing matches
+    cluster.wait_for(lambda: not rank_1_known(), "rank 1 to expire", timeout=HEARTBEAT_TIMEOUT + 5)
+    assert cluster.lookup(PT0) == {} and cluster.lookup(PT) == {}
     # the single worker of inst-a goes the same way
     proc = cluster.procs[("inst-a", 0)]
     cluster.killed.add(("inst-a", 0))

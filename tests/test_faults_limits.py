@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from soak import Controller, Http, metrics, rss_kb  # noqa: E402
 
 from lmcache_rs.wire import FrameDecoder, encode_frame  # noqa: E402
+from lmcache_rs.wire.report import PROTOCOL_VERSION  # noqa: E402
 
 IDLE_CONNECTIONS = 10_000
 
@@ -477,7 +478,7 @@ def test_monitor_frame_declaring_a_gigabyte_is_refused_at_once(controller):
 
 
 def _hello() -> dict:
-    return {"t": "hello", "v": 1, "instance_id": "big", "worker_id": 0, "host": "127.0.0.1", "worker_port": 1,
+    return {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": "big", "worker_id": 0, "world_size": 1, "host": "127.0.0.1", "worker_port": 1,
             "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16, "seed": 0}
 
 

@@ -15,6 +15,7 @@ from lmcache_rs.controller.lmcache_source import LMCacheSource
 from lmcache_rs.controller.metrics import Metrics
 from lmcache_rs.controller.registry import Registry
 from lmcache_rs.controller.settings import Settings
+from lmcache_rs.wire.report import Hello
 
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
@@ -138,8 +139,8 @@ def test_instance_ids_belong_to_one_protocol():
     async def main():
         source, registry = make_source()
         registry.index.register_worker("ours", 0)
-        registry.attach(_Conn(), {"instance_id": "ours", "worker_id": 0, "host": "h", "worker_port": 1,
-                                  "p2p_host": "", "p2p_port": 0})
+        registry.attach(_Conn(), Hello(instance_id="ours", worker_id=0, world_size=1, host="h", worker_port=1,
+                                       p2p_host="h", p2p_port=0, chunk_size=256, seed=0))
         reply = source.on_request(m.RegisterMsg(instance_id="ours", worker_id=1, ip="127.0.0.1", port=1,
                                                  peer_init_url=None))
         assert isinstance(reply, m.ErrorMsg) and "another protocol" in reply.error

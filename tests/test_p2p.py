@@ -37,7 +37,7 @@ def pair():
 
 
 def source_of(worker):
-    return ("127.0.0.1", worker.service.p2p_port)
+    return ("127.0.0.1", worker.p2p_port)
 
 
 def test_fetch_copies_chunks_exactly(pair):
@@ -45,22 +45,22 @@ def test_fetch_copies_chunks_exactly(pair):
     tokens = list(range(100, 114))
     kv = synthetic_kv(tokens, **SHAPE)
     a.store(tokens, kv)
-    assert fetch(b, tokens, source_of(a), CPU) == {"chunks": 4, "tokens": 14}
+    assert fetch(b.kvstore, tokens, source_of(a), CPU) == {"chunks": 4, "tokens": 14}
     matched, out = b.retrieve(tokens)
     assert matched == 14 and torch.equal(out, kv)
     # chunks already held are not fetched again
-    assert fetch(b, tokens, source_of(a), CPU) == {"chunks": 0, "tokens": 0}
-    b.check()
+    assert fetch(b.kvstore, tokens, source_of(a), CPU) == {"chunks": 0, "tokens": 0}
+    b.kvstore.check()
 
 
 def test_fetch_of_a_partly_held_prompt_gets_what_the_peer_has(pair):
     a, b = pair
     tokens = list(range(16))
     a.store(tokens[:8], synthetic_kv(tokens[:8], **SHAPE))
-    result = fetch(b, tokens, source_of(a), CPU)
+    result = fetch(b.kvstore, tokens, source_of(a), CPU)
     assert result == {"chunks": 2, "tokens": 8}
     assert b.lookup(tokens) == 8
-    assert b.cpu.free_slots == b.cpu.num_slots - 2  # the slots reserved for missing chunks came back
+    assert b.kvstore.cpu.free_slots == b.kvstore.cpu.num_slots - 2  # the slots reserved for missing chunks came back
 
 
 def test_fetch_compressed_and_disk_only_chunks(tmp_path):
@@ -75,9 +75,9 @@ def test_fetch_compressed_and_disk_only_chunks(tmp_path):
         a.store(second, kv2)  # evicts `first` from a's pool: it is on disk only now
         a.compress(second)
         a.flush()
-        assert not any(k in a.cpu.entries for k in a.chunk_keys(first))
-        fetch(b, first, source_of(a), CPU)
-        fetch(b, second, source_of(a), CPU)
+        assert not any(k in a.kvstore.cpu.entries for k in a.chunk_keys(first))
+        fetch(b.kvstore, first, source_of(a), CPU)
+        fetch(b.kvstore, second, source_of(a), CPU)
         assert torch.equal(b.retrieve(first)[1], kv1) and torch.equal(b.retrieve(second)[1], kv2)
     finally:
         a.close()
@@ -90,8 +90,8 @@ def test_fetch_into_the_disk_tier(tmp_path, pair):
     try:
         tokens = list(range(30, 38))
         a.store(tokens, synthetic_kv(tokens, **SHAPE))
-        assert fetch(b, tokens, source_of(a), "LocalDiskBackend")["chunks"] == 2
-        assert all(k in b.disk.entries for k in b.chunk_keys(tokens))  # on disk when fetch returns
+        assert fetch(b.kvstore, tokens, source_of(a), "LocalDiskBackend")["chunks"] == 2
+        assert all(k in b.kvstore.disk.entries for k in b.chunk_keys(tokens))  # on disk when fetch returns
     finally:
         b.close()
 
@@ -102,8 +102,34 @@ def test_unreachable_peer(pair):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(TransferError, match="failed"):
-        fetch(b, [1, 2, 3], ("127.0.0.1", port), CPU)
-    assert b.cpu.free_slots == b.cpu.num_slots
+        fetch(b.kvstore, [1, 2, 3], ("127.0.0.1", port), CPU)
+    assert b.kvstore.cpu.free_slots == b.kvstore.cpu.num_slots
+
+
+def test_a_failed_fetch_evicts_nothing_from_a_full_pool():
+    with KVWorker(make_config(slots=4, p2p=False)) as b:
+        held = list(range(16))  # four chunks: the pool is full
+        b.store(held, synthetic_kv(held, **SHAPE))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = ("127.0.0.1", s.getsockname()[1])
+        with pytest.raises(TransferError, match="failed"):
+            fetch(b.kvstore, list(range(500, 516)), dead, CPU)
+        assert b.lookup(held) == 16  # room is made only once the bytes are in hand
+        b.kvstore.check()
+
+
+def test_a_fetch_into_a_full_pool_evicts_once_the_bytes_are_in(pair):
+    a, _ = pair
+    with KVWorker(make_config(slots=4, p2p=False)) as b:
+        held, wanted = list(range(16)), list(range(500, 508))
+        b.store(held, synthetic_kv(held, **SHAPE))
+        a.store(wanted, synthetic_kv(wanted, **SHAPE))
+        assert fetch(b.kvstore, wanted, source_of(a), CPU) == {"chunks": 2, "tokens": 8}
+        assert b.lookup(wanted) == 8
+        assert sum(k in b.kvstore.cpu.entries for k in b.chunk_keys(held)) == 2  # two chunks made room
+        assert torch.equal(b.retrieve(wanted)[1], synthetic_kv(wanted, **SHAPE))
+        b.kvstore.check()
 
 
 class EvilPeer:
@@ -140,7 +166,7 @@ def chunk_frames(worker, tokens):
     """(header, data) of the chunks of ``tokens`` as an honest peer would send them."""
     out = []
     for key in worker.chunk_keys(tokens):
-        with worker.export_chunk(key) as chunk:
+        with worker.kvstore.export_chunk(key) as chunk:
             data = bytes(chunk.data)
             out.append(({"t": "chunk", "id": 1, "key": key, "dtype": chunk.dtype, "shape": chunk.shape,
                          "nbytes": chunk.nbytes, "checksum": xxhash.xxh3_64_intdigest(data)}, data))
@@ -180,11 +206,11 @@ def test_bad_transfers_store_nothing(pair, fault):
     peer = EvilPeer(script)
     try:
         with pytest.raises(TransferError):
-            fetch(b, tokens, ("127.0.0.1", peer.port), CPU)
+            fetch(b.kvstore, tokens, ("127.0.0.1", peer.port), CPU)
     finally:
         peer.close()
-    assert b.lookup(tokens) == 0 and not b.cpu.entries
-    assert b.cpu.free_slots == b.cpu.num_slots
+    assert b.lookup(tokens) == 0 and not b.kvstore.cpu.entries
+    assert b.kvstore.cpu.free_slots == b.kvstore.cpu.num_slots
 
 
 def test_server_rejects_malformed_requests(pair):

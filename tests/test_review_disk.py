@@ -32,7 +32,7 @@ def test_damaged_and_malformed_index_lines_are_skipped(tmp_path, caplog):
     with KVWorker(make_config(tmp_path)) as w:
         w.store(TOKENS, kv)
         w.flush()
-        index_path = os.path.join(w.disk.directory, "index.log")
+        index_path = os.path.join(w.kvstore.disk.directory, "index.log")
     with open(index_path, encoding="utf-8") as handle:
         header, *records = handle.read().splitlines()
     bad = [
@@ -45,7 +45,7 @@ def test_damaged_and_malformed_index_lines_are_skipped(tmp_path, caplog):
         handle.write("\n".join([header, *bad, *records]) + "\n")
     with caplog.at_level(logging.WARNING, logger="lmcache_rs.worker"):
         with KVWorker(make_config(tmp_path)) as w2:
-            assert len(w2.disk.entries) == 2
+            assert len(w2.kvstore.disk.entries) == 2
             assert torch.equal(w2.retrieve(TOKENS)[1], kv)
     assert "skipping damaged index line 2" in caplog.text
     assert caplog.text.count("skipping malformed index record") == 3

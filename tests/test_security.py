@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from soak import Controller, Http  # noqa: E402
 
 from lmcache_rs.wire import FrameDecoder, encode_frame  # noqa: E402
+from lmcache_rs.wire.report import PROTOCOL_VERSION  # noqa: E402
 
 KEY = "correct horse battery staple"
 
@@ -27,7 +28,7 @@ def run(coro):
 
 
 def hello(**extra) -> dict:
-    return {"t": "hello", "v": 1, "instance_id": "sec", "worker_id": 0, "host": "127.0.0.1", "worker_port": 1,
+    return {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": "sec", "worker_id": 0, "world_size": 1, "host": "127.0.0.1", "worker_port": 1,
             "p2p_host": "127.0.0.1", "p2p_port": 1, "chunk_size": 16, "seed": 0, **extra}
 
 

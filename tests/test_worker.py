@@ -32,7 +32,7 @@ def random_kv(n: int, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
 def worker():
     w = KVWorker(make_config())
     yield w
-    w.check()
+    w.kvstore.check()
     w.close()
 
 
@@ -146,25 +146,25 @@ def test_store_validates_shape(worker):
 def test_keys_are_the_shared_chunk_hashes(worker):
     tokens = list(range(7))
     worker.store(tokens, random_kv(7))
-    assert set(worker.cpu.entries) == set(chunk_hashes(tokens, CS, 0))
+    assert set(worker.kvstore.cpu.entries) == set(chunk_hashes(tokens, CS, 0))
 
 
 def test_lru_eviction_keeps_recent_and_pool_is_fixed():
     w = KVWorker(make_config(slots=8))
     try:
         prompts = [[p * 100 + i for i in range(8)] for p in range(4)]  # 2 chunks each
-        buffer_ptr = w.cpu.buffer.data_ptr()
+        buffer_ptr = w.kvstore.cpu.buffer.data_ptr()
         for p in prompts:
             assert w.store(p, random_kv(8, seed=p[0])) == 8
-        assert len(w.cpu.entries) == 8
+        assert len(w.kvstore.cpu.entries) == 8
         w.retrieve(prompts[0])  # touch prompt 0: now most recent
         new = [900 + i for i in range(8)]
         assert w.store(new, random_kv(8)) == 8
         assert w.lookup(prompts[0]) == 8  # survived
         assert w.lookup(prompts[1]) == 0  # least recently used: evicted
         assert w.lookup(new) == 8
-        assert w.cpu.buffer.data_ptr() == buffer_ptr and len(w.cpu.entries) == 8
-        w.check()
+        assert w.kvstore.cpu.buffer.data_ptr() == buffer_ptr and len(w.kvstore.cpu.entries) == 8
+        w.kvstore.check()
     finally:
         w.close()
 
@@ -185,7 +185,7 @@ def test_pinned_chunks_are_never_evicted():
         assert w.unpin(keep) == 2
         assert w.store(long, random_kv(24)) == 24
         assert w.lookup(keep) == 0
-        w.check()
+        w.kvstore.check()
     finally:
         w.close()
 
@@ -210,7 +210,7 @@ def test_evict_and_clear(worker):
     assert worker.evict(a) == 2 and worker.lookup(a) == 0
     assert worker.evict(b) == 0 and worker.lookup(b) == 8  # pinned
     assert worker.clear("LocalCPUBackend") == 2 and worker.lookup(b) == 0
-    assert not worker._pinned
+    assert not any(worker.kvstore.is_pinned(k) for k in worker.chunk_keys(b))
     with pytest.raises(ValueError, match="unknown location"):
         worker.clear("Nowhere")
 
@@ -219,16 +219,16 @@ def test_compression_round_trip_frees_memory(worker):
     tokens = list(range(40))
     kv = synthetic_kv(tokens, **SHAPE)
     worker.store(tokens, kv)
-    free_before = worker.cpu.free_slots
+    free_before = worker.kvstore.cpu.free_slots
     result = worker.compress(tokens, "byteplane-zlib")
-    assert result["chunks"] == 10 and result["bytes_after"] < result["bytes_before"] == 10 * worker.slot_bytes
-    assert worker.cpu.free_slots > free_before  # the blobs share slots
+    assert result["chunks"] == 10 and result["bytes_after"] < result["bytes_before"] == 10 * worker.kvstore.slot_bytes
+    assert worker.kvstore.cpu.free_slots > free_before  # the blobs share slots
     matched, out = worker.retrieve(tokens)
     assert matched == 40 and torch.equal(out, kv)
     again = worker.decompress(tokens)
     assert again["chunks"] == 10 and again["bytes_after"] == result["bytes_before"]
     assert torch.equal(worker.retrieve(tokens)[1], kv)
-    assert worker.cpu.free_slots == free_before
+    assert worker.kvstore.cpu.free_slots == free_before
     with pytest.raises(ValueError, match="unknown compression method"):
         worker.compress(tokens, "magic")
     with pytest.raises(ValueError, match="LocalCPUBackend only"):
@@ -262,10 +262,10 @@ def test_compressed_chunks_are_evicted_and_slots_reclaimed():
             w.store(tokens, synthetic_kv(tokens, **SHAPE))
             if p % 2:
                 w.compress(tokens)
-            w.check()
+            w.kvstore.check()
             assert w.lookup(tokens) == 8
         w.clear()
-        assert w.cpu.free_slots == w.cpu.num_slots and not w.cpu.slot_refs
+        assert w.kvstore.cpu.free_slots == w.kvstore.cpu.num_slots and not w.kvstore.cpu.slot_refs
     finally:
         w.close()
 
@@ -297,7 +297,7 @@ def test_concurrent_store_and_retrieve_stay_consistent():
         t.start()
     for t in threads:
         t.join()
-    w.check()
+    w.kvstore.check()
     w.close()
     assert not errors
 
@@ -313,3 +313,8 @@ def test_synthetic_kv_is_deterministic_and_prefix_stable():
     b = synthetic_kv(list(range(10)) + [7, 7], **SHAPE)
     assert torch.equal(a, b[:, :, :10])
     assert torch.equal(a, synthetic_kv(list(range(10)), **SHAPE))
+
+
+def test_a_worker_id_outside_the_world_size_is_refused():
+    with pytest.raises(ValueError, match="worker_id 2 is not a rank of world_size 2"):
+        KVWorker(config_from_dict({"chunk_size": CS, "world_size": 2}), worker_id=2)

@@ -10,13 +10,15 @@ import sys
 import pytest
 
 CASES = [
-    (["--worker-id", "5000000000"], {}, "--worker-id must be in 0..4294967295"),
-    (["--worker-id", "-1"], {}, "--worker-id must be in 0..4294967295"),
+    (["--worker-id", "2"], {"LMCACHE_WORLD_SIZE": "2"}, "--worker-id must be a rank of world_size 2 (0..1), got 2"),
+    (["--worker-id", "-1"], {}, "--worker-id must be a rank of world_size 1 (0..0), got -1"),
+    ([], {"LMCACHE_WORLD_SIZE": "0"}, "world_size"),
     (["--log-level", "LOUD"], {}, "invalid choice: 'LOUD'"),
     ([], {"LMCACHE_LOG_LEVEL": "chatty"}, "LMCACHE_LOG_LEVEL must be one of"),
-    (["--worker-id", "1"], {"LMCACHE_LMCACHE_WORKER_PORTS": "65535"}, "lmcache_worker_ports"),
-    (["--worker-id", "2"], {"LMCACHE_LMCACHE_WORKER_PORTS": "20091,20092"}, "no port for worker rank 2"),
-    (["--worker-id", "1"], {"LMCACHE_P2P_INIT_PORTS": "65535"}, "p2p_init_ports"),
+    (["--worker-id", "1"], {"LMCACHE_LMCACHE_WORKER_PORTS": "65535", "LMCACHE_WORLD_SIZE": "2"}, "lmcache_worker_ports"),
+    (["--worker-id", "2"], {"LMCACHE_LMCACHE_WORKER_PORTS": "20091,20092", "LMCACHE_WORLD_SIZE": "3"},
+     "no port for worker rank 2"),
+    (["--worker-id", "1"], {"LMCACHE_P2P_INIT_PORTS": "65535", "LMCACHE_WORLD_SIZE": "2"}, "p2p_init_ports"),
 ]
 
 

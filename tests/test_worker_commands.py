@@ -34,7 +34,7 @@ def worker():
 
 def run(worker, body):
     async def main():
-        session = await connect("127.0.0.1", worker.service.worker_port)
+        session = await connect("127.0.0.1", worker.worker_port)
         try:
             return await body(session)
         finally:
@@ -53,7 +53,7 @@ def test_every_command(worker):
     async def body(s):
         assert await s.call("health") == {"ok": True, "chunks": 3, "locations": {CPU: 3}}
         info = await s.call("info")
-        assert info["worker_port"] == worker.service.worker_port and info["p2p_port"] == worker.service.p2p_port
+        assert info["worker_port"] == worker.worker_port and info["p2p_port"] == worker.p2p_port
         assert info["locations"][CPU]["chunks"] == 3
         assert await s.call("lookup", {"tokens": packed}) == {"matched": 10}
         assert await s.call("pin", {"tokens": packed}) == {"chunks": 3}
@@ -99,7 +99,7 @@ def test_pipelined_commands_and_fetch_between_workers(worker):
         prompts = [[p * 100 + i for i in range(8)] for p in range(5)]
         for p in prompts:
             other.store(p, synthetic_kv(p, **SHAPE))
-        source = ["127.0.0.1", other.service.p2p_port]
+        source = ["127.0.0.1", other.p2p_port]
 
         async def body(s):
             results = await asyncio.gather(
@@ -129,6 +129,6 @@ def test_port_in_use_is_reported():
     first = KVWorker(make_config())
     try:
         with pytest.raises(OSError):
-            KVWorker(make_config(lmcache_worker_ports=first.service.worker_port, p2p_init_ports=None))
+            KVWorker(make_config(lmcache_worker_ports=first.worker_port, p2p_init_ports=None))
     finally:
         first.close()

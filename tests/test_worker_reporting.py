@@ -15,6 +15,7 @@ from lmcache_rs.config import GB, config_from_dict
 from lmcache_rs.wire.framing import encode_frame, unpack_u64s
 from lmcache_rs.worker import KVWorker, synthetic_kv
 from lmcache_rs.worker.p2p import FramedSocket
+from lmcache_rs.wire.report import PROTOCOL_VERSION
 
 CS = 4
 SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=8)
@@ -35,7 +36,7 @@ class FakeController:
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.frames: queue.Queue = queue.Queue()
-        self.answer = answer or (lambda hello: {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        self.answer = answer or (lambda hello: {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
         self.read = read
         self.conns: list[socket.socket] = []
         self.threads: list[threading.Thread] = []
@@ -143,12 +144,14 @@ def controller():
 
 
 def test_hello_sync_events_heartbeat_bye(controller):
-    w = KVWorker(make_config(controller.port, lmcache_worker_ports=0, p2p_init_ports=0, p2p_host="127.0.0.1"), worker_id=3)
+    config = make_config(controller.port, lmcache_worker_ports=0, p2p_init_ports=0, p2p_host="127.0.0.1", world_size=4)
+    w = KVWorker(config, worker_id=3)
     try:
         _, hello = controller.next("hello")
-        assert hello["v"] == 1 and hello["instance_id"] == "inst-a" and hello["worker_id"] == 3
+        assert hello["v"] == PROTOCOL_VERSION and hello["instance_id"] == "inst-a"
+        assert hello["worker_id"] == 3 and hello["world_size"] == 4
         assert hello["chunk_size"] == CS and hello["seed"] == 0
-        assert hello["worker_port"] == w.service.worker_port and hello["p2p_port"] == w.service.p2p_port
+        assert hello["worker_port"] == w.worker_port and hello["p2p_port"] == w.p2p_port
         assert controller.sync() == (0, {})
         keys = w.chunk_keys(prompt(1))
         w.store(prompt(1), synthetic_kv(prompt(1), **SHAPE))
@@ -180,7 +183,7 @@ def test_eviction_under_pressure_is_reported(controller):
             _, events = controller.next("events")
             for op, _loc, hashes in events["ops"]:
                 (admitted if op == "admit" else evicted).update(unpack_u64s(hashes))
-        assert admitted - evicted == set(w.cpu.entries)
+        assert admitted - evicted == set(w.kvstore.cpu.entries)
     finally:
         w.close()
 
@@ -198,7 +201,7 @@ def test_controller_down_then_up_full_sync(tmp_path):
         try:
             c.next("hello", timeout=10)
             seq, held = c.sync()
-            assert held == {CPU: set(w.cpu.entries)} and len(held[CPU]) == 6
+            assert held == {CPU: set(w.kvstore.cpu.entries)} and len(held[CPU]) == 6
         finally:
             c.close()
     finally:
@@ -214,7 +217,7 @@ def test_resync_and_reconnect_send_full_syncs(controller):
         _, events = controller.next("events")
         controller.send({"t": "resync", "reason": "test"})
         seq, held = controller.sync()
-        assert seq == events["seq"] and held == {CPU: set(w.cpu.entries)}
+        assert seq == events["seq"] and held == {CPU: set(w.kvstore.cpu.entries)}
         w.store(prompt(2), synthetic_kv(prompt(2), **SHAPE))
         _, after = controller.next("events")
         assert after["seq"] == seq + 1
@@ -222,7 +225,7 @@ def test_resync_and_reconnect_send_full_syncs(controller):
         number, hello = controller.next("hello", skip=("heartbeat", "events"))
         assert number == 2
         seq, held = controller.sync()
-        assert held[CPU] == set(w.cpu.entries) and len(held[CPU]) == 4
+        assert held[CPU] == set(w.kvstore.cpu.entries) and len(held[CPU]) == 4
     finally:
         w.close()
 
@@ -231,7 +234,7 @@ def test_refused_hello_is_retried_and_the_worker_keeps_working():
     answers = iter([{"t": "error", "code": "config_mismatch", "message": "chunk_size 4 != 256"}])
 
     def answer(hello):
-        return next(answers, {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        return next(answers, {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
 
     c = FakeController(answer=answer)
     w = KVWorker(make_config(c.port))
@@ -253,7 +256,7 @@ def test_a_hello_refused_again_and_again_is_logged_once(caplog):
     answers = iter([{"t": "error", "code": "config_mismatch", "message": "chunk_size 4 != 256"}] * refusals)
 
     def answer(hello):
-        return next(answers, {"t": "welcome", "v": 1, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
+        return next(answers, {"t": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0})
 
     c = FakeController(answer=answer)
     with caplog.at_level(logging.INFO, logger="lmcache_rs"):

@@ -58,10 +58,10 @@ def test_restart_with_another_kv_dtype_discards_the_disk_contents(tmp_path, capl
     with KVWorker(make_config(tmp_path, kv_dtype="float32")) as w:
         w.store(prompt(1), synthetic_kv(prompt(1), **SHAPE, dtype=torch.float32))
         w.flush()
-        assert len(w.disk.entries) == 1
+        assert len(w.kvstore.disk.entries) == 1
     with caplog.at_level(logging.WARNING, logger="lmcache_rs.worker"):
         with KVWorker(make_config(tmp_path, kv_dtype="float16")) as w:
-            assert not w.disk.entries and w.lookup(prompt(1)) == 0
+            assert not w.kvstore.disk.entries and w.lookup(prompt(1)) == 0
     assert "discarding its contents" in caplog.text
 
 
@@ -70,13 +70,13 @@ def test_index_header_without_kv_dtype_is_foreign(tmp_path, caplog):
     with KVWorker(make_config(tmp_path)) as w:
         w.store(prompt(1), synthetic_kv(prompt(1), **SHAPE))
         w.flush()
-        directory = w.disk.directory
+        directory = w.kvstore.disk.directory
     header, *records = index_lines(directory)
     del header["kv_dtype"]
     write_index(directory, [header, *records])
     with caplog.at_level(logging.WARNING, logger="lmcache_rs.worker"):
         with KVWorker(make_config(tmp_path)) as w:
-            assert not w.disk.entries and not os.listdir(w.disk.chunk_dir)
+            assert not w.kvstore.disk.entries and not os.listdir(w.kvstore.disk.chunk_dir)
     assert "discarding its contents" in caplog.text
 
 
@@ -87,8 +87,8 @@ def test_disk_chunk_larger_than_a_slot_is_dropped_not_copied(tmp_path):
     with KVWorker(make_config(tmp_path)) as w:
         w.store(old, synthetic_kv(old, **SHAPE))
         w.flush()
-        directory, (key,) = w.disk.directory, w.chunk_keys(old)
-        path = w.disk.path_of(key)
+        directory, (key,) = w.kvstore.disk.directory, w.chunk_keys(old)
+        path = w.kvstore.disk.path_of(key)
     wide = synthetic_kv(old, **SHAPE, dtype=torch.float32).numpy().tobytes()  # two slots' worth
     with open(path, "wb") as handle:
         handle.write(wide)
@@ -96,7 +96,7 @@ def test_disk_chunk_larger_than_a_slot_is_dropped_not_copied(tmp_path):
     record.update(dtype="float32", nbytes=len(wide), xxh3=xxhash.xxh3_64_intdigest(wide))
     write_index(directory, [header, record])
     with KVWorker(make_config(tmp_path)) as w:
-        assert key in w.disk.entries  # the file matches its record, so recovery keeps it
+        assert key in w.kvstore.disk.entries  # the file matches its record, so recovery keeps it
         a, b = prompt(2), prompt(3)
         kv_b = synthetic_kv(b, **SHAPE)
         w.store(a, synthetic_kv(a, **SHAPE))
@@ -104,11 +104,11 @@ def test_disk_chunk_larger_than_a_slot_is_dropped_not_copied(tmp_path):
         w.flush()
         w.evict(a, CPU)  # a's slot is the next one reserved
         assert w.retrieve(old)[0] == 0
-        assert key not in w.disk.entries
+        assert key not in w.kvstore.disk.entries
         matched, out = w.retrieve(b)
         assert matched == CS and torch.equal(out, kv_b)
-        assert w.cpu.free_slots == w.cpu.num_slots - len(w.cpu.entries)
-        w.check()
+        assert w.kvstore.cpu.free_slots == w.kvstore.cpu.num_slots - len(w.kvstore.cpu.entries)
+        w.kvstore.check()
 
 
 # -- disk tier: I/O errors ----------------------------------------------------------------------
@@ -131,9 +131,9 @@ def test_disk_read_error_releases_the_slot_and_drops_the_chunk(tmp_path, monkeyp
         for _ in range(3):
             matched, out = w.retrieve(tokens)
             assert matched == 0 and out.shape[2] == 0
-        assert first not in w.disk.entries and second in w.disk.entries
-        assert w.cpu.free_slots == w.cpu.num_slots and not w.cpu.entries
-        w.check()
+        assert first not in w.kvstore.disk.entries and second in w.kvstore.disk.entries
+        assert w.kvstore.cpu.free_slots == w.kvstore.cpu.num_slots and not w.kvstore.cpu.entries
+        w.kvstore.check()
 
 
 def test_failed_disk_write_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -147,11 +147,11 @@ def test_failed_disk_write_leaves_no_temp_file(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "fsync", no_space)
         w.store(prompt(1, 2 * CS), synthetic_kv(prompt(1, 2 * CS), **SHAPE))
         w.flush()
-        assert not os.listdir(w.disk.chunk_dir) and not w.disk.entries
+        assert not os.listdir(w.kvstore.disk.chunk_dir) and not w.kvstore.disk.entries
         monkeypatch.setattr(os, "fsync", real_fsync)
         w.store(prompt(2), synthetic_kv(prompt(2), **SHAPE))
         w.flush()
-        assert len(w.disk.entries) == 1 and len(os.listdir(w.disk.chunk_dir)) == 1
+        assert len(w.kvstore.disk.entries) == 1 and len(os.listdir(w.kvstore.disk.chunk_dir)) == 1
 
 
 # -- compression --------------------------------------------------------------------------------
@@ -162,11 +162,11 @@ def test_compress_in_a_full_pool_evicts_nothing():
         zeros = torch.zeros(2, 2, CS, 2, 8, dtype=torch.float16)  # very compressible
         for p in prompts:
             w.store(p, zeros)
-        assert w.cpu.free_slots == 0
+        assert w.kvstore.cpu.free_slots == 0
         assert w.compress(prompts[3])["chunks"] == 1
         assert all(w.lookup(p) == CS for p in prompts)
         assert torch.equal(w.retrieve(prompts[3])[1], zeros)
-        w.check()
+        w.kvstore.check()
 
 
 # -- P2P ----------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_p2p_truncated_disk_file_fails_at_once_and_is_dropped(tmp_path, monkeypa
         a.flush()
         a.evict(tokens, CPU)  # disk-only now: sent with sendfile
         (key,) = a.chunk_keys(tokens)
-        with open(a.disk.path_of(key), "r+b") as handle:
+        with open(a.kvstore.disk.path_of(key), "r+b") as handle:
             handle.truncate(CHUNK_BYTES // 2)
         if fstat_lies:
             real_fstat = os.fstat
@@ -195,10 +195,10 @@ def test_p2p_truncated_disk_file_fails_at_once_and_is_dropped(tmp_path, monkeypa
             monkeypatch.setattr(os, "fstat", fstat)
         started = time.monotonic()
         with pytest.raises(TransferError):
-            fetch(b, tokens, ("127.0.0.1", a.service.p2p_port), CPU, timeout=10.0)
+            fetch(b.kvstore, tokens, ("127.0.0.1", a.p2p_port), CPU, timeout=10.0)
         assert time.monotonic() - started < 5.0
-        assert not a.holds(key) and not b.holds(key)
-        assert b.cpu.free_slots == b.cpu.num_slots
+        assert not a.kvstore.holds(key) and not b.kvstore.holds(key)
+        assert b.kvstore.cpu.free_slots == b.kvstore.cpu.num_slots
     finally:
         b.close()
         a.close()
@@ -221,8 +221,8 @@ def test_p2p_chunk_frame_with_a_non_int_key_is_a_transfer_error():
     try:
         with KVWorker(make_config()) as w:
             with pytest.raises(TransferError, match="not asked for"):
-                fetch(w, prompt(1), listener.getsockname(), CPU, timeout=5.0)
-            assert w.cpu.free_slots == w.cpu.num_slots
+                fetch(w.kvstore, prompt(1), listener.getsockname(), CPU, timeout=5.0)
+            assert w.kvstore.cpu.free_slots == w.kvstore.cpu.num_slots
     finally:
         thread.join()
         listener.close()
@@ -232,13 +232,13 @@ def test_p2p_chunk_frame_with_a_non_int_key_is_a_transfer_error():
 def test_close_does_not_hang_on_a_peer_that_stopped_reading():
     """close() flushes replies for a moment, then aborts a connection whose peer reads nothing."""
     w = KVWorker(make_config(lmcache_worker_host="127.0.0.1", lmcache_worker_ports=0))
-    sock = socket.create_connection(("127.0.0.1", w.service.worker_port))
+    sock = socket.create_connection(("127.0.0.1", w.worker_port))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"".join(encode_frame({"t": "command", "id": i, "op": "info"}) for i in range(1, 30001)))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # until replies pile up in the worker's write buffer
-            sessions = list(w.service._sessions)
+            sessions = w.command_sessions()
             if sessions and sessions[0].transport.get_write_buffer_size() > 0:
                 break
             time.sleep(0.05)

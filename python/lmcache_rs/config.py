@@ -32,6 +32,9 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+# the controller registers every rank of an instance at its first hello: keep that bounded
+MAX_WORLD_SIZE = 1024
+
 # Keys of the /lookup response, which the index refuses as instance ids (rust/holders.rs).
 RESERVED_INSTANCE_IDS = frozenset({"event_id", "layout_info", "detail"})
 
@@ -65,6 +68,9 @@ class LMCacheConfig:
     enable_controller: bool = False
     """Report holdings to the controller at controller_pull_url."""
     lmcache_instance_id: str = "lmcache_default_instance"
+    world_size: int = 1
+    """Tensor-parallel ranks of the instance (worker ids 0..world_size-1); the controller matches
+    a chunk for the instance only when every one of them is live and holds it."""
     controller_pull_url: Optional[str] = None
     """host:port of the controller's monitor port (lmcache_controller --monitor-port)."""
     lmcache_worker_ports: Optional[Ports] = None
@@ -138,6 +144,8 @@ class LMCacheConfig:
     def validate(self) -> "LMCacheConfig":
         """Check every value; raises ConfigError naming the first bad key and value."""
         _positive_int("chunk_size", self.chunk_size)
+        if not 1 <= self.world_size <= MAX_WORLD_SIZE:
+            raise _bad("world_size", self.world_size, f"must be in 1..{MAX_WORLD_SIZE}")
         _non_negative("max_local_cpu_size", self.max_local_cpu_size)
         _non_negative("max_local_disk_size", self.max_local_disk_size)
         _positive("heartbeat_interval", self.heartbeat_interval)

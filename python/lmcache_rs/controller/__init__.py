@@ -1,6 +1,7 @@
 """The lookup controller: raw HTTP/1.1 API plus the workers' monitor port (docs/controller.md)."""
 
-from .settings import PROTOCOL_VERSION, Settings
+from ..wire.report import PROTOCOL_VERSION
+from .settings import Settings
 
 __all__ = ["PROTOCOL_VERSION", "Controller", "Settings"]
 

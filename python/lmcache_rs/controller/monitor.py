@@ -8,48 +8,18 @@ frame and the connection is closed (the frames before it on the connection stand
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from typing import Any
 
 from ..config import RESERVED_INSTANCE_IDS
 from ..log_limit import RateLimitedLog
-from ..wire import FrameDecoder, FrameError, encode_frame
+from ..wire import FrameDecoder, FrameError, encode_frame, report
+from ..wire.auth import key_matches
 from .metrics import Metrics
-from .registry import LIVE, NEED_SYNC, SYNCING, Registry, WorkerRecord
-from .settings import PROTOCOL_VERSION, Settings
+from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, SyncTooLarge, WorkerInUse, WorkerRecord
+from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.monitor")
 log_refusal = RateLimitedLog(log)  # strangers can cause these as fast as they connect
-
-MAX_NAME_LEN = 256
-_U64 = 2**64
-_OPS = ("admit", "evict")
-
-
-def _int(message: dict, field: str, lo: int = 0, hi: int = _U64) -> int:
-    value = message.get(field)
-    if type(value) is not int or not lo <= value < hi:
-        raise FrameError("bad_field", f"{message['t']}: {field!r} must be an integer in [{lo}, {hi}), got {value!r}")
-    return value
-
-
-def _str(message: dict, field: str, where: str | None = None) -> str:
-    value = message.get(field)
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
-        raise FrameError(
-            "bad_field", f"{where or message['t']}: {field!r} must be a non-empty string of at most "
-            f"{MAX_NAME_LEN} characters, got {value!r:.80}"
-        )
-    return value
-
-
-def _hashes(value: Any, where: str) -> bytes:
-    if not isinstance(value, (bytes, bytearray)):
-        raise FrameError("bad_field", f"{where}: hashes must be bin (packed little-endian u64), got {type(value).__name__}")
-    if len(value) % 8:
-        raise FrameError("bad_field", f"{where}: hashes must be a multiple of 8 bytes, got {len(value)}")
-    return bytes(value)
 
 
 class MonitorServerState:
@@ -60,11 +30,7 @@ class MonitorServerState:
         self.connections: set[MonitorProtocol] = set()
         self.lmcache_ports: dict[str, int] = {}  # set once LMCache's sockets are bound (for the hint)
         self.zmq_warned = False
-        self.welcome = encode_frame({
-            "t": "welcome", "v": PROTOCOL_VERSION,
-            "heartbeat_interval": settings.heartbeat_interval,
-            "heartbeat_timeout": settings.heartbeat_timeout,
-        })
+        self.welcome = encode_frame(report.welcome(settings.heartbeat_interval, settings.heartbeat_timeout))
 
 
 class MonitorProtocol(asyncio.Protocol):
@@ -121,7 +87,7 @@ class MonitorProtocol(asyncio.Protocol):
     def reject(self, code: str, message: str) -> None:
         log_refusal("monitor %s: refusing frame: %s: %s", self.peer, code, message)
         self.metrics.count_rejected_frame(code)
-        self.send({"t": "error", "code": code, "message": message})
+        self.send(report.error(code, message))
         self.close()
 
     def refuse_zmq_peer(self) -> None:
@@ -143,9 +109,8 @@ class MonitorProtocol(asyncio.Protocol):
             return
         log.info("worker %s/%d: asking for a full sync: %s", record.instance_id, record.worker_id, reason)
         self.metrics.resyncs += 1
-        record.state = NEED_SYNC
-        record.reset_sync()
-        self.send({"t": "resync", "reason": reason})
+        record.need_sync()
+        self.send(report.resync(reason))
 
     # -- frames ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -166,33 +131,32 @@ class MonitorProtocol(asyncio.Protocol):
             self.reject("internal_error", "the controller failed to process the frame")
 
     def dispatch(self, message: dict) -> None:
+        try:
+            self.dispatch_frame(message)
+        except SyncTooLarge as exc:  # the connection closes, and its staged sync is given back
+            raise FrameError(report.SYNC_TOO_LARGE, str(exc)) from None
+
+    def dispatch_frame(self, message: dict) -> None:
         kind = message["t"]
         record = self.record
         if record is None:
-            if kind != "hello":
+            if kind != report.HELLO:
                 raise FrameError("hello_required", f"the first frame must be hello, got {kind!r}")
             self.on_hello(message)
             return
         self.registry.touch(record)
-        if kind == "events":
+        if kind == report.EVENTS:
             self.on_events(record, message)
-        elif kind == "heartbeat":
-            seq = _int(message, "seq")
-            if record.state != NEED_SYNC and seq != record.expected_seq - 1:
+        elif kind == report.HEARTBEAT:
+            seq = report.parse_heartbeat(message)
+            if not record.heartbeat_in_step(seq):
                 self.resync(f"heartbeat says last seq {seq}, controller has {record.expected_seq - 1}")
-        elif kind == "sync_chunk":
-            location = _str(message, "location")
-            hashes = _hashes(message.get("hashes"), "sync_chunk")
-            if record.state == SYNCING:
-                record.sync_chunks.append((location, hashes))
-                record.sync_keys += len(hashes) // 8
-        elif kind == "sync_start":
-            seq = _int(message, "seq")
-            record.reset_sync()
-            record.state = SYNCING
-            record.expected_seq = seq + 1
-        elif kind == "sync_end":
-            count = _int(message, "count")
+        elif kind == report.SYNC_CHUNK:
+            record.add_sync_chunk(*report.parse_sync_chunk(message))
+        elif kind == report.SYNC_START:
+            record.begin_sync(report.parse_sync_start(message))
+        elif kind == report.SYNC_END:
+            count = report.parse_sync_end(message)
             if record.state != SYNCING:
                 return  # the tail of a sync abandoned by a resync
             if count != record.sync_keys:
@@ -205,93 +169,62 @@ class MonitorProtocol(asyncio.Protocol):
                 self.resync(f"index refused the synced set: {exc}")
                 return
             log.info("worker %s/%d: full sync of %d keys applied", record.instance_id, record.worker_id, count)
-        elif kind == "ping":
-            request_id = _int(message, "id", hi=2**63)
+        elif kind == report.PING:
+            request_id = report.parse_ping(message)
             self.registry.flush()
-            self.send({"t": "pong", "id": request_id})
-        elif kind == "bye":
+            self.send(report.pong(request_id))
+        elif kind == report.BYE:
             self.registry.remove(record, "said bye")
             self.close()
-        elif kind == "hello":
+        elif kind == report.HELLO:
             raise FrameError("bad_frame", "hello sent twice on one connection")
         else:
             raise FrameError("unknown_type", f"unknown frame type {kind!r}")
 
     def on_hello(self, m: dict) -> None:
         s = self.settings
-        version = _int(m, "v")
-        instance_id = _str(m, "instance_id")
+        hello = report.parse_hello(m)
+        instance_id, worker_id = hello.instance_id, hello.worker_id
         if instance_id in RESERVED_INSTANCE_IDS:
             raise FrameError("bad_field", f"hello: instance_id may not be {instance_id!r} (a reserved response key)")
-        worker_id = _int(m, "worker_id", hi=2**32)
-        host = _str(m, "host")
-        worker_port = _int(m, "worker_port", hi=65536)
-        p2p_host = _str(m, "p2p_host")
-        p2p_port = _int(m, "p2p_port", hi=65536)
-        chunk_size = _int(m, "chunk_size", lo=1, hi=2**32)
-        seed = _int(m, "seed")
-        api_key = m.get("api_key")
-        if api_key is not None and not isinstance(api_key, str):
-            raise FrameError("bad_field", "hello: 'api_key' must be a string")
         mismatches = []
-        if version != PROTOCOL_VERSION:
-            mismatches.append(f"protocol version {version} (controller speaks {PROTOCOL_VERSION})")
-        if chunk_size != s.chunk_size:
-            mismatches.append(f"chunk_size {chunk_size} (controller uses {s.chunk_size})")
-        if seed != s.hash_seed:
-            mismatches.append(f"hash seed {seed} (controller uses {s.hash_seed})")
+        if hello.chunk_size != s.chunk_size:
+            mismatches.append(f"chunk_size {hello.chunk_size} (controller uses {s.chunk_size})")
+        if hello.seed != s.hash_seed:
+            mismatches.append(f"hash seed {hello.seed} (controller uses {s.hash_seed})")
         if mismatches:
             raise FrameError(
-                "config_mismatch",
+                report.CONFIG_MISMATCH,
                 f"worker {instance_id}/{worker_id} refused: " + "; ".join(mismatches)
                 + ". Workers and controller must share one config.",
             )
-        if s.api_key is not None and (api_key is None or not hmac.compare_digest(api_key.encode(), s.api_key.encode())):
-            raise FrameError("unauthorized", "hello: wrong or missing api_key")
-        hello = {"instance_id": instance_id, "worker_id": worker_id, "host": host, "worker_port": worker_port,
-                 "p2p_host": p2p_host, "p2p_port": p2p_port}
+        api_key = hello.api_key
+        if s.api_key is not None and not key_matches(api_key, s.api_key):
+            raise FrameError(report.UNAUTHORIZED, "hello: wrong or missing api_key")
         try:
             self.record = self.registry.attach(self, hello)
-        except ValueError as exc:  # the id is taken by a worker of another protocol
-            raise FrameError("config_mismatch", f"worker {instance_id}/{worker_id} refused: {exc}") from None
+        except WorkerInUse as exc:
+            raise FrameError(report.WORKER_IN_USE, str(exc)) from None
+        except ValueError as exc:  # the id is taken by a worker of another protocol, or another world size
+            raise FrameError(report.CONFIG_MISMATCH, f"worker {instance_id}/{worker_id} refused: {exc}") from None
         self.decoder.max_frame_bytes = s.max_frame_bytes  # a known worker may send full-size frames
         assert self.transport is not None
         self.transport.write(self.state.welcome)
 
     def on_events(self, record: WorkerRecord, m: dict) -> None:
-        seq = _int(m, "seq")
-        ops = m.get("ops")
-        if not isinstance(ops, list):
-            raise FrameError("bad_field", f"events: 'ops' must be a list, got {type(ops).__name__}")
+        seq, ops = report.parse_events(m)
         instance_id, worker_id = record.instance_id, record.worker_id
-        events = []
-        admits = evicts = 0
-        for op in ops:
-            if not isinstance(op, (list, tuple)) or len(op) != 3:
-                raise FrameError("bad_field", "events: each op must be [op, location, hashes]")
-            name, location, hashes = op
-            if name not in _OPS:
-                raise FrameError("bad_field", f"events: op must be 'admit' or 'evict', got {name!r:.40}")
-            if not isinstance(location, str) or not location or len(location) > MAX_NAME_LEN:
-                raise FrameError("bad_field", f"events: location must be a non-empty string, got {location!r:.80}")
-            hashes = _hashes(hashes, "events")
-            if name == "admit":
-                admits += len(hashes) >> 3
-            else:
-                evicts += len(hashes) >> 3
-            events.append((name, instance_id, worker_id, location, hashes))
-        # the frame is valid; now its sequence number decides what happens to it
-        state = record.state
-        if state == NEED_SYNC:
-            return
-        if seq != record.expected_seq:
+        events = [(op, instance_id, worker_id, location, hashes) for op, location, hashes in ops]
+        # the frame is valid; now the record's sequence state decides what happens to it
+        verdict = record.on_events(seq, events)
+        if verdict == GAP:
             self.resync(f"events seq {seq}, expected {record.expected_seq}")
             return
-        record.expected_seq = seq + 1
-        self.metrics.admits += admits
-        self.metrics.evicts += evicts
-        if state == LIVE:
-            if events:
-                self.registry.queue(events)
-        else:  # SYNCING: applied after the synced set at sync_end
-            record.sync_events.extend(events)
+        if verdict in (APPLY, BUFFERED):
+            for op, _location, hashes in ops:
+                if op == report.ADMIT:
+                    self.metrics.admits += len(hashes) >> 3
+                else:
+                    self.metrics.evicts += len(hashes) >> 3
+        if verdict == APPLY and events:
+            self.registry.queue(events)

@@ -73,7 +73,9 @@ class EventTracker:
 
 
 class Operations:
-    def __init__(self, registry: Registry, chunk_size: int, command_timeout: float, events: EventTracker):
+    def __init__(self, registry: Registry, chunk_size: int, command_timeout: float, events: EventTracker,
+                 api_key: str | None = None):
+        self.api_key = api_key  # proven on each command connection (our workers ask for it when they have one)
         self.registry = registry
         self.chunk_size = chunk_size
         self.command_timeout = command_timeout
@@ -102,7 +104,7 @@ class Operations:
     async def _open(self, record: WorkerRecord):
         key = record.key
         session = await connect(record.host, record.worker_port, connect_timeout=min(5.0, self.command_timeout),
-                                request_timeout=self.command_timeout, name=f"{key[0]}/{key[1]}")
+                                request_timeout=self.command_timeout, name=f"{key[0]}/{key[1]}", api_key=self.api_key)
         if self.registry.workers.get(key) is not record:
             session.close()  # removed while connecting
             raise SessionError(f"worker {key[0]}/{key[1]} went away")

@@ -35,7 +35,7 @@ class Controller:
         self.settings = settings
         self.index = index
         self.metrics = Metrics()
-        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout)
+        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes)
         self.lmcache: LMCacheSource | None = None
         if settings.monitor_ports is not None:
             from .. import Index
@@ -47,7 +47,8 @@ class Controller:
             self.kv_events = KVEventSource(settings, self.registry, self.metrics)
         self.events = EventTracker(settings.event_history)
         self.event_ids = EventIds()
-        self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events)
+        self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events,
+                              api_key=settings.api_key)
         self.http_state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
         self.api = Api(self)
         self.http_state.app = self.api
@@ -151,7 +152,7 @@ class Controller:
         await self._stop_http_loops(grace)
         await self.http_state.drain([self.http_server] if self.http_server is not None else [], grace)
         for conn in list(self.monitor_state.connections):
-            conn.close()
+            conn.detach(replaced=False)  # closed by us, not lost: the holdings stay for the snapshot
         self.registry.flush()
         tasks = list(self.ops.tasks)
         for task in (self._housekeeping, self._snapshots, self._key_checks):

@@ -18,8 +18,6 @@ from typing import Any, Mapping
 from ..config import API_KEY_ENV, ENV_PREFIX, parse_value, read_file_values
 from ..wire import DEFAULT_MAX_FRAME_BYTES
 
-PROTOCOL_VERSION = 1
-
 
 @dataclasses.dataclass
 class Settings:
@@ -47,6 +45,9 @@ class Settings:
     # larger than this, so a stranger cannot make the controller buffer max_frame_bytes.
     max_hello_frame_bytes: int = 64 * 1024
     max_monitor_connections: int = 1024
+    # keys of full syncs in progress (and events sent during them), all workers together, held
+    # until each sync_end applies them at once; a sync that would go over is refused
+    max_sync_bytes: int = 256 * 1024 * 1024
     # commands to workers
     command_timeout: float = 30.0
     event_history: int = 10000  # finished async events remembered for /check_finish
@@ -89,7 +90,7 @@ class Settings:
         if not 0 <= self.hash_seed < 2**64:
             raise ValueError(f"hash_seed must be an unsigned 64-bit integer, got {self.hash_seed}")
         for name in ("max_body_bytes", "max_buffered_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "max_frame_bytes",
-                     "max_hello_frame_bytes", "max_monitor_connections", "http_threads"):
+                     "max_hello_frame_bytes", "max_monitor_connections", "max_sync_bytes", "http_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_header_bytes"):  # the /lookup fast path reads them as u32
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hello-frame-bytes", type=int, default=d.max_hello_frame_bytes,
                    help="largest monitor frame before a hello is accepted (default %(default)s)")
     p.add_argument("--max-monitor-connections", type=int, default=d.max_monitor_connections)
+    p.add_argument("--max-sync-bytes", type=int, default=d.max_sync_bytes,
+                   help="keys of full syncs in progress, all workers together (default %(default)s)")
     p.add_argument("--command-timeout", type=float, default=d.command_timeout)
     p.add_argument("--api-key", help="key workers must send in hello and HTTP clients with the endpoints that "
                    "change state (default $LMCACHE_API_KEY, "
@@ -331,6 +334,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         hello_timeout=args.hello_timeout,
         max_hello_frame_bytes=args.max_hello_frame_bytes,
         max_monitor_connections=args.max_monitor_connections,
+        max_sync_bytes=args.max_sync_bytes,
         command_timeout=args.command_timeout,
         snapshot=args.snapshot,
         snapshot_interval=args.snapshot_interval,

@@ -35,6 +35,7 @@ import logging
 from typing import Any, Awaitable, Callable, Mapping, Union
 
 from ..log_limit import RateLimitedLog
+from .auth import AUTH, UNAUTHORIZED, auth_frame, check_first_frame
 from .flow_control import FlowControl
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, encode_frame
 
@@ -94,6 +95,7 @@ class Session(asyncio.Protocol):
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_pending: int = DEFAULT_MAX_PENDING,
         name: str = "",
+        require_key: str | None = None,
     ):
         if max_concurrency < 1 or max_pending < 1:
             raise ValueError("max_concurrency and max_pending must be at least 1")
@@ -105,6 +107,9 @@ class Session(asyncio.Protocol):
         self.handler_timeout = handler_timeout
         self.max_concurrency = max_concurrency
         self.name = name
+        # when set, the peer's first frame must be auth with this key (wire/auth.py)
+        self.require_key = require_key
+        self.authenticated = require_key is None
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.remote_error: tuple[str, str] | None = None  # (code, message) of an error frame received
@@ -250,6 +255,13 @@ class Session(asyncio.Protocol):
     # -- receiving ------------------------------------------------------------------------
     def _dispatch(self, message: dict) -> None:
         kind = message["t"]
+        if not self.authenticated:
+            if self.require_key is None or not check_first_frame(message, self.require_key):
+                raise FrameError(UNAUTHORIZED, "the first frame must be auth with the API key")
+            self.authenticated = True
+            return
+        if kind == AUTH:
+            return  # a key this side does not ask for
         if kind == "reply":
             self._on_reply(message)
         elif kind == "command":
@@ -384,13 +396,17 @@ async def connect(
     handlers: Mapping[str, Handler] | None = None,
     *,
     connect_timeout: float = 5.0,
+    api_key: str | None = None,
     **session_kwargs: Any,
 ) -> Session:
-    """Open a TCP connection and return its Session. Raises OSError or TimeoutError."""
+    """Open a TCP connection and return its Session; with ``api_key`` its first frame proves
+    the key (wire/auth.py). Raises OSError or TimeoutError."""
     loop = asyncio.get_running_loop()
     _, session = await asyncio.wait_for(
         loop.create_connection(lambda: Session(handlers, **session_kwargs), host, port), connect_timeout
     )
+    if api_key is not None:
+        session.send(auth_frame(api_key))
     return session
 
 
@@ -400,6 +416,7 @@ async def serve(
     handlers: Mapping[str, Handler] | None = None,
     **session_kwargs: Any,
 ) -> asyncio.Server:
-    """Listen on host:port; every accepted connection gets its own Session over ``handlers``."""
+    """Listen on host:port; every accepted connection gets its own Session over ``handlers``
+    (with ``require_key=KEY``, one that must prove the key first)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: Session(handlers, **session_kwargs), host, port)

@@ -48,7 +48,8 @@ def read_preload(path: str) -> Iterator[list[int]]:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lmcache_worker", description="Run a KV-cache worker.")
     parser.add_argument("--config", help="YAML config (default: $LMCACHE_CONFIG_FILE)")
-    parser.add_argument("--worker-id", type=int, default=0, help="tensor-parallel rank (default 0)")
+    parser.add_argument("--worker-id", type=int, default=0,
+                        help="tensor-parallel rank, 0..world_size-1 (default 0; world_size is a config key)")
     parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for")
     parser.add_argument("--log-level", type=str.upper, default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper(),
                         choices=LOG_LEVELS, help="log level (default $LMCACHE_LOG_LEVEL, else INFO)")
@@ -63,11 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if not 0 <= args.worker_id < 2**32:
-        print(f"lmcache_worker: --worker-id must be in 0..4294967295, got {args.worker_id}", file=sys.stderr)
-        return 2
     try:
         config = load_config(args.config)
+        if not 0 <= args.worker_id < config.world_size:
+            raise ConfigError(f"--worker-id must be a rank of world_size {config.world_size} "
+                              f"(0..{config.world_size - 1}), got {args.worker_id}")
         # this rank's ports, from lists or base + rank: a rank without one is a config error
         config.worker_port(args.worker_id)
         config.p2p_port(args.worker_id)
@@ -78,8 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    from .engine import KVWorker
     from .synthetic import synthetic_for
+    from .worker import KVWorker
 
     try:
         worker = KVWorker(config, args.worker_id, serve=False)
@@ -104,16 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "preload: %d prompts, %d of %d tokens stored in %.2f s",
                 prompts, stored, tokens, time.monotonic() - started,
             )
-        from .service import WorkerService
-
-        if config.enable_controller or config.lmcache_worker_ports is not None or config.p2p_init_ports is not None:
-            worker.service = WorkerService(worker)
-            try:
-                worker.service.start()
-            except OSError as exc:
-                worker.service = None
-                print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
-                return 1
+        try:
+            worker.start_services()
+        except OSError as exc:
+            print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
+            return 1
         info = worker.info()
         print(
             f"lmcache_worker ready: instance={info['instance_id']} worker={info['worker_id']} "

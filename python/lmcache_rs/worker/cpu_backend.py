@@ -15,7 +15,7 @@ back to back into "arena" slots of the same pool (a blob may run on from one are
 the next); an arena slot returns to the free list when its last blob piece is gone.
 Compression therefore frees pool memory for real, in proportion to the compression ratio.
 
-Locking: every method here is called with the worker's lock held (engine.py); the copies
+Locking: every method here is called with the store's lock held (store.py); the copies
 into and out of slots happen outside the lock on slots that are reserved or have readers.
 """
 
@@ -114,6 +114,12 @@ class LocalCPUBackend(LruEntries[CpuChunk]):
             evicted.append(victim)
         return self.free.pop()
 
+    def reserve_free(self, count: int) -> list[int]:
+        """Up to ``count`` free slots, reserved without evicting anything."""
+        taken = self.free[len(self.free) - min(count, len(self.free)):]
+        del self.free[len(self.free) - len(taken):]
+        return taken
+
     def release(self, slot: int) -> None:
         """Give back a slot reserved with reserve() and never committed."""
         self.free.append(slot)
@@ -199,6 +205,13 @@ class LocalCPUBackend(LruEntries[CpuChunk]):
         self.write_blob(place, data)
         chunk.slot, chunk.blob, chunk.method = -1, place, method
         return True
+
+    def replace_blob_with_slot(self, chunk: CpuChunk, slot: int) -> None:
+        """A compressed chunk (no readers) whose bytes were decompressed into ``slot``
+        (reserved) becomes raw there; its blob's arena space is given back."""
+        assert chunk.blob is not None and chunk.readers == 0
+        self._drop_blob(chunk.blob)
+        chunk.blob, chunk.method, chunk.slot = None, None, slot
 
     def write_blob(self, blob: Blob, data: bytes) -> None:
         at = 0

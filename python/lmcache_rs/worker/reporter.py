@@ -2,10 +2,10 @@
 
 ``hello`` → ``welcome``, then a full sync (``sync_start``/``sync_chunk``/``sync_end``) of
 every location, then ``events`` frames (per-worker ``seq`` +1 each) carrying the admits and
-evictions the engine recorded, batched for ``report_interval`` seconds, and a ``heartbeat``
-every ``heartbeat_interval`` (the welcome's value). A ``resync`` from the controller gets a
-new full sync. Store and retrieve never wait for any of this: the engine only appends to an
-in-memory list and wakes this task.
+evictions the store recorded in its event log, batched for ``report_interval`` seconds, and a
+``heartbeat`` every ``heartbeat_interval`` (the welcome's value). A ``resync`` from the
+controller gets a new full sync. Store and retrieve never wait for any of this: the store only
+appends to its log and wakes this task. The messages are those of ``lmcache_rs.wire.report``.
 
 When the connection cannot be made or drops, events are no longer recorded (the next full
 sync carries the state) and the reporter reconnects with exponential backoff and jitter
@@ -19,28 +19,39 @@ import logging
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
-from lmcache_rs.wire.framing import pack_u64s
+from lmcache_rs.config import LMCacheConfig
+from lmcache_rs.wire import report
+from lmcache_rs.wire.framing import FrameError
 from lmcache_rs.wire.session import Session, connect
-
-if TYPE_CHECKING:
-    from .service import WorkerService
 
 log = logging.getLogger("lmcache_rs.worker.reporter")
 
-PROTOCOL_VERSION = 1
 MAX_KEYS_PER_FRAME = 65536  # 512 KiB of keys: far below any sensible max_frame_bytes
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 WELCOME_TIMEOUT = 5.0
 
 
+class EventLog(Protocol):
+    """What the reporter reads from a store (store.KVStore)."""
+
+    def start_reporting(self, waker: Callable[[], None]) -> dict[str, list[int]]: ...
+    def stop_reporting(self) -> None: ...
+    def has_events(self) -> bool: ...
+    def take_events(self) -> list[tuple[str, str, list[int]]]: ...
+
+
 class Reporter:
-    def __init__(self, service: "WorkerService"):
-        self.service = service
-        self.engine = service.engine
-        self.config = service.config
+    """The report link of one worker; run it with ``await run()`` on ``loop``."""
+
+    def __init__(self, events: EventLog, hello: Callable[[], report.Hello], config: LMCacheConfig,
+                 loop: asyncio.AbstractEventLoop):
+        self.events = events
+        self.hello = hello  # called at each connection: the ports are known by then
+        self.config = config
+        self.loop = loop
         self.seq = 0
         self.session: Optional[Session] = None
         self.synced = threading.Event()  # set after each full sync (tests wait on it)
@@ -67,7 +78,7 @@ class Reporter:
             finally:
                 self._live = False
                 self.synced.clear()
-                self.engine.stop_reporting()
+                self.events.stop_reporting()
                 if self.session is not None:
                     self.session.close()
                     self.session = None
@@ -95,7 +106,7 @@ class Reporter:
         if session is not None and not session.closed:
             try:
                 self._send_events(session)
-                session.send({"t": "bye"})
+                session.send(report.bye())
                 await asyncio.wait_for(session.drain(), 1.0)
             except Exception:
                 pass
@@ -126,18 +137,21 @@ class Reporter:
             name="report",
         )
         self.session = session
-        session.send(self._hello())
+        session.send(self.hello().to_message())
         reply = await asyncio.wait_for(self._inbox.get(), WELCOME_TIMEOUT)
         if reply is None:
             raise ConnectionError("the controller closed the connection before welcome")
-        if reply["t"] == "error":
-            raise ConnectionError(f"the controller refused this worker: {reply.get('code')}: {reply.get('message')}")
-        if reply["t"] != "welcome":
+        if reply["t"] == report.ERROR:
+            raise ConnectionError(f"the controller refused this worker: {report.describe_error(reply)}")
+        if reply["t"] != report.WELCOME:
             raise ConnectionError(f"expected welcome, got {reply['t']!r}")
         self._welcomed = True
-        interval = _positive(reply.get("heartbeat_interval"), self.config.heartbeat_interval)
+        try:
+            interval, timeout = report.parse_welcome(reply)
+        except FrameError as exc:
+            raise ConnectionError(f"bad welcome from the controller: {exc}") from None
         # beat a little faster than asked so a slow beat never reaches the timeout
-        interval = min(interval, _positive(reply.get("heartbeat_timeout"), self.config.heartbeat_timeout) / 3)
+        interval = min(interval, timeout / 3)
         self._last_error = None
         log.info("connected to the controller at %s:%d", host, port)
         await self._full_sync(session)
@@ -157,43 +171,25 @@ class Reporter:
             if self._resync:
                 self._resync = False
                 await self._full_sync(session)
-            elif self.engine._events:  # a racy peek is fine: take_events() locks
+            elif self.events.has_events():
                 await asyncio.sleep(self.config.report_interval)  # let a batch build up
                 self._send_events(session)
             now = time.monotonic()
             if now >= next_beat:
-                session.send({"t": "heartbeat", "seq": self.seq})
+                session.send(report.heartbeat(self.seq))
                 next_beat = now + interval
             await session.drain()
         return True
 
-    def _hello(self) -> dict[str, Any]:
-        service = self.service
-        hello = {
-            "t": "hello",
-            "v": PROTOCOL_VERSION,
-            "instance_id": self.engine.instance_id,
-            "worker_id": self.engine.worker_id,
-            "host": self.config.lmcache_worker_host,
-            "worker_port": service.worker_port or 0,
-            "p2p_host": self.config.p2p_host or self.config.lmcache_worker_host,
-            "p2p_port": service.p2p_port or 0,
-            "chunk_size": self.engine.chunk_size,
-            "seed": self.engine.seed,
-        }
-        if self.config.controller_api_key is not None:
-            hello["api_key"] = self.config.controller_api_key
-        return hello
-
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message["t"]
-        if kind == "resync":
+        if kind == report.RESYNC:
             log.info("controller asked for a full sync: %s", message.get("reason"))
             self._resync = True
             self._wake.set()
-        elif kind in ("welcome", "error"):
-            if kind == "error" and self._welcomed:  # before welcome, the refusal is reported by _connection
-                self._note(f"the controller sent error {message.get('code')}: {message.get('message')}")
+        elif kind in (report.WELCOME, report.ERROR):
+            if kind == report.ERROR and self._welcomed:  # before welcome, the refusal is reported by _connection
+                self._note(f"the controller sent error {report.describe_error(message)}")
             self._inbox.put_nowait(message)
         else:
             log.warning("ignoring unexpected %r frame from the controller", kind)
@@ -203,28 +199,25 @@ class Reporter:
         self._wake.set()
 
     def _waker(self) -> None:
-        """Called by the engine (any thread, its lock held) when the first event is queued."""
-        loop = self.service.loop
-        if loop is None:
-            return
+        """Called by the store (any thread, its lock held) when the first event is queued."""
         try:
-            loop.call_soon_threadsafe(self._wake.set)
+            self.loop.call_soon_threadsafe(self._wake.set)
         except RuntimeError:  # loop closed at shutdown
             pass
 
     # -- frames ---------------------------------------------------------------------------------
     async def _full_sync(self, session: Session) -> None:
         self._live = False
-        holdings = self.engine.start_reporting(self._waker)
-        session.send({"t": "sync_start", "seq": self.seq})
+        holdings = self.events.start_reporting(self._waker)
+        session.send(report.sync_start(self.seq))
         count = 0
         for location, keys in holdings.items():
             for start in range(0, len(keys), MAX_KEYS_PER_FRAME):
                 batch = keys[start : start + MAX_KEYS_PER_FRAME]
-                session.send({"t": "sync_chunk", "location": location, "hashes": pack_u64s(batch)})
+                session.send(report.sync_chunk(location, batch))
                 count += len(batch)
                 await session.drain()
-        session.send({"t": "sync_end", "count": count})
+        session.send(report.sync_end(count))
         self.syncs += 1
         self._live = True
         self.synced.set()
@@ -233,7 +226,7 @@ class Reporter:
         """Send the events recorded so far now, and return the seq of the last events frame:
         once the controller has applied that seq it has everything up to here. None while not
         reporting (no link, or a full sync under way): the next full sync carries the state.
-        Call it on the service's loop: the report connection is its transport."""
+        Call it on the reporter's loop: the report connection is its transport."""
         asyncio.get_running_loop()  # raises RuntimeError on any other thread
         session = self.session
         if not self._live or session is None or session.closed:
@@ -244,7 +237,7 @@ class Reporter:
     def _send_events(self, session: Session) -> None:
         events = [
             (op, location, keys[i : i + MAX_KEYS_PER_FRAME])
-            for op, location, keys in self.engine.take_events()
+            for op, location, keys in self.events.take_events()
             for i in range(0, len(keys), MAX_KEYS_PER_FRAME)
         ]
         ops: list[list[Any]] = []
@@ -265,10 +258,4 @@ class Reporter:
 
     def _send_ops(self, session: Session, ops: list) -> None:
         self.seq += 1
-        session.send({"t": "events", "seq": self.seq, "ops": [[op, loc, pack_u64s(keys)] for op, loc, keys in ops]})
-
-
-def _positive(value: Any, default: float) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return default
+        session.send(report.events(self.seq, ops))

@@ -1,4 +1,4 @@
-"""KVWorker: the KV-cache store of one tensor-parallel rank of an instance.
+"""KVStore: the KV-cache chunks of one tensor-parallel rank, in its tiers (no network here).
 
 ``store(tokens, kv)`` cuts ``kv`` ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` into
 chunks of ``chunk_size`` tokens keyed by ``lmcache_rs.chunk_hashes(tokens, chunk_size,
@@ -6,10 +6,12 @@ hash_seed)`` and keeps them in the CPU pool (LocalCPUBackend) and, written behin
 background thread, on disk (LocalDiskBackend). ``retrieve(tokens)`` returns the longest stored
 prefix bit for bit; ``lookup(tokens)`` only measures it.
 
-Every admit and eviction at every location is recorded as an event; when a controller link
-is up (service.py) the events are sent in the background, so nothing here waits on the
-network. One lock guards the metadata of both tiers; copies of chunk data run outside it,
-on slots that are reserved (not yet visible) or held by a reader count (not evictable).
+While someone reports (``start_reporting``), every admit and eviction at every location is
+recorded in an event log that they read with ``take_events``; nothing here waits on them. The
+worker process (worker.py) puts network services around a store; a store is also usable on its
+own, embedded in another process. One lock guards the metadata of both tiers; copies of chunk
+data run outside it, on slots that are reserved (not yet visible) or held by a reader count
+(not evictable).
 """
 
 from __future__ import annotations
@@ -77,14 +79,10 @@ class ChunkExport:
     disk: Optional[DiskChunk] = None  # index entry of a file export, to drop it if the file is damaged
 
 
-class KVWorker:
-    """KV-cache store of one worker (tensor-parallel rank ``worker_id`` of an instance).
+class KVStore:
+    """KV-cache chunks of one worker (tensor-parallel rank ``worker_id`` of an instance)."""
 
-    With ``serve=True`` (default) and a controller, command port or P2P port configured, the
-    network services start in a background thread (service.py); ``close()`` stops them.
-    """
-
-    def __init__(self, config: LMCacheConfig, worker_id: int = 0, *, serve: bool = True):
+    def __init__(self, config: LMCacheConfig, worker_id: int = 0):
         config.validate()
         if worker_id < 0:
             raise ValueError(f"worker_id must be >= 0, got {worker_id}")
@@ -119,29 +117,13 @@ class KVWorker:
         self._write_queue: queue.Queue[Optional[int]] = queue.Queue()
         self._writer: Optional[threading.Thread] = None
         self._closed = False
-        self.service = None
-        if serve and (
-            config.enable_controller
-            or config.lmcache_worker_ports is not None
-            or config.p2p_init_ports is not None
-        ):
-            from .service import WorkerService
-
-            self.service = WorkerService(self)
-            try:
-                self.service.start()
-            except BaseException:
-                self.close()
-                raise
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the services (saying bye to the controller), finish disk writes, free the pool."""
+        """Finish disk writes and free the pool."""
         if self._closed:
             return
         self._closed = True
-        if self.service is not None:
-            self.service.stop()
         if self._writer is not None:
             self._write_queue.put(None)
             self._writer.join()
@@ -150,7 +132,7 @@ class KVWorker:
             self.disk.close()
         self.cpu.close()
 
-    def __enter__(self) -> "KVWorker":
+    def __enter__(self) -> "KVStore":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -163,16 +145,18 @@ class KVWorker:
     def _bounds(self, num_tokens: int) -> list[tuple[int, int]]:
         return [(s, min(s + self.chunk_size, num_tokens)) for s in range(0, num_tokens, self.chunk_size)]
 
-    def _chunk_shape(self, ntokens: int) -> tuple[int, int, int, int, int]:
+    def chunk_shape(self, ntokens: int) -> tuple[int, int, int, int, int]:
+        """The tensor shape of a chunk of ``ntokens`` tokens."""
         return (self.num_layers, 2, ntokens, self.num_kv_heads, self.head_dim)
 
-    def _nbytes(self, ntokens: int, dtype: torch.dtype) -> int:
+    def chunk_nbytes(self, ntokens: int, dtype: torch.dtype) -> int:
+        """The bytes of a chunk of ``ntokens`` tokens of ``dtype``."""
         return self._elements_per_token * ntokens * dtype.itemsize
 
-    # -- events ---------------------------------------------------------------------------------
+    # -- the event log (read by the reporter) ----------------------------------------------------
     def _emit(self, op: str, location: str, keys: list[int]) -> None:
-        """Record admits/evictions (lock held). Dropped while no controller link is up: the
-        next (re)connection starts with a full sync."""
+        """Record admits/evictions (lock held). Dropped while nobody reports: the next
+        ``start_reporting`` returns the whole state."""
         if not keys or not self._reporting or (location == CPU and not self.report_cpu):
             return
         first = not self._events
@@ -181,7 +165,9 @@ class KVWorker:
             self._waker()
 
     def start_reporting(self, waker: Callable[[], None]) -> dict[str, list[int]]:
-        """Begin recording events and return what is held now, per location (a full sync)."""
+        """Begin recording events and return what is held now, per location (a full sync).
+        ``waker`` is called (from any thread, with the store's lock held: it must only wake
+        someone) when the log goes from empty to not empty."""
         with self._lock:
             self._waker = waker
             self._reporting = True
@@ -193,7 +179,12 @@ class KVWorker:
             self._reporting = False
             self._events = []
 
+    def has_events(self) -> bool:
+        """Whether events wait in the log (a racy peek: ``take_events`` is what counts)."""
+        return bool(self._events)
+
     def take_events(self) -> list[tuple[str, str, list[int]]]:
+        """The events recorded since the last call, oldest first: (op, location, keys)."""
         with self._lock:
             events, self._events = self._events, []
             return events
@@ -230,6 +221,8 @@ class KVWorker:
             for i, key in enumerate(keys):
                 if key in self.cpu.entries:
                     self.cpu.touch(key)
+                    if self.disk is not None:
+                        self.disk.touch(key)
                     continue
                 slot = self.cpu.reserve(protect, evicted)
                 if slot is None:
@@ -241,7 +234,7 @@ class KVWorker:
             spans = []
             for i, _key, slot in reserved:
                 start, end = bounds[i]
-                view = self.cpu.slot_tensor(slot, self._nbytes(end - start, kv.dtype), kv.dtype, self._chunk_shape(end - start))
+                view = self.cpu.slot_tensor(slot, self.chunk_nbytes(end - start, kv.dtype), kv.dtype, self.chunk_shape(end - start))
                 spans.append((start, end, view))
             self._copier.gather(kv, spans)
         except BaseException:
@@ -256,7 +249,7 @@ class KVWorker:
                     self.cpu.release(slot)
                     continue
                 start, end = bounds[i]
-                chunk = CpuChunk(key, end - start, kv.dtype, self._nbytes(end - start, kv.dtype), slot=slot)
+                chunk = CpuChunk(key, end - start, kv.dtype, self.chunk_nbytes(end - start, kv.dtype), slot=slot)
                 self.cpu.commit(chunk, key in self._pinned)
                 admitted.append(key)
             self._emit("admit", CPU, admitted)
@@ -266,7 +259,7 @@ class KVWorker:
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         if not isinstance(kv, torch.Tensor):
             raise ValueError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-        expected = self._chunk_shape(num_tokens)
+        expected = self.chunk_shape(num_tokens)
         if tuple(kv.shape) != expected:
             raise ValueError(
                 f"kv has shape {tuple(kv.shape)}, expected [num_layers, 2, num_tokens, num_kv_heads, head_dim] = {expected}"
@@ -282,7 +275,7 @@ class KVWorker:
     def _check_out(self, out: torch.Tensor, num_tokens: int, device: str | torch.device | None) -> None:
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        want = self._chunk_shape(num_tokens)
+        want = self.chunk_shape(num_tokens)
         shape = tuple(out.shape)
         if len(shape) != 5 or shape[:2] != want[:2] or shape[3:] != want[3:] or shape[2] < num_tokens:
             raise ValueError(
@@ -394,6 +387,8 @@ class KVWorker:
                 if chunk is not None:
                     plan.append((i, self.cpu.acquire(key)))
                     self.cpu.touch(key)
+                    if self.disk is not None:
+                        self.disk.touch(key)  # a hit is a hit in every tier: the hot prefix stays on disk too
                     continue
                 if self.disk is not None and key in self.disk.entries:
                     try:
@@ -429,7 +424,7 @@ class KVWorker:
                 temps[i] = tensor
             matched = bounds[plan[-1][0]][1] if plan else 0
             if out is None:
-                out = torch.empty(self._chunk_shape(matched), dtype=dtype or self.dtype, device=device)
+                out = torch.empty(self.chunk_shape(matched), dtype=dtype or self.dtype, device=device)
             else:
                 out = out[:, :, :matched]
             spans = []
@@ -439,9 +434,9 @@ class KVWorker:
                     view = temps[i]
                 elif source.blob is not None:
                     raw = compression.decompress(self.cpu.blob_memory(source.blob), source.nbytes)
-                    view = torch.frombuffer(raw, dtype=torch.uint8).view(source.dtype).view(self._chunk_shape(end - start))
+                    view = torch.frombuffer(raw, dtype=torch.uint8).view(source.dtype).view(self.chunk_shape(end - start))
                 else:
-                    view = self.cpu.slot_tensor(source.slot, source.nbytes, source.dtype, self._chunk_shape(end - start))
+                    view = self.cpu.slot_tensor(source.slot, source.nbytes, source.dtype, self.chunk_shape(end - start))
                 spans.append((start, end, view))
             self._copier.scatter(out, spans)
             return matched, out
@@ -461,7 +456,7 @@ class KVWorker:
         """Read a disk chunk into a CPU tensor (a pool slot, kept as a CPU chunk, when one is
         free or evictable). None, and the chunk dropped from disk, when the file is damaged or
         unreadable or the chunk does not fit a slot."""
-        shape = self._chunk_shape(meta.ntokens)
+        shape = self.chunk_shape(meta.ntokens)
         dtype = dtype_from_name(meta.dtype)
         if not self._fits_slot(meta, dtype):
             log.warning("disk tier: chunk %016x (%d bytes of %s) does not fit a pool slot of %d bytes; dropping it",
@@ -507,7 +502,7 @@ class KVWorker:
     def _fits_slot(self, meta: DiskChunk, dtype: torch.dtype) -> bool:
         """Whether a disk chunk's size matches its shape and fits a pool slot. An index
         written under a wider kv_dtype (or damaged) would otherwise overrun the next slot."""
-        return meta.nbytes == self._nbytes(meta.ntokens, dtype) and meta.nbytes <= self.slot_bytes
+        return meta.nbytes == self.chunk_nbytes(meta.ntokens, dtype) and meta.nbytes <= self.slot_bytes
 
     def drop_disk_chunk(self, meta: DiskChunk) -> None:
         """Drop a disk chunk found damaged, unless it was replaced meanwhile."""
@@ -550,7 +545,7 @@ class KVWorker:
         """Pin every chunk of ``tokens`` held at ``location`` (None: anywhere): pinned chunks
         are never evicted to make room, in any tier (clear still removes them). Returns the
         number of chunks pinned. Raises ValueError for an unknown location."""
-        self._check_location(location)
+        self.check_location(location)
         keys = self.chunk_keys(token_list(tokens))
         count = 0
         with self._lock:
@@ -565,7 +560,7 @@ class KVWorker:
     def unpin(self, tokens: Any, location: Optional[str] = None) -> int:
         """Unpin the chunks of ``tokens`` held at ``location`` (None: anywhere); returns how
         many were pinned. Raises ValueError for an unknown location."""
-        self._check_location(location)
+        self.check_location(location)
         keys = self.chunk_keys(token_list(tokens))
         count = 0
         with self._lock:
@@ -590,14 +585,15 @@ class KVWorker:
             if key in self._pinned and not self.holds(key):
                 self._pinned.discard(key)
 
-    def _check_location(self, location: Optional[str]) -> None:
+    def check_location(self, location: Optional[str]) -> None:
+        """Raises ValueError for a location this store does not have (None: any)."""
         if location is not None and location not in LOCATIONS:
             raise ValueError(f"unknown location {location!r}; known: {', '.join(LOCATIONS)}")
 
     def evict(self, tokens: Any, location: Optional[str] = None) -> int:
         """Remove the unpinned chunks of ``tokens`` at ``location`` (None: everywhere).
         Returns the number of (chunk, location) copies removed."""
-        self._check_location(location)
+        self.check_location(location)
         keys = self.chunk_keys(token_list(tokens))
         with self._lock:
             removed = 0
@@ -616,7 +612,7 @@ class KVWorker:
     def clear(self, location: Optional[str] = None) -> int:
         """Remove every chunk at ``location`` (None: everywhere), pinned ones included.
         Returns the number of (chunk, location) copies removed."""
-        self._check_location(location)
+        self.check_location(location)
         with self._lock:
             removed = 0
             if location in (None, CPU):
@@ -658,7 +654,7 @@ class KVWorker:
                 if chunk.dead or chunk.readers > 1 or len(blob) >= chunk.nbytes:
                     self.cpu.release_reader(chunk)
                     continue
-                chunk.readers -= 1  # ours was the only reader: the raw slot may go
+                self.cpu.release_reader(chunk)  # ours was the only reader: the raw slot may go
                 evicted: list[int] = []
                 self.cpu.replace_with_blob(chunk, blob, method, protect, evicted)
                 self._after_cpu_evictions(evicted)
@@ -696,16 +692,15 @@ class KVWorker:
                     self.cpu.release(slot)
                     self.cpu.release_reader(chunk)
                     continue
-                chunk.readers -= 1
+                self.cpu.release_reader(chunk)
                 before += chunk.stored_bytes
-                self.cpu._drop_blob(chunk.blob)
-                chunk.blob, chunk.method, chunk.slot = None, None, slot
+                self.cpu.replace_blob_with_slot(chunk, slot)
                 after += chunk.nbytes
                 chunks += 1
         return {"chunks": chunks, "bytes_before": before, "bytes_after": after}
 
     def _compressible(self, location: Optional[str]) -> None:
-        self._check_location(location)
+        self.check_location(location)
         if location == DISK:
             raise ValueError("compression applies to LocalCPUBackend only; disk chunks are stored raw")
 
@@ -741,14 +736,14 @@ class KVWorker:
         if chunk is not None:
             try:
                 data = self._raw_bytes(chunk)
-                yield ChunkExport(key, dtype_name(chunk.dtype), list(self._chunk_shape(chunk.ntokens)), chunk.nbytes, data=data)
+                yield ChunkExport(key, dtype_name(chunk.dtype), list(self.chunk_shape(chunk.ntokens)), chunk.nbytes, data=data)
             finally:
                 with self._lock:
                     self.cpu.release_reader(chunk)
         elif meta is not None:
             try:
                 yield ChunkExport(
-                    key, meta.dtype, list(self._chunk_shape(meta.ntokens)), meta.nbytes, file=handle,
+                    key, meta.dtype, list(self.chunk_shape(meta.ntokens)), meta.nbytes, file=handle,
                     checksum=meta.checksum, disk=meta,
                 )
             finally:
@@ -760,6 +755,16 @@ class KVWorker:
         """(key, ntokens) of every chunk of ``tokens``."""
         keys = self.chunk_keys(tokens)
         return [(k, e - s) for k, (s, e) in zip(keys, self._bounds(len(tokens)))]
+
+    def reserve_free_slots(self, count: int) -> list[int]:
+        """Up to ``count`` pool slots that are free now, evicting nothing (give them back with
+        ``release_slots``)."""
+        with self._lock:
+            return self.cpu.reserve_free(count)
+
+    def slot_memory(self, slot: int, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of a reserved slot, to read into."""
+        return self.cpu.slot_memory(slot, nbytes)
 
     def reserve_slots(self, count: int, protect: set[int]) -> Optional[list[int]]:
         """``count`` pool slots for an incoming transfer, or None (nothing reserved)."""
@@ -793,7 +798,7 @@ class KVWorker:
         """Make chunks received into reserved slots visible: (key, ntokens, dtype, slot).
         With location LocalDiskBackend they are also written to disk before this returns.
         Returns the number of chunks newly stored."""
-        self._check_location(location)
+        self.check_location(location)
         if location == DISK and self.disk is None:
             raise ValueError("this worker has no disk tier (local_disk / max_local_disk_size)")
         admitted: list[int] = []
@@ -802,7 +807,7 @@ class KVWorker:
                 if key in self.cpu.entries:
                     self.cpu.release(slot)
                     continue
-                self.cpu.commit(CpuChunk(key, ntokens, dtype, self._nbytes(ntokens, dtype), slot=slot), key in self._pinned)
+                self.cpu.commit(CpuChunk(key, ntokens, dtype, self.chunk_nbytes(ntokens, dtype), slot=slot), key in self._pinned)
                 admitted.append(key)
             self._emit("admit", CPU, admitted)
             self._write_behind(admitted)
@@ -836,14 +841,10 @@ class KVWorker:
             }
 
     def info(self) -> dict[str, Any]:
-        service = self.service
+        """What this store is and holds (the worker adds its addresses)."""
         return {
             "instance_id": self.instance_id,
             "worker_id": self.worker_id,
-            "host": self.config.lmcache_worker_host,
-            "worker_port": service.worker_port if service is not None else None,
-            "p2p_host": self.config.p2p_host,
-            "p2p_port": service.p2p_port if service is not None else None,
             "chunk_size": self.chunk_size,
             "seed": self.seed,
             "pool": {"slots": self.cpu.num_slots, "slot_bytes": self.slot_bytes, "pinned": self.cpu.pinned_how},
