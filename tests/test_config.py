@@ -167,3 +167,15 @@ def test_controller_reads_the_shared_keys_as_a_worker_does(tmp_path, env, monkey
     controller = settings_from_args(["--config", str(path)])
     assert (controller.api_key, controller.chunk_size, controller.hash_seed, controller.max_frame_bytes) == (
         worker.controller_api_key, worker.chunk_size, worker.hash_seed, worker.max_frame_bytes)
+
+
+def test_lmcache_aliases_and_misspelt_keys(caplog):
+    from lmcache_rs.config import ConfigError, config_from_dict
+
+    config = config_from_dict({"lmcache_worker_port": 8001, "controller_url": "localhost:9001", "enable_controler": 1})
+    assert (config.lmcache_worker_ports, config.controller_pull_url) == (8001, "localhost:9001")
+    assert config.unknown_keys == ["enable_controler"]
+    assert "did you mean 'enable_controller'?" in caplog.text
+    for both in ({"lmcache_worker_port": 1, "lmcache_worker_ports": 2}, {"controller_pull_url": "a:1", "controller_url": "b:2"}):
+        with pytest.raises(ConfigError, match="twice|both"):
+            config_from_dict(both)

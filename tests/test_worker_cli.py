@@ -19,6 +19,9 @@ CASES = [
     (["--worker-id", "2"], {"LMCACHE_LMCACHE_WORKER_PORTS": "20091,20092", "LMCACHE_WORLD_SIZE": "3"},
      "no port for worker rank 2"),
     (["--worker-id", "1"], {"LMCACHE_P2P_INIT_PORTS": "65535", "LMCACHE_WORLD_SIZE": "2"}, "p2p_init_ports"),
+    ([], {}, "the worker would do nothing (--standalone runs it anyway)"),
+    ([], {"LMCACHE_ENABLE_CONTROLLER": "true", "LMCACHE_CONTROLLER_PULL_URL": "127.0.0.1:9"},
+     "enable_controller is on but lmcache_worker_ports is not set"),
 ]
 
 
@@ -29,3 +32,30 @@ def test_bad_arguments_exit_2_with_a_message(args, env, message, tmp_path):
                        timeout=60, cwd=tmp_path, env={**clean, "LMCACHE_ENABLE_CONTROLLER": "false", **env})
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = ("import sys, lmcache_rs.worker.__main__ as m\n"
+            "try:\n    m.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--standalone" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "lmcache_rs.worker", "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("lmcache_worker (lmcache_rs) "), r.stderr
+
+
+def test_ready_line_says_where_it_reports(tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "lmcache_rs.worker", "--standalone"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+                            env={**clean, "LMCACHE_ENABLE_CONTROLLER": "false", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.01"})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("lmcache_worker ready:") and " reports_to=none " in line, line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -24,6 +24,7 @@ This module imports neither torch nor the native extension: the controller uses 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -213,6 +214,27 @@ def _kinds() -> dict[str, str]:
 
 
 KINDS = _kinds()
+# LMCache's own aliases of keys (its config.py): the old names keep working.
+ALIASES = {"lmcache_worker_port": "lmcache_worker_ports", "controller_url": "controller_pull_url"}
+
+
+def _known_key(key: str, values: dict[str, Any], source: str, unknown: list[str], shown: str = "") -> Optional[str]:
+    """The config key ``key`` names (an LMCache alias resolved), or None after warning about an
+    unknown one with the closest known key."""
+    if key in KINDS:
+        if key in values:  # a mapping's keys are unique: the earlier one was an alias
+            raise ConfigError(f"{source}: {key!r} is given twice (once by its old name)")
+        return key
+    if key in ALIASES:
+        target = ALIASES[key]
+        if target in values:
+            raise ConfigError(f"{source}: {key!r} and {target!r} both given; they are the same key")
+        return target
+    close = difflib.get_close_matches(key, list(KINDS) + list(ALIASES), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    log.warning("ignoring unknown config key %r in %s%s", shown or key, source, hint)
+    unknown.append(shown or key)
+    return None
 
 
 def _bad(key: str, value: Any, what: str) -> ConfigError:
@@ -363,12 +385,9 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in _KNOWN_ENV:
             continue
-        key = name[len(ENV_PREFIX) :].lower()
-        if key not in KINDS:
-            log.warning("ignoring unknown environment variable %s=%r", name, raw)
-            unknown.append(name)
-            continue
-        values[key] = parse_value(key, raw, from_env=True)
+        known = _known_key(name[len(ENV_PREFIX) :].lower(), {}, "the environment", unknown, shown=name)
+        if known is not None:
+            values[known] = parse_value(known, raw, from_env=True)
     if API_KEY_ENV in env and "LMCACHE_CONTROLLER_API_KEY" not in env:
         values["controller_api_key"] = env[API_KEY_ENV] or None
     config = LMCacheConfig(**values)
@@ -408,9 +427,11 @@ def _read_file(path: str, unknown: list[str]) -> dict[str, Any]:
 def _from_mapping(data: Mapping[str, Any], source: str, unknown: list[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, raw in data.items():
-        if not isinstance(key, str) or key not in KINDS:
-            log.warning("ignoring unknown config key %r in %s", key, source)
-            unknown.append(str(key))
+        known = _known_key(key, values, source, unknown) if isinstance(key, str) else None
+        if known is None:
+            if not isinstance(key, str):
+                log.warning("ignoring config key %r in %s: keys are strings", key, source)
+                unknown.append(str(key))
             continue
-        values[key] = parse_value(key, raw)
+        values[known] = parse_value(known, raw)
     return values

@@ -7,7 +7,11 @@ overrides. ``--preload`` reads JSON lines, each a list of token ids (or an objec
 "tokens" list), and stores synthetic KV for each (deterministic from the tokens, in the
 model shape of the config) before reporting to the controller. Once the ports are bound the
 worker prints one line starting with ``lmcache_worker ready`` and runs until SIGINT/SIGTERM,
-then says bye to the controller and exits 0. A bad config exits 2 with the reason.
+then says bye to the controller and exits 0. A bad config exits 2 with the reason, and so does
+one under which the worker would do nothing: neither reporting to a controller
+(``enable_controller``) nor serving commands or peers, unless ``--standalone`` says so; a
+worker that reports needs a command port (``lmcache_worker_ports``), or the controller could
+not reach it.
 """
 
 from __future__ import annotations
@@ -46,11 +50,17 @@ def read_preload(path: str) -> Iterator[list[int]]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from lmcache_rs import __version__
+
     parser = argparse.ArgumentParser(prog="lmcache_worker", description="Run a KV-cache worker.")
+    parser.add_argument("--version", action="version", version=f"lmcache_worker (lmcache_rs) {__version__}")
     parser.add_argument("--config", help="YAML config (default: $LMCACHE_CONFIG_FILE)")
     parser.add_argument("--worker-id", type=int, default=0,
                         help="tensor-parallel rank, 0..world_size-1 (default 0; world_size is a config key)")
     parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for")
+    parser.add_argument("--standalone", action="store_true",
+                        help="run even though the config neither reports to a controller nor serves commands or "
+                        "peers (tests, a store used from Python)")
     parser.add_argument("--log-level", type=str.upper, default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper(),
                         choices=LOG_LEVELS, help="log level (default $LMCACHE_LOG_LEVEL, else INFO)")
     args = parser.parse_args(argv)
@@ -70,8 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--worker-id must be a rank of world_size {config.world_size} "
                               f"(0..{config.world_size - 1}), got {args.worker_id}")
         # this rank's ports, from lists or base + rank: a rank without one is a config error
-        config.worker_port(args.worker_id)
-        config.p2p_port(args.worker_id)
+        worker_port = config.worker_port(args.worker_id)
+        p2p_port = config.p2p_port(args.worker_id)
+        if config.enable_controller and worker_port is None:
+            raise ConfigError("enable_controller is on but lmcache_worker_ports is not set: the controller sends "
+                              "its commands (/clear, /move, ...) to that port (LMCache's lmcache_worker_port "
+                              "works too)")
+        if not (config.enable_controller or worker_port is not None or p2p_port is not None or args.standalone):
+            raise ConfigError("this config neither reports to a controller (enable_controller, "
+                              "controller_pull_url) nor serves commands or peers (lmcache_worker_ports, "
+                              "p2p_init_ports): the worker would do nothing (--standalone runs it anyway)")
     except ConfigError as exc:
         print(f"lmcache_worker: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -111,9 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"lmcache_worker: cannot listen: {exc}", file=sys.stderr)
             return 1
         info = worker.info()
+        reports_to = "{}:{}".format(*config.controller_address()) if config.enable_controller else "none"
         print(
             f"lmcache_worker ready: instance={info['instance_id']} worker={info['worker_id']} "
-            f"worker_port={info['worker_port']} p2p_port={info['p2p_port']} "
+            f"reports_to={reports_to} worker_port={info['worker_port']} p2p_port={info['p2p_port']} "
             f"chunks={worker.health()['chunks']} pool={info['pool']['slots']}x{info['pool']['slot_bytes']}B "
             f"({info['pool']['pinned']})",
             flush=True,
