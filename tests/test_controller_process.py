@@ -745,3 +745,26 @@ def test_several_http_loops_share_the_port():
         assert r.returncode == 1 and "address already in use" in r.stderr.lower()
         assert proc.stop() == 0
         assert "Traceback" not in proc.log()
+
+
+def test_wrong_protocol_on_each_port_is_told_the_right_port():
+    """curl at the monitor port gets an HTTP answer naming the HTTP port (logged once); a worker
+    frame decoder fed an HTTP answer says the peer speaks HTTP, not 'frame of 1213486160 bytes'."""
+    import socket
+
+    from lmcache_rs.wire import FrameDecoder, FrameError
+
+    with ControllerProcess() as proc:
+        for _ in range(3):
+            with socket.create_connection((HOST, proc.monitor_port), timeout=10) as s:
+                s.sendall(b"POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+                reply = b""
+                while chunk := s.recv(4096):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 400 "), reply
+            assert f"served on port {proc.http_port}".encode() in reply, reply
+        log = proc.log()
+    assert log.count("an HTTP client connected to --monitor-port") == 1, log
+    with pytest.raises(FrameError) as err:
+        FrameDecoder(1 << 20).feed(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    assert err.value.code == "http_peer" and "controller_pull_url" in str(err.value)

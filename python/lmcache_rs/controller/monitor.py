@@ -14,6 +14,7 @@ from ..config import RESERVED_INSTANCE_IDS
 from ..log_limit import RateLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame, report
 from ..wire.auth import key_matches
+from ..wire.framing import HTTP_STARTS
 from .metrics import Metrics
 from .registry import APPLY, BUFFERED, GAP, SYNCING, Registry, SyncTooLarge, WorkerInUse, WorkerRecord
 from .settings import Settings
@@ -30,6 +31,8 @@ class MonitorServerState:
         self.connections: set[MonitorProtocol] = set()
         self.lmcache_ports: dict[str, int] = {}  # set once LMCache's sockets are bound (for the hint)
         self.zmq_warned = False
+        self.http_port = 0  # set once the HTTP server listens (for the hint to HTTP clients)
+        self.http_warned = False
         self.welcome = encode_frame(report.welcome(settings.heartbeat_interval, settings.heartbeat_timeout))
 
 
@@ -103,6 +106,20 @@ class MonitorProtocol(asyncio.Protocol):
                         "controller_reply_url set to %s (docs/lmcache-compat.md)", self.peer, where)
         self.close()
 
+    def refuse_http_peer(self) -> None:
+        """An HTTP request (curl at the wrong port): answer in HTTP, naming the right port."""
+        self.metrics.count_rejected_frame("http_peer")
+        text = (f"This is lmcache_controller's worker port (--monitor-port), which speaks lmcache_rs's worker "
+                f"protocol. HTTP (/lookup and the rest) is served on port {self.state.http_port}.\n").encode()
+        if not self.state.http_warned:
+            self.state.http_warned = True
+            log.warning("monitor %s: an HTTP client connected to --monitor-port; HTTP is on port %d",
+                        self.peer, self.state.http_port)
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(text), text))
+        self.close()
+
     def resync(self, reason: str) -> None:
         record = self.record
         if record is None:
@@ -116,9 +133,13 @@ class MonitorProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.record is None and data[:1] == b"\xff" and not self.decoder.buffered:
-            self.refuse_zmq_peer()
-            return
+        if self.record is None and not self.decoder.buffered:
+            if data[:1] == b"\xff":
+                self.refuse_zmq_peer()
+                return
+            if data[:4] in HTTP_STARTS:
+                self.refuse_http_peer()
+                return
         try:
             for message in self.decoder.frames(data):
                 self.dispatch(message)

@@ -94,6 +94,7 @@ class Controller:
             self.http_server.close()
             raise
         try:
+            self.monitor_state.http_port = self.http_port
             if self.lmcache is not None:
                 await self.lmcache.start()
                 self.monitor_state.lmcache_ports = dict(self.lmcache.bound)

@@ -18,6 +18,10 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 
+# How an HTTP response or request begins: read as a frame header, an absurd length.
+HTTP_STARTS = frozenset({b"HTTP", b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC"})
+
+
 class FrameError(ValueError):
     """A frame that cannot be accepted; ``code`` goes into the error frame sent back."""
 
@@ -63,6 +67,14 @@ class FrameDecoder:
                         return
                     (length,) = _HEADER.unpack_from(buf, pos)
                     if length > self.max_frame_bytes:
+                        head = bytes(buf[pos:pos + _HEADER.size])
+                        if head in HTTP_STARTS:
+                            raise FrameError(
+                                "http_peer",
+                                f"the peer speaks HTTP ({head.decode()!r}...), not lmcache_rs's worker protocol: "
+                                "a worker's controller_pull_url names the controller's --monitor-port, "
+                                "not its HTTP --port",
+                            )
                         raise FrameError(
                             "frame_too_large",
                             f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}",
