@@ -291,6 +291,7 @@ def test_an_identity_sticks_to_its_connection_until_it_closes():
         p2.data_received(encode_frame(hello(p2p_port=9999)))  # a stranger claims the live rank
         (err,) = out(t2)
         assert err["t"] == "error" and err["code"] == "worker_in_use" and t2.closed and not t1.closed
+        assert f"connected already from {p1.peer}" in err["message"]
         await settle()
         rec = h.registry.workers[("inst", 0)]
         assert rec.conn is p1 and rec.p2p_port == 8200 and held(h.index) == {1}
@@ -362,6 +363,8 @@ def test_api_key_required_when_configured():
             proto.data_received(encode_frame(hello(**kw)))
             err = out(t)[0]
             assert err["code"] == code and "s3cret" not in err["message"] and t.closed
+            if code == "unauthorized":
+                assert "worker inst/0" in err["message"]  # the refusal names the worker
         proto, t = h.connect()
         proto.data_received(encode_frame(hello(api_key="s3cret")))
         assert out(t)[0]["t"] == "welcome"

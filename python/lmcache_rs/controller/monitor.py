@@ -221,7 +221,8 @@ class MonitorProtocol(asyncio.Protocol):
             )
         api_key = hello.api_key
         if s.api_key is not None and not key_matches(api_key, s.api_key):
-            raise FrameError(report.UNAUTHORIZED, "hello: wrong or missing api_key")
+            raise FrameError(report.UNAUTHORIZED, f"hello of worker {hello.instance_id}/{hello.worker_id}: wrong or "
+                                                  "missing api_key (controller_api_key must match --api-key)")
         try:
             self.record = self.registry.attach(self, hello)
         except WorkerInUse as exc:

@@ -89,6 +89,8 @@ class WorkerInUse(ValueError):
 class ReportLink(Protocol):
     """A worker's report connection, as the registry sees it."""
 
+    peer: str  # the remote address, for messages
+
     def detach(self, replaced: bool) -> None:
         """Forget the worker (a newer connection took over, or it was removed) and close."""
 
@@ -254,8 +256,10 @@ class Registry:
         if record is not None and record.conn is not None and record.conn is not conn:
             # an identity sticks to its connection until that one closes or goes silent: without
             # an API key, this is what keeps a stranger from taking over a live rank
-            raise WorkerInUse(f"worker {key[0]}/{key[1]} is connected already; a new connection is accepted "
-                              "once that one closes or is silent for the heartbeat timeout")
+            raise WorkerInUse(f"worker {key[0]}/{key[1]} is connected already from {record.conn.peer} (command "
+                              f"port {record.host}:{record.worker_port}); a new connection is accepted once that one "
+                              "closes or is silent for the heartbeat timeout: two workers with the same "
+                              "lmcache_instance_id and rank?")
         self._settle_world_size(hello, record)
         record = self.workers.get(key)  # gone if the instance was re-formed
         if record is None:
