@@ -17,8 +17,8 @@ from urllib.parse import parse_qs
 from ..wire import pack_u32s
 from .dashboard import DASHBOARD_HTML
 from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
-from .key_space_check import STATES as KEY_SPACE_STATES
 from .operations import OperationError, Operations
+from .prometheus import ControllerCollector, Exposition, worker_state
 from .registry import Registry
 
 _U32 = 2**32
@@ -269,6 +269,7 @@ class Api:
             "/": self.dashboard,
             "/dashboard.json": self.dashboard_json,
         }
+        self.exposition = Exposition(ControllerCollector(controller, self._stats, self._holder_counts))
         key = controller.settings.api_key
         self.api_key: bytes | None = key.encode() if key else None
         self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
@@ -493,56 +494,7 @@ class Api:
         return [row for index in self._indexes() for row in index.holder_counts()]
 
     def metrics_page(self, request: Request) -> Response:
-        self.registry.flush()
-        stats = self._stats()
-        gauges: dict[str, tuple[str, list]] = {
-            "lmcache_index_chunks": ("Distinct chunk keys in the index.", [({}, stats.get("chunks", 0))]),
-            "lmcache_index_holdings": ("(holder, chunk) pairs in the index.", [({}, stats.get("holdings", 0))]),
-            "lmcache_index_holders": ("(instance, worker, location) holders.", [({}, stats.get("holders", 0))]),
-            "lmcache_index_bytes": ("Heap bytes used by the index.", [({}, stats.get("bytes", 0))]),
-            "lmcache_instances": ("Instances with a registered worker.", [({}, len(self.registry.instances()))]),
-            "lmcache_workers": ("Registered workers, by state.", [
-                ({"state": st}, sum(1 for r in self.registry.workers.values() if _state(r) == st))
-                for st in ("live", "syncing", "need_sync", "disconnected")
-            ]),
-            "lmcache_holder_chunks": ("Chunks held, by instance, worker and location.", [
-                ({"instance": i, "worker": str(w), "location": loc}, n)
-                for i, w, loc, n in sorted(self._holder_counts())
-            ]),
-            "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
-            "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
-        }
-        check = self.c.key_space_check
-        if check is not None:
-            gauges["lmcache_lmcache_key_space"] = (
-                "LMCache key-space check: 'mismatch' when lookups of full chunks never match what LMCache workers "
-                "hold (settings likely differ from the workers'), 'matched' once one did.",
-                [({"state": st}, int(check.state == st)) for st in KEY_SPACE_STATES])
-            gauges["lmcache_lmcache_key_space_unmatched_lookups"] = (
-                "Sampled full-chunk lookups that matched no LMCache instance while none had matched yet.",
-                [({}, check.unmatched)])
-        if self.c.lmcache is not None:
-            gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
-                ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])
-        kv = self.c.kv_events
-        if kv is not None:
-            publishers = kv.describe()
-            stale = sum(1 for p in publishers if p["stale"])
-            gauges["lmcache_kv_event_publishers"] = ("Engines publishing KV events; stale: messages were lost for "
-                                                     "good and older blocks may be missing.", [
-                ({"stale": "false"}, len(publishers) - stale), ({"stale": "true"}, stale)])
-            gauges["lmcache_kv_event_batches"] = ("KV-event batches applied, by instance.", [
-                ({"instance": p["instance_id"]}, p["batches"]) for p in publishers])
-            gauges["lmcache_kv_event_next_seq"] = ("The sequence number expected next, by instance.", [
-                ({"instance": p["instance_id"]}, p["next_seq"] or 0) for p in publishers])
-            for name, what in (("gaps", "Sequence gaps seen"), ("replays", "Replays asked for"),
-                               ("restarts", "Publisher restarts seen")):
-                gauges[f"lmcache_kv_event_{name}"] = (f"{what}, by instance.", [
-                    ({"instance": p["instance_id"]}, p[name]) for p in publishers])
-            skipped = {**kv.decoder.counts, **kv.counts}
-            gauges["lmcache_kv_events_skipped"] = ("KV events or messages not applied, by reason.", [
-                ({"reason": reason}, n) for reason, n in sorted(skipped.items())])
-        return (200, PROMETHEUS, self.metrics.render(gauges))
+        return (200, PROMETHEUS, self.exposition.render())
 
     def dashboard(self, request: Request) -> Response:
         return (200, HTML, DASHBOARD_HTML)
@@ -563,27 +515,25 @@ class Api:
                     locations[loc] = max(locations.get(loc, 0), n)
                 workers.append({
                     "worker_id": r.worker_id, "host": r.host, "worker_port": r.worker_port,
-                    "p2p": f"{r.p2p_host}:{r.p2p_port}", "state": _state(r),
+                    "p2p": f"{r.p2p_host}:{r.p2p_port}", "state": worker_state(r),
                     "last_seen_s": round(now - r.last_seen, 1), "chunks": held,
                 })
             instances.append({"instance_id": instance_id, "workers": workers, "locations": locations})
         stats = self._stats()
         m = self.metrics
+        lookup_rate, ingest_rate = self.c.history.last_rates()
         return _ok({
             "instances": instances,
             "chunks": stats.get("chunks", 0),
             "holdings": stats.get("holdings", 0),
             "lookups": m.total_lookups(),
-            "lookup_rate": round(m.lookup_rate, 1),
-            "ingest_rate": round(m.ingest_rate, 1),
+            "lookup_rate": round(lookup_rate, 1),
+            "ingest_rate": round(ingest_rate, 1),
+            "history": self.c.history.series(),
             "uptime_s": round(time.time() - m.started, 1),
             "chunk_size": self.chunk_size,
             "kv_event_publishers": self.c.kv_events.describe() if self.c.kv_events is not None else [],
         })
-
-
-def _state(record) -> str:
-    return "disconnected" if record.conn is None else record.state
 
 
 def _truthy(query: bytes, name: bytes) -> bool:
