@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from typing import Any, Callable
 from urllib.parse import parse_qs
@@ -20,6 +21,12 @@ from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
 from .operations import OperationError, Operations
 from .prometheus import ControllerCollector, Exposition, worker_state
 from .registry import Registry
+from ..log_limit import RateLimitedLog
+
+log = logging.getLogger("lmcache_rs.controller.api")
+# who changed what, for the operator: each mutating request, and each refused key (a client
+# can send those as fast as it likes, so their lines are capped)
+audit_refusal = RateLimitedLog(log, logging.INFO)
 
 _U32 = 2**32
 # Endpoints that change what workers hold (or the index); with an API key set they need it.
@@ -315,6 +322,7 @@ class Api:
                 metrics.count_rejected(401)
                 metrics.count_request(path, 401)
                 what = "wrong" if credential is not None else "no"
+                audit_refusal("%s from %s refused (401): %s API key sent", path, request.peer, what)
                 return (401, JSON, error_body(f"{path} changes state and needs the API key; {what} key sent "
                                               "(send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')"),
                         b'WWW-Authenticate: Bearer realm="lmcache"\r\n')
@@ -325,6 +333,7 @@ class Api:
     def _guard(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """Turn BadRequest/OperationError into answers, sync or async."""
         metrics = self.metrics
+        audited = path in MUTATING
 
         def guarded(request: Request) -> Any:
             try:
@@ -332,18 +341,21 @@ class Api:
             except BadRequest as exc:
                 metrics.count_rejected(400)
                 metrics.count_request(path, 400)
-                return _error(400, str(exc))
+                result = _error(400, str(exc))
             except OperationError as exc:
                 metrics.count_request(path, exc.status)
-                return _error(exc.status, str(exc))
-            if isinstance(result, tuple):
+                result = _error(exc.status, str(exc))
+            else:
+                if not isinstance(result, tuple):
+                    return self._finish_async(path, request, result)
                 metrics.count_request(path, result[0])
-                return result
-            return self._finish_async(path, result)
+            if audited:
+                _audit(path, request, result)
+            return result
 
         return guarded
 
-    async def _finish_async(self, path: str, coro) -> Response:
+    async def _finish_async(self, path: str, request: Request, coro) -> Response:
         try:
             result = await coro
         except BadRequest as exc:
@@ -352,6 +364,8 @@ class Api:
         except OperationError as exc:
             result = _error(exc.status, str(exc))
         self.metrics.count_request(path, result[0])
+        if path in MUTATING:
+            _audit(path, request, result)
         return result
 
     def clear(self, request: Request):
@@ -534,6 +548,14 @@ class Api:
             "chunk_size": self.chunk_size,
             "kv_event_publishers": self.c.kv_events.describe() if self.c.kv_events is not None else [],
         })
+
+
+def _audit(path: str, request: Request, result: Response) -> None:
+    """One INFO line per request that changes what workers hold: who, what, and the outcome."""
+    body = request.body[:160].decode("utf-8", "replace")
+    more = "..." if len(request.body) > 160 else ""
+    log.info("%s from %s: %d %s (request %s%s)", path, request.peer, result[0],
+             result[2][:200].decode("utf-8", "replace"), body, more)
 
 
 def _truthy(query: bytes, name: bytes) -> bool:
