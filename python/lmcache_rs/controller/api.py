@@ -156,9 +156,9 @@ class Lookup:
             else:
                 indexes = self._indexes()
             if len(indexes) == 1 and not (detail and self.kv_events is not None and self.kv_events.any_stale):
-                body = indexes[0].lookup_json(request.body, event_id, detail)
+                body, asked, matched = indexes[0].lookup_json_counted(request.body, event_id, detail)
             else:
-                body = self._merged(indexes, request.body, event_id, detail)
+                body, asked, matched = self._merged(indexes, request.body, event_id, detail)
         except BadRequest as exc:
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
@@ -167,7 +167,7 @@ class Lookup:
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
             return (400, JSON, error_body(str(exc)))
-        self.metrics.observe_lookup(time.perf_counter() - start)
+        self.metrics.observe_lookup(time.perf_counter() - start, asked, matched)
         return (200, JSON, body)
 
     def _named_indexes(self, body: bytes) -> list[Any]:
@@ -181,13 +181,17 @@ class Lookup:
         _tokens(data)  # checked here too: no namespace may answer, and a bad body is still a 400
         return [ns.index for ns in self.kv_events.lookup_namespaces(*names)]
 
-    def _merged(self, indexes: list[Any], body: bytes, event_id: str, detail: bool) -> bytes:
-        """Each index answers for its instances; an instance in several keeps its longest match."""
+    def _merged(self, indexes: list[Any], body: bytes, event_id: str, detail: bool) -> tuple[bytes, int, int]:
+        """Each index answers for its instances; an instance in several keeps its longest match.
+        Returns (response body, tokens asked, tokens of the longest match)."""
         out: dict[str, Any] = {"event_id": event_id, "layout_info": {}}
         layout = out["layout_info"]
         details: dict[str, Any] = {}
+        asked = matched = 0
         for index in indexes:
-            theirs = json.loads(index.lookup_json(body, event_id, detail))
+            answer, asked, theirs_matched = index.lookup_json_counted(body, event_id, detail)
+            matched = max(matched, theirs_matched)
+            theirs = json.loads(answer)
             for instance_id, answer in theirs["layout_info"].items():
                 if instance_id not in layout or answer[1] > layout[instance_id][1]:
                     layout[instance_id] = answer
@@ -199,7 +203,7 @@ class Lookup:
             stale = self.kv_events.stale_instances() if self.kv_events is not None else None
             if stale:
                 out["stale"] = stale  # engines that lost messages for good: older blocks may be missing
-        return json.dumps(out, separators=(",", ":")).encode()
+        return json.dumps(out, separators=(",", ":")).encode(), asked, matched
 
     def answer(self, data: bytes, max_header_bytes: int, max_body_bytes: int) -> tuple[bytes, int, bool]:
         """The HTTP fast path: answer the complete plain ``POST /lookup`` requests at the start
@@ -214,11 +218,11 @@ class Lookup:
         indexes = self._indexes()
         if len(indexes) != 1:
             return b"", 0, False
-        out, consumed, seconds, close = indexes[0].answer_lookups(
+        out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
             data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
         if seconds:
             self.counter += len(seconds)
-            self.metrics.observe_lookups(seconds)
+            self.metrics.observe_lookups(seconds, hits, asked, matched)
         return out, consumed, close
 
 
