@@ -34,6 +34,8 @@ class History:
         self.metrics = metrics
         self.interval = interval
         self.records: collections.deque[Record] = collections.deque(maxlen=int(seconds / interval) + 1)
+        # the counters start at zero: the first interval counts from the start, not from the first tick
+        self.records.append(Record(time.time(), 0, 0, 0, 0, 0, [0] * (len(LATENCY_BUCKETS) + 1)))
 
     def sample(self, now: float | None = None) -> None:
         """Record the counters, at most once per interval (the caller ticks more often)."""
