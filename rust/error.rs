@@ -2,6 +2,7 @@
 //! (see `py/errors.rs`); nothing here knows about Python.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// Everything the index can refuse or fail at.
 #[derive(Debug)]
@@ -12,8 +13,9 @@ pub enum Error {
     InvalidType(String),
     /// A snapshot file is corrupt, truncated, of another format version or for another index.
     Snapshot(String),
-    /// An operating-system error while reading or writing a snapshot.
-    Io(std::io::Error),
+    /// An operating-system error while reading or writing a snapshot, and the file it concerns
+    /// (set by `at` where the path is known; an operator must be told which file failed).
+    Io(std::io::Error, Option<PathBuf>),
     /// `check_invariants` found a broken invariant (a bug, never caused by input).
     Invariant(String),
 }
@@ -33,6 +35,13 @@ impl Error {
     pub fn invariant(msg: impl Into<String>) -> Self {
         Error::Invariant(msg.into())
     }
+    /// This error with `path` as the file an OS error concerns (unless it already names one).
+    pub fn at(self, path: &Path) -> Self {
+        match self {
+            Error::Io(e, None) => Error::Io(e, Some(path.to_path_buf())),
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -41,7 +50,8 @@ impl fmt::Display for Error {
             Error::InvalidArgument(m) | Error::InvalidType(m) | Error::Snapshot(m) => {
                 f.write_str(m)
             }
-            Error::Io(e) => write!(f, "{e}"),
+            Error::Io(e, None) => write!(f, "{e}"),
+            Error::Io(e, Some(p)) => write!(f, "{e}: {}", p.display()),
             Error::Invariant(m) => write!(f, "invariant broken: {m}"),
         }
     }
@@ -51,6 +61,6 @@ impl std::error::Error for Error {}
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::Io(e)
+        Error::Io(e, None)
     }
 }

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use crate::error::Result;
-use crate::shared::SharedIndex;
+use crate::shared::{LookupAnswer, SharedIndex};
 
 /// Most header lines a fast-path request may have (more: the general server answers it).
 pub const MAX_HEADERS: usize = 32;
@@ -46,6 +46,12 @@ pub struct Answered {
     /// The last answered request closes the connection: write the responses, then close,
     /// and read nothing more.
     pub close: bool,
+    /// Answered lookups that matched something (any instance, any length).
+    pub hits: u64,
+    /// Tokens asked for, summed over the answered lookups.
+    pub asked_tokens: u64,
+    /// Tokens of each answered lookup's longest match, summed.
+    pub matched_tokens: u64,
 }
 
 /// A complete request the fast path answers, before its lookup.
@@ -180,7 +186,7 @@ pub fn answer_with(
     limits: &Limits,
     event_prefix: &str,
     first_id: u64,
-    mut lookup: impl FnMut(&[u8], bool, &str) -> Result<String>,
+    mut lookup: impl FnMut(&[u8], bool, &str) -> Result<LookupAnswer>,
 ) -> Answered {
     let mut out = Answered::default();
     let mut event_id = String::with_capacity(event_prefix.len() + 20);
@@ -192,10 +198,13 @@ pub fn answer_with(
         event_id.clear();
         event_id.push_str(event_prefix);
         let _ = write!(event_id, "{}", first_id + out.seconds.len() as u64);
-        let Ok(body) = lookup(req.body, req.detail, &event_id) else {
+        let Ok(answer) = lookup(req.body, req.detail, &event_id) else {
             break;
         };
-        write_response(&mut out.responses, body.as_bytes(), req.keep_alive);
+        write_response(&mut out.responses, answer.body.as_bytes(), req.keep_alive);
+        out.hits += u64::from(answer.matched > 0);
+        out.asked_tokens += answer.asked;
+        out.matched_tokens += answer.matched;
         out.consumed += req.len;
         out.seconds.push(start.elapsed().as_secs_f64());
         if !req.keep_alive {
@@ -206,7 +215,7 @@ pub fn answer_with(
     out
 }
 
-/// `answer_with` looking up in `index` (`SharedIndex::lookup_json`).
+/// `answer_with` looking up in `index` (`SharedIndex::lookup_json_counted`).
 pub fn answer_lookups(
     index: &SharedIndex,
     data: &[u8],
@@ -215,7 +224,7 @@ pub fn answer_lookups(
     first_id: u64,
 ) -> Answered {
     answer_with(data, limits, event_prefix, first_id, |body, detail, id| {
-        index.lookup_json(body, id, detail)
+        index.lookup_json_counted(body, id, detail)
     })
 }
 
@@ -238,15 +247,20 @@ mod tests {
         .into_bytes()
     }
 
-    /// A stand-in lookup: echoes the event id and the body; refuses bodies starting with 'x'.
-    fn fake(body: &[u8], detail: bool, id: &str) -> Result<String> {
+    /// A stand-in lookup: echoes the event id and the body; refuses bodies starting with 'x';
+    /// "asks" the body's length and "matches" its digits.
+    fn fake(body: &[u8], detail: bool, id: &str) -> Result<LookupAnswer> {
         if body.first() == Some(&b'x') {
             return Err(Error::arg("bad body"));
         }
-        Ok(format!(
-            "{{\"event_id\": \"{id}\", \"detail\": {detail}, \"n\": {}}}",
-            body.len()
-        ))
+        Ok(LookupAnswer {
+            body: format!(
+                "{{\"event_id\": \"{id}\", \"detail\": {detail}, \"n\": {}}}",
+                body.len()
+            ),
+            asked: body.len() as u64,
+            matched: body.iter().filter(|c| c.is_ascii_digit()).count() as u64,
+        })
     }
 
     fn answer(data: &[u8]) -> Answered {
@@ -358,6 +372,28 @@ mod tests {
         );
         let a = answer_lookups(&index, &post("{\"tokens\": [-1]}", ""), &LIMITS, "L-", 7);
         assert_eq!(a, Answered::default());
+    }
+
+    #[test]
+    fn counts_what_the_answered_lookups_matched() {
+        let index = SharedIndex::new(2, crate::keyspace::KeySpace::Xxh3 { seed: 0 }).unwrap();
+        let keys = crate::keyspace::KeySpace::Xxh3 { seed: 0 }.keys(&[1, 2, 3, 4], 2);
+        let ev = std::sync::Arc::new(crate::index::Event {
+            kind: crate::index::EventKind::Admit,
+            instance: "a".into(),
+            worker: 0,
+            location: "cpu".into(),
+            start: 0,
+            end: 0,
+        });
+        index.write(crate::index::Op::Admit(ev, keys.into()));
+        // matches 4 of 5, matches 2 of 3, matches nothing of 2
+        let mut data = post("{\"tokens\": [1, 2, 3, 4, 5]}", "");
+        data.extend(post("{\"tokens\": [1, 2, 9]}", ""));
+        data.extend(post("{\"tokens\": [7, 8]}", ""));
+        let a = answer_lookups(&index, &data, &LIMITS, "L-", 1);
+        assert_eq!(a.seconds.len(), 3);
+        assert_eq!((a.hits, a.asked_tokens, a.matched_tokens), (2, 10, 6));
     }
 
     fn stream(bodies: &[(u8, bool)]) -> Vec<u8> {

@@ -17,6 +17,16 @@ use crate::json;
 use crate::keyspace::KeySpace;
 use crate::snapshot;
 
+/// A `/lookup` response body and what the lookup matched.
+#[derive(Debug)]
+pub struct LookupAnswer {
+    pub body: String,
+    /// Tokens in the request.
+    pub asked: u64,
+    /// Tokens of the longest prefix any instance holds (0: no match).
+    pub matched: u64,
+}
+
 pub struct SharedIndex {
     chunk_size: usize,
     key_space: KeySpace,
@@ -62,11 +72,27 @@ impl SharedIndex {
     /// The /lookup answer for a request body: parse it, look it up (with every location and
     /// worker when `detail`), render the response body. Errors name what is wrong with the body.
     pub fn lookup_json(&self, body: &[u8], event_id: &str, detail: bool) -> Result<String> {
+        self.lookup_json_counted(body, event_id, detail)
+            .map(|a| a.body)
+    }
+
+    /// `lookup_json` with what the lookup matched, for the hit-ratio metrics: counted here,
+    /// where the matches are at hand, so the caller pays nothing to learn them.
+    pub fn lookup_json_counted(
+        &self,
+        body: &[u8],
+        event_id: &str,
+        detail: bool,
+    ) -> Result<LookupAnswer> {
         let tokens = json::parse_lookup_body(body)?;
         Ok(self.read(|c| {
             let matches = c.lookup(&tokens);
             let det = detail.then(|| c.lookup_detailed(&tokens));
-            json::render_lookup(event_id, &matches, det.as_deref())
+            LookupAnswer {
+                body: json::render_lookup(event_id, &matches, det.as_deref()),
+                asked: tokens.len() as u64,
+                matched: matches.iter().map(|m| m.length).max().unwrap_or(0),
+            }
         }))
     }
 

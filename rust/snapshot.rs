@@ -76,6 +76,7 @@ fn temp_path(path: &Path) -> PathBuf {
 /// Write `core` to `path` atomically.
 pub fn dump(core: &Core, path: &Path) -> Result<()> {
     let tmp = temp_path(path);
+    // errors name the path the caller gave (the temporary file beside it is ours, not theirs)
     let result = write_file(core, &tmp).and_then(|_| {
         fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -89,7 +90,7 @@ pub fn dump(core: &Core, path: &Path) -> Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map_err(|e| e.at(path))
 }
 
 fn write_file(core: &Core, tmp: &Path) -> Result<()> {
@@ -198,7 +199,7 @@ impl<R: Read> Reader<R> {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::snapshot("snapshot is truncated")
             } else {
-                Error::Io(e)
+                Error::from(e)
             }
         })?;
         self.hasher.update(buf);
@@ -251,6 +252,10 @@ fn corrupt(msg: impl std::fmt::Display) -> Error {
 
 /// Read and fully validate a snapshot for an index with this chunk_size and key space.
 pub fn load(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core> {
+    read_file(path, chunk_size, key_space).map_err(|e| e.at(path))
+}
+
+fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     if len < 8 + 4 + 8 + 8 + 5 * 8 + 8 {

@@ -1,4 +1,4 @@
-"""A plain-Python model of the lookup contract (DESIGN.md), used as the test oracle.
+"""A plain-Python model of the lookup contract (docs/design.md), used as the test oracle.
 
 It is deliberately naive: sets and loops, no cleverness, so that it is obviously right.
 Every fast path in the project (the Rust index, the controller over HTTP) is checked

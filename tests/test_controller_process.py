@@ -334,7 +334,7 @@ def test_garbage_on_monitor_port_gets_error_frame_and_process_lives():
                 await writer.wait_closed()
             async with HttpClient(HOST, proc.http_port) as http:
                 status, _, body = await http.request("GET", "/metrics")
-                assert status == 200 and b'lmcache_rejected_frames_total{code="frame_too_large"} 1' in body
+                assert status == 200 and b'lmcache_rejected_frames_total{code="frame_too_large"} 1.0\n' in body
 
         run(main())
         assert proc.alive()
@@ -584,11 +584,13 @@ def test_metrics_and_dashboard_json():
                 status, headers, body = await http.request("GET", "/metrics")
                 text = body.decode()
                 assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-                for line in ["lmcache_lookups_total 5", "lmcache_lookup_errors_total 1",
-                             'lmcache_lookup_latency_seconds_bucket{le="+Inf"} 5', "lmcache_index_chunks 4",
-                             'lmcache_workers{state="live"} 1', 'lmcache_ingest_keys_total{op="admit"} 4',
-                             'lmcache_rejected_requests_total{status="400"} 1',
-                             'lmcache_holder_chunks{instance="inst",worker="0",location="LocalCPUBackend"} 4']:
+                for line in ["lmcache_lookups_total 5.0", "lmcache_lookup_errors_total 1.0",
+                             'lmcache_lookup_latency_seconds_bucket{le="+Inf"} 5.0', "lmcache_index_chunks 4.0",
+                             'lmcache_workers{state="live"} 1.0', 'lmcache_ingest_keys_total{op="admit"} 4.0',
+                             'lmcache_rejected_requests_total{status="400"} 1.0',
+                             'lmcache_http_requests_total{endpoint="/lookup",status="200"} 5.0',
+                             'lmcache_http_requests_total{endpoint="/lookup",status="400"} 1.0',
+                             'lmcache_holder_chunks{instance="inst",location="LocalCPUBackend",worker="0"} 4.0']:
                     assert line in text, line
                 status, body = await http.json("GET", "/dashboard.json")
                 assert status == 200 and body["chunks"] == 4 and body["lookups"] == 5
@@ -726,8 +728,8 @@ def test_several_http_loops_share_the_port():
                     assert status == 200 and body["error_codes"] == {"0": 0}
             assert len(loops) >= 2, loops  # connections were spread over the loops
             status, _, text = await clients[0].request("GET", "/metrics")
-            assert b"lmcache_lookups_total 48\n" in text
-            assert b"lmcache_http_connections 16\n" in text  # on every loop, not just the main one
+            assert b"lmcache_lookups_total 48.0\n" in text
+            assert b"lmcache_http_connections 16.0\n" in text  # on every loop, not just the main one
             status, body = await clients[1].json("GET", "/dashboard.json")
             assert body["lookups"] == 48
             for c in clients:

@@ -31,7 +31,8 @@ from lmcache_rs.wire.report import PROTOCOL_VERSION  # noqa: E402
 
 HEARTBEAT_TIMEOUT = 2.0
 QUERIES = query_set(1000)
-_HOLDER = re.compile(r'lmcache_holder_chunks\{instance="([^"]*)",worker="(\d+)",location="([^"]*)"\}')
+# labels in alphabetical order, as prometheus_client writes them
+_HOLDER = re.compile(r'lmcache_holder_chunks\{instance="([^"]*)",location="([^"]*)",worker="(\d+)"\}')
 
 
 def run(coro):
@@ -44,7 +45,7 @@ async def holders(port: int) -> dict[tuple[str, int], int]:
     for name, value in (await metrics(port)).items():
         m = _HOLDER.match(name)
         if m:
-            key = (m.group(1), int(m.group(2)))
+            key = (m.group(1), int(m.group(3)))
             out[key] = out.get(key, 0) + int(value)
     return out
 

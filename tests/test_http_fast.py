@@ -104,6 +104,9 @@ def both(*chunks: bytes, settle: bool = False, **settings) -> tuple[Side, Side]:
     assert bytes(fast.t.written) == bytes(slow.t.written)
     assert fast.t.closed == slow.t.closed
     assert fast.metrics.lookups == slow.metrics.lookups
+    # the hit-ratio counts too: the fast path sums in Rust what the parser path counts per lookup
+    for name in ("lookup_hits", "lookup_tokens", "lookup_matched_tokens"):
+        assert getattr(fast.metrics, name) == getattr(slow.metrics, name), name
     assert fast.metrics.rejected_requests == slow.metrics.rejected_requests
     assert fast.lookup.counter == slow.lookup.counter
     return fast, slow
@@ -115,6 +118,8 @@ def test_fast_path_answers_with_the_parser_paths_bytes():
     assert out.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
     assert b'"event_id": "Lookup-t-1"' in out and b'"a": ["LocalCPUBackend", 24]' in out
     assert fast.metrics.lookups == 1 and sum(fast.metrics._buckets) == 1
+    m = fast.metrics
+    assert (m.lookup_hits, m.lookup_tokens, m.lookup_matched_tokens) == (1, len(TOKENS), 24)
     assert fast.fast_answered == len(lookup_req())  # answered by the fast path, whole
 
 

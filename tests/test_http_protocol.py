@@ -383,3 +383,27 @@ def test_an_error_answer_to_a_head_request_has_no_body_either():
         assert t.closed
 
     run(main())
+
+
+def test_requests_still_waiting_after_the_shutdown_grace_get_503():
+    """drain(): answers made in time go out; a request whose answer is still awaited, and one
+    still arriving, each get a 503 in order (never an empty reply), then the connection closes."""
+
+    async def main():
+        state, app, proto, t = make()
+        proto.data_received(req(path="/a", body=b"1") + req(path="/slow1") + req(path="/b") + req(path="/slow2"))
+        assert [s for s, _, _ in responses(t.take())] == [200]  # /a at once; /b waits behind /slow1
+        p2 = HttpProtocol(state)
+        half = attach(p2)
+        p2.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n123")
+        await state.drain([], grace=0.05)
+        rs = responses(t.take())
+        assert [s for s, _, _ in rs] == [503, 200, 503]
+        assert json.loads(rs[0][2])["error"].startswith("the controller is shutting down")
+        assert rs[0][1]["retry-after"] == "1" and "connection" not in rs[0][1]
+        assert rs[2][1]["connection"] == "close" and t.closed
+        ((status, headers, _),) = responses(half.take())
+        assert status == 503 and headers["connection"] == "close" and half.closed
+        assert state.metrics.rejected_requests == {503: 3}
+
+    run(main())

@@ -327,6 +327,7 @@ UNKNOWN_KEYWORD = {
     "dump": lambda ix, p: ix.dump(p, foo=1),
     "load": lambda ix, p: ix.load(p, foo=1),
     "answer_lookups": lambda ix, p: ix.answer_lookups(b"", "e", 0, 10, 10, foo=1),
+    "lookup_json_counted": lambda ix, p: ix.lookup_json_counted(b"{}", "e", foo=1),
     "admit": lambda ix, p: ix.admit("a", 0, CPU, tokens=[1], foo=1),
     "lookup": lambda ix, p: ix.lookup([1], foo=1),
     "chunk_hashes": lambda ix, p: chunk_hashes([1], foo=1),

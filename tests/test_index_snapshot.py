@@ -3,6 +3,7 @@ index (corrupt, truncated, foreign, other format version, other chunk_size/seed)
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
@@ -143,3 +144,20 @@ def test_million_chunk_chain(tmp_path: Path) -> None:
     assert len(ix2) == 0
     del ix, ix2
     assert os.path.getsize(tmp_path / "deep") > 12 * n
+
+
+def test_os_errors_name_the_path(tmp_path: Path) -> None:
+    """An OS error is raised as Python raises its own: the matching OSError subclass, with
+    errno and filename set, so the message says which file."""
+    ix = populated()
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as e:
+        ix.load(missing)
+    assert e.value.errno == errno.ENOENT and e.value.filename == str(missing) and str(missing) in str(e.value)
+    target = tmp_path / "no-such-dir" / "snap"
+    with pytest.raises(FileNotFoundError) as e:
+        ix.dump(target)
+    assert e.value.filename == str(target) and str(target) in str(e.value)
+    with pytest.raises(IsADirectoryError) as e:
+        ix.load(tmp_path)
+    assert e.value.filename == str(tmp_path)

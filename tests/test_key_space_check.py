@@ -107,9 +107,9 @@ def test_wrong_none_hash_warns_once_and_shows_in_metrics(caplog):
             for cause in ("PYTHONHASHSEED", "--none-hash", "--chunk-size", "--worker-python", f"NONE_HASH={OURS}"):
                 assert cause in warning
             text = await d.metrics()
-            assert 'lmcache_lmcache_key_space{state="mismatch"} 1' in text
-            assert 'lmcache_lmcache_key_space{state="matched"} 0' in text
-            assert f"lmcache_lmcache_key_space_unmatched_lookups {NEEDED + 3}" in text
+            assert 'lmcache_lmcache_key_space{state="mismatch"} 1.0\n' in text
+            assert 'lmcache_lmcache_key_space{state="matched"} 0.0\n' in text
+            assert f"lmcache_lmcache_key_space_unmatched_lookups {NEEDED + 3:.1f}\n" in text
         finally:
             await d.controller.stop()
 
@@ -132,8 +132,8 @@ def test_right_settings_confirm_and_never_warn(caplog):
             assert all(lookup.take_sample() is None for lookup in d.check.lookups)
             assert d.check.state == "matched" and not _warnings(caplog)
             text = await d.metrics()
-            assert 'lmcache_lmcache_key_space{state="matched"} 1' in text
-            assert 'lmcache_lmcache_key_space{state="mismatch"} 0' in text
+            assert 'lmcache_lmcache_key_space{state="matched"} 1.0\n' in text
+            assert 'lmcache_lmcache_key_space{state="mismatch"} 0.0\n' in text
         finally:
             await d.controller.stop()
 

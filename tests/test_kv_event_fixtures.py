@@ -180,7 +180,7 @@ def test_fixture_through_a_controller_with_lost_messages(controller, name):
                 time.sleep(0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{c.http_port}/metrics", timeout=10) as r:
             metrics = r.read().decode()
-        assert 'lmcache_kv_event_gaps{instance="pod-a"} 1' in metrics
+        assert 'lmcache_kv_event_gaps_total{instance="pod-a"} 1.0\n' in metrics
         req = urllib.request.Request(url + "?detail=1", data=json.dumps({"tokens": [1]}).encode())
         with urllib.request.urlopen(req, timeout=10) as r:
             stale = json.loads(r.read()).get("stale", {})

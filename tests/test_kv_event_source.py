@@ -76,7 +76,7 @@ class Setup:
         the controller has applied every one, so each test starts from a known point."""
         def caught_up() -> bool:
             n = self.publisher.publish([]) + 1
-            return f'lmcache_kv_event_next_seq{{instance="pod-a"}} {n}' in self.metrics()
+            return f'lmcache_kv_event_next_seq{{instance="pod-a"}} {n:.1f}\n' in self.metrics()
         self.until(caught_up, "the publisher to connect")
 
     def close(self):
@@ -152,7 +152,7 @@ def test_lost_messages_come_back_by_replay(setup):
     s.until(lambda: s.answer(B) == {"pod-a": ["GPU", 64]}, "the replayed parent and the live child")
     assert s.answer(A) == {"pod-a": ["GPU", 48]}
     assert s.publisher.replays >= 1
-    assert 'lmcache_kv_event_gaps{instance="pod-a"} 1' in s.metrics()
+    assert 'lmcache_kv_event_gaps_total{instance="pod-a"} 1.0\n' in s.metrics()
     assert "stale" not in s.lookup(A, detail=True)
     with urllib.request.urlopen(s.base + "/dashboard.json", timeout=10) as r:
         (pub,) = json.loads(r.read())["kv_event_publishers"]
@@ -181,7 +181,7 @@ def test_replay_ring_moved_on_marks_the_engine_stale(setup):
     assert s.answer(list(range(9032, 9048))) == {"pod-a": ["GPU", 16]}  # the last lost one was still in the ring
     assert s.answer(list(range(9000, 9016))) == {}
     assert "no longer buffered" in s.lookup(A, detail=True)["stale"]["pod-a"]
-    assert 'lmcache_kv_event_publishers{stale="true"} 1' in s.metrics()
+    assert 'lmcache_kv_event_publishers{stale="true"} 1.0\n' in s.metrics()
     s.publisher.publish([CLEARED, stored(A, BS)])  # a clear makes the picture exact again
     s.until(lambda: "stale" not in s.lookup(A, detail=True), "exact after a clear")
     assert s.answer(A) == {"pod-a": ["GPU", 64]}
@@ -209,7 +209,7 @@ def test_engine_restart_drops_its_holdings(setup):
     s.publisher.publish([stored(B[32:], BS)])
     s.until(lambda: s.answer(B[32:]) == {"pod-a": ["GPU", 32]}, "the new engine's first store")
     assert s.answer(A) == {}
-    assert 'lmcache_kv_event_restarts{instance="pod-a"} 1' in s.metrics()
+    assert 'lmcache_kv_event_restarts_total{instance="pod-a"} 1.0\n' in s.metrics()
 
 
 def test_an_unseen_engine_restart_is_caught_by_the_replay(setup):
@@ -229,7 +229,7 @@ def test_an_unseen_engine_restart_is_caught_by_the_replay(setup):
     s.until(lambda: s.answer(list(range(6000, 6032))) == {"pod-a": ["GPU", 32]}, "the new engine's live batch")
     assert s.answer(B) == {"pod-a": ["GPU", 64]}  # from the new engine's replay
     assert s.answer(A) == {"pod-a": ["GPU", 32]}  # only B's share of A: the old engine's blocks are gone
-    assert 'lmcache_kv_event_restarts{instance="pod-a"} 1' in s.metrics()
+    assert 'lmcache_kv_event_restarts_total{instance="pod-a"} 1.0\n' in s.metrics()
     assert "stale" not in s.lookup(A, detail=True)
 
 
@@ -271,7 +271,7 @@ def test_garbage_and_oversized_frames_change_nothing(setup):
     metrics = s.metrics()
     for reason in ("bad_frames", "decode_errors", "malformed_events", "unknown_event_types", "unknown_removes",
                    "unknown_fields"):
-        assert f'lmcache_kv_events_skipped{{reason="{reason}"}}' in metrics, reason
+        assert f'lmcache_kv_events_skipped_total{{reason="{reason}"}}' in metrics, reason
 
 
 def test_events_instances_take_no_commands(setup):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -243,7 +244,14 @@ def test_mutating_endpoints_need_the_key_reads_do_not(controller, how):
     for (_method, path), (status, body) in reads.items():
         assert status != 401, (path, body)
     assert hello_without["code"] == "unauthorized" and hello_with["t"] == "welcome"
-    assert KEY not in c.log()
+    log = c.log()
+    assert KEY not in log
+    # who asked: every request past the key at INFO with its outcome, refused keys (capped) too
+    for path in MUTATING:
+        assert len(re.findall(rf"INFO \S+: {path} from 127\.0\.0\.1:\d+: 40[04] ", log)) == 3, path
+    assert re.search(r"INFO \S+: /clear from 127\.0\.0\.1:\d+ refused \(401\): no API key sent", log)
+    assert re.search(r"INFO \S+: /clear from 127\.0\.0\.1:\d+ refused \(401\): wrong API key sent", log)
+    assert not re.search(r"(/health|/lookup|/query_instance) from", log)  # reads are not audited
 
 
 def test_without_a_key_nothing_needs_one(controller):

@@ -69,42 +69,55 @@ def python_str_hash(text: str, hash_seed: int, siphash: str = "siphash13") -> in
 
 @final
 class Index:
-    """The chunked-prefix index. Thread-safe: lookups never wait for writers.
+    """The chunked-prefix index of KV-cache holders. Thread-safe: lookups never wait for writers.
+
+    Tokens are cut into chunks of ``chunk_size`` (the final partial chunk is a chunk too), each
+    keyed by a chained hash of the chunks before it: ``"xxh3"`` (``chunk_hashes``, with
+    ``seed``) or ``"lmcache_builtin"`` (LMCache's builtin ``hash()`` chain,
+    ``lmcache_chunk_hashes``, started from ``none_hash``). A holder is (instance_id, worker_id,
+    location); an instance matches a chunk at a location only when every worker it has holds
+    it there.
+
+    >>> ix = Index(chunk_size=4)
+    >>> ix.admit("inst", 0, "LocalCPUBackend", tokens=list(range(10)))
+    3
+    >>> ix.lookup(list(range(8)) + [99])
+    {'inst': ('LocalCPUBackend', 8)}
 
     Every method raises InvalidTypeError / InvalidArgumentError (naming the argument) on bad
     input, including unknown keyword arguments, and then changes nothing. (A missing required
     argument is refused by Python's call itself: a plain TypeError, of which InvalidTypeError
-    is a subclass.)
+    is a subclass.) With ``"lmcache_builtin"``, ``seed`` must be 0; with ``"xxh3"``,
+    ``none_hash`` must be 0. Keys given as ``hashes=`` must be of the index's key space.
 
     A thread's first call registers it as a reader; that one step may wait for a write being
-    published. Buffers that can be written to (numpy arrays, bytearray, array.array) are
-    copied before the index reads them without the GIL; read-only ones (bytes, a numpy array
-    after ``setflags(write=False)``) are read in place. A buffer another thread writes during the call may still be read half old, half new.
-
-    ``key_space`` picks the chunk keys that ``tokens=`` arguments and lookups hash to:
-    ``"xxh3"`` (``chunk_hashes``, with ``seed``) or ``"lmcache_builtin"`` (LMCache's builtin
-    ``hash()`` chain, ``lmcache_chunk_hashes``, started from ``none_hash``; ``seed`` must then
-    be 0, and ``none_hash`` must be 0 for ``"xxh3"``). Keys given as ``hashes=`` must be of the
-    same space."""
+    published. Buffers that can be written to (numpy arrays, bytearray, array.array) are copied
+    before the index reads them without the GIL; read-only ones (bytes, a numpy array after
+    ``setflags(write=False)``) are read in place. A buffer another thread writes during the
+    call may still be read half old, half new."""
 
     def __new__(
         cls, chunk_size: int = 256, seed: int = 0, *, key_space: str = "xxh3", none_hash: int = 0
     ) -> Index: ...
     @property
-    def chunk_size(self) -> int: ...
+    def chunk_size(self) -> int:
+        """Tokens per chunk."""
     @property
-    def seed(self) -> int: ...
+    def seed(self) -> int:
+        """The xxh3 seed of the chunk keys (0 for "lmcache_builtin")."""
     @property
     def key_space(self) -> str:
         """"xxh3" or "lmcache_builtin"."""
     @property
     def none_hash(self) -> int:
-        """The starting key of "lmcache_builtin" (0 for "xxh3")."""
-    def register_worker(self, instance_id: str, worker_id: int) -> None: ...
+        """The chain's starting key of "lmcache_builtin" (0 for "xxh3")."""
+    def register_worker(self, instance_id: str, worker_id: int) -> None:
+        """Register a worker of an instance (it holds nothing yet). While registered, the instance
+        matches a chunk only where this worker holds it too."""
     def remove_worker(self, instance_id: str, worker_id: int) -> int:
         """Unregister the worker and drop all its holdings; returns holdings dropped."""
     def workers(self) -> dict[str, list[int]]:
-        """Live workers per instance."""
+        """Live workers per instance: {instance_id: [worker_id, ...]}."""
     def admit(
         self,
         instance_id: str,
@@ -113,10 +126,9 @@ class Index:
         tokens: _TokensLike | None = None,
         hashes: _HashesLike | None = None,
     ) -> int:
-        """Record that the worker holds these chunks at location; exactly one of tokens/hashes.
-
-        An unknown worker is registered. Returns the number of new (holder, chunk) holdings.
-        """
+        """Record that the worker holds these chunks at location; give exactly one of tokens=
+        (hashed here) or hashes= (chunk keys already computed). An unknown worker is registered.
+        Returns the number of new (holder, chunk) holdings."""
     def evict(
         self,
         instance_id: str,
@@ -125,62 +137,62 @@ class Index:
         tokens: _TokensLike | None = None,
         hashes: _HashesLike | None = None,
     ) -> int:
-        """Forget that the worker holds these chunks at location; returns holdings removed."""
+        """Forget that the worker holds these chunks at location (tokens= or hashes=); returns
+        holdings removed."""
     def apply_batch(
         self, events: Iterable[tuple[str, str, int, str | None, _HashesLike | None]]
     ) -> tuple[int, int]:
-        """Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events.
-
-        Also ("drop", instance_id, worker_id, location | None, ignored): drop everything the
-        worker holds at that location (None: anywhere), keeping it registered — e.g. a drop
-        followed by admits replaces a worker's holdings atomically (a full resync).
-        Validated as a whole first (a bad event raises and nothing is applied), then applied
-        in order and published at once: readers see all of it or none. Returns (admitted,
-        evicted), drops counted as evicted.
-        """
+        """Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events, and
+        ("drop", instance_id, worker_id, location | None, ignored): drop what the worker holds at
+        that location (None: anywhere), keeping it registered. Validated as a whole first (a bad
+        event raises and nothing is applied), then applied in order and published at once:
+        readers see all of it or none. Returns (admitted, evicted), drops counted as evicted."""
     def clear(self, instance_id: str, location: str | None = None) -> int:
         """Drop the instance's holdings (at one location, or all); returns holdings dropped."""
     def lookup(self, tokens: _TokensLike) -> dict[str, tuple[str, int]]:
-        """instance_id -> (location, matched_prefix_length) for every instance with a match."""
+        """{instance_id: (location, matched_prefix_length)} for every instance with a match: the
+        tokens of its longest run of matched chunks from the start, at the location with the
+        longest match (ties: the faster tier)."""
     def lookup_keys(self, hashes: _HashesLike) -> dict[str, tuple[str, int]]:
-        """Like ``lookup``, for chunk keys already computed (e.g. a peer's): instance_id ->
-        (location, matched chunks)."""
+        """Like ``lookup``, for chunk keys already computed (e.g. a peer's): {instance_id:
+        (location, matched chunks)}."""
     def lookup_detailed(self, tokens: _TokensLike) -> dict[str, dict[str, Any]]:
-        """instance_id -> {"location": str | None, "matched_prefix_length": int,
-        "locations": {location: n}, "workers": {worker_id: {location: n}}} where
-        ``locations`` gives the instance-wide match per location (all live workers) and
-        ``workers`` each worker's own prefix per location. Instances where some worker
-        holds a prefix appear even when the instance as a whole has none (then location is None
-        and matched_prefix_length 0)."""
+        """{instance_id: {"location", "matched_prefix_length", "locations": {location: n},
+        "workers": {worker_id: {location: n}}}}: the instance-wide match per location and each
+        worker's own prefix per location. Instances where some worker holds a prefix appear even
+        when the instance as a whole has none (location None, matched_prefix_length 0)."""
     def lookup_json(self, body: bytes, event_id: str, detail: bool = False) -> bytes:
         """Parse a /lookup body ``{"tokens": [...], ...}`` and return the response body:
-        ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}``
-        (with detail: ``"detail": {...lookup_detailed...}`` added).
-        Raises InvalidArgumentError naming the problem on a malformed body."""
+        ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}`` (with
+        detail: ``"detail": {...lookup_detailed...}`` added). Raises InvalidArgumentError naming
+        the problem on a malformed body."""
+    def lookup_json_counted(self, body: bytes, event_id: str, detail: bool = False) -> tuple[bytes, int, int]:
+        """``lookup_json`` and what it matched: (response body, tokens asked, tokens of the
+        longest prefix any instance holds, 0 without a match), for the hit-ratio metrics."""
     def answer_lookups(
         self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int
-    ) -> tuple[bytes, int, list[float], bool]:
-        """The controller's /lookup fast path: answer the complete plain ``POST /lookup``
-        requests at the start of ``data`` (bytes a connection received), the n-th answered one
-        with event id ``event_prefix + str(first_id + n)``, stopping at the first request it
-        leaves to the general HTTP server (another request, an incomplete one, a limit reached,
-        a body the lookup refuses). Returns (responses, bytes consumed, seconds per answered
-        request, whether the last one closes the connection). Raises InvalidTypeError when
-        ``data`` is not bytes."""
+    ) -> tuple[bytes, int, list[float], bool, int, int, int]:
+        """The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
+        ``POST /lookup`` requests at the start of ``data`` (bytes a connection received), the
+        n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
+        released, stopping at the first request it leaves to the general HTTP server. Returns
+        (responses, bytes consumed, seconds per answered request, whether the last one closes
+        the connection, lookups that matched, tokens asked, tokens matched). Raises
+        InvalidTypeError when ``data`` is not bytes."""
     def holder_counts(self) -> list[tuple[str, int, str, int]]:
-        """(instance_id, worker_id, location, chunks held) for every holder."""
+        """[(instance_id, worker_id, location, chunks held)] for every holder."""
     def stats(self) -> dict[str, int]:
-        """chunks (distinct chunk keys = tree nodes), nodes, holders, holdings
-        ((holder, chunk) pairs), instances, workers, holder_sets, bytes (heap bytes, both copies)."""
+        """{"chunks" (distinct chunk keys), "nodes", "holders", "holdings" ((holder, chunk) pairs),
+        "instances", "workers", "holder_sets", "bytes" (heap bytes, both copies)}."""
     def check_invariants(self) -> None:
-        """Raise LMCacheError describing the first broken invariant."""
+        """Raise LMCacheError describing the first broken invariant (a bug, never caused by input)."""
     def dump(self, path: str | os.PathLike[str]) -> None:
-        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
-
-        Raises OSError if the file cannot be written (the target is then untouched)."""
+        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
+        OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
+        written; the target is then untouched."""
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Replace the contents with a snapshot. A corrupt, foreign or mismatched
-        (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a file
-        that cannot be read raises OSError (e.g. FileNotFoundError)."""
+        """Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
+        space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
+        file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""

@@ -3,7 +3,7 @@
 //! The classes need multiple inheritance (`InvalidArgumentError(LMCacheError, ValueError)`),
 //! which `create_exception!` cannot express, so they are built once with `type(...)`.
 
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -65,21 +65,41 @@ pub fn types(py: Python<'_>) -> PyResult<&ExceptionTypes> {
     })
 }
 
+/// An OS error as Python raises its own: `OSError(errno, strerror, filename)`, which CPython
+/// turns into the matching subclass (FileNotFoundError, PermissionError, ...) with `.errno` and
+/// `.filename` set, so the message names the file.
+fn os_error(io: std::io::Error, path: Option<std::path::PathBuf>) -> PyErr {
+    let Some(path) = path else {
+        return PyErr::from(io);
+    };
+    let filename = path.to_string_lossy().into_owned();
+    match io.raw_os_error() {
+        Some(errno) => {
+            // io::Error's text ends in " (os error N)": Python's strerror has no such tail
+            let text = io.to_string();
+            let strerror = text
+                .strip_suffix(&format!(" (os error {errno})"))
+                .unwrap_or(&text)
+                .to_owned();
+            PyOSError::new_err((errno, strerror, filename))
+        }
+        None => PyOSError::new_err(format!("{io}: {filename}")),
+    }
+}
+
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         Python::attach(|py| {
-            let msg = e.to_string();
             let t = match types(py) {
                 Ok(t) => t,
                 Err(err) => return err,
             };
-            let ty = match e {
-                Error::InvalidArgument(_) => &t.invalid_argument,
-                Error::InvalidType(_) => &t.invalid_type,
-                Error::Snapshot(_) => &t.snapshot,
-                Error::Invariant(_) => &t.lmcache,
-                // the matching OSError subclass (FileNotFoundError, PermissionError, ...)
-                Error::Io(io) => return PyErr::from(io),
+            let (ty, msg) = match e {
+                Error::InvalidArgument(m) => (&t.invalid_argument, m),
+                Error::InvalidType(m) => (&t.invalid_type, m),
+                Error::Snapshot(m) => (&t.snapshot, m),
+                e @ Error::Invariant(_) => (&t.lmcache, e.to_string()),
+                Error::Io(io, path) => return os_error(io, path),
             };
             PyErr::from_type(ty.bind(py).clone(), (msg,))
         })

@@ -12,7 +12,7 @@ use crate::http_fast;
 use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Match, Op};
 use crate::keyspace::KeySpace;
 use crate::py::convert::{bool_arg, i64_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
-use crate::shared::SharedIndex;
+use crate::shared::{LookupAnswer, SharedIndex};
 
 /// Run `f` with the GIL released; map the core error on the way back.
 fn detached<T: Send, F: Send + FnOnce() -> Result<T>>(py: Python<'_>, f: F) -> PyResult<T> {
@@ -90,12 +90,74 @@ fn keys_arg(tokens: Option<&Bound<'_, PyAny>>, hashes: Option<&Bound<'_, PyAny>>
     }
 }
 
+/// The chunked-prefix index of KV-cache holders. Thread-safe: lookups never wait for writers.
+///
+/// Tokens are cut into chunks of ``chunk_size`` (the final partial chunk is a chunk too), each
+/// keyed by a chained hash of the chunks before it: ``"xxh3"`` (``chunk_hashes``, with
+/// ``seed``) or ``"lmcache_builtin"`` (LMCache's builtin ``hash()`` chain,
+/// ``lmcache_chunk_hashes``, started from ``none_hash``). A holder is (instance_id, worker_id,
+/// location); an instance matches a chunk at a location only when every worker it has holds
+/// it there.
+///
+/// >>> ix = Index(chunk_size=4)
+/// >>> ix.admit("inst", 0, "LocalCPUBackend", tokens=list(range(10)))
+/// 3
+/// >>> ix.lookup(list(range(8)) + [99])
+/// {'inst': ('LocalCPUBackend', 8)}
+///
+/// Every method raises InvalidTypeError / InvalidArgumentError (naming the argument) on bad
+/// input, including unknown keyword arguments, and then changes nothing. (A missing required
+/// argument is refused by Python's call itself: a plain TypeError, of which InvalidTypeError
+/// is a subclass.) With ``"lmcache_builtin"``, ``seed`` must be 0; with ``"xxh3"``,
+/// ``none_hash`` must be 0. Keys given as ``hashes=`` must be of the index's key space.
+///
+/// A thread's first call registers it as a reader; that one step may wait for a write being
+/// published. Buffers that can be written to (numpy arrays, bytearray, array.array) are copied
+/// before the index reads them without the GIL; read-only ones (bytes, a numpy array after
+/// ``setflags(write=False)``) are read in place. A buffer another thread writes during the
+/// call may still be read half old, half new.
 #[pyclass(name = "Index", module = "lmcache_rs._core", frozen)]
 pub struct PyIndex {
     inner: SharedIndex,
 }
 
+/// What `answer_lookups` returns (see its docstring).
+type AnsweredTuple<'py> = (Bound<'py, PyBytes>, usize, Vec<f64>, bool, u64, u64, u64);
+
 impl PyIndex {
+    /// The /lookup answer for `body` (bytes, or any byte buffer, copied), with the GIL released.
+    fn answer_json(
+        &self,
+        py: Python<'_>,
+        body: &Bound<'_, PyAny>,
+        event_id: &Bound<'_, PyAny>,
+        detail: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<LookupAnswer> {
+        let event_id = str_arg(event_id, "event_id")?;
+        let detail = detail
+            .map(|d| bool_arg(d, "detail"))
+            .transpose()?
+            .unwrap_or(false);
+        let render = |body: &[u8]| self.inner.lookup_json_counted(body, &event_id, detail);
+        if let Ok(b) = body.cast::<PyBytes>() {
+            let bytes = b.as_bytes();
+            return detached(py, || render(bytes));
+        }
+        // bytearray, memoryview, ...: copy the bytes (the controller passes bytes)
+        let owned = pyo3::buffer::PyBuffer::<u8>::get(body)
+            .and_then(|b| b.to_vec(py))
+            .map_err(|_| {
+                Error::ty(format!(
+                    "body must be bytes, not {}",
+                    body.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+        detached(py, || render(&owned))
+    }
+
     fn event(
         &self,
         kind: EventKind,
@@ -199,11 +261,13 @@ impl PyIndex {
         })
     }
 
+    /// Tokens per chunk.
     #[getter]
     fn chunk_size(&self) -> usize {
         self.inner.chunk_size()
     }
 
+    /// The xxh3 seed of the chunk keys (0 for "lmcache_builtin").
     #[getter]
     fn seed(&self) -> u64 {
         self.inner.key_space().seed()
@@ -221,6 +285,8 @@ impl PyIndex {
         self.inner.key_space().none_hash()
     }
 
+    /// Register a worker of an instance (it holds nothing yet). While registered, the instance
+    /// matches a chunk only where this worker holds it too.
     #[pyo3(signature = (instance_id, worker_id, **kwargs), text_signature = "(self, instance_id, worker_id)")]
     fn register_worker(
         &self,
@@ -239,6 +305,7 @@ impl PyIndex {
         })
     }
 
+    /// Unregister the worker and drop all its holdings; returns holdings dropped.
     #[pyo3(signature = (instance_id, worker_id, **kwargs), text_signature = "(self, instance_id, worker_id)")]
     fn remove_worker(
         &self,
@@ -253,6 +320,7 @@ impl PyIndex {
         detached(py, || Ok(self.inner.write(Op::RemoveWorker(inst, w)).1))
     }
 
+    /// Live workers per instance: {instance_id: [worker_id, ...]}.
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ws = detached(py, || Ok(self.inner.read(|c| c.workers())))?;
         let out = PyDict::new(py);
@@ -266,6 +334,9 @@ impl PyIndex {
         signature = (instance_id, worker_id, location, tokens=None, hashes=None, **kwargs),
         text_signature = "(self, instance_id, worker_id, location, tokens=None, hashes=None)"
     )]
+    /// Record that the worker holds these chunks at location; give exactly one of tokens=
+    /// (hashed here) or hashes= (chunk keys already computed). An unknown worker is registered.
+    /// Returns the number of new (holder, chunk) holdings.
     #[allow(clippy::too_many_arguments)]
     fn admit(
         &self,
@@ -287,6 +358,8 @@ impl PyIndex {
         signature = (instance_id, worker_id, location, tokens=None, hashes=None, **kwargs),
         text_signature = "(self, instance_id, worker_id, location, tokens=None, hashes=None)"
     )]
+    /// Forget that the worker holds these chunks at location (tokens= or hashes=); returns
+    /// holdings removed.
     #[allow(clippy::too_many_arguments)]
     fn evict(
         &self,
@@ -304,6 +377,11 @@ impl PyIndex {
         self.write_keys(py, ev, keys)
     }
 
+    /// Apply many ("admit" | "evict", instance_id, worker_id, location, hashes) events, and
+    /// ("drop", instance_id, worker_id, location | None, ignored): drop what the worker holds at
+    /// that location (None: anywhere), keeping it registered. Validated as a whole first (a bad
+    /// event raises and nothing is applied), then applied in order and published at once:
+    /// readers see all of it or none. Returns (admitted, evicted), drops counted as evicted.
     #[pyo3(signature = (events, **kwargs), text_signature = "(self, events)")]
     fn apply_batch(
         &self,
@@ -379,6 +457,7 @@ impl PyIndex {
         detached(py, || Ok(self.inner.write(Op::Batch(batch))))
     }
 
+    /// Drop the instance's holdings (at one location, or all); returns holdings dropped.
     #[pyo3(signature = (instance_id, location=None, **kwargs), text_signature = "(self, instance_id, location=None)")]
     fn clear(
         &self,
@@ -396,6 +475,9 @@ impl PyIndex {
         detached(py, || Ok(self.inner.write(Op::Clear(inst, loc)).1))
     }
 
+    /// {instance_id: (location, matched_prefix_length)} for every instance with a match: the
+    /// tokens of its longest run of matched chunks from the start, at the location with the
+    /// longest match (ties: the faster tier).
     #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
     fn lookup<'py>(
         &self,
@@ -412,6 +494,8 @@ impl PyIndex {
         matches_dict(py, matches)
     }
 
+    /// Like ``lookup``, for chunk keys already computed (e.g. a peer's): {instance_id:
+    /// (location, matched chunks)}.
     #[pyo3(signature = (hashes, **kwargs), text_signature = "(self, hashes)")]
     fn lookup_keys<'py>(
         &self,
@@ -428,6 +512,10 @@ impl PyIndex {
         matches_dict(py, matches)
     }
 
+    /// {instance_id: {"location", "matched_prefix_length", "locations": {location: n},
+    /// "workers": {worker_id: {location: n}}}}: the instance-wide match per location and each
+    /// worker's own prefix per location. Instances where some worker holds a prefix appear even
+    /// when the instance as a whole has none (location None, matched_prefix_length 0).
     #[pyo3(signature = (tokens, **kwargs), text_signature = "(self, tokens)")]
     fn lookup_detailed<'py>(
         &self,
@@ -448,6 +536,10 @@ impl PyIndex {
         Ok(out)
     }
 
+    /// Parse a /lookup body ``{"tokens": [...], ...}`` and return the response body:
+    /// ``{"event_id": ..., "layout_info": {inst: [loc, n]}, inst: [loc, n], ...}`` (with
+    /// detail: ``"detail": {...lookup_detailed...}`` added). Raises InvalidArgumentError naming
+    /// the problem on a malformed body.
     #[pyo3(
         signature = (body, event_id, detail=None, **kwargs),
         text_signature = "(self, body, event_id, detail=False)"
@@ -461,36 +553,36 @@ impl PyIndex {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         no_kwargs("lookup_json", kwargs)?;
-        let event_id = str_arg(event_id, "event_id")?;
-        let detail = detail
-            .map(|d| bool_arg(d, "detail"))
-            .transpose()?
-            .unwrap_or(false);
-        let render = |body: &[u8]| self.inner.lookup_json(body, &event_id, detail);
-        let out = if let Ok(b) = body.cast::<PyBytes>() {
-            let bytes = b.as_bytes();
-            detached(py, || render(bytes))?
-        } else {
-            // bytearray, memoryview, ...: copy the bytes (the controller passes bytes)
-            let owned = pyo3::buffer::PyBuffer::<u8>::get(body)
-                .and_then(|b| b.to_vec(py))
-                .map_err(|_| {
-                    Error::ty(format!(
-                        "body must be bytes, not {}",
-                        body.get_type()
-                            .name()
-                            .map(|n| n.to_string())
-                            .unwrap_or_default()
-                    ))
-                })?;
-            detached(py, || render(&owned))?
-        };
-        Ok(PyBytes::new(py, out.as_bytes()))
+        let a = self.answer_json(py, body, event_id, detail)?;
+        Ok(PyBytes::new(py, a.body.as_bytes()))
+    }
+
+    /// ``lookup_json`` and what it matched: (response body, tokens asked, tokens of the
+    /// longest prefix any instance holds, 0 without a match), for the hit-ratio metrics.
+    #[pyo3(
+        signature = (body, event_id, detail=None, **kwargs),
+        text_signature = "(self, body, event_id, detail=False)"
+    )]
+    fn lookup_json_counted<'py>(
+        &self,
+        py: Python<'py>,
+        body: &Bound<'py, PyAny>,
+        event_id: &Bound<'py, PyAny>,
+        detail: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<(Bound<'py, PyBytes>, u64, u64)> {
+        no_kwargs("lookup_json_counted", kwargs)?;
+        let a = self.answer_json(py, body, event_id, detail)?;
+        Ok((PyBytes::new(py, a.body.as_bytes()), a.asked, a.matched))
     }
 
     /// The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
-    /// `POST /lookup` requests at the start of `data` (bytes a connection received), with the
-    /// GIL released. Returns (responses, bytes consumed, seconds per answered request, close).
+    /// ``POST /lookup`` requests at the start of ``data`` (bytes a connection received), the
+    /// n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
+    /// released, stopping at the first request it leaves to the general HTTP server. Returns
+    /// (responses, bytes consumed, seconds per answered request, whether the last one closes
+    /// the connection, lookups that matched, tokens asked, tokens matched). Raises
+    /// InvalidTypeError when ``data`` is not bytes.
     #[pyo3(
         signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, **kwargs),
         text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes)"
@@ -505,7 +597,7 @@ impl PyIndex {
         max_header_bytes: &Bound<'py, PyAny>,
         max_body_bytes: &Bound<'py, PyAny>,
         kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<(Bound<'py, PyBytes>, usize, Vec<f64>, bool)> {
+    ) -> PyResult<AnsweredTuple<'py>> {
         no_kwargs("answer_lookups", kwargs)?;
         let prefix = str_arg(event_prefix, "event_prefix")?;
         let first_id = int_arg(first_id, "first_id", u64::MAX / 2)?;
@@ -538,9 +630,13 @@ impl PyIndex {
             a.consumed,
             a.seconds,
             a.close,
+            a.hits,
+            a.asked_tokens,
+            a.matched_tokens,
         ))
     }
 
+    /// [(instance_id, worker_id, location, chunks held)] for every holder.
     fn holder_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let v = detached(py, || Ok(self.inner.read(|c| c.holder_counts())))?;
         let items: Vec<(String, u32, String, u64)> = v
@@ -550,6 +646,8 @@ impl PyIndex {
         PyList::new(py, items)
     }
 
+    /// {"chunks" (distinct chunk keys), "nodes", "holders", "holdings" ((holder, chunk) pairs),
+    /// "instances", "workers", "holder_sets", "bytes" (heap bytes, both copies)}.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.read(|c| c.stats())))?;
         let out = PyDict::new(py);
@@ -559,10 +657,14 @@ impl PyIndex {
         Ok(out)
     }
 
+    /// Raise LMCacheError describing the first broken invariant (a bug, never caused by input).
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
         detached(py, || self.inner.check_invariants())
     }
 
+    /// Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
+    /// OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
+    /// written; the target is then untouched.
     #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
     fn dump(
         &self,
@@ -575,6 +677,9 @@ impl PyIndex {
         detached(py, || self.inner.dump(&path))
     }
 
+    /// Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
+    /// space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
+    /// file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError).
     #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
     fn load(
         &self,
@@ -587,6 +692,7 @@ impl PyIndex {
         detached(py, || self.inner.load(&path))
     }
 
+    /// Number of distinct chunk keys.
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
         detached(py, || Ok(self.inner.read(|c| c.table.len())))
     }

@@ -199,7 +199,7 @@ def test_garbage_on_lmcache_sockets_changes_nothing(setup):
     engine.store(tokens)
     wait_for(lambda: setup.lookup(tokens) == {"lmc-a": ["LocalCPUBackend", len(tokens)]}, 30, "the store")
     body = urllib.request.urlopen(f"http://127.0.0.1:{setup.controller.http_port}/metrics", timeout=10).read().decode()
-    assert 'lmcache_lmcache_messages{kind="decode_errors"}' in body
+    assert 'lmcache_lmcache_messages_total{kind="decode_errors"}' in body
     assert setup.lookup([1, 2, 3]) == {}
 
 
@@ -214,7 +214,7 @@ def test_key_space_mismatch_is_reported(setup, none_hash):
     for tokens in work:
         engine.store(tokens)
     metrics = f"http://127.0.0.1:{setup.controller.http_port}/metrics"
-    wait_for(lambda: "lmcache_index_holdings 0\n" not in urllib.request.urlopen(metrics, timeout=10).read().decode(),
+    wait_for(lambda: "lmcache_index_holdings 0.0\n" not in urllib.request.urlopen(metrics, timeout=10).read().decode(),
              30, "the admits")
     verdicts = ("LMCache key space confirmed", "LMCache key space: 3 lookups")
 
@@ -227,7 +227,7 @@ def test_key_space_mismatch_is_reported(setup, none_hash):
     body = urllib.request.urlopen(metrics, timeout=10).read().decode()
     if none_hash == "auto":
         assert verdicts[0] in log and verdicts[1] not in log
-        assert 'lmcache_lmcache_key_space{state="matched"} 1' in body
+        assert 'lmcache_lmcache_key_space{state="matched"} 1.0\n' in body
     else:
         assert verdicts[1] in log and "PYTHONHASHSEED" in log and verdicts[0] not in log
-        assert 'lmcache_lmcache_key_space{state="mismatch"} 1' in body
+        assert 'lmcache_lmcache_key_space{state="mismatch"} 1.0\n' in body

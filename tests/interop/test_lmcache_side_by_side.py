@@ -97,7 +97,7 @@ class OurController:
 
     def holdings(self) -> int:
         text = _http(self.http_port, "/metrics")["text"]
-        return int(re.search(r"^lmcache_index_holdings (\d+)", text, re.M).group(1))
+        return int(float(re.search(r"^lmcache_index_holdings (\S+)", text, re.M).group(1)))
 
     def lookup(self, tokens: list[int]) -> dict:
         return _http(self.http_port, "/lookup", {"tokens": tokens})["layout_info"]

@@ -4,6 +4,7 @@
 // * the responses are exactly one well-formed `200` per answered request, each carrying the
 //   body the lookup returned for that request's body, `Connection: close` only on the last and
 //   only when the call says it closes;
+// * the counts (lookups with a match, tokens asked, tokens matched) are the answered lookups' sums;
 // * it stops only where it must: after the last answered request, the rest of the input is not
 //   a fast-path request whose lookup succeeds (unless the connection was closed).
 //
@@ -12,13 +13,19 @@
 
 use _core::http_fast::{answer_with, parse_lookup_request, Limits};
 use _core::json::parse_lookup_body;
+use _core::shared::LookupAnswer;
 
-fn lookup(body: &[u8], detail: bool, id: &str) -> _core::error::Result<String> {
+/// A stand-in lookup that "matches" half the tokens it is asked.
+fn lookup(body: &[u8], detail: bool, id: &str) -> _core::error::Result<LookupAnswer> {
     let tokens = parse_lookup_body(body)?;
-    Ok(format!(
-        "{{\"id\":\"{id}\",\"n\":{},\"d\":{detail}}}",
-        tokens.len()
-    ))
+    Ok(LookupAnswer {
+        body: format!(
+            "{{\"id\":\"{id}\",\"n\":{},\"d\":{detail}}}",
+            tokens.len()
+        ),
+        asked: tokens.len() as u64,
+        matched: tokens.len() as u64 / 2,
+    })
 }
 
 /// One input through the target's checks; panics on a finding.
@@ -43,12 +50,16 @@ pub fn check(data: &[u8]) {
     // replay the requests it answered, one by one, and rebuild the responses it must have written
     let mut pos = 0;
     let mut expected = Vec::new();
+    let (mut hits, mut asked, mut matched) = (0, 0, 0);
     for n in 0..out.seconds.len() {
         let req = parse_lookup_request(&input[pos..], &limits)
             .expect("answered a request it does not parse");
         let body = lookup(req.body, req.detail, &format!("E-{}", 1 + n))
             .expect("answered a failing lookup");
-        _core::http_fast::write_response(&mut expected, body.as_bytes(), req.keep_alive);
+        _core::http_fast::write_response(&mut expected, body.body.as_bytes(), req.keep_alive);
+        hits += u64::from(body.matched > 0);
+        asked += body.asked;
+        matched += body.matched;
         pos += req.len;
         assert!(
             req.keep_alive || n + 1 == out.seconds.len(),
@@ -58,6 +69,11 @@ pub fn check(data: &[u8]) {
             assert_eq!(out.close, !req.keep_alive);
         }
     }
+    assert_eq!(
+        (hits, asked, matched),
+        (out.hits, out.asked_tokens, out.matched_tokens),
+        "counts are not the answered lookups' sums"
+    );
     assert_eq!(
         pos, out.consumed,
         "consumed is not the answered requests' length"

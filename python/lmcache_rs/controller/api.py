@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from typing import Any, Callable
 from urllib.parse import parse_qs
@@ -17,9 +18,15 @@ from urllib.parse import parse_qs
 from ..wire import pack_u32s
 from .dashboard import DASHBOARD_HTML
 from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
-from .key_space_check import STATES as KEY_SPACE_STATES
 from .operations import OperationError, Operations
+from .prometheus import ControllerCollector, Exposition, worker_state
 from .registry import Registry
+from ..log_limit import RateLimitedLog
+
+log = logging.getLogger("lmcache_rs.controller.api")
+# who changed what, for the operator: each mutating request, and each refused key (a client
+# can send those as fast as it likes, so their lines are capped)
+audit_refusal = RateLimitedLog(log, logging.INFO)
 
 _U32 = 2**32
 # Endpoints that change what workers hold (or the index); with an API key set they need it.
@@ -149,9 +156,9 @@ class Lookup:
             else:
                 indexes = self._indexes()
             if len(indexes) == 1 and not (detail and self.kv_events is not None and self.kv_events.any_stale):
-                body = indexes[0].lookup_json(request.body, event_id, detail)
+                body, asked, matched = indexes[0].lookup_json_counted(request.body, event_id, detail)
             else:
-                body = self._merged(indexes, request.body, event_id, detail)
+                body, asked, matched = self._merged(indexes, request.body, event_id, detail)
         except BadRequest as exc:
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
@@ -160,7 +167,7 @@ class Lookup:
             self.metrics.lookup_errors += 1
             self.metrics.count_rejected(400)
             return (400, JSON, error_body(str(exc)))
-        self.metrics.observe_lookup(time.perf_counter() - start)
+        self.metrics.observe_lookup(time.perf_counter() - start, asked, matched)
         return (200, JSON, body)
 
     def _named_indexes(self, body: bytes) -> list[Any]:
@@ -174,13 +181,17 @@ class Lookup:
         _tokens(data)  # checked here too: no namespace may answer, and a bad body is still a 400
         return [ns.index for ns in self.kv_events.lookup_namespaces(*names)]
 
-    def _merged(self, indexes: list[Any], body: bytes, event_id: str, detail: bool) -> bytes:
-        """Each index answers for its instances; an instance in several keeps its longest match."""
+    def _merged(self, indexes: list[Any], body: bytes, event_id: str, detail: bool) -> tuple[bytes, int, int]:
+        """Each index answers for its instances; an instance in several keeps its longest match.
+        Returns (response body, tokens asked, tokens of the longest match)."""
         out: dict[str, Any] = {"event_id": event_id, "layout_info": {}}
         layout = out["layout_info"]
         details: dict[str, Any] = {}
+        asked = matched = 0
         for index in indexes:
-            theirs = json.loads(index.lookup_json(body, event_id, detail))
+            answer, asked, theirs_matched = index.lookup_json_counted(body, event_id, detail)
+            matched = max(matched, theirs_matched)
+            theirs = json.loads(answer)
             for instance_id, answer in theirs["layout_info"].items():
                 if instance_id not in layout or answer[1] > layout[instance_id][1]:
                     layout[instance_id] = answer
@@ -192,7 +203,7 @@ class Lookup:
             stale = self.kv_events.stale_instances() if self.kv_events is not None else None
             if stale:
                 out["stale"] = stale  # engines that lost messages for good: older blocks may be missing
-        return json.dumps(out, separators=(",", ":")).encode()
+        return json.dumps(out, separators=(",", ":")).encode(), asked, matched
 
     def answer(self, data: bytes, max_header_bytes: int, max_body_bytes: int) -> tuple[bytes, int, bool]:
         """The HTTP fast path: answer the complete plain ``POST /lookup`` requests at the start
@@ -207,11 +218,11 @@ class Lookup:
         indexes = self._indexes()
         if len(indexes) != 1:
             return b"", 0, False
-        out, consumed, seconds, close = indexes[0].answer_lookups(
+        out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
             data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
         if seconds:
             self.counter += len(seconds)
-            self.metrics.observe_lookups(seconds)
+            self.metrics.observe_lookups(seconds, hits, asked, matched)
         return out, consumed, close
 
 
@@ -269,6 +280,7 @@ class Api:
             "/": self.dashboard,
             "/dashboard.json": self.dashboard_json,
         }
+        self.exposition = Exposition(ControllerCollector(controller, self._stats, self._holder_counts))
         key = controller.settings.api_key
         self.api_key: bytes | None = key.encode() if key else None
         self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
@@ -314,6 +326,7 @@ class Api:
                 metrics.count_rejected(401)
                 metrics.count_request(path, 401)
                 what = "wrong" if credential is not None else "no"
+                audit_refusal("%s from %s refused (401): %s API key sent", path, request.peer, what)
                 return (401, JSON, error_body(f"{path} changes state and needs the API key; {what} key sent "
                                               "(send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')"),
                         b'WWW-Authenticate: Bearer realm="lmcache"\r\n')
@@ -324,6 +337,7 @@ class Api:
     def _guard(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """Turn BadRequest/OperationError into answers, sync or async."""
         metrics = self.metrics
+        audited = path in MUTATING
 
         def guarded(request: Request) -> Any:
             try:
@@ -331,18 +345,21 @@ class Api:
             except BadRequest as exc:
                 metrics.count_rejected(400)
                 metrics.count_request(path, 400)
-                return _error(400, str(exc))
+                result = _error(400, str(exc))
             except OperationError as exc:
                 metrics.count_request(path, exc.status)
-                return _error(exc.status, str(exc))
-            if isinstance(result, tuple):
+                result = _error(exc.status, str(exc))
+            else:
+                if not isinstance(result, tuple):
+                    return self._finish_async(path, request, result)
                 metrics.count_request(path, result[0])
-                return result
-            return self._finish_async(path, result)
+            if audited:
+                _audit(path, request, result)
+            return result
 
         return guarded
 
-    async def _finish_async(self, path: str, coro) -> Response:
+    async def _finish_async(self, path: str, request: Request, coro) -> Response:
         try:
             result = await coro
         except BadRequest as exc:
@@ -351,6 +368,8 @@ class Api:
         except OperationError as exc:
             result = _error(exc.status, str(exc))
         self.metrics.count_request(path, result[0])
+        if path in MUTATING:
+            _audit(path, request, result)
         return result
 
     def clear(self, request: Request):
@@ -493,56 +512,7 @@ class Api:
         return [row for index in self._indexes() for row in index.holder_counts()]
 
     def metrics_page(self, request: Request) -> Response:
-        self.registry.flush()
-        stats = self._stats()
-        gauges: dict[str, tuple[str, list]] = {
-            "lmcache_index_chunks": ("Distinct chunk keys in the index.", [({}, stats.get("chunks", 0))]),
-            "lmcache_index_holdings": ("(holder, chunk) pairs in the index.", [({}, stats.get("holdings", 0))]),
-            "lmcache_index_holders": ("(instance, worker, location) holders.", [({}, stats.get("holders", 0))]),
-            "lmcache_index_bytes": ("Heap bytes used by the index.", [({}, stats.get("bytes", 0))]),
-            "lmcache_instances": ("Instances with a registered worker.", [({}, len(self.registry.instances()))]),
-            "lmcache_workers": ("Registered workers, by state.", [
-                ({"state": st}, sum(1 for r in self.registry.workers.values() if _state(r) == st))
-                for st in ("live", "syncing", "need_sync", "disconnected")
-            ]),
-            "lmcache_holder_chunks": ("Chunks held, by instance, worker and location.", [
-                ({"instance": i, "worker": str(w), "location": loc}, n)
-                for i, w, loc, n in sorted(self._holder_counts())
-            ]),
-            "lmcache_http_connections": ("Open HTTP connections.", [({}, self.c.http_state.total_connections())]),
-            "lmcache_uptime_seconds": ("Seconds since the controller started.", [({}, time.time() - self.metrics.started)]),
-        }
-        check = self.c.key_space_check
-        if check is not None:
-            gauges["lmcache_lmcache_key_space"] = (
-                "LMCache key-space check: 'mismatch' when lookups of full chunks never match what LMCache workers "
-                "hold (settings likely differ from the workers'), 'matched' once one did.",
-                [({"state": st}, int(check.state == st)) for st in KEY_SPACE_STATES])
-            gauges["lmcache_lmcache_key_space_unmatched_lookups"] = (
-                "Sampled full-chunk lookups that matched no LMCache instance while none had matched yet.",
-                [({}, check.unmatched)])
-        if self.c.lmcache is not None:
-            gauges["lmcache_lmcache_messages"] = ("Messages from LMCache workers, by kind (and dropped ones by reason).", [
-                ({"kind": kind}, n) for kind, n in sorted(self.c.lmcache.counts.items())])
-        kv = self.c.kv_events
-        if kv is not None:
-            publishers = kv.describe()
-            stale = sum(1 for p in publishers if p["stale"])
-            gauges["lmcache_kv_event_publishers"] = ("Engines publishing KV events; stale: messages were lost for "
-                                                     "good and older blocks may be missing.", [
-                ({"stale": "false"}, len(publishers) - stale), ({"stale": "true"}, stale)])
-            gauges["lmcache_kv_event_batches"] = ("KV-event batches applied, by instance.", [
-                ({"instance": p["instance_id"]}, p["batches"]) for p in publishers])
-            gauges["lmcache_kv_event_next_seq"] = ("The sequence number expected next, by instance.", [
-                ({"instance": p["instance_id"]}, p["next_seq"] or 0) for p in publishers])
-            for name, what in (("gaps", "Sequence gaps seen"), ("replays", "Replays asked for"),
-                               ("restarts", "Publisher restarts seen")):
-                gauges[f"lmcache_kv_event_{name}"] = (f"{what}, by instance.", [
-                    ({"instance": p["instance_id"]}, p[name]) for p in publishers])
-            skipped = {**kv.decoder.counts, **kv.counts}
-            gauges["lmcache_kv_events_skipped"] = ("KV events or messages not applied, by reason.", [
-                ({"reason": reason}, n) for reason, n in sorted(skipped.items())])
-        return (200, PROMETHEUS, self.metrics.render(gauges))
+        return (200, PROMETHEUS, self.exposition.render())
 
     def dashboard(self, request: Request) -> Response:
         return (200, HTML, DASHBOARD_HTML)
@@ -563,27 +533,33 @@ class Api:
                     locations[loc] = max(locations.get(loc, 0), n)
                 workers.append({
                     "worker_id": r.worker_id, "host": r.host, "worker_port": r.worker_port,
-                    "p2p": f"{r.p2p_host}:{r.p2p_port}", "state": _state(r),
+                    "p2p": f"{r.p2p_host}:{r.p2p_port}", "state": worker_state(r),
                     "last_seen_s": round(now - r.last_seen, 1), "chunks": held,
                 })
             instances.append({"instance_id": instance_id, "workers": workers, "locations": locations})
         stats = self._stats()
         m = self.metrics
+        lookup_rate, ingest_rate = self.c.history.last_rates()
         return _ok({
             "instances": instances,
             "chunks": stats.get("chunks", 0),
             "holdings": stats.get("holdings", 0),
             "lookups": m.total_lookups(),
-            "lookup_rate": round(m.lookup_rate, 1),
-            "ingest_rate": round(m.ingest_rate, 1),
+            "lookup_rate": round(lookup_rate, 1),
+            "ingest_rate": round(ingest_rate, 1),
+            "history": self.c.history.series(),
             "uptime_s": round(time.time() - m.started, 1),
             "chunk_size": self.chunk_size,
             "kv_event_publishers": self.c.kv_events.describe() if self.c.kv_events is not None else [],
         })
 
 
-def _state(record) -> str:
-    return "disconnected" if record.conn is None else record.state
+def _audit(path: str, request: Request, result: Response) -> None:
+    """One INFO line per request that changes what workers hold: who, what, and the outcome."""
+    body = request.body[:160].decode("utf-8", "replace")
+    more = "..." if len(request.body) > 160 else ""
+    log.info("%s from %s: %d %s (request %s%s)", path, request.peer, result[0],
+             result[2][:200].decode("utf-8", "replace"), body, more)
 
 
 def _truthy(query: bytes, name: bytes) -> bool:

@@ -91,10 +91,10 @@ def _encode(result: Any, close: bool, head: bool = False) -> bytes:
 class Request:
     """The parts of a request a handler reads."""
 
-    __slots__ = ("method", "path", "query", "body", "keep_alive", "credential")
+    __slots__ = ("method", "path", "query", "body", "keep_alive", "credential", "peer")
 
     def __init__(self, method: bytes, path: bytes, query: bytes, body: bytes, keep_alive: bool,
-                 credential: bytes | None = None):
+                 credential: bytes | None = None, peer: str = "?"):
         self.method = method
         self.path = path
         self.query = query
@@ -102,6 +102,15 @@ class Request:
         self.keep_alive = keep_alive
         # the API key the client sent: X-API-Key, or the token of "Authorization: Bearer <token>"
         self.credential = credential
+        self.peer = peer  # the client's "host:port", for the logs that say who asked
+
+
+def _peer(address: Any) -> str:
+    """A socket's peer as ``host:port`` (``[v6]:port``); "?" when unknown."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return "?" if not address else str(address)
 
 
 class HttpServerState:
@@ -127,7 +136,8 @@ class HttpServerState:
 
     async def drain(self, servers: list[asyncio.AbstractServer], grace: float) -> None:
         """Graceful stop of this loop's HTTP side: stop accepting, let queued responses go
-        out (up to ``grace`` s), close idle connections and abort the rest."""
+        out (up to ``grace`` s), close idle connections, and answer every request still
+        waiting (or still arriving) with a 503 before closing the rest."""
         self.accepting = False
         for server in servers:
             server.close()
@@ -136,8 +146,8 @@ class HttpServerState:
         while loop.time() < deadline and any(c.queue or c.tasks for c in self.connections):
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
-            if conn.queue or conn.tasks:
-                conn.abort()
+            if conn.queue or conn.tasks or conn.receiving:
+                conn.shed(f"the controller is shutting down: no answer within the {grace:g} s grace period; retry")
             else:
                 conn.timeout(0, "shutting down")
 
@@ -169,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
         self.max_body = state.settings.max_body_bytes
         self.max_header = state.settings.max_header_bytes
         self.transport: asyncio.Transport | None = None
+        self.peer = "?"
         self.flow: FlowControl | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[_Slot] = collections.deque()
@@ -196,6 +207,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = _peer(transport.get_extra_info("peername"))
         high_water = min(self.HIGH_WATER, self.settings.max_pipelined)
         self.flow = FlowControl(transport, high_water=max(1, high_water))
         state = self.state
@@ -378,7 +390,7 @@ class HttpProtocol(asyncio.Protocol):
         head = self._head
         request = Request(
             method, path, query, body[0] if len(body) == 1 else b"".join(body), keep_alive,
-            self._credential,
+            self._credential, self.peer,
         )
         self._body = []
         if self._held:
@@ -491,10 +503,29 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def abort(self) -> None:
-        if self.transport is not None:
+    def shed(self, message: str) -> None:
+        """At shutdown, past the grace period: every request still waiting for its answer, or
+        still arriving, gets a 503 in its place (in order, after the answers already made),
+        then the connection closes. The client learns its request was not done, where an
+        aborted connection would give it an empty reply."""
+        for task in list(self.tasks):
+            task.cancel()  # its answer is no longer awaited: the 503 takes its slot
+        retry = b"Retry-After: 1\r\n"
+        body = error_body(message)
+        queue = self.queue
+        for slot in queue:
+            if slot.data is None:
+                self.metrics.count_rejected(503)
+                last = slot is queue[-1] and not self.receiving
+                slot.data = encode_response(503, JSON, body, close=last, extra=retry, head=slot.head)
+        if self.receiving:  # a request half received: refused like any limit, after the rest
+            self._fail(503, message, force=True, extra=retry)
+        elif queue:
+            queue[-1].close = True
             self.closing = True
-            self.transport.abort()
+            self._flush()
+        else:
+            self.timeout(0, "shutting down")
 
 
 class Sweeper:

@@ -104,6 +104,7 @@ class LMCacheSource:
         self.ports = dict(settings.monitor_ports or {})
         self.workers: dict[tuple[str, int], LMCacheWorkerState] = {}
         self.counts: dict[str, int] = {}  # message kind (or error) -> count
+        self.socket_messages: dict[str, int] = {}  # socket name -> messages received (LMCache's metric)
         self.ctx: zmq.asyncio.Context | None = None
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.bound: dict[str, int] = {}  # socket name -> the port it is bound to
@@ -140,7 +141,7 @@ class LMCacheSource:
             self.tasks.append(loop.create_task(self._pull_loop(self.sockets["pull"])))
         for name in ("reply", "heartbeat"):
             if name in self.sockets:
-                self.tasks.append(loop.create_task(self._router_loop(self.sockets[name])))
+                self.tasks.append(loop.create_task(self._router_loop(self.sockets[name], name)))
         self.tasks.append(loop.create_task(self._probe_loop()))
         log.info("LMCache workers: pull=%s reply=%s heartbeat=%s (key space: CPython hash, chunk_size=%d, "
                  "none_hash=%d)", self.bound.get("pull"), self.bound.get("reply"), self.bound.get("heartbeat"),
@@ -199,6 +200,7 @@ class LMCacheSource:
     def read_pull(self, frames: list[bytes], pending: PendingOps) -> None:
         """Decode one read of the pull socket (up to 50 messages, as LMCache's workers send
         them); admits and evicts join ``pending``, other messages take effect now."""
+        self.socket_messages["pull"] = self.socket_messages.get("pull", 0) + len(frames)
         for frame in frames:
             try:
                 msg = m.decode_push(frame)
@@ -384,9 +386,10 @@ class LMCacheSource:
                                       can_exit_freeze=sync.done, missing_batches=missing)
 
     # -- request/reply messages ------------------------------------------------------------
-    async def _router_loop(self, sock: zmq.asyncio.Socket) -> None:
+    async def _router_loop(self, sock: zmq.asyncio.Socket, name: str) -> None:
         while True:
             frames = await sock.recv_multipart(copy=True)
+            self.socket_messages[name] = self.socket_messages.get(name, 0) + 1
             if len(frames) < 2:
                 self._count("malformed_envelopes")
                 continue

@@ -1,7 +1,8 @@
-"""Counters and a latency histogram, rendered in the Prometheus text format (version 0.0.4).
+"""The controller's counters and lookup-latency histogram.
 
-Plain attributes and one bucket array: recording a lookup is a handful of integer adds,
-cheap enough for the hot path.
+Plain attributes and one bucket array: recording a lookup is a handful of integer adds, cheap
+enough for the hot path (the /lookup fast path records a whole read of requests at once).
+Nothing here renders them: prometheus.py reads them on a scrape, history.py once a second.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class Metrics:
         self.lookups = 0
         self.lookup_errors = 0
         self.lookup_seconds = 0.0
+        # for the hit ratios: lookups with any match, tokens asked, tokens of the longest match
+        self.lookup_hits = 0
+        self.lookup_tokens = 0
+        self.lookup_matched_tokens = 0
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.http_requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.rejected_requests: dict[int, int] = {}  # status -> count (4xx/5xx answered by the server)
@@ -34,10 +39,6 @@ class Metrics:
         self.syncs = 0
         self.resyncs = 0
         self.workers_expired = 0
-        # recent rates, sampled by the controller's housekeeping tick
-        self._rate_mark = (time.monotonic(), 0, 0)
-        self.lookup_rate = 0.0
-        self.ingest_rate = 0.0
         # the HTTP counters of the other HTTP loops (threads), summed when read
         self.peers: list[Metrics] = []
 
@@ -55,6 +56,9 @@ class Metrics:
             m.lookups += p.lookups
             m.lookup_errors += p.lookup_errors
             m.lookup_seconds += p.lookup_seconds
+            m.lookup_hits += p.lookup_hits
+            m.lookup_tokens += p.lookup_tokens
+            m.lookup_matched_tokens += p.lookup_matched_tokens
             m.connections_refused += p.connections_refused
             for i, n in enumerate(list(p._buckets)):
                 m._buckets[i] += n
@@ -67,18 +71,30 @@ class Metrics:
     def total_lookups(self) -> int:
         return self.lookups + sum(p.lookups for p in self.peers)
 
-    def observe_lookup(self, seconds: float) -> None:
+    def buckets(self) -> list[int]:
+        """Lookups per latency bucket (not cumulative; the last is +Inf)."""
+        return list(self._buckets)
+
+    def observe_lookup(self, seconds: float, asked: int = 0, matched: int = 0) -> None:
         self.lookups += 1
         self.lookup_seconds += seconds
         self._buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        if matched:
+            self.lookup_hits += 1
+        self.lookup_tokens += asked
+        self.lookup_matched_tokens += matched
 
-    def observe_lookups(self, seconds: list[float]) -> None:
-        """Several lookups at once (the HTTP fast path), each with its own time."""
+    def observe_lookups(self, seconds: list[float], hits: int = 0, asked: int = 0, matched: int = 0) -> None:
+        """Several lookups at once (the HTTP fast path): each one's time, and their sums of
+        lookups with a match, tokens asked and tokens matched."""
         self.lookups += len(seconds)
         self.lookup_seconds += sum(seconds)
         buckets = self._buckets
         for s in seconds:
             buckets[bisect.bisect_left(LATENCY_BUCKETS, s)] += 1
+        self.lookup_hits += hits
+        self.lookup_tokens += asked
+        self.lookup_matched_tokens += matched
 
     def count_request(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
@@ -89,87 +105,3 @@ class Metrics:
 
     def count_rejected_frame(self, code: str) -> None:
         self.rejected_frames[code] = self.rejected_frames.get(code, 0) + 1
-
-    def tick(self) -> None:
-        """Update the per-second rates (called about once a second)."""
-        now = time.monotonic()
-        then, lookups, keys = self._rate_mark
-        dt = now - then
-        if dt >= 0.5:
-            total = self.total_lookups()
-            self.lookup_rate = (total - lookups) / dt
-            self.ingest_rate = (self.admits + self.evicts - keys) / dt
-            self._rate_mark = (now, total, self.admits + self.evicts)
-
-    def render(self, gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]]) -> bytes:
-        """Prometheus text: the counters here (with the peers') plus ``gauges`` (name -> (help, samples))."""
-        if self.peers:
-            return self.combined().render_own(gauges)
-        return self.render_own(gauges)
-
-    def render_own(self, gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]]) -> bytes:
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, dict[str, str], float]]):
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            for suffix, labels, value in samples:
-                out.append(f"{name}{suffix}{_labels(labels)} {_num(value)}")
-
-        family("lmcache_lookups_total", "counter", "Lookups answered.", [("", {}, self.lookups)])
-        family("lmcache_lookup_errors_total", "counter", "Lookups refused as malformed.", [("", {}, self.lookup_errors)])
-        cumulative = 0
-        samples: list[tuple[str, dict[str, str], float]] = []
-        for bound, count in zip(LATENCY_BUCKETS, self._buckets):
-            cumulative += count
-            samples.append(("_bucket", {"le": _num(bound)}, cumulative))
-        cumulative += self._buckets[-1]
-        samples.append(("_bucket", {"le": "+Inf"}, cumulative))
-        samples.append(("_sum", {}, self.lookup_seconds))
-        samples.append(("_count", {}, cumulative))
-        family("lmcache_lookup_latency_seconds", "histogram", "Time to answer a lookup inside the server.", samples)
-        family(
-            "lmcache_http_requests_total", "counter", "HTTP requests by endpoint and status.",
-            [("", {"endpoint": e, "status": str(s)}, n) for (e, s), n in sorted(self.http_requests.items())],
-        )
-        family(
-            "lmcache_rejected_requests_total", "counter", "HTTP requests refused (bad input, limits).",
-            [("", {"status": str(s)}, n) for s, n in sorted(self.rejected_requests.items())],
-        )
-        family("lmcache_connections_refused_total", "counter", "HTTP connections refused at the connection limit.",
-               [("", {}, self.connections_refused)])
-        family(
-            "lmcache_rejected_frames_total", "counter", "Worker frames refused, by error code.",
-            [("", {"code": c}, n) for c, n in sorted(self.rejected_frames.items())],
-        )
-        family("lmcache_ingest_frames_total", "counter", "Worker event frames applied.", [("", {}, self.ingest_frames)])
-        family("lmcache_ingest_keys_total", "counter", "Chunk keys received in worker events, by op.",
-               [("", {"op": "admit"}, self.admits), ("", {"op": "evict"}, self.evicts)])
-        family("lmcache_ingest_batches_total", "counter", "Index batches applied.", [("", {}, self.ingest_batches)])
-        family("lmcache_ingest_keys_per_second", "gauge", "Recent ingest rate.", [("", {}, self.ingest_rate)])
-        family("lmcache_lookups_per_second", "gauge", "Recent lookup rate.", [("", {}, self.lookup_rate)])
-        family("lmcache_full_syncs_total", "counter", "Full syncs completed.", [("", {}, self.syncs)])
-        family("lmcache_resyncs_total", "counter", "Full syncs requested after a gap.", [("", {}, self.resyncs)])
-        family("lmcache_workers_expired_total", "counter", "Workers dropped after the heartbeat timeout.",
-               [("", {}, self.workers_expired)])
-        for name, (help_text, gauge_samples) in gauges.items():
-            family(name, "gauge", help_text, [("", labels, value) for labels, value in gauge_samples])
-        out.append("")
-        return "\n".join(out).encode()
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from .api import Api, ForwardingApp, Lookup
+from .history import History
 from .http import HttpProtocol, HttpServerState, Sweeper
 from .kv_event_source import KVEventSource
 from .key_space_check import KeySpaceCheck
@@ -35,6 +36,7 @@ class Controller:
         self.settings = settings
         self.index = index
         self.metrics = Metrics()
+        self.history = History(self.metrics)  # the dashboard's charts
         self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes)
         self.lmcache: LMCacheSource | None = None
         if settings.monitor_ports is not None:
@@ -248,7 +250,7 @@ class Controller:
                 for conn in list(self.monitor_state.connections):
                     if conn.record is None and not conn.closing and now - conn.opened_at > hello_timeout:
                         conn.reject("hello_timeout", f"no hello within {hello_timeout:g} s")
-                self.metrics.tick()
+                self.history.sample()
             except Exception:  # housekeeping must never stop
                 log.exception("housekeeping failed")
 

@@ -228,54 +228,87 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _version() -> str:
+    import platform
+
+    from .. import __version__
+
+    return f"lmcache_controller {__version__} (Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(
         prog="lmcache_controller",
-        description="KV-cache lookup controller: HTTP API on --port, workers on --monitor-port.",
+        description="KV-cache lookup controller: HTTP API on --port, workers on --monitor-port. "
+        "Every flag is described with its unit and default in docs/controller.md.",
     )
+    p.add_argument("--version", action="version", version=_version())
     p.add_argument("--host", default=d.host,
-                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
-    p.add_argument("--monitor-port", type=int, default=d.monitor_port, help="worker port (default %(default)s)")
-    p.add_argument("--config", help="worker YAML config (chunk_size, hash_seed); default $LMCACHE_CONFIG_FILE")
-    p.add_argument("--chunk-size", type=int, help="overrides the config's chunk_size (default 256)")
-    p.add_argument("--hash-seed", type=int, help="overrides the config's hash_seed (default 0)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+                   help="address to listen on, for every socket (default %(default)s: this machine only; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--monitor-port", type=int, default=d.monitor_port,
+                   help="port our workers report on; 0 picks a free one (default %(default)s)")
+    p.add_argument("--config", help="the workers' YAML config, for chunk_size, hash_seed, controller_api_key and "
+                   "max_frame_bytes (default $LMCACHE_CONFIG_FILE, else none)")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk; overrides the config's chunk_size "
+                   "(default: the config's, else 256)")
+    p.add_argument("--hash-seed", type=int, help="seed of the xxh3 chunk keys; overrides the config's hash_seed "
+                   "(default: the config's, else 0)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="largest HTTP request body in bytes; larger gets 413 (default %(default)s = 16 MiB)")
     p.add_argument("--max-buffered-body-bytes", type=int, default=d.max_buffered_body_bytes,
                    help="request-body bytes all HTTP connections together may hold while receiving; a request "
-                   "that would go over gets 503 with Retry-After (default %(default)s)")
-    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
-    p.add_argument("--max-connections", type=int, default=d.max_connections)
-    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout)
-    p.add_argument("--max-pipelined", type=int, default=d.max_pipelined)
+                   "that would go over gets 503 with Retry-After (default %(default)s = 256 MiB)")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="largest request line + headers in bytes; more gets 431 (default %(default)s = 16 KiB)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open HTTP connections; one more is answered 503 and closed (default %(default)s)")
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="seconds an idle keep-alive connection stays open (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds a request has to arrive in full, else 408 and close (default %(default)s)")
+    p.add_argument("--max-pipelined", type=int, default=d.max_pipelined,
+                   help="queued pipelined responses per connection at which reading pauses (default %(default)s)")
     p.add_argument("--http-threads", type=int, default=d.http_threads,
                    help="event loops (threads) accepting HTTP with SO_REUSEPORT; /lookup runs on all of them, "
                    "the rest on the main loop (default %(default)s)")
-    p.add_argument("--max-frame-bytes", type=int)
-    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
-    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout)
-    p.add_argument("--hello-timeout", type=float, default=d.hello_timeout)
+    p.add_argument("--max-frame-bytes", type=int,
+                   help="largest monitor frame in bytes; larger gets error frame_too_large and a close "
+                   f"(default: the config's max_frame_bytes, else {d.max_frame_bytes} = 64 MiB)")
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
+                   help="seconds between worker heartbeats, told to workers in welcome (default %(default)s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
+                   help="seconds a worker may be silent, or disconnected without coming back, before it is "
+                   "removed (default %(default)s)")
+    p.add_argument("--hello-timeout", type=float, default=d.hello_timeout,
+                   help="seconds a monitor connection has to say hello (default %(default)s)")
     p.add_argument("--max-hello-frame-bytes", type=int, default=d.max_hello_frame_bytes,
-                   help="largest monitor frame before a hello is accepted (default %(default)s)")
-    p.add_argument("--max-monitor-connections", type=int, default=d.max_monitor_connections)
+                   help="largest monitor frame in bytes before a hello is accepted (default %(default)s = 64 KiB)")
+    p.add_argument("--max-monitor-connections", type=int, default=d.max_monitor_connections,
+                   help="open monitor connections; one more gets error too_many_connections (default %(default)s)")
+    p.add_argument("--command-timeout", type=float, default=d.command_timeout,
+                   help="seconds a worker has to answer a command before the endpoint answers 502 "
+                   "(default %(default)s)")
     p.add_argument("--max-sync-bytes", type=int, default=d.max_sync_bytes,
-                   help="keys of full syncs in progress, all workers together (default %(default)s)")
-    p.add_argument("--command-timeout", type=float, default=d.command_timeout)
+                   help="bytes of keys held for full syncs in progress, all workers together; a sync frame that "
+                   "would go over gets error sync_too_large (default %(default)s = 256 MiB)")
     p.add_argument("--api-key", help="key workers must send in hello and HTTP clients with the endpoints that "
                    "change state (default $LMCACHE_API_KEY, "
                    "else the config's controller_api_key; none: no key needed)")
     p.add_argument("--snapshot", metavar="PATH", help="index snapshot: loaded at start when present, "
-                   "written every --snapshot-interval seconds when changed and at shutdown")
-    p.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval)
-    p.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                   "written every --snapshot-interval seconds when changed and at shutdown (default: none)")
+    p.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval,
+                   help="seconds between snapshot writes, when the index changed (default %(default)s)")
+    p.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log lines at this level and above, to stderr (default %(default)s)")
     g = p.add_argument_group("LMCache workers", "unchanged LMCache instances (enable_controller: True) report "
                              "on LMCache's own sockets; see docs/lmcache-compat.md")
     g.add_argument("--monitor-ports", default=None,
                    help="LMCache's controller sockets as JSON, e.g. '{\"pull\": 8300, \"reply\": 8400, "
                    "\"heartbeat\": 8082}' (0: a free port), or 'none' (default %s, or "
-                   "$LMCACHE_CONTROLLER_MONITOR_PORTS)" % json.dumps(DEFAULT_MONITOR_PORTS))
+                   "$LMCACHE_CONTROLLER_MONITOR_PORTS)" % json.dumps(DEFAULT_MONITOR_PORTS).replace("%", "%%"))
     g.add_argument("--none-hash", default=None,
                    help="NONE_HASH of LMCache's key space: 'auto' (Python's hash of $PYTHONHASHSEED, as LMCache "
                    "inside vLLM derives it; 0 without the variable) or an integer (0 for LMCache without vLLM); "
