@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -215,11 +217,14 @@ def test_restart_with_snapshot_answers_identically_at_once(tmp_path, cleanup):
         await wait_until(lambda: synced(port, workers), 20)
         before = await answers(port, QUERIES)
         await asyncio.sleep(1.2)  # at least one periodic snapshot after the sync
-        # kill -9 the workers too (no bye: the controller keeps their holdings for the heartbeat
-        # timeout), so nobody can repopulate the restarted controller: its answers come from the file
+        # freeze the workers (their connections stay open, so the controller keeps their holdings,
+        # as it would not for closed ones), kill -9 the controller, then the workers: nobody can
+        # repopulate the restarted controller, its answers come from the file
+        for w in workers:
+            os.kill(w.proc.pid, signal.SIGSTOP)
+        controller.kill()
         for w in workers:
             w.kill()
-        controller.kill()
         assert snap.exists()
         listening_in = controller.start()
         restarted = time.monotonic()
