@@ -81,3 +81,47 @@ def test_a_flood_of_malformed_requests_logs_a_burst_and_counts_all(caplog, monke
     assert len(lines(caplog)) == 5 and all("400 malformed" in m for m in lines(caplog))
     assert limited.suppressed == 195
     assert state.metrics.rejected_requests == {400: 200}
+
+
+def test_a_repeated_refusal_is_logged_once_a_period_per_key(caplog):
+    from lmcache_rs.log_limit import RepeatLimitedLog
+
+    clock = Clock()
+    limited = RepeatLimitedLog(logging.getLogger(LOGGER), period=60.0, max_keys=2, clock=clock)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(5):  # one worker retrying every second
+            limited(("10.0.0.1", "worker_in_use"), "refused %s", "w1")
+            clock.now += 1
+        limited(("10.0.0.2", "worker_in_use"), "refused %s", "w2")  # another peer: its own line
+        assert lines(caplog) == ["refused w1", "refused w2"]
+        clock.now += 60
+        limited(("10.0.0.1", "worker_in_use"), "refused %s", "w1")
+        assert lines(caplog)[-1] == "refused w1 (repeated 4 times in the last 60 s, not logged)"
+        for host in ("a", "b", "c"):  # only max_keys remembered: the oldest goes
+            limited((host, "x"), "refused %s", host)
+        assert len(limited._seen) == 2
+
+
+def test_a_worker_refused_in_hello_is_logged_once_however_often_it_retries(caplog):
+    from lmcache_rs import Index
+    from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
+    from lmcache_rs.controller.registry import Registry
+    from lmcache_rs.wire import encode_frame
+    from lmcache_rs.wire.report import PROTOCOL_VERSION
+
+    async def main():
+        settings = Settings(api_key="right")
+        metrics = Metrics()
+        state = MonitorServerState(settings, metrics, Registry(Index(256), metrics, 10.0))
+        hello = {"t": "hello", "v": PROTOCOL_VERSION, "instance_id": "inst", "worker_id": 0, "world_size": 1,
+                 "host": "127.0.0.1", "worker_port": 1, "p2p_host": "127.0.0.1", "p2p_port": 2, "chunk_size": 256,
+                 "seed": 0, "api_key": "wrong"}
+        for _ in range(5):
+            proto = MonitorProtocol(state)
+            attach(proto)
+            proto.data_received(encode_frame(hello))
+
+    with caplog.at_level(logging.WARNING, logger="lmcache_rs.controller.monitor"):
+        asyncio.run(main())
+    refusals = [r.getMessage() for r in caplog.records if "refusing frame: unauthorized" in r.getMessage()]
+    assert len(refusals) == 1 and "worker inst/0" in refusals[0], refusals

@@ -43,3 +43,36 @@ class RateLimitedLog:
             msg = f"{msg} (and {self.suppressed} similar lines not logged)"
             self.suppressed = 0
         self.logger.log(self.level, msg, *args)
+
+
+class RepeatLimitedLog:
+    """One line per key per ``period`` seconds: a peer that retries the same refused request
+    every second is logged once a period (with how many repeats were not), not at every retry.
+    At most ``max_keys`` keys are remembered (the oldest forgotten first)."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING, period: float = 60.0,
+                 max_keys: int = 4096, clock: Callable[[], float] = time.monotonic):
+        if period <= 0 or max_keys < 1:
+            raise ValueError(f"period must be > 0 and max_keys >= 1, got period={period} max_keys={max_keys}")
+        self.logger = logger
+        self.level = level
+        self.period = period
+        self.max_keys = max_keys
+        self.clock = clock
+        self._seen: dict[object, list] = {}  # key -> [time last logged, repeats not logged since]
+
+    def __call__(self, key: object, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(self.level):
+            return
+        now = self.clock()
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.period:
+            entry[1] += 1
+            return
+        if entry is not None and entry[1]:
+            msg = f"{msg} (repeated {entry[1]} times in the last {self.period:g} s, not logged)"
+        self._seen.pop(key, None)
+        self._seen[key] = [now, 0]
+        while len(self._seen) > self.max_keys:
+            del self._seen[next(iter(self._seen))]
+        self.logger.log(self.level, msg, *args)

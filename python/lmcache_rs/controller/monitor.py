@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from ..config import RESERVED_INSTANCE_IDS
-from ..log_limit import RateLimitedLog
+from ..log_limit import RateLimitedLog, RepeatLimitedLog
 from ..wire import FrameDecoder, FrameError, encode_frame, report
 from ..wire.auth import key_matches
 from ..wire.framing import HTTP_STARTS
@@ -21,6 +21,8 @@ from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.monitor")
 log_refusal = RateLimitedLog(log)  # strangers can cause these as fast as they connect
+# a worker refused in hello retries every second or so: its refusal once a minute per host and reason
+log_hello_refusal = RepeatLimitedLog(log)
 
 
 class MonitorServerState:
@@ -88,7 +90,11 @@ class MonitorProtocol(asyncio.Protocol):
             self.transport.write(encode_frame(message))
 
     def reject(self, code: str, message: str) -> None:
-        log_refusal("monitor %s: refusing frame: %s: %s", self.peer, code, message)
+        if self.record is None:  # before a hello is accepted: a worker's retries repeat it
+            log_hello_refusal((self.peer.rsplit(":", 1)[0], code, message), "monitor %s: refusing frame: %s: %s",
+                              self.peer, code, message)
+        else:
+            log_refusal("monitor %s: refusing frame: %s: %s", self.peer, code, message)
         self.metrics.count_rejected_frame(code)
         self.send(report.error(code, message))
         self.close()
