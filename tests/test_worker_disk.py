@@ -186,3 +186,23 @@ def test_cpu_hits_keep_the_hot_prefix_on_disk(tmp_path):
         on_disk = set(w.kvstore.disk.entries)
         assert set(w.chunk_keys(a)) <= on_disk  # the disk made room by evicting b, not a
         assert not set(w.chunk_keys(b)) & on_disk
+
+
+def test_the_index_log_stays_bounded_under_churn_and_survives_a_restart(tmp_path):
+    from lmcache_rs.worker import disk_backend
+
+    with KVWorker(make_config(tmp_path, cpu_slots=4, disk_chunks=4)) as w:
+        disk = w.kvstore.disk
+        for p in range(disk_backend.MIN_COMPACT_RECORDS):  # a put and a del per chunk: churn
+            w.store(prompt(p, n=CS), synthetic_kv(prompt(p, n=CS), **SHAPE))
+            w.flush()
+        with open(disk.index_path, encoding="utf-8") as handle:
+            lines = handle.read().count("\n")
+        # header + at most MIN_COMPACT_RECORDS appended since the last rewrite + the live chunks
+        assert lines <= 1 + disk_backend.MIN_COMPACT_RECORDS + 1 + len(disk.entries), lines
+        live = {k: (c.nbytes, c.checksum) for k, c in disk.entries.items()}
+        assert len(live) == 4
+    with KVWorker(make_config(tmp_path, cpu_slots=4, disk_chunks=4)) as w:
+        assert {k: (c.nbytes, c.checksum) for k, c in w.kvstore.disk.entries.items()} == live
+        last = prompt(disk_backend.MIN_COMPACT_RECORDS - 1, n=CS)
+        assert w.lookup(last) == CS

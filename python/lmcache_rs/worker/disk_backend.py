@@ -11,7 +11,8 @@ its ``put`` record is appended to the index (and flushed). So the index never na
 that was not completely written. At start the index is replayed (a torn last line is
 ignored), records whose file is missing or of the wrong size are dropped, files the index
 does not name (a crash between rename and record, or leftovers) are deleted, and the index is
-rewritten compacted (temp file, fsync, rename). Every record carries the xxh3-64 checksum of
+rewritten compacted (temp file, fsync, rename), as it is whenever the records appended since
+outnumber the live chunks 3 to 1, so churn cannot grow it without bound. Every record carries the xxh3-64 checksum of
 its data, checked on every read: a damaged file is dropped, never returned.
 
 A header that does not match this worker (chunk size, hash seed, model shape, kv_dtype) means
@@ -66,6 +67,7 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
         self.chunk_dir = os.path.join(directory, "chunks")
         self.index_path = os.path.join(directory, "index.log")
         self.used_bytes = 0
+        self.index_records = 0  # records appended since the index was last rewritten
         os.makedirs(self.chunk_dir, exist_ok=True)
         self._lock_file = open(os.path.join(directory, "LOCK"), "a+")
         try:
@@ -170,6 +172,7 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
         os.replace(tmp, self.index_path)
         _fsync_dir(self.directory)
         self._index = open(self.index_path, "a", encoding="utf-8")
+        self.index_records = 0
 
     # -- data (no lock needed) ----------------------------------------------------------------
     def write_file(self, key: int, data: memoryview | bytes) -> int:
@@ -249,6 +252,17 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
             return
         self._index.write(line + "\n")
         self._index.flush()
+        self.index_records += 1
+        # puts and dels of churning chunks would grow the index forever: once the appended
+        # records outnumber the live chunks 3 to 1, rewrite it with the live ones only (amortised
+        # O(1) per record; the index stays within 4 records per chunk, plus MIN_COMPACT_RECORDS)
+        if self.index_records > max(MIN_COMPACT_RECORDS, 3 * len(self.entries)):
+            self._index.close()
+            self._index = None
+            self._rewrite_index()
+
+
+MIN_COMPACT_RECORDS = 1024
 
 
 def _put_record(chunk: DiskChunk) -> str:
