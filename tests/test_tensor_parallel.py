@@ -1,4 +1,4 @@
-"""Tensor-parallel exactness (DESIGN.md, "Lookup semantics"): an instance matches a chunk only
+"""Tensor-parallel exactness (docs/design.md, "The lookup contract"): an instance matches a chunk only
 when every rank 0..world_size-1 is live and holds it.
 
 Report connections are fed through fake transports into the monitor, with the native index

@@ -382,12 +382,14 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
     path = path or env.get(CONFIG_FILE_ENV) or None
     if path:
         values.update(_read_file(path, unknown))
+    from_env: dict[str, Any] = {}  # the environment's values (a key and its alias both set is an error)
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in _KNOWN_ENV:
             continue
-        known = _known_key(name[len(ENV_PREFIX) :].lower(), {}, "the environment", unknown, shown=name)
+        known = _known_key(name[len(ENV_PREFIX) :].lower(), from_env, "the environment", unknown, shown=name)
         if known is not None:
-            values[known] = parse_value(known, raw, from_env=True)
+            from_env[known] = parse_value(known, raw, from_env=True)
+    values.update(from_env)
     if API_KEY_ENV in env and "LMCACHE_CONTROLLER_API_KEY" not in env:
         values["controller_api_key"] = env[API_KEY_ENV] or None
     config = LMCacheConfig(**values)

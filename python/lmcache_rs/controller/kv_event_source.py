@@ -63,7 +63,7 @@ class Publisher:
 
     __slots__ = ("subscription", "topic", "rank", "instance_id", "engine", "record", "expected", "replaying",
                  "held", "stale", "batches", "gaps", "replays", "restarts", "last_ts", "last_message", "checked",
-                 "recent")
+                 "recent", "probing")
 
     def __init__(self, subscription: Subscription, topic: bytes, rank: int, instance_id: str, engine: EngineBlocks,
                  record: WorkerRecord):
@@ -85,6 +85,7 @@ class Publisher:
         self.last_message = time.monotonic()
         self.checked = False  # the replay socket was asked for a silent tail since the last message
         self.recent: dict[int, int] = {}  # seq -> payload digest of the last RECENT_SEQS applied
+        self.probing = False  # the replay running is an idle check: in-sequence live messages go on
 
     def describe(self) -> dict:
         return {"instance_id": self.instance_id, "topic": self.topic.decode(errors="replace"),
@@ -117,7 +118,7 @@ class KVEventSource:
         self.metrics = metrics
         self.subscriptions = [Subscription(spec) for spec in settings.kv_events]
         self.namespaces = Namespaces(settings.hash_seed)
-        self.publishers: dict[tuple[str, int], Publisher] = {}  # (instance id, dp rank) -> its stream
+        self.publishers: dict[str, Publisher] = {}  # instance id (with its -dp<r>) -> its stream
         self._identities: dict[tuple[int, bytes], tuple[str | None, str]] = {}  # (subscription, topic) -> (instance, model)
         self.decoder = EventDecoder()
         self.counts: dict[str, int] = {}  # what could not be applied, by reason
@@ -178,7 +179,8 @@ class KVEventSource:
         return [ns for ns in self.namespaces.matching(model, lora_name, cache_salt) if ns.engines]
 
     def stale_instances(self) -> dict[str, str]:
-        return {p.instance_id: p.stale for p in self.publishers.values() if p.stale}
+        # read by lookups on other threads while the main loop adds publishers: copy first
+        return {p.instance_id: p.stale for p in list(self.publishers.values()) if p.stale}
 
     @property
     def any_stale(self) -> bool:
@@ -201,11 +203,10 @@ class KVEventSource:
             if instance_id in ns.engines:
                 dropped += ns.index.remove_worker(instance_id, worker_id)
                 ns.engines.discard(instance_id)
-        for key, pub in list(self.publishers.items()):
-            if pub.instance_id == instance_id:
-                pub.engine.blocks.clear()
-                self._mark_stale(pub, None)
-                del self.publishers[key]
+        pub = self.publishers.pop(instance_id, None)
+        if pub is not None:
+            pub.engine.blocks.clear()
+            self._mark_stale(pub, None)
         return dropped
 
     async def call(self, record: WorkerRecord, op: str, args: dict) -> Any:
@@ -228,9 +229,20 @@ class KVEventSource:
             topic, seq_bytes, payload = frames
             seq = int.from_bytes(seq_bytes, "big")
             if sub.starting:
-                sub.held.append((topic, seq, payload))
+                if len(sub.held) < self.settings.kv_events_max_replay:
+                    sub.held.append((topic, seq, payload))
+                else:
+                    self._count("held_overflow")  # seen as a gap once the start-up replay is done
                 continue
+            self._guarded(position, sub, topic, seq, payload)
+
+    def _guarded(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
+        """``receive``, and a bug it may hit costs one message, never the socket's loop."""
+        try:
             self.receive(position, sub, topic, seq, payload)
+        except Exception as exc:
+            self._count("handler_errors")
+            log.exception("KV events on %s: a message failed (%s); it is dropped", sub.endpoint, exc)
 
     def receive(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
         """One live message of subscription number ``position``."""
@@ -242,8 +254,11 @@ class KVEventSource:
             return
         pub.last_message = time.monotonic()
         pub.checked = False
-        if pub.replaying:
-            pub.held.append((seq, batch))
+        if pub.replaying and not (pub.probing and seq == pub.expected):
+            if len(pub.held) < self.settings.kv_events_max_replay:
+                pub.held.append((seq, batch))
+            else:
+                self._count("held_overflow")  # a gap once the replay is done: asked again or lost
             return
         if pub.expected is None:
             if seq == 0:
@@ -284,23 +299,31 @@ class KVEventSource:
     def _publisher(self, position: int, sub: Subscription, topic: bytes, rank: int) -> Publisher | None:
         identity = self._identities.get((position, topic))
         if identity is None:
-            if len(self._identities) > self.settings.kv_events_max_publishers:
+            if len(self._identities) >= self.settings.kv_events_max_publishers:
                 self._count("too_many_publishers")
                 return None
             identity = self._identities[(position, topic)] = self._identify(sub, topic)
         instance_id, model = identity
-        pub = self.publishers.get((instance_id, rank)) if instance_id is not None else None
-        if pub is not None:
-            return pub
         if instance_id is None:
             self._count("unidentified_publishers")
             self._warn("KV events on %s: a publisher with topic %r has no instance id (set the subscription's "
                        "instance_id, or publish with topic kv@<instance>@<model>; replays of vLLM before 0.26 "
                        "carry no topic)", sub.endpoint, topic)
             return None
-        key = (instance_id, rank)
         if rank:
             instance_id = f"{instance_id}-dp{rank}"
+        pub = self.publishers.get(instance_id)
+        if pub is not None:
+            if pub.subscription is sub and pub.rank == rank:
+                return pub
+            # another stream under the same name: two engines must never write one holder
+            self._count("instance_conflicts")
+            self._warn("KV events on %s: topic %r rank %d names instance %s, which another stream already "
+                       "reports; dropped", sub.endpoint, topic, rank, instance_id)
+            return None
+        if len(self.publishers) >= self.settings.kv_events_max_publishers:
+            self._count("too_many_publishers")
+            return None
         try:
             record = self.registry.add_external(self, instance_id, 0)
         except ValueError as exc:
@@ -308,7 +331,7 @@ class KVEventSource:
             self._warn("KV events on %s: publisher %s refused: %s", sub.endpoint, instance_id, exc)
             return None
         engine = EngineBlocks(instance_id, model, self.namespaces, self.counts)
-        pub = self.publishers[key] = Publisher(sub, topic, rank, instance_id, engine, record)
+        pub = self.publishers[instance_id] = Publisher(sub, topic, rank, instance_id, engine, record)
         log.info("KV events: publisher %s (model %s, topic %r, dp rank %d) on %s", instance_id, model, topic,
                  rank, sub.endpoint)
         return pub
@@ -328,8 +351,10 @@ class KVEventSource:
         if pub.stale is not None and any(type(e) is Cleared for e in batch.events):
             self._mark_stale(pub, None)  # the engine starts over from nothing: exact again
         pub.expected = seq + 1
-        pub.recent[seq] = batch.digest
-        pub.recent.pop(seq - RECENT_SEQS, None)
+        recent = pub.recent
+        recent[seq] = batch.digest
+        if len(recent) > RECENT_SEQS:
+            del recent[next(iter(recent))]  # the oldest applied (dicts keep insertion order)
         pub.batches += 1
         pub.last_ts = batch.ts
         self._write(ops)
@@ -370,7 +395,7 @@ class KVEventSource:
                 if (endpoint and not pub.checked and not pub.replaying and pub.expected is not None
                         and now - pub.last_message >= interval):
                     pub.checked = True
-                    self._start_replay(pub, pub.expected, "a message lost while idle")
+                    self._start_replay(pub, pub.expected, "a message lost while idle", probing=True)
 
     def _recover(self, pub: Publisher, start: int, seq: int, batch: Batch, why: str) -> None:
         endpoint = pub.subscription.spec.get("replay_endpoint")
@@ -381,9 +406,10 @@ class KVEventSource:
         pub.held = [(seq, batch)]
         self._start_replay(pub, start, why)
 
-    def _start_replay(self, pub: Publisher, start: int, why: str, attempt: int = 1) -> None:
+    def _start_replay(self, pub: Publisher, start: int, why: str, attempt: int = 1, probing: bool = False) -> None:
         endpoint = pub.subscription.spec["replay_endpoint"]
         pub.replaying = True
+        pub.probing = probing
         pub.replays += 1
         self._spawn(self._replay_publisher(pub, offset_port(endpoint, pub.rank), start, why, attempt))
 
@@ -402,6 +428,18 @@ class KVEventSource:
             self._count("replay_failures")
             replies = []
             why = f"{why}; replay from {endpoint} failed: {exc}"
+        try:
+            if self._apply_replay(pub, replies, check, why, attempt):
+                return  # another replay was started and owns the held messages
+        except Exception as exc:  # a bug costs this replay's messages, never the publisher
+            self._count("handler_errors")
+            log.exception("KV events: replay for %s failed (%s)", pub.instance_id, exc)
+            pub.held = []
+            pub.replaying = pub.probing = False
+
+    def _apply_replay(self, pub: Publisher, replies: list, check: int | None, why: str, attempt: int) -> bool:
+        """Apply a replay's messages, then the live ones held meanwhile. True when another
+        replay was started (a restart seen, or a gap left among the held messages)."""
         for _topic, seq, payload in replies:
             batch = self._decode(pub.subscription, payload)
             if batch is None:
@@ -412,18 +450,19 @@ class KVEventSource:
             if seq == check and batch.digest != pub.recent.get(seq):
                 self._restarted(pub, f"its message {seq} changed")
                 self._start_replay(pub, 0, "restarted", attempt)
-                return
+                return True
             self._in_order(pub, seq, batch, why)
         held, pub.held = pub.held, []
-        pub.replaying = False
+        pub.replaying = pub.probing = False
         for i, (seq, batch) in enumerate(held):
             expected = pub.expected if pub.expected is not None else 0
             if seq > expected and replies and attempt < MAX_REPLAY_ATTEMPTS:
                 # published after the replay answered: ask again for the rest
                 pub.held = held[i:]
                 self._start_replay(pub, expected, why, attempt + 1)
-                return
+                return True
             self._in_order(pub, seq, batch, why)
+        return False
 
     def _in_order(self, pub: Publisher, seq: int, batch: Batch, why: str) -> None:
         """Apply a replayed or held message when it is the next one; skip one already applied;
@@ -478,16 +517,20 @@ class KVEventSource:
                 replies = []
             why = "the controller started after the engine's replay buffer moved on"
             for topic, seq, payload in replies:
-                batch = self._decode(sub, payload)
-                if batch is None:
-                    continue
-                topic = topic if topic is not None else sub.spec.get("topic", "").encode()
-                pub = self._publisher(position, sub, topic, batch.dp_rank)
-                if pub is not None:
-                    self._in_order(pub, seq, batch, why)
+                try:
+                    batch = self._decode(sub, payload)
+                    if batch is None:
+                        continue
+                    topic = topic if topic is not None else sub.spec.get("topic", "").encode()
+                    pub = self._publisher(position, sub, topic, batch.dp_rank)
+                    if pub is not None:
+                        self._in_order(pub, seq, batch, why)
+                except Exception as exc:
+                    self._count("handler_errors")
+                    log.exception("KV events: a replayed message from %s failed (%s); it is dropped", endpoint, exc)
             log.info("KV events: start-up replay from %s: %d messages", endpoint, len(replies))
         finally:
             held, sub.held = sub.held, []
             sub.starting = False
             for topic, seq, payload in held:
-                self.receive(position, sub, topic, seq, payload)
+                self._guarded(position, sub, topic, seq, payload)

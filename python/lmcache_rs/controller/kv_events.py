@@ -119,7 +119,7 @@ class EventDecoder:
         if payload[:1] and 0x92 <= payload[0] <= 0x98:
             try:
                 fast = self._typed.decode(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
                 pass
             else:
                 events = fast.events
@@ -137,6 +137,8 @@ class EventDecoder:
             raw = self._msgpack.decode(payload)
         except msgspec.DecodeError as exc:
             raise BatchError(f"not msgpack: {exc}") from None
+        except RecursionError:
+            raise BatchError("msgpack nested too deeply") from None
         if isinstance(raw, list):
             if not 2 <= len(raw) <= 8:
                 raise BatchError(f"a batch array has 2 or 3 items, got {len(raw)}")
@@ -177,7 +179,7 @@ class EventDecoder:
             known = KNOWN_FIELDS.get(kind) if isinstance(kind, str) else None
             if known is not None and not known.issuperset(raw):
                 self._count("unknown_fields")
-        elif isinstance(raw, list) and raw:
+        elif isinstance(raw, list) and raw and type(raw[0]) is str:
             kind = raw[0]
             names = STORED_FIELDS if kind == STORED else REMOVED_FIELDS if kind == REMOVED else ()
             if len(raw) - 1 > len(names) and kind in KNOWN_FIELDS:

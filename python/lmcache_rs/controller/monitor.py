@@ -91,7 +91,8 @@ class MonitorProtocol(asyncio.Protocol):
 
     def reject(self, code: str, message: str) -> None:
         if self.record is None:  # before a hello is accepted: a worker's retries repeat it
-            log_hello_refusal((self.peer.rsplit(":", 1)[0], code, message), "monitor %s: refusing frame: %s: %s",
+            # keyed by host and reason only: messages carry peer-chosen values
+            log_hello_refusal((self.peer.rsplit(":", 1)[0], code), "monitor %s: refusing frame: %s: %s",
                               self.peer, code, message)
         else:
             log_refusal("monitor %s: refusing frame: %s: %s", self.peer, code, message)

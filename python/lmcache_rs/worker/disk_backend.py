@@ -259,7 +259,15 @@ class LocalDiskBackend(LruEntries[DiskChunk]):
         if self.index_records > max(MIN_COMPACT_RECORDS, 3 * len(self.entries)):
             self._index.close()
             self._index = None
-            self._rewrite_index()
+            try:
+                self._rewrite_index()
+            except OSError as exc:  # (ENOSPC, EIO) the old index is whole: keep appending to it
+                log.warning("disk tier %s: compacting the index failed (%s); it keeps growing for now",
+                            self.directory, exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.index_path + ".tmp")
+                self._index = open(self.index_path, "a", encoding="utf-8")
+                self.index_records = 0
 
 
 MIN_COMPACT_RECORDS = 1024
