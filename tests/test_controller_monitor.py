@@ -30,7 +30,7 @@ class Harness:
         self.metrics = Metrics()
         self.index = PyIndex(self.settings.chunk_size, self.settings.hash_seed)
         self.registry = Registry(self.index, self.metrics, self.settings.heartbeat_timeout,
-                                 max_sync_bytes=self.settings.max_sync_bytes)
+                                 max_sync_bytes=self.settings.max_sync_bytes, sync_timeout=self.settings.sync_timeout)
         self.state = MonitorServerState(self.settings, self.metrics, self.registry)
 
     def connect(self):
@@ -412,5 +412,30 @@ def test_full_syncs_in_progress_share_a_bounded_budget():
         a.data_received(f(t="sync_end", count=60))
         assert h.registry.sync_budget.used == 0 and not ta.closed
         assert held(h.index, instance="a") == set(range(60)) | set(range(100, 130))
+
+    run(main())
+
+
+def test_a_sync_that_never_ends_gives_its_budget_back_at_the_sync_timeout():
+    async def main():
+        h = Harness(max_sync_bytes=8 * 100, sync_timeout=30.0, heartbeat_timeout=60.0)
+        a, ta = h.connect()
+        a.data_received(encode_frame(hello("a")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(90))))
+        assert h.registry.sync_budget.used == 8 * 90
+        rec = h.registry.workers[("a", 0)]
+        h.registry.touch(rec)  # heartbeats keep the connection, but not the sync
+        import time as _time
+        h.registry.expire(_time.monotonic() + 10)
+        assert h.registry.sync_budget.used == 8 * 90  # still within the sync timeout
+        rec.last_seen = _time.monotonic() + 31  # (it kept beating)
+        h.registry.expire(_time.monotonic() + 31)
+        assert h.registry.sync_budget.used == 0 and rec.state == NEED_SYNC
+        assert out(ta)[-1]["t"] == "resync" and not ta.closed
+        # another worker's sync now has the whole budget
+        b, tb = h.connect()
+        b.data_received(encode_frame(hello("b")) + f(t="sync_start", seq=0)
+                        + f(t="sync_chunk", location=CPU, hashes=pack_u64s(range(100))))
+        assert h.registry.sync_budget.used == 8 * 100 and not tb.closed
 
     run(main())

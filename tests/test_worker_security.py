@@ -173,3 +173,54 @@ def test_the_controller_proves_the_key_on_the_command_connection():
             assert status == 200, body
             assert worker.lookup(TOKENS) == 0
 
+
+
+@pytest.mark.parametrize("port", ["worker_port", "p2p_port"])
+def test_a_stranger_cannot_send_a_large_first_frame(keyed, port):
+    """Before the key is proven a frame is at most an auth frame's size: a stranger announcing
+    1 MiB is refused at the header, before a byte of it is buffered."""
+    with socket.create_connection((HOST, getattr(keyed, port)), timeout=10) as s:
+        s.sendall((1 << 20).to_bytes(4, "big"))  # (more bytes unread by a closing server would reset)
+        (error,) = read_frames_until_closed(s)
+    assert error["t"] == "error" and error["code"] == "frame_too_large"
+
+
+def test_a_stranger_that_stays_silent_is_cut_at_the_auth_deadline(monkeypatch):
+    import lmcache_rs.wire.session as session_module
+    import lmcache_rs.worker.p2p as p2p_module
+
+    monkeypatch.setattr(session_module, "AUTH_TIMEOUT", 0.5)
+    monkeypatch.setattr(p2p_module, "AUTH_TIMEOUT", 0.5)
+    worker = KVWorker(make_config(controller_api_key=KEY, lmcache_worker_ports=0, p2p_init_ports=0))
+    try:
+        for port in (worker.worker_port, worker.p2p_port):
+            with socket.create_connection((HOST, port), timeout=10) as s:
+                t0 = time.monotonic()
+                frames = read_frames_until_closed(s)  # closed by the worker, not by our timeout
+                assert time.monotonic() - t0 < 9
+                assert all(f["code"] == "unauthorized" for f in frames)
+    finally:
+        worker.close()
+
+
+def test_command_connections_over_the_cap_are_refused(monkeypatch):
+    import lmcache_rs.worker.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "MAX_COMMAND_CONNECTIONS", 3)
+    worker = KVWorker(make_config(lmcache_worker_ports=0))
+    socks = []
+    try:
+        for _ in range(3):
+            socks.append(socket.create_connection((HOST, worker.worker_port), timeout=10))
+        deadline = time.monotonic() + 10
+        while len(worker.command_sessions()) < 3:  # all three accepted before the fourth comes
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with socket.create_connection((HOST, worker.worker_port), timeout=10) as s:
+            (error,) = read_frames_until_closed(s)
+        assert error["code"] == "too_many_connections"
+        assert len(worker.command_sessions()) == 3
+    finally:
+        for s in socks:
+            s.close()
+        worker.close()

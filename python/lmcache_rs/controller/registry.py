@@ -103,7 +103,7 @@ class WorkerRecord:
         "instance_id", "worker_id", "host", "worker_port", "p2p_host", "p2p_port",
         "conn", "state", "expected_seq", "sync_chunks", "sync_keys", "sync_events",
         "registered_at", "last_seen", "last_seen_wall", "disconnected_at", "command", "syncs", "source",
-        "sync_bytes", "budget",
+        "sync_bytes", "budget", "sync_started",
     )
 
     def __init__(self, instance_id: str, worker_id: int, source: Any = None, budget: SyncBudget | None = None):
@@ -121,6 +121,7 @@ class WorkerRecord:
         self.sync_events: list[Event] = []
         self.sync_bytes = 0  # staged in sync_chunks and sync_events, counted in the budget
         self.budget = budget if budget is not None else SyncBudget(2**63)
+        self.sync_started = 0.0  # monotonic time of the sync_start of the sync running (SYNCING)
         self.registered_at = time.time()
         self.last_seen = time.monotonic()
         self.last_seen_wall = time.time()
@@ -155,6 +156,7 @@ class WorkerRecord:
         """sync_start: buffer keys; the events frame after the snapshot has ``seq + 1``."""
         self.reset_sync()
         self.state = SYNCING
+        self.sync_started = time.monotonic()
         self.expected_seq = seq + 1
 
     def add_sync_chunk(self, location: str, hashes: bytes) -> None:
@@ -192,10 +194,13 @@ class WorkerRecord:
 class Registry:
     """Workers by (instance_id, worker_id), and the coalescing writer into the index."""
 
-    def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float, max_sync_bytes: int = 256 << 20):
+    def __init__(self, index: Any, metrics: Metrics, heartbeat_timeout: float, max_sync_bytes: int = 256 << 20,
+                 sync_timeout: float = 120.0):
         self.index = index  # our workers' key space
         self.metrics = metrics
         self.heartbeat_timeout = heartbeat_timeout
+        # a sync not ended within this is abandoned: its staged keys would hold the shared budget
+        self.sync_timeout = sync_timeout
         self.workers: dict[tuple[str, int], WorkerRecord] = {}
         self.world_sizes: dict[str, int] = {}  # our instances: ranks registered in the index
         self.sync_budget = SyncBudget(max_sync_bytes)
@@ -398,6 +403,10 @@ class Registry:
             elif now - record.last_seen > timeout:
                 self.metrics.workers_expired += 1
                 self.remove(record, f"silent for {timeout:g} s")
+            elif record.state == SYNCING and now - record.sync_started > self.sync_timeout:
+                # heartbeats alone keep a connection; a sync that never ends must not keep
+                # its share of the sync budget from the other workers
+                record.conn.resync(f"the full sync did not end within {self.sync_timeout:g} s")
 
     async def reached(self, record: WorkerRecord, seq: int, timeout: float) -> bool:
         """Wait until this worker's events frame ``seq`` has been applied to the index (True),

@@ -37,7 +37,8 @@ class Controller:
         self.index = index
         self.metrics = Metrics()
         self.history = History(self.metrics)  # the dashboard's charts
-        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes)
+        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes,
+                                 sync_timeout=settings.sync_timeout)
         self.lmcache: LMCacheSource | None = None
         if settings.monitor_ports is not None:
             from .. import Index

@@ -48,6 +48,7 @@ class Settings:
     # keys of full syncs in progress (and events sent during them), all workers together, held
     # until each sync_end applies them at once; a sync that would go over is refused
     max_sync_bytes: int = 256 * 1024 * 1024
+    sync_timeout: float = 120.0  # a full sync not ended within this is abandoned (the worker syncs again)
     # commands to workers
     command_timeout: float = 30.0
     event_history: int = 10000  # finished async events remembered for /check_finish
@@ -119,7 +120,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("keepalive_timeout", "request_timeout", "heartbeat_interval", "heartbeat_timeout",
-                     "hello_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
+                     "hello_timeout", "sync_timeout", "command_timeout", "snapshot_interval", "lmcache_worker_timeout",
                      "lmcache_probe_interval", "lmcache_key_check_interval", "kv_events_replay_timeout",
                      "kv_events_idle_check"):
             if getattr(self, name) <= 0:
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sync-bytes", type=int, default=d.max_sync_bytes,
                    help="bytes of keys held for full syncs in progress, all workers together; a sync frame that "
                    "would go over gets error sync_too_large (default %(default)s = 256 MiB)")
+    p.add_argument("--sync-timeout", type=float, default=d.sync_timeout,
+                   help="seconds a worker's full sync may take before it is abandoned and the worker asked for a "
+                   "new one (default %(default)s)")
     p.add_argument("--api-key", help="key workers must send in hello and HTTP clients with the endpoints that "
                    "change state (default $LMCACHE_API_KEY, "
                    "else the config's controller_api_key; none: no key needed)")
@@ -368,6 +372,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         max_hello_frame_bytes=args.max_hello_frame_bytes,
         max_monitor_connections=args.max_monitor_connections,
         max_sync_bytes=args.max_sync_bytes,
+        sync_timeout=args.sync_timeout,
         command_timeout=args.command_timeout,
         snapshot=args.snapshot,
         snapshot_interval=args.snapshot_interval,

@@ -13,6 +13,11 @@ from typing import Any
 
 AUTH = "auth"
 UNAUTHORIZED = "unauthorized"
+# Until the key is proven a peer is a stranger: its first frame may be no larger than this,
+# and must arrive within AUTH_TIMEOUT seconds, so strangers cannot make a worker buffer a
+# large frame or hold its connections.
+MAX_AUTH_FRAME_BYTES = 4096
+AUTH_TIMEOUT = 10.0
 
 
 def auth_frame(api_key: str) -> dict[str, Any]:

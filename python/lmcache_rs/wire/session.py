@@ -35,7 +35,7 @@ import logging
 from typing import Any, Awaitable, Callable, Mapping, Union
 
 from ..log_limit import RateLimitedLog
-from .auth import AUTH, UNAUTHORIZED, auth_frame, check_first_frame
+from .auth import AUTH, AUTH_TIMEOUT, MAX_AUTH_FRAME_BYTES, UNAUTHORIZED, auth_frame, check_first_frame
 from .flow_control import FlowControl
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, encode_frame
 
@@ -113,7 +113,10 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.remote_error: tuple[str, str] | None = None  # (code, message) of an error frame received
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self.max_frame_bytes = max_frame_bytes
+        # a stranger's first frame is small (the auth frame); full-size frames once it is proven
+        self._decoder = FrameDecoder(max_frame_bytes if self.authenticated else min(max_frame_bytes, MAX_AUTH_FRAME_BYTES))
+        self._auth_timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, str]] = {}
         self._slots = asyncio.Semaphore(max_pending)
@@ -130,8 +133,14 @@ class Session(asyncio.Protocol):
         if not self.name:
             peer = transport.get_extra_info("peername")
             self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "session"
+        if not self.authenticated:
+            self._auth_timer = asyncio.get_running_loop().call_later(AUTH_TIMEOUT, self._auth_expired)
         if self.on_open is not None:
             self.on_open(self)
+
+    def _auth_expired(self) -> None:
+        if not self.authenticated and not self._closing:
+            self._reject(UNAUTHORIZED, f"no auth frame within {AUTH_TIMEOUT:g} s")
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -152,6 +161,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closing = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
         pending, self._pending = self._pending, {}
         reason = "connection closed"
         if self.remote_error is not None:
@@ -245,6 +257,10 @@ class Session(asyncio.Protocol):
         if self._closed is not None:
             await asyncio.shield(self._closed)
 
+    def refuse(self, code: str, message: str) -> None:
+        """Send an error frame and close (a server turning a connection away)."""
+        self._reject(code, message)
+
     def _reject(self, code: str, message: str) -> None:
         """Answer a bad frame with an error frame and close (docs/protocol.md, Framing)."""
         log_refusal("session %s: rejecting frame: %s: %s", self.name, code, message)
@@ -259,6 +275,10 @@ class Session(asyncio.Protocol):
             if self.require_key is None or not check_first_frame(message, self.require_key):
                 raise FrameError(UNAUTHORIZED, "the first frame must be auth with the API key")
             self.authenticated = True
+            self._decoder.max_frame_bytes = self.max_frame_bytes
+            if self._auth_timer is not None:
+                self._auth_timer.cancel()
+                self._auth_timer = None
             return
         if kind == AUTH:
             return  # a key this side does not ask for

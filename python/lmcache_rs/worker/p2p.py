@@ -24,7 +24,7 @@ from typing import Any, Optional
 import msgpack
 import xxhash
 
-from lmcache_rs.wire.auth import AUTH, UNAUTHORIZED, auth_frame, check_first_frame
+from lmcache_rs.wire.auth import AUTH, AUTH_TIMEOUT, MAX_AUTH_FRAME_BYTES, UNAUTHORIZED, auth_frame, check_first_frame
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
 from ..log_limit import RateLimitedLog
@@ -190,12 +190,15 @@ class P2PServer:
         conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        framed = FramedSocket(conn, self.max_frame_bytes, frame_timeout=self.io_timeout)
         authenticated = self.api_key is None
+        # a stranger's first frame is small (the auth frame) and comes soon; full size once proven
+        framed = FramedSocket(conn, self.max_frame_bytes if authenticated else min(self.max_frame_bytes, MAX_AUTH_FRAME_BYTES),
+                              frame_timeout=self.io_timeout)
         try:
             while not self._closing:
                 try:
-                    message = framed.read_frame(idle_timeout=self.idle_timeout)
+                    message = framed.read_frame(
+                        idle_timeout=self.idle_timeout if authenticated else min(self.idle_timeout, AUTH_TIMEOUT))
                     if message is None:
                         return
                     conn.settimeout(self.io_timeout)  # for our sends: a peer that stops reading is cut
@@ -204,6 +207,7 @@ class P2PServer:
                         if not check_first_frame(message, self.api_key):
                             raise FrameError(UNAUTHORIZED, "the first frame must be auth with the API key")
                         authenticated = True
+                        framed.max_frame_bytes = self.max_frame_bytes
                         continue
                     if message["t"] == AUTH:
                         continue  # a key this worker does not ask for

@@ -31,6 +31,9 @@ from .commands import command_handlers
 from .reporter import Reporter
 from .store import KVStore
 
+# Command connections a worker keeps open at once (the controller needs one); more are refused.
+MAX_COMMAND_CONNECTIONS = 64
+
 log = logging.getLogger("lmcache_rs.worker")
 
 
@@ -239,7 +242,7 @@ class KVWorker:
                     port,
                     handlers,
                     max_frame_bytes=config.max_frame_bytes,
-                    on_open=self._sessions.add,
+                    on_open=self._admit,
                     on_close=lambda session, exc: self._sessions.discard(session),
                     name="command",
                     require_key=config.controller_api_key,
@@ -266,6 +269,13 @@ class KVWorker:
             server.close()
             await self._close_sessions()
             await server.wait_closed()
+
+    def _admit(self, session: Session) -> None:
+        if len(self._sessions) >= MAX_COMMAND_CONNECTIONS:
+            session.refuse("too_many_connections", f"this worker takes at most {MAX_COMMAND_CONNECTIONS} command "
+                           "connections")
+            return
+        self._sessions.add(session)
 
     async def _close_sessions(self, timeout: float = 1.0) -> None:
         """Close the command connections, flushing their replies for up to ``timeout`` s; a
