@@ -52,9 +52,7 @@ def location_of(medium: str | None) -> str:
     return known
 
 
-def _location_of(medium: str | None) -> str:
-    if medium is None:
-        return DEFAULT_LOCATION
+def _location_of(medium: str) -> str:
     known = MEDIUM_LOCATIONS.get(medium.upper())
     if known is not None:
         return known

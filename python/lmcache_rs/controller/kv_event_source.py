@@ -62,7 +62,7 @@ class Publisher:
     """One engine's stream (one data-parallel rank): where it is, what it holds."""
 
     __slots__ = ("subscription", "topic", "rank", "instance_id", "engine", "record", "expected", "replaying",
-                 "held", "stale", "batches", "gaps", "replays", "restarts", "last_ts", "last_message", "checked",
+                 "held", "stale", "batches", "gaps", "replays", "restarts", "last_message", "checked",
                  "recent", "probing")
 
     def __init__(self, subscription: Subscription, topic: bytes, rank: int, instance_id: str, engine: EngineBlocks,
@@ -81,7 +81,6 @@ class Publisher:
         self.gaps = 0
         self.replays = 0
         self.restarts = 0
-        self.last_ts = 0.0
         self.last_message = time.monotonic()
         self.checked = False  # the replay socket was asked for a silent tail since the last message
         self.recent: dict[int, int] = {}  # seq -> payload digest of the last RECENT_SEQS applied
@@ -356,7 +355,6 @@ class KVEventSource:
         if len(recent) > RECENT_SEQS:
             del recent[next(iter(recent))]  # the oldest applied (dicts keep insertion order)
         pub.batches += 1
-        pub.last_ts = batch.ts
         self._write(ops)
         self.registry.touch(pub.record)
 

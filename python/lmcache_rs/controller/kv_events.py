@@ -130,7 +130,7 @@ class EventDecoder:
                             continue
                     elif type(kind) is str and kind in PREFIX_KINDS:
                         continue
-                    events = self._main_group(events)
+                    events = self._keep_main_group(events)
                     break
                 return Batch(fast.ts, events, fast.dp_rank or 0, hash(payload))
         try:
@@ -162,7 +162,7 @@ class EventDecoder:
                 out.append(decoded)
         return Batch(float(ts), out, rank, hash(payload))
 
-    def _main_group(self, events: list) -> list:
+    def _keep_main_group(self, events: list) -> list:
         """The events of the main attention group; the others counted, as the tolerant path does."""
         out = []
         for event in events:
@@ -230,14 +230,14 @@ class EventDecoder:
 def _prefix_group(f: dict) -> bool:
     """Events of the main full-attention group: by ``kv_cache_spec_kind`` (vLLM 0.22 on), else
     ``group_idx`` 0 (older hybrid streams), else every event (single-group models)."""
-    return _main_group(f.get("kv_cache_spec_kind"), f.get("group_idx"))
+    return _is_main_group(f.get("kv_cache_spec_kind"), f.get("group_idx"))
 
 
 def _prefix_group_of(event: Stored | Removed) -> bool:
-    return _main_group(getattr(event, "kv_cache_spec_kind", None), event.group_idx)
+    return _is_main_group(getattr(event, "kv_cache_spec_kind", None), event.group_idx)
 
 
-def _main_group(kind: Any, group: Any) -> bool:
+def _is_main_group(kind: Any, group: Any) -> bool:
     if kind is not None:
         return type(kind) is str and kind in PREFIX_KINDS  # (an unhashable kind must not raise)
     return group is None or group == 0
