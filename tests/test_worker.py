@@ -318,3 +318,54 @@ def test_synthetic_kv_is_deterministic_and_prefix_stable():
 def test_a_worker_id_outside_the_world_size_is_refused():
     with pytest.raises(ValueError, match="worker_id 2 is not a rank of world_size 2"):
         KVWorker(config_from_dict({"chunk_size": CS, "world_size": 2}), worker_id=2)
+
+
+def test_store_from_a_chunk_boundary_takes_only_the_new_tokens():
+    w = KVWorker(make_config())
+    try:
+        tokens = list(range(300, 314))  # chunks [0,4) [4,8) [8,12) [12,14)
+        kv = random_kv(14)
+        assert w.store(tokens[:8], kv[:, :, :8]) == 8
+        assert w.store(tokens, kv[:, :, 8:], start=8) == 14  # the engine's newly computed tokens
+        matched, out = w.retrieve(tokens)
+        assert matched == 14 and torch.equal(out, kv)
+        # chunks after a prefix the store lacks are kept but count for nothing
+        other = list(range(700, 710))
+        assert w.store(other, random_kv(2), start=8) == 0
+        assert w.lookup(other) == 0 and w.kvstore.holds(w.chunk_keys(other)[2])
+        for start, message in ((3, "multiple of chunk_size"), (16, "within the 14 tokens"), (-4, "multiple")):
+            with pytest.raises(ValueError, match=message):
+                w.store(tokens, kv[:, :, :1], start=start)
+        with pytest.raises(ValueError, match="shape"):
+            w.store(tokens, kv, start=8)  # kv must cover tokens[start:] exactly
+        w.kvstore.check()
+    finally:
+        w.close()
+
+
+def test_held_chunks_survive_eviction_until_every_hold_is_released():
+    w = KVWorker(make_config(slots=4))
+    try:
+        keep = list(range(8))  # 2 chunks
+        w.store(keep, random_kv(8))
+        matched, keys = w.kvstore.hold(keep + [99])  # the stored prefix, and its chunks held
+        assert matched == 8 and keys == w.chunk_keys(keep)
+        assert w.kvstore.hold(keep)[0] == 8  # a second hold
+        w.kvstore.check()
+        for p in range(4):  # 8 chunks through a 4-slot pool: only the 2 free slots turn over
+            w.store([1000 + p * 10 + i for i in range(8)], random_kv(8, seed=p))
+        assert w.lookup(keep) == 8
+        w.kvstore.release(keys)
+        w.store([5000 + i for i in range(8)], random_kv(8))
+        assert w.lookup(keep) == 8  # still held once
+        assert w.pin(keep) == 2 and w.unpin(keep) == 2  # an unpin does not end a hold
+        w.store([6000 + i for i in range(8)], random_kv(8))
+        assert w.lookup(keep) == 8
+        w.kvstore.release(keys)
+        w.kvstore.check()
+        w.store([7000 + i for i in range(16)], random_kv(16))
+        assert w.lookup(keep) == 0  # released: evictable again
+        assert w.kvstore.hold(list(range(50, 60))) == (0, [])
+        w.kvstore.check()
+    finally:
+        w.close()

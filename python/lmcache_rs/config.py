@@ -90,6 +90,10 @@ class LMCacheConfig:
     controller_api_key: Optional[str] = None
     """Sent in hello when set; must match the controller's. $LMCACHE_API_KEY (the variable the
     controller reads) sets it too, unless $LMCACHE_CONTROLLER_API_KEY is given."""
+    controller_lookup_url: Optional[str] = None
+    """http://host:port of the controller's HTTP API (lmcache_controller --port). The vLLM
+    connector asks its /lookup which other instance holds a longer prefix, and fetches it
+    from that instance over P2P; None: no cross-instance reuse."""
     lmcache_worker_host: str = "localhost"
     """Host the command server binds to and that the worker announces to the controller."""
     heartbeat_interval: float = 1.0
@@ -173,6 +177,8 @@ class LMCacheConfig:
             )
         if self.enable_controller:
             self.controller_address()
+        if self.controller_lookup_url is not None:
+            _parse_hostport("controller_lookup_url", self.controller_lookup_url)
         for key in ("lmcache_worker_ports", "p2p_init_ports"):
             _check_ports(key, getattr(self, key))
         if self.local_disk is not None and not self.disk_path:
@@ -206,7 +212,7 @@ def _kinds() -> dict[str, str]:
             continue
         if f.name in ("lmcache_worker_ports", "p2p_init_ports"):
             kinds[f.name] = "ports"
-        elif f.name in ("controller_pull_url", "p2p_host", "local_disk", "controller_api_key"):
+        elif f.name in ("controller_pull_url", "controller_lookup_url", "p2p_host", "local_disk", "controller_api_key"):
             kinds[f.name] = "optstr"
         else:
             kinds[f.name] = {bool: "bool", int: "int", float: "float", str: "str"}[type(f.default)]

@@ -98,6 +98,7 @@ class KVStore:
         self.report_cpu = config.local_cpu
         self._lock = threading.RLock()
         self._pinned: set[int] = set()
+        self._held: dict[int, int] = {}  # key -> holds (hold/release): kept from eviction like a pin
         self._events: list[tuple[str, str, list[int]]] = []
         self._reporting = False
         self._waker: Optional[Callable[[], None]] = None
@@ -198,27 +199,36 @@ class KVStore:
         return held
 
     # -- store ----------------------------------------------------------------------------------
-    def store(self, tokens: Any, kv: torch.Tensor) -> int:
+    def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
         """Store the KV cache of ``tokens``; returns how many leading tokens are now stored.
 
-        ``kv``: ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``, CPU or CUDA, any
-        floating dtype whose element is no wider than ``kv_dtype``'s. Chunks already held are
-        kept; new ones go into the CPU pool, evicting least recently used unpinned chunks.
-        When the pool cannot take more, only a prefix is stored (the return value says how
-        much). Raises ValueError on a tensor of the wrong shape or dtype.
+        ``kv``: ``[num_layers, 2, len(tokens) - start, num_kv_heads, head_dim]``, CPU or CUDA,
+        any floating dtype whose element is no wider than ``kv_dtype``'s. ``start`` (a multiple
+        of ``chunk_size``, default 0) lets an engine store only the chunks it just computed:
+        ``kv`` then holds tokens ``start..`` and the chunks before are left as they are. Chunks
+        already held are kept; new ones go into the CPU pool, evicting least recently used
+        unpinned chunks. When the pool cannot take more, only part is stored. The return value
+        counts the leading tokens of ``tokens`` held after the call. Raises ValueError on a
+        tensor of the wrong shape or dtype, or a ``start`` that is not a chunk boundary within
+        the tokens.
         """
         tokens = token_list(tokens)
-        self._check_kv(kv, len(tokens))
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start % self.chunk_size \
+                or start > len(tokens):
+            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size} within the "
+                             f"{len(tokens)} tokens, got {start!r}")
+        self._check_kv(kv, len(tokens) - start)
         if not tokens:
             return 0
         keys = self.chunk_keys(tokens)
         bounds = self._bounds(len(tokens))
+        first = start // self.chunk_size
         reserved: list[tuple[int, int, int]] = []  # (chunk index, key, slot)
         evicted: list[int] = []
-        stored_chunks = len(keys)
         with self._lock:
             protect = set(keys)
-            for i, key in enumerate(keys):
+            for i in range(first, len(keys)):
+                key = keys[i]
                 if key in self.cpu.entries:
                     self.cpu.touch(key)
                     if self.disk is not None:
@@ -226,16 +236,15 @@ class KVStore:
                     continue
                 slot = self.cpu.reserve(protect, evicted)
                 if slot is None:
-                    stored_chunks = i
                     break
                 reserved.append((i, key, slot))
             self._after_cpu_evictions(evicted)
         try:
             spans = []
             for i, _key, slot in reserved:
-                start, end = bounds[i]
-                view = self.cpu.slot_tensor(slot, self.chunk_nbytes(end - start, kv.dtype), kv.dtype, self.chunk_shape(end - start))
-                spans.append((start, end, view))
+                begin, end = bounds[i]
+                view = self.cpu.slot_tensor(slot, self.chunk_nbytes(end - begin, kv.dtype), kv.dtype, self.chunk_shape(end - begin))
+                spans.append((begin - start, end - start, view))
             self._copier.gather(kv, spans)
         except BaseException:
             with self._lock:
@@ -248,13 +257,13 @@ class KVStore:
                 if key in self.cpu.entries:  # stored meanwhile by another thread
                     self.cpu.release(slot)
                     continue
-                start, end = bounds[i]
-                chunk = CpuChunk(key, end - start, kv.dtype, self.chunk_nbytes(end - start, kv.dtype), slot=slot)
-                self.cpu.commit(chunk, key in self._pinned)
+                begin, end = bounds[i]
+                chunk = CpuChunk(key, end - begin, kv.dtype, self.chunk_nbytes(end - begin, kv.dtype), slot=slot)
+                self.cpu.commit(chunk, self._kept(key))
                 admitted.append(key)
             self._emit("admit", CPU, admitted)
             self._write_behind(admitted)
-        return bounds[stored_chunks - 1][1] if stored_chunks else 0
+            return self._stored_prefix(keys, bounds)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         if not isinstance(kv, torch.Tensor):
@@ -345,7 +354,7 @@ class KVStore:
                         os.unlink(disk.path_of(key))
                 return
             disk.commit(
-                DiskChunk(key, chunk.ntokens, dtype_name(chunk.dtype), chunk.nbytes, checksum), key in self._pinned
+                DiskChunk(key, chunk.ntokens, dtype_name(chunk.dtype), chunk.nbytes, checksum), self._kept(key)
             )
             self._emit("evict", DISK, evicted)
             self._forget_pins(evicted)
@@ -493,7 +502,7 @@ class KVStore:
                 if chunk.blob is None and chunk.dtype == dtype:
                     return self.cpu.slot_tensor(chunk.slot, chunk.nbytes, dtype, shape).clone()
                 return torch.frombuffer(bytearray(memory), dtype=torch.uint8).view(dtype).view(shape)
-            self.cpu.commit(CpuChunk(meta.key, meta.ntokens, dtype, meta.nbytes, slot=slot), meta.key in self._pinned)
+            self.cpu.commit(CpuChunk(meta.key, meta.ntokens, dtype, meta.nbytes, slot=slot), self._kept(meta.key))
             self._emit("admit", CPU, [meta.key])
             # read under a reader count so the slot cannot be reused before the copy out
             tensor = self.cpu.slot_tensor(slot, meta.nbytes, dtype, shape).clone()
@@ -525,14 +534,48 @@ class KVStore:
         if not tokens:
             return 0
         keys = self.chunk_keys(tokens)
-        matched = 0
         with self._lock:
-            for key, (_start, end) in zip(keys, self._bounds(len(tokens))):
-                if key in self.cpu.entries or (self.disk is not None and key in self.disk.entries):
-                    matched = end
-                else:
-                    break
+            return self._stored_prefix(keys, self._bounds(len(tokens)))
+
+    def _stored_prefix(self, keys: list[int], bounds: list[tuple[int, int]]) -> int:
+        """Tokens of the leading chunks held at any location (lock held)."""
+        matched = 0
+        for key, (_start, end) in zip(keys, bounds):
+            if key in self.cpu.entries or (self.disk is not None and key in self.disk.entries):
+                matched = end
+            else:
+                break
         return matched
+
+    # -- holds: chunks an engine is about to load ----------------------------------------------
+    def hold(self, tokens: Any) -> tuple[int, list[int]]:
+        """The longest stored prefix of ``tokens`` (as ``lookup``) and its chunk keys, which
+        are kept from eviction to make room until ``release(keys)``: an engine that promised
+        to load them finds them. Holds count (two holds need two releases); ``clear`` and
+        ``evict`` still remove held chunks."""
+        tokens = token_list(tokens)
+        if not tokens:
+            return 0, []
+        keys = self.chunk_keys(tokens)
+        with self._lock:
+            matched = self._stored_prefix(keys, self._bounds(len(tokens)))
+            taken = keys[: -(-matched // self.chunk_size)] if matched else []
+            for key in taken:
+                self._held[key] = self._held.get(key, 0) + 1
+                self._set_pinned(key, True)
+        return matched, taken
+
+    def release(self, keys: list[int]) -> None:
+        """End one hold on each of ``keys`` (from ``hold``)."""
+        with self._lock:
+            for key in keys:
+                count = self._held.get(key, 0) - 1
+                if count > 0:
+                    self._held[key] = count
+                    continue
+                self._held.pop(key, None)
+                if key not in self._pinned:
+                    self._set_pinned(key, False)
 
     def holds(self, key: int, location: Optional[str] = None) -> bool:
         with self._lock:
@@ -568,7 +611,7 @@ class KVStore:
                 if key not in self._pinned or not self.holds(key, location):
                     continue
                 self._pinned.discard(key)
-                self._set_pinned(key, False)
+                self._set_pinned(key, key in self._held)
                 count += 1
         return count
 
@@ -579,6 +622,10 @@ class KVStore:
 
     def is_pinned(self, key: int) -> bool:
         return key in self._pinned
+
+    def _kept(self, key: int) -> bool:
+        """Whether a chunk is out of the LRU order: pinned or held (lock held)."""
+        return key in self._pinned or key in self._held
 
     def _forget_pins(self, keys: list[int]) -> None:
         for key in keys:
@@ -807,7 +854,7 @@ class KVStore:
                 if key in self.cpu.entries:
                     self.cpu.release(slot)
                     continue
-                self.cpu.commit(CpuChunk(key, ntokens, dtype, self.chunk_nbytes(ntokens, dtype), slot=slot), key in self._pinned)
+                self.cpu.commit(CpuChunk(key, ntokens, dtype, self.chunk_nbytes(ntokens, dtype), slot=slot), self._kept(key))
                 admitted.append(key)
             self._emit("admit", CPU, admitted)
             self._write_behind(admitted)
@@ -856,6 +903,9 @@ class KVStore:
         with self._lock:
             self.cpu.check()
             assert self._pinned <= (set(self.cpu.entries) | (set(self.disk.entries) if self.disk else set()))
+            for tier in (self.cpu, self.disk):
+                if tier is not None:  # the LRU order is exactly the chunks neither pinned nor held
+                    assert set(tier.lru) == {k for k in tier.entries if not self._kept(k)}
 
 
 def _safe_name(name: str) -> str:

@@ -83,8 +83,8 @@ class KVWorker:
                 raise
 
     # -- the library API: the store's --------------------------------------------------------
-    def store(self, tokens: Any, kv: torch.Tensor) -> int:
-        return self.kvstore.store(tokens, kv)
+    def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
+        return self.kvstore.store(tokens, kv, start)
 
     def retrieve(self, tokens: Any, device: str | torch.device | None = None,
                  out: Optional[torch.Tensor] = None) -> tuple[int, torch.Tensor]:

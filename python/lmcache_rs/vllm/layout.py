@@ -1,0 +1,135 @@
+"""Where each token's K and V sit in vLLM's paged KV cache, and copies between it and the
+store's ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` tensors.
+
+vLLM hands a connector one tensor per attention layer; how a block is laid out depends on the
+attention backend. One description covers them all: per layer, K and V as two strided views
+of shape ``[num_blocks, block_size, num_kv_heads, head_dim]`` over the layer's storage, so
+``view[block, offset, head, dim]`` is that element wherever the backend puts it. Copies index
+those views with (block, offset) pairs; nothing else knows a backend.
+
+Layouts (``kind``):
+
+* ``cpu``: vLLM's CPU attention, ``[num_blocks, H, N, 2D]``. Per block and head the first
+  ``N*D`` values are K transposed (``K[n][d]`` at ``d*N + n``), then V row-major
+  (``V[n][d]`` at ``N*D + n*D + d``): the shape's last dimension does not split into K and V.
+* ``kv_first``: ``[2, num_blocks, N, H, D]`` (FlashAttention, Triton and most CUDA backends).
+* ``blocks_first``: ``[num_blocks, 2, N, H, D]`` (FlashInfer).
+
+The NHD/HND choice of CUDA backends only changes strides, which the views keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+KINDS = ("cpu", "kv_first", "blocks_first")
+
+
+class UnsupportedLayout(ValueError):
+    """A layer tensor that none of the known layouts describes (e.g. MLA's latent cache)."""
+
+
+@dataclass(frozen=True)
+class LayerViews:
+    """K and V of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def detect_kind(tensor: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int,
+                hint: Optional[str] = None) -> str:
+    """The layout of one layer tensor, from its shape and device; ``hint`` (one of KINDS)
+    settles a shape that fits two layouts (two blocks in all). Raises UnsupportedLayout."""
+    shape = tuple(tensor.shape)
+    fits = []
+    if tensor.dim() == 4 and tensor.device.type == "cpu" and shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
+        fits.append("cpu")
+    if tensor.dim() == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
+        fits.append("kv_first")
+    if tensor.dim() == 5 and shape[1] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
+        fits.append("blocks_first")
+    if hint in fits:
+        return hint
+    if len(fits) >= 1:
+        return fits[0]
+    raise UnsupportedLayout(
+        f"KV-cache layer of shape {list(shape)} on {tensor.device} is none of the known paged layouts "
+        f"for block_size={block_size}, num_kv_heads={num_kv_heads}, head_dim={head_dim} "
+        "(cpu [blocks, H, N, 2D], kv_first [2, blocks, N, H, D], blocks_first [blocks, 2, N, H, D])"
+    )
+
+
+def layer_views(tensor: torch.Tensor, kind: str) -> LayerViews:
+    """K and V views of one layer tensor of layout ``kind``."""
+    if kind == "kv_first":
+        return LayerViews(tensor[0], tensor[1])
+    if kind == "blocks_first":
+        return LayerViews(tensor[:, 0], tensor[:, 1])
+    if kind != "cpu":
+        raise ValueError(f"unknown layout kind {kind!r}; known: {', '.join(KINDS)}")
+    num_blocks, heads, n, two_d = tensor.shape
+    d = two_d // 2
+    block_stride, head_stride = tensor.stride(0), tensor.stride(1)
+    if tensor.stride(1) != n * two_d or tensor.stride(2) != two_d or tensor.stride(3) != 1:
+        raise UnsupportedLayout(f"cpu KV-cache layer with strides {tensor.stride()} is not packed per block and head")
+    base = tensor.storage_offset()
+    shape = (num_blocks, n, heads, d)
+    key = torch.as_strided(tensor, shape, (block_stride, 1, head_stride, n), base)
+    value = torch.as_strided(tensor, shape, (block_stride, d, head_stride, 1), base + n * d)
+    return LayerViews(key, value)
+
+
+def slot_indices(block_ids: Sequence[int], block_size: int, start: int, end: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset) index tensors of tokens ``start..end`` of a request whose KV lives in
+    ``block_ids`` (its blocks in token order)."""
+    positions = torch.arange(start, end, dtype=torch.long)
+    table = torch.as_tensor(list(block_ids), dtype=torch.long)
+    blocks = table[positions // block_size]
+    offsets = positions % block_size
+    return blocks.to(device), offsets.to(device)
+
+
+def gather(layers: Sequence[LayerViews], blocks: torch.Tensor, offsets: torch.Tensor,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The KV of the tokens at (blocks, offsets) as ``[num_layers, 2, T, H, D]`` (into ``out``
+    when given), on the cache's device."""
+    first = layers[0].key
+    shape = (len(layers), 2, blocks.numel(), first.shape[2], first.shape[3])
+    if out is None:
+        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    for i, views in enumerate(layers):
+        out[i, 0] = views.key[blocks, offsets]
+        out[i, 1] = views.value[blocks, offsets]
+    return out
+
+
+def scatter(layers: Sequence[LayerViews], blocks: torch.Tensor, offsets: torch.Tensor, kv: torch.Tensor) -> None:
+    """Write ``kv`` (``[num_layers, 2, T, H, D]``, any device) into the tokens at (blocks, offsets)."""
+    device = layers[0].key.device
+    if kv.device != device:
+        kv = kv.to(device, non_blocking=True)
+    for i, views in enumerate(layers):
+        views.key[blocks, offsets] = kv[i, 0].to(views.key.dtype)
+        views.value[blocks, offsets] = kv[i, 1].to(views.value.dtype)
+
+
+def describe(kv_caches: Mapping[str, torch.Tensor], block_size: int, num_kv_heads: int, head_dim: int,
+             hint: Optional[str] = None) -> tuple[str, list[str], list[LayerViews]]:
+    """The layout kind, the layer names in order and their views. Every layer must share one
+    kind, dtype and device. Raises UnsupportedLayout."""
+    if not kv_caches:
+        raise UnsupportedLayout("vLLM registered no KV-cache layers")
+    names = list(kv_caches)
+    kinds = {detect_kind(kv_caches[name], block_size, num_kv_heads, head_dim, hint) for name in names}
+    if len(kinds) != 1:
+        raise UnsupportedLayout(f"KV-cache layers of different layouts: {sorted(kinds)}")
+    (kind,) = kinds
+    tensors = [kv_caches[name] for name in names]
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        raise UnsupportedLayout("KV-cache layers of different dtypes or devices")
+    return kind, names, [layer_views(t, kind) for t in tensors]

@@ -1,0 +1,111 @@
+"""The paged-KV layouts of the vLLM connector (lmcache_rs.vllm.layout), without vLLM: each
+layout is built here from its definition, element by element, and gather/scatter must move
+exactly the (token, head, dim) elements the definition says, for random block tables."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache_rs.vllm import layout
+
+NB, N, H, D, L = 6, 4, 2, 3, 2
+
+
+def reference_kv(num_tokens: int, seed: int) -> torch.Tensor:
+    """Distinct values for every (layer, k/v, token, head, dim)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((L, 2, num_tokens, H, D), generator=g)
+
+
+def place(kind: str, kv: torch.Tensor, blocks: list[int], offsets: list[int]) -> list[torch.Tensor]:
+    """Layer tensors of layout ``kind`` holding ``kv``'s tokens at (blocks, offsets), written
+    one element at a time from the layout's definition (zeros elsewhere)."""
+    layers = []
+    for layer in range(L):
+        if kind == "cpu":
+            t = torch.zeros((NB, H, N, 2 * D))
+            flat = t.view(NB, H, 2 * N * D)
+        elif kind == "kv_first":
+            t = torch.zeros((2, NB, N, H, D))
+        else:
+            t = torch.zeros((NB, 2, N, H, D))
+        for i, (b, n) in enumerate(zip(blocks, offsets)):
+            for h in range(H):
+                for d in range(D):
+                    k, v = kv[layer, 0, i, h, d], kv[layer, 1, i, h, d]
+                    if kind == "cpu":
+                        flat[b, h, d * N + n] = k  # K transposed: [D][N]
+                        flat[b, h, N * D + n * D + d] = v  # V row-major after it
+                    elif kind == "kv_first":
+                        t[0, b, n, h, d], t[1, b, n, h, d] = k, v
+                    else:
+                        t[b, 0, n, h, d], t[b, 1, n, h, d] = k, v
+        layers.append(t)
+    return layers
+
+
+@pytest.mark.parametrize("kind", layout.KINDS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_gather_and_scatter_follow_the_layout_definition(kind, data):
+    num_tokens = data.draw(st.integers(1, NB * N))
+    table = data.draw(st.permutations(range(NB)))
+    start = data.draw(st.integers(0, num_tokens - 1))
+    blocks_list = [table[p // N] for p in range(start, num_tokens)]
+    offsets_list = [p % N for p in range(start, num_tokens)]
+    kv = reference_kv(num_tokens - start, data.draw(st.integers(0, 2**16)))
+    tensors = place(kind, kv, blocks_list, offsets_list)
+    names = {f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(tensors)}
+    got_kind, got_names, views = layout.describe(names, N, H, D, hint=kind)
+    assert got_kind == kind and got_names == list(names)
+    blocks, offsets = layout.slot_indices(table, N, start, num_tokens, torch.device("cpu"))
+    assert blocks.tolist() == blocks_list and offsets.tolist() == offsets_list
+    assert torch.equal(layout.gather(views, blocks, offsets), kv)
+    # scatter into empty caches of the same layout gives back the element-wise placement
+    empty = {name: torch.zeros_like(t) for name, t in names.items()}
+    _, _, empty_views = layout.describe(empty, N, H, D, hint=kind)
+    layout.scatter(empty_views, blocks, offsets, kv)
+    for name, t in names.items():
+        assert torch.equal(empty[name], t), name
+
+
+def test_scatter_touches_only_the_given_tokens():
+    tensors = {"l0": torch.full((NB, H, N, 2 * D), 7.0), "l1": torch.full((NB, H, N, 2 * D), 7.0)}
+    _, _, views = layout.describe(tensors, N, H, D)
+    blocks, offsets = layout.slot_indices([3, 1], N, 2, 5, torch.device("cpu"))  # block 3 off 2,3; block 1 off 0
+    layout.scatter(views, blocks, offsets, torch.zeros((2, 2, 3, H, D)))
+    changed = sum(int((t != 7.0).sum()) for t in tensors.values())
+    assert changed == 2 * 2 * 3 * H * D  # layers x (k, v) x tokens x heads x dims, nothing else
+
+
+def test_shapes_that_fit_no_layout_are_refused_with_the_shape_named():
+    with pytest.raises(layout.UnsupportedLayout, match=r"\[6, 4, 64\]"):
+        layout.describe({"mla": torch.zeros((6, 4, 64))}, N, H, D)
+    with pytest.raises(layout.UnsupportedLayout, match="no KV-cache layers"):
+        layout.describe({}, N, H, D)
+    mixed = {"a": torch.zeros((NB, H, N, 2 * D)), "b": torch.zeros((2, NB, N, H, D))}
+    with pytest.raises(layout.UnsupportedLayout, match="different layouts"):
+        layout.describe(mixed, N, H, D)
+
+
+def test_two_block_caches_follow_the_hint():
+    t = torch.zeros((2, 2, N, H, D))
+    assert layout.detect_kind(t, N, H, D) == "kv_first"
+    assert layout.detect_kind(t, N, H, D, hint="blocks_first") == "blocks_first"
+
+
+def test_views_share_storage_with_a_cache_that_is_a_view_into_a_larger_buffer():
+    # vLLM's CPU backend gives each layer a view into one buffer; layer 1 starts mid-buffer
+    buffer = torch.zeros(2 * NB * H * N * 2 * D)
+    layer1 = buffer[NB * H * N * 2 * D:].view(NB, H, N, 2 * D)
+    kv = reference_kv(3, seed=random.randrange(1000))[:1]
+    views = [layout.layer_views(layer1, "cpu")]
+    blocks, offsets = layout.slot_indices([5], N, 0, 3, torch.device("cpu"))
+    layout.scatter(views, blocks, offsets, kv)
+    assert torch.equal(buffer[: NB * H * N * 2 * D], torch.zeros(NB * H * N * 2 * D))
+    assert torch.equal(layout.gather(views, blocks, offsets), kv)

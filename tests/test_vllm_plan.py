@@ -1,0 +1,100 @@
+"""The vLLM connector's scheduler-side plan (lmcache_rs.vllm.plan), without vLLM: random
+prompts, store hits and prefill schedules against a simple model of what must hold."""
+
+from __future__ import annotations
+
+import pickle
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache_rs.vllm.plan import Planner, StepPlan
+
+BLOCK = 4
+
+
+@st.composite
+def scenarios(draw):
+    chunk = draw(st.sampled_from([4, 8, 12]))
+    prompt_len = draw(st.integers(1, 60))
+    hit = draw(st.integers(0, prompt_len))
+    local = draw(st.integers(0, prompt_len - 1))
+    local -= local % BLOCK  # vLLM presents a block-aligned local hit
+    budgets = draw(st.lists(st.integers(1, 20), min_size=1, max_size=40))
+    return chunk, prompt_len, hit, local, budgets
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_loads_and_saves_cover_exactly_what_they_must(scenario):
+    chunk, prompt_len, hit, local, budgets = scenario
+    prompt = list(range(1000, 1000 + prompt_len))
+    planner = Planner(chunk)
+    ext = planner.matched("r", prompt, local, hit)
+    # a load never reaches the last prompt token and starts where vLLM's own cache ends
+    assert ext == max(0, min(hit, prompt_len - 1) - local)
+    planner.allocated("r", ext)
+    computed = local + ext
+    blocks = list(range(100, 100 + -(-prompt_len // BLOCK)))
+    saved = [False] * prompt_len
+    loads = []
+    first = True
+    for budget in budgets:
+        if computed >= prompt_len:
+            break
+        scheduled = min(budget, prompt_len - computed)
+        if first:
+            plan = planner.step([("r", prompt, blocks, computed, scheduled)], [])
+            first = False
+        else:
+            plan = planner.step([], [("r", None, False, computed, scheduled)])
+        plan = pickle.loads(pickle.dumps(plan))  # crosses to the workers by pickle
+        loads += plan.loads
+        for save in plan.saves:
+            assert save.start % chunk == 0  # chunk-aligned starts
+            assert save.tokens == prompt[: len(save.tokens)]
+            assert len(save.tokens) <= computed + scheduled  # only computed tokens
+            # a save ends on a chunk boundary or at the prompt's end
+            assert len(save.tokens) % chunk == 0 or len(save.tokens) == prompt_len
+            for p in range(save.start, len(save.tokens)):
+                saved[p] = True
+        computed += scheduled
+    if computed >= prompt_len:
+        # everything the store did not hold as whole chunks gets saved, by prefill's end
+        first_unheld = hit - hit % chunk if hit < prompt_len else prompt_len
+        assert all(saved[first_unheld:])
+    if ext:
+        (load,) = loads
+        assert (load.start, load.end) == (local, local + ext) and load.tokens == prompt[:hit]
+        assert load.block_ids == blocks
+    else:
+        assert loads == []
+
+
+def test_requests_that_load_nothing_or_leave_release_their_hold():
+    planner = Planner(8)
+    assert planner.matched("a", list(range(20)), 0, 16) == 16
+    planner.allocated("a", 0)  # vLLM chose not to load (e.g. no free blocks)
+    assert planner.matched("b", list(range(20)), 0, 16) == 16
+    planner.allocated("b", 16)
+    planner.finished("c")  # never seen: nothing to release
+    plan = planner.step([("b", list(range(20)), [1, 2, 3, 4, 5], 16, 4)], [])
+    assert plan.releases == ["a"] and [load.request_id for load in plan.loads] == ["b"]
+    planner.finished("b")
+    assert planner.step([], []).releases == ["b"]
+    assert not planner.step([], [])
+
+
+def test_resumed_requests_take_their_new_blocks():
+    planner = Planner(4)
+    prompt = list(range(12))
+    planner.matched("r", prompt, 0, 0)
+    planner.allocated("r", 0)
+    planner.step([("r", prompt, [7, 8], 0, 8)], [])
+    plan = planner.step([], [("r", [9, 10, 11], True, 8, 4)])  # preempted, resumed with new blocks
+    (save,) = plan.saves
+    assert save.block_ids == [9, 10, 11] and save.start == 8 and save.tokens == prompt
+
+
+def test_an_empty_plan_is_false():
+    assert not StepPlan()
