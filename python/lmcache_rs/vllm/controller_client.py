@@ -56,8 +56,10 @@ class ControllerClient:
                 self._connection.request("POST", path, data, headers)
                 response = self._connection.getresponse()
                 payload = response.read()
-                if response.status != 200:
-                    raise OSError(f"HTTP {response.status}: {payload[:200]!r}")
+                if response.status != 200:  # the controller is up and said no: no back-off
+                    self._failed("controller at %s:%d: POST %s answered %d: %r", self.host, self.port, path,
+                                 response.status, payload[:200])
+                    return None
                 answer = json.loads(payload)
                 if not isinstance(answer, dict):
                     raise ValueError("answer is not a JSON object")
@@ -68,8 +70,8 @@ class ControllerClient:
                                                         BrokenPipeError)):
                     self.failures += 1
                     self._quiet_until = self._clock() + self.backoff
-                    self._failed("controller at %s:%d: %s %s failed (%s); no remote hits for %.0f s",
-                                 self.host, self.port, "POST", path, exc, self.backoff)
+                    self._failed("controller at %s:%d: POST %s failed (%s); no remote hits for %.0f s",
+                                 self.host, self.port, path, exc, self.backoff)
                     return None
         return None
 
