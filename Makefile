@@ -7,7 +7,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 
 INTEROP ?= .venv-interop
 
-.PHONY: help install build demo test test-rust test-py test-interop interop-venv demo-lmcache test-interpreters lint bench fuzz soak clean
+.PHONY: help install build demo test test-rust test-py test-interop interop-venv demo-lmcache demo-vllm test-interpreters lint bench fuzz soak clean
 
 help:  ## list the entry points
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,9 @@ test-py:
 
 demo-lmcache: install interop-venv  ## the spec's flow with a real LMCache engine (CPU) reporting over LMCache's protocol
 	$(PY) tools/demo_lmcache.py
+
+demo-vllm: install interop-venv  ## the spec's flow on a real vLLM server (CPU) with lmcache_rs's KV connector
+	$(PY) tools/demo_vllm.py
 
 interop-venv:  ## build $(INTEROP): LMCache and vLLM on CPU (about 6 GB, once per machine)
 	tools/interop_venv.sh $(INTEROP)

@@ -43,6 +43,24 @@ def build_tiny_llama(path: Path) -> None:
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
 
 
+def build_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer for the tiny Llama (ids 0-255: the bytes; 256: ``<s>``, added in
+    front of every prompt; 257: ``</s>``), so the OpenAI server can take text prompts."""
+    if (path / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
 def main() -> int:
     config = json.loads(sys.argv[1])
     # vLLM and its engine process print to stdout: keep fd 1 for the replies, send the rest to stderr
