@@ -8,7 +8,8 @@ with prefix caching, ``block_size`` 32 (the CPU attention needs a multiple of 32
 
     python vllm_engine.py CONFIG_JSON
 
-CONFIG_JSON keys: ``model_dir``; ``num_blocks`` (16), ``max_model_len`` (256),
+CONFIG_JSON keys: ``model_dir`` (and ``model_shape``, LlamaConfig fields of a model built
+there instead of the tiny one); ``num_blocks`` (16), ``max_model_len`` (256),
 ``max_num_seqs`` (2), ``max_tokens`` (1 token generated per request); ``endpoint``,
 ``replay_endpoint``, ``topic`` (publish KV-cache events); ``kv_transfer_config`` (a KV
 connector). Commands on stdin, one JSON object a line, each answered by one JSON line on
@@ -30,17 +31,20 @@ import time
 from pathlib import Path
 
 
-def build_tiny_llama(path: Path) -> None:
+def build_tiny_llama(path: Path, shape: dict | None = None) -> None:
+    """A random Llama at ``path`` (kept when it exists): the tiny one, or with ``shape``'s
+    LlamaConfig fields instead (e.g. more layers and a longer context for benchmarks)."""
     if (path / "config.json").exists():
         return
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                      torch_dtype="float32", tie_word_embeddings=False)
+    fields = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                  torch_dtype="float32", tie_word_embeddings=False)
+    fields.update(shape or {})
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    LlamaForCausalLM(LlamaConfig(**fields)).save_pretrained(path, safe_serialization=True)
 
 
 def build_byte_tokenizer(path: Path) -> None:
@@ -74,7 +78,7 @@ def main() -> int:
                         ("OMP_NUM_THREADS", "1")):
         os.environ.setdefault(name, value)
     model = Path(config["model_dir"])
-    build_tiny_llama(model)
+    build_tiny_llama(model, config.get("model_shape"))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

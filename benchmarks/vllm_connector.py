@@ -1,0 +1,167 @@
+"""Time to first token on a real vLLM (CPU) with lmcache_rs's KV connector, beside recompute
+and vLLM's own CPU-offloading connectors, in one run.
+
+    .venv/bin/python benchmarks/vllm_connector.py [--quick] [--models tiny,prefill8]
+
+For each model and each connector, one engine (tools/vllm_engine.py, from .venv-interop) runs
+``--prompts`` distinct prompts of ``--prompt-tokens`` tokens, each twice: a *miss* (vLLM's
+prefix cache empty, the connector's store without the prompt: full prefill, plus the
+connector's lookup and save) and, after ``reset_prefix_cache``, a *repeat* (whatever the
+connector can serve is loaded instead of computed). Each request generates one token, so its
+time is the time to first token. A repeat that loaded tokens must give exactly the output of
+vLLM's own prefix cache for the prompt (``repeat_output_identical``). Medians are reported; the first request of each engine
+(a warm-up of its own, other tokens) is not counted.
+
+Models (random weights, built locally): ``tiny`` is the tests' 2-layer Llama (hidden 128);
+``prefill8`` makes prefill expensive: 8 layers, hidden 512, 8 heads, 2 KV heads, 4,096-token
+prompts. Connectors: ``none`` (recompute), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
+2 GB, chunk 256), and vLLM's ``OffloadingConnector`` and ``SimpleCPUOffloadConnector`` (a
+connector that fails to start on this CPU build is reported with its error).
+
+The connector's cost on a miss is ``miss(lmcache_rs) / miss(none) - 1``; the target is at
+most 5 %. Results: benchmarks/results/vllm_connector.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
+ENGINE = REPO / "tools" / "vllm_engine.py"
+RESULTS = REPO / "benchmarks" / "results" / "vllm_connector.json"
+
+MODELS = {
+    "tiny": {"shape": None, "prompt_tokens": 960, "max_model_len": 1024},
+    "prefill8": {"shape": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                           "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 8192},
+                 "prompt_tokens": 4096, "max_model_len": 4200},
+}
+CONNECTORS = {
+    "none": None,
+    "lmcache_rs": {"kv_connector": "LMCacheRsConnector", "kv_connector_module_path": "lmcache_rs.vllm",
+                   "kv_role": "kv_both"},
+    "OffloadingConnector": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                            "kv_connector_extra_config": {"cpu_bytes_to_use": 2 * 1024**3}},
+    "SimpleCPUOffloadConnector": {"kv_connector": "SimpleCPUOffloadConnector", "kv_role": "kv_both",
+                                  "kv_connector_extra_config": {"num_cpu_blocks": 1024}},
+}
+
+
+class Engine:
+    def __init__(self, workdir: Path, model: str, connector: str):
+        spec = MODELS[model]
+        config = {"model_dir": str(workdir / model), "model_shape": spec["shape"], "max_tokens": 1,
+                  "max_model_len": spec["max_model_len"], "num_blocks": 2 * spec["max_model_len"] // 32 + 8,
+                  "max_num_seqs": 1}
+        if CONNECTORS[connector] is not None:
+            config["kv_transfer_config"] = CONNECTORS[connector]
+        settings = workdir / "lmcache.yaml"
+        settings.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2\n"
+                            "lmcache_instance_id: bench\n")
+        env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "LMCACHE_CONFIG_FILE": str(settings)}
+        self.log_path = workdir / f"{model}-{connector}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, cwd=workdir, env=env)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.close()
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            cause = [ln for ln in lines if "failed with error" in ln] or [ln for ln in lines if "Error" in ln]
+            raise RuntimeError(cause[-1].split("] ")[-1].strip() if cause else f"engine exited {self.proc.returncode}")
+
+    def call(self, **cmd) -> dict:
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        try:
+            self.call(op="stop")
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]]) -> dict:
+    started = time.monotonic()
+    try:
+        engine = Engine(workdir, model, connector)
+    except RuntimeError as exc:
+        return {"error": str(exc)[:300]}
+    try:
+        engine.call(op="generate", tokens=[7] * 64)  # warm-up
+        miss, repeat, cached, same, same_tokens = [], [], [], True, True
+        for tokens in prompts:
+            engine.call(op="reset")
+            first = engine.call(op="generate", tokens=tokens)
+            # vLLM's own prefix cache: the output a load must reproduce exactly (the last prompt
+            # token computed alone can differ in the last float bits from a full prefill)
+            local = engine.call(op="generate", tokens=tokens)
+            engine.call(op="reset")
+            second = engine.call(op="generate", tokens=tokens)
+            miss.append(first["seconds"])
+            repeat.append(second["seconds"])
+            cached.append(second["cached"])
+            reference = local if second["cached"] else first
+            same &= second["tokens"] == reference["tokens"] and second["logprobs"] == reference["logprobs"]
+            same_tokens &= second["tokens"] == first["tokens"]
+        return {"miss_s": statistics.median(miss), "repeat_s": statistics.median(repeat),
+                "repeat_cached_tokens": statistics.median(cached), "repeat_output_identical": same,
+                "repeat_tokens_as_computed": same_tokens,
+                "miss_all_s": miss, "repeat_all_s": repeat, "engine_seconds": time.monotonic() - started}
+    finally:
+        engine.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,prefill8")
+    parser.add_argument("--connectors", default=",".join(CONNECTORS))
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 prompts, the tiny model only")
+    args = parser.parse_args()
+    models = ["tiny"] if args.quick else args.models.split(",")
+    count = 2 if args.quick else args.prompts
+    if not INTEROP_PY.exists():
+        print(f"{INTEROP_PY} is missing: make interop-venv", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.gettempdir()) / f"lmcache_rs-bench-vllm-{os.getuid()}"
+    workdir.mkdir(exist_ok=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                     "command": " ".join([Path(sys.executable).name, *sys.argv]), "models": {}}
+    for model in models:
+        rng = random.Random(5)
+        n = MODELS[model]["prompt_tokens"]
+        prompts = [[rng.randrange(3, 500) for _ in range(n)] for _ in range(count)]
+        per = results["models"][model] = {"prompt_tokens": n}
+        for connector in args.connectors.split(","):
+            per[connector] = run_one(workdir, model, connector, prompts)
+            print(model, connector, json.dumps({k: v for k, v in per[connector].items() if not k.endswith("all_s")}),
+                  flush=True)
+        if "miss_s" in per.get("none", {}) and "miss_s" in per.get("lmcache_rs", {}):
+            per["lmcache_rs_miss_overhead"] = per["lmcache_rs"]["miss_s"] / per["none"]["miss_s"] - 1
+            per["lmcache_rs_repeat_speedup"] = per["none"]["repeat_s"] / per["lmcache_rs"]["repeat_s"]
+            print(model, "overhead on a miss %+.1f%%, repeat %.1fx faster than recompute"
+                  % (100 * per["lmcache_rs_miss_overhead"], per["lmcache_rs_repeat_speedup"]), flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
