@@ -242,3 +242,18 @@ def test_server_rejects_malformed_requests(pair):
         assert xxhash.xxh3_64_intdigest(bytes(data)) == header["checksum"]
         end = framed.read_frame()
         assert end["t"] == "end" and list(unpack_u64s(end["missing"])) == [99]
+
+
+def test_a_peer_of_another_dtype_cannot_serve_chunks():
+    source = KVWorker(make_config(kv_dtype="bfloat16"))
+    sink = KVWorker(make_config(p2p=False))  # float16
+    try:
+        tokens = list(range(12))
+        source.store(tokens, synthetic_kv(tokens, **SHAPE, dtype=torch.bfloat16))
+        with pytest.raises(TransferError, match="bfloat16; this worker holds float16"):
+            sink.fetch(tokens, source_of(source))
+        assert sink.lookup(tokens) == 0 and len(sink.kvstore.cpu.entries) == 0
+        sink.kvstore.check()
+    finally:
+        source.close()
+        sink.close()

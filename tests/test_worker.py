@@ -47,14 +47,14 @@ def test_store_then_retrieve_is_bit_exact(worker):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dtypes_and_non_contiguous_input(worker, dtype):
+def test_dtypes_and_non_contiguous_input(dtype):
     tokens = list(range(9))
     base = random_kv(9, dtype).transpose(3, 4).contiguous().transpose(3, 4)  # strided view
     assert not base.is_contiguous()
-    worker.store(tokens, base)
-    _, out = worker.retrieve(tokens)
-    assert out.dtype == dtype and torch.equal(out, base)
-
+    with KVWorker(make_config(kv_dtype=str(dtype).replace("torch.", ""))) as worker:
+        worker.store(tokens, base)
+        _, out = worker.retrieve(tokens)
+        assert out.dtype == dtype and torch.equal(out, base)
 
 
 def test_retrieve_into_a_callers_buffer(worker):
@@ -79,12 +79,19 @@ def test_retrieve_into_a_callers_buffer(worker):
     assert matched == 0 and view.shape[2] == 0 and torch.all(out == 7.0)
 
 
-def test_retrieve_into_out_of_another_dtype_matches_nothing(worker):
+def test_a_store_holds_one_dtype_so_what_it_reports_is_what_it_returns(worker):
+    """A chunk's key says nothing of its dtype, so a store holds only its kv_dtype: every
+    chunk it reports to the controller can be retrieved into a buffer of that dtype."""
     tokens = list(range(3000, 3008))
-    worker.store(tokens, random_kv(len(tokens), dtype=torch.float16))
-    out = torch.zeros((2, 2, 8, 2, 8), dtype=torch.bfloat16)
-    matched, view = worker.retrieve(tokens, out=out)
-    assert matched == 0 and view.shape[2] == 0 and torch.all(out == 0)
+    with pytest.raises(ValueError, match="not the store's kv_dtype float16"):
+        worker.store(tokens, random_kv(len(tokens), dtype=torch.bfloat16))  # same width, other dtype
+    assert worker.lookup(tokens) == 0
+    kv = random_kv(len(tokens), dtype=torch.float16)
+    worker.store(tokens, kv)
+    with pytest.raises(ValueError, match="out dtype bfloat16"):
+        worker.retrieve(tokens, out=torch.zeros((2, 2, 8, 2, 8), dtype=torch.bfloat16))
+    out = torch.zeros((2, 2, 8, 2, 8), dtype=torch.float16)
+    assert worker.lookup(tokens) == 8 and worker.retrieve(tokens, out=out)[0] == 8 and torch.equal(out, kv)
 
 
 @pytest.mark.parametrize("shape,dtype,device,message", [
@@ -105,7 +112,7 @@ def test_retrieve_refuses_a_bad_out(worker, shape, dtype, device, message):
         worker.retrieve(tokens, out=[[0.0]])
     assert worker.retrieve(tokens)[0] == 8  # nothing held back by the refusal
 
-def test_float32_needs_a_wide_enough_pool(worker):
+def test_float32_needs_a_float32_store(worker):
     with pytest.raises(ValueError, match="kv_dtype"):
         worker.store([1, 2, 3], random_kv(3, torch.float32))
     w32 = KVWorker(make_config(kv_dtype="float32"))
@@ -113,9 +120,8 @@ def test_float32_needs_a_wide_enough_pool(worker):
         kv = random_kv(6, torch.float32)
         w32.store(list(range(6)), kv)
         assert torch.equal(w32.retrieve(list(range(6)))[1], kv)
-        half = random_kv(6, torch.float16, seed=3)  # narrower dtypes fit too
-        w32.store(list(range(50, 56)), half)
-        assert torch.equal(w32.retrieve(list(range(50, 56)))[1], half)
+        with pytest.raises(ValueError, match="kv_dtype float32"):  # narrower dtypes are not converted
+            w32.store(list(range(50, 56)), random_kv(6, torch.float16, seed=3))
     finally:
         w32.close()
 

@@ -28,7 +28,7 @@ from lmcache_rs.wire.auth import AUTH, AUTH_TIMEOUT, MAX_AUTH_FRAME_BYTES, UNAUT
 from lmcache_rs.wire.framing import FrameError, decode_body, encode_frame, pack_u64s, unpack_u64s
 
 from ..log_limit import RateLimitedLog
-from .store import ChunkExport, KVStore, dtype_from_name
+from .store import ChunkExport, KVStore, dtype_from_name, dtype_name
 
 log = logging.getLogger("lmcache_rs.worker.p2p")
 log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
@@ -357,6 +357,9 @@ def _receive(store: KVStore, framed: FramedSocket, want: list[int], ntokens_of: 
         if type(nbytes) is not int or type(checksum) is not int:
             raise TransferError("chunk frame without integer nbytes/checksum")
         dtype = dtype_from_name(message.get("dtype"))
+        if dtype != store.dtype:
+            raise TransferError(f"chunk {key:016x} is {message.get('dtype')}; this worker holds "
+                                f"{dtype_name(store.dtype)} (kv_dtype): a peer of another dtype cannot serve it")
         ntokens = ntokens_of[key]
         shape = list(store.chunk_shape(ntokens))
         if message.get("shape") != shape:

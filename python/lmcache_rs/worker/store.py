@@ -203,7 +203,7 @@ class KVStore:
         """Store the KV cache of ``tokens``; returns how many leading tokens are now stored.
 
         ``kv``: ``[num_layers, 2, len(tokens) - start, num_kv_heads, head_dim]``, CPU or CUDA,
-        any floating dtype whose element is no wider than ``kv_dtype``'s. ``start`` (a multiple
+        of the store's ``kv_dtype`` (one dtype per store, so a chunk's key says what it holds). ``start`` (a multiple
         of ``chunk_size``, default 0) lets an engine store only the chunks it just computed:
         ``kv`` then holds tokens ``start..`` and the chunks before are left as they are. Chunks
         already held are kept; new ones go into the CPU pool, evicting least recently used
@@ -275,10 +275,11 @@ class KVStore:
             )
         if not kv.dtype.is_floating_point:
             raise ValueError(f"kv must be a floating-point tensor, got {kv.dtype}")
-        if kv.dtype.itemsize > self.dtype.itemsize:
+        if kv.dtype != self.dtype:
+            # one dtype per store: what the controller is told is held is what retrieve returns
             raise ValueError(
-                f"kv dtype {dtype_name(kv.dtype)} is wider than the pool's kv_dtype {dtype_name(self.dtype)}; "
-                f"set kv_dtype: {dtype_name(kv.dtype)} in the config"
+                f"kv dtype {dtype_name(kv.dtype)} is not the store's kv_dtype {dtype_name(self.dtype)}; "
+                f"set kv_dtype: {dtype_name(kv.dtype)} in the config (a store holds one dtype)"
             )
 
     def _check_out(self, out: torch.Tensor, num_tokens: int, device: str | torch.device | None) -> None:
@@ -293,6 +294,8 @@ class KVStore:
             )
         if not out.dtype.is_floating_point:
             raise ValueError(f"out must be a floating-point tensor, got {out.dtype}")
+        if out.dtype != self.dtype:
+            raise ValueError(f"out dtype {dtype_name(out.dtype)} is not the store's kv_dtype {dtype_name(self.dtype)}")
         if device is not None and torch.device(device) != out.device:
             if not (torch.device(device).type == out.device.type and torch.device(device).index is None):
                 raise ValueError(f"device {device} differs from out's device {out.device}")
@@ -378,9 +381,8 @@ class KVStore:
 
         With ``out`` (shape ``[num_layers, 2, T, num_kv_heads, head_dim]``, ``T >= len(tokens)``,
         any device) the prefix is written into ``out[:, :, :matched_tokens]`` and that view is
-        returned; nothing is allocated, and only chunks of ``out``'s dtype match. Raises
-        ValueError for an ``out`` of another shape, a non-floating dtype, or a ``device`` other
-        than ``out``'s.
+        returned; nothing is allocated. Raises ValueError for an ``out`` of another shape or
+        dtype than the store's, or a ``device`` other than ``out``'s.
         """
         tokens = token_list(tokens)
         if out is not None:
@@ -511,7 +513,8 @@ class KVStore:
     def _fits_slot(self, meta: DiskChunk, dtype: torch.dtype) -> bool:
         """Whether a disk chunk's size matches its shape and fits a pool slot. An index
         written under a wider kv_dtype (or damaged) would otherwise overrun the next slot."""
-        return meta.nbytes == self.chunk_nbytes(meta.ntokens, dtype) and meta.nbytes <= self.slot_bytes
+        return dtype == self.dtype and meta.nbytes == self.chunk_nbytes(meta.ntokens, dtype) \
+            and meta.nbytes <= self.slot_bytes
 
     def drop_disk_chunk(self, meta: DiskChunk) -> None:
         """Drop a disk chunk found damaged, unless it was replaced meanwhile."""
