@@ -24,12 +24,15 @@ def reference_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 def place(kind: str, kv: torch.Tensor, blocks: list[int], offsets: list[int]) -> list[torch.Tensor]:
     """Layer tensors of layout ``kind`` holding ``kv``'s tokens at (blocks, offsets), written
-    one element at a time from the layout's definition (zeros elsewhere)."""
+    one element at a time from the layout's definition (zeros elsewhere). The ``cpu`` layout is
+    also checked against vLLM's own cache writer (tests/interop/test_vllm_cpu_layout.py)."""
     layers = []
     for layer in range(L):
         if kind == "cpu":
             t = torch.zeros((NB, H, N, 2 * D))
             flat = t.view(NB, H, 2 * N * D)
+        elif kind == "split":
+            t = torch.zeros((NB, H, N, 2 * D))
         elif kind == "kv_first":
             t = torch.zeros((2, NB, N, H, D))
         else:
@@ -41,6 +44,8 @@ def place(kind: str, kv: torch.Tensor, blocks: list[int], offsets: list[int]) ->
                     if kind == "cpu":
                         flat[b, h, d * N + n] = k  # K transposed: [D][N]
                         flat[b, h, N * D + n * D + d] = v  # V row-major after it
+                    elif kind == "split":  # vLLM 0.32 CUDA: transpose(1, 2).split(D, -1)
+                        t[b, h, n, d], t[b, h, n, D + d] = k, v
                     elif kind == "kv_first":
                         t[0, b, n, h, d], t[1, b, n, h, d] = k, v
                     else:

@@ -98,3 +98,46 @@ def test_resumed_requests_take_their_new_blocks():
 
 def test_an_empty_plan_is_false():
     assert not StepPlan()
+
+
+def test_a_request_resumed_after_preemption_loads_what_its_new_lookup_found():
+    planner = Planner(8)
+    prompt = list(range(40))
+    planner.matched("r", prompt, 0, 0)
+    planner.allocated("r", 0)
+    planner.step([("r", prompt, [1, 2, 3, 4, 5], 0, 16)], [])  # 16 computed, then preempted
+    # vLLM sets num_computed_tokens to 0 and looks the request up again: the store has its 16
+    assert planner.matched("r", prompt, 0, 16) == 16
+    planner.allocated("r", 16)
+    plan = planner.step([], [("r", [6, 7, 8, 9, 10], True, 16, 24)])
+    (load,) = plan.loads
+    assert (load.start, load.end, load.block_ids, load.tokens) == (0, 16, [6, 7, 8, 9, 10], prompt[:16])
+    (save,) = plan.saves
+    assert save.start == 16 and save.tokens == prompt and save.block_ids == [6, 7, 8, 9, 10]
+
+
+def test_skipped_requests_are_neither_loaded_nor_saved():
+    planner = Planner(8)
+    prompt = list(range(30))
+    planner.skipped("lora")  # e.g. a LoRA request: no state at all
+    plan = planner.step([("lora", prompt, [1, 2, 3, 4], 0, 30)], [])
+    assert plan.loads == [] and plan.saves == []
+    # a request looked up before, then skipped on a later lookup (e.g. the ranks went quiet)
+    planner.matched("r", prompt, 0, 16)
+    planner.skipped("r")
+    plan = planner.step([("r", prompt, [1, 2, 3, 4], 0, 30)], [])
+    assert plan.loads == [] and plan.saves == [] and plan.releases == ["r"]
+
+
+def test_vllm_granting_fewer_tokens_than_offered_loads_exactly_those():
+    planner = Planner(8)
+    prompt = list(range(50))
+    assert planner.matched("r", prompt, 0, 40) == 40
+    planner.allocated("r", 32)  # trimmed to whole blocks
+    (load,) = planner.step([("r", prompt, [1, 2, 3, 4, 5, 6, 7], 32, 18)], []).loads
+    assert (load.start, load.end) == (0, 32)
+    # more than offered: planned as granted, so the worker finds the store short and reports it
+    planner.matched("s", prompt, 0, 16)
+    planner.allocated("s", 24)
+    (load,) = planner.step([("s", prompt, [1, 2, 3, 4, 5, 6, 7], 24, 26)], []).loads
+    assert (load.start, load.end, len(load.tokens)) == (0, 24, 16)

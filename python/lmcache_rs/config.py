@@ -178,7 +178,10 @@ class LMCacheConfig:
         if self.enable_controller:
             self.controller_address()
         if self.controller_lookup_url is not None:
-            _parse_hostport("controller_lookup_url", self.controller_lookup_url)
+            url = self.controller_lookup_url.strip()
+            if "://" in url and not url.startswith("http://"):
+                raise ConfigError(f"controller_lookup_url must be http://host:port, got {self.controller_lookup_url!r}")
+            _parse_hostport("controller_lookup_url", url)
         for key in ("lmcache_worker_ports", "p2p_init_ports"):
             _check_ports(key, getattr(self, key))
         if self.local_disk is not None and not self.disk_path:

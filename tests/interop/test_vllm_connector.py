@@ -259,6 +259,27 @@ def test_vllm_keeps_serving_when_the_controller_dies(cluster):
     assert again["cached"] == 99 and same_output(again, out_a)
 
 
+def test_a_store_that_cannot_start_leaves_vllm_serving_without_waiting(cluster):
+    """The rank's command port is taken: its store does not start, the rank answers "off" and
+    the scheduler stops asking (no per-request wait on a rank that will never hold anything)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = engine_settings("vllm_off", cluster.controller, pool_chunks=4)
+        settings["lmcache_worker_ports"] = taken.getsockname()[1]
+        engine = Engine(cluster.workdir, cluster.model_dir, "vllm_off", settings)
+        try:
+            engine.wait_ready()
+            p = prompt(50)
+            first, second = engine.generate(p), engine.generate(p)
+        finally:
+            engine.close()
+    assert first["cached"] == 0 and second["cached"] == 0 and same_output(first, second)
+    log = engine.log_path.read_text(errors="replace")
+    assert "store did not start" in log and log.count("lmcache_rs connector off: a rank's store") == 1
+    assert "did not answer" not in log
+
+
 def test_make_demo_vllm_runs_the_spec_flow_on_its_ports():
     """tools/demo_vllm.py (``make demo-vllm``) on the spec's fixed ports: it must end with
     the spec's lookup answering every prompt token."""

@@ -58,6 +58,11 @@ log = logging.getLogger("lmcache_rs.vllm")
 HOLD_SECONDS = 120.0
 # How long a request waits for a P2P fetch before it is computed instead.
 FETCH_SECONDS = 30.0
+# After a rank did not answer a lookup, new requests are computed without asking for this long.
+RANK_BACKOFF_SECONDS = 5.0
+# vLLM CPU attention kernels whose block layout layout.py's "cpu" kind describes (checked
+# against vLLM's own cache writer); "amx" and "neon" pack blocks otherwise.
+CPU_ISAS = ("vec", "vec16")
 
 
 @dataclasses.dataclass
@@ -101,6 +106,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = connector_config(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
+        # pipeline stages would share the ranks' channel and ports: not supported
+        self.pipeline_parallel = vllm_config.parallel_config.pipeline_parallel_size > 1
         self.stats: dict[str, int] = {
             "lookups": 0, "hit_tokens": 0, "loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0,
             "save_failures": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
@@ -119,6 +126,12 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         if self.config.chunk_size % self.block_size and self.config.chunk_size > self.block_size:
             log.info("chunk_size %d is not a multiple of vLLM's block_size %d: loads still cover whole "
                      "tokens, chunks span block boundaries", self.config.chunk_size, self.block_size)
+        if getattr(self._kv_transfer_config, "kv_load_failure_policy", None) == "fail":
+            log.warning("kv_load_failure_policy is 'fail': a load the store cannot finish (a chunk cleared by "
+                        "an operator, a damaged disk file) fails that request; set "
+                        "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to compute it instead")
+        self.off = self.pipeline_parallel  # set for good when the ranks say their store is off
+        self._quiet_until = 0.0  # after a rank timed out, no lookups until then
         self.planner = Planner(self.config.chunk_size)
         self.ranks = RankClient(self._endpoints)
         url = self.config.controller_lookup_url
@@ -136,9 +149,13 @@ class LMCacheRsConnector(KVConnectorBase_V1):
 
     def _matched(self, request: Any, num_computed: int) -> tuple[Optional[int], bool]:
         request_id = request.request_id
+        if self.off or time.monotonic() < self._quiet_until:
+            self.planner.skipped(request_id)
+            return 0, False
         why = _skips(request)
         if why is not None:
             self.stats["skipped"] += 1
+            self.planner.skipped(request_id)
             return 0, False
         tokens = list(request.prompt_token_ids)
         if request_id in self._fetching:
@@ -146,11 +163,18 @@ class LMCacheRsConnector(KVConnectorBase_V1):
                 return None, False  # vLLM asks again next step
         self.stats["lookups"] += 1
         replies = self.ranks.ask({"op": "hold", "req": request_id, "tokens": tokens})
-        if replies is None:
-            self.stats["lookup_failures"] += 1
+        if replies is None or any(r.get("off") for r in replies):
+            self.planner.skipped(request_id)
+            if replies is None:
+                self.stats["lookup_failures"] += 1
+                self._quiet_until = time.monotonic() + RANK_BACKOFF_SECONDS
+            else:
+                self.off = True
+                log.error("lmcache_rs connector off: a rank's store did not start (see that worker's log)")
             return 0, False
         hit = min(int(r.get("tokens", 0)) for r in replies)
-        if hit < len(tokens) - 1 and request_id not in self._fetched and self._start_fetch(request_id, tokens, hit):
+        if max(hit, num_computed) < len(tokens) - 1 and request_id not in self._fetched \
+                and self._start_fetch(request_id, tokens, max(hit, num_computed)):
             return None, False
         self._fetched.discard(request_id)
         self.stats["hit_tokens"] += hit
@@ -223,6 +247,10 @@ class LMCacheRsConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a lost save is a later cache miss, nothing more
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # save_kv_layer must run between the layers, which a full CUDA graph skips
+
     # ================================== worker side =========================================
     def _init_worker(self, vllm_config: "VllmConfig") -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -232,7 +260,6 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self.num_kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
         self.head_dim = model.get_head_size()
         self.worker: Any = None
-        self.server: Optional[RankServer] = None
         self.layer_index: dict[str, int] = {}
         self.views: list[layout.LayerViews] = []
         self._holds: dict[str, tuple[list[int], float]] = {}  # request -> (held keys, deadline)
@@ -240,19 +267,42 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self._fetch_states: dict[str, str] = {}
         self._load_errors: set[int] = set()
         self._staging: list[tuple[SaveSpec, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._layers_copied = 0  # this step's layers copied out for saving
+        self._failed_loads: set[str] = set()  # this step's requests whose load failed: not saved
         self._side_stream: Any = None
+        self.server = None
+        if self.pipeline_parallel:
+            log.error("lmcache_rs connector off: pipeline parallelism (%d stages) is not supported",
+                      vllm_config.parallel_config.pipeline_parallel_size)
+            return
+        # bound before the store starts, so a store that fails to start answers "off" at once
+        self.server = RankServer(self._endpoints[self.rank], self._answer)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self.server is None:
+            return
         try:
             self._start_worker(kv_caches)
         except layout.UnsupportedLayout as exc:
             log.error("lmcache_rs connector off on rank %d: %s", self.rank, exc)
         except Exception:
             log.exception("lmcache_rs connector off on rank %d: its store did not start", self.rank)
-            self.shutdown()
+            if self.worker is not None:
+                self.worker.close()
+                self.worker = None
+
+    def _cpu_isa(self, names: list[str]) -> Optional[str]:
+        """The CPU attention kernel of the layers (vLLM sets ``layer.isa``), or None."""
+        layers = self._vllm_config.compilation_config.static_forward_context
+        isas = {getattr(layers.get(name), "isa", None) for name in names}
+        return isas.pop() if len(isas) == 1 else None
 
     def _start_worker(self, kv_caches: dict[str, torch.Tensor]) -> None:
         kind, names, views = layout.describe(kv_caches, self.block_size, self.num_kv_heads, self.head_dim)
+        if kind == "cpu" and self._cpu_isa(names) not in CPU_ISAS:
+            raise layout.UnsupportedLayout(
+                f"vLLM's CPU attention kernel here is {self._cpu_isa(names)!r}, which packs blocks in a layout "
+                f"this connector does not read (it reads {', '.join(CPU_ISAS)}; float32 KV uses 'vec')")
         from lmcache_rs.worker import KVWorker
         from lmcache_rs.worker.store import dtype_name
 
@@ -264,13 +314,14 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self.views = views
         if first.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(device=first.device)
-        self.server = RankServer(self._endpoints[self.rank], self._answer)
         log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
                  self.rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
                  config.lmcache_instance_id)
 
     # -- the rank channel (its own thread) ---------------------------------------------------
     def _answer(self, request: dict) -> dict:
+        if self.worker is None:
+            return {"off": True}
         op = request.get("op")
         if op == "hold":
             return {"tokens": self._hold(str(request["req"]), list(request["tokens"]))}
@@ -338,29 +389,34 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             self._release(request_id)
         for spec in plan.loads:
             try:
-                self._load(spec)
+                if not self._load(spec):
+                    self._failed_loads.add(spec.request_id)
             except Exception:
                 self.stats["load_failures"] += 1
                 log.exception("loading %d tokens of request %s failed; its blocks are reported to vLLM",
                               spec.end - spec.start, spec.request_id)
                 self._load_errors.update(self._blocks_of(spec.block_ids, spec.start, spec.end))
+                self._failed_loads.add(spec.request_id)
             finally:
                 self._release(spec.request_id)
 
-    def _load(self, spec: LoadSpec) -> None:
+    def _load(self, spec: LoadSpec) -> bool:
+        """Write the planned tokens into the request's blocks; False (and the blocks not
+        written reported to vLLM) when the store had less than promised."""
         matched, kv = self.worker.retrieve(spec.tokens)
         end = min(matched, spec.end)
+        if end > spec.start:
+            device = self.views[0].key.device
+            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
+            layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
+            self.stats["loaded_tokens"] += end - spec.start
         if end < spec.end:
             self.stats["load_failures"] += 1
             self._warn("request %s: the store held %d of %d promised tokens; the rest is reported to vLLM",
                        spec.request_id, end, spec.end)
             self._load_errors.update(self._blocks_of(spec.block_ids, max(end, spec.start), spec.end))
-        if end <= spec.start:
-            return
-        device = self.views[0].key.device
-        blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
-        layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
-        self.stats["loaded_tokens"] += end - spec.start
+            return False
+        return True
 
     def _blocks_of(self, block_ids: list[int], start: int, end: int) -> set[int]:
         if end <= start:
@@ -378,8 +434,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         if index is None:
             return
         try:
-            if not self._staging:
-                self._stage(plan.saves)
+            if self._layers_copied == 0 and not self._staging:
+                self._stage([spec for spec in plan.saves if spec.request_id not in self._failed_loads])
             stream = self._side_stream
             if stream is not None:  # copy out on a side stream once this layer's attention is done
                 stream.wait_stream(torch.cuda.current_stream(stream.device))
@@ -387,10 +443,12 @@ class LMCacheRsConnector(KVConnectorBase_V1):
                     self._copy_layer(index)
             else:
                 self._copy_layer(index)
+            self._layers_copied += 1
         except Exception:
             self.stats["save_failures"] += 1
             log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
             self._staging = []
+            self._layers_copied = -len(self.views)  # never complete this step
 
     def _stage(self, saves: list[SaveSpec]) -> None:
         first = self.views[0].key
@@ -409,7 +467,14 @@ class LMCacheRsConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         staged, self._staging = self._staging, []
+        copied, self._layers_copied = self._layers_copied, 0
+        self._failed_loads = set()
         if not staged:
+            return
+        if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
+            self.stats["save_failures"] += 1
+            self._warn("only %d of %d layers were copied out this step; nothing is saved", max(copied, 0),
+                       len(self.views))
             return
         if self._side_stream is not None:
             self._side_stream.synchronize()

@@ -12,8 +12,11 @@ Layouts (``kind``):
 * ``cpu``: vLLM's CPU attention, ``[num_blocks, H, N, 2D]``. Per block and head the first
   ``N*D`` values are K transposed (``K[n][d]`` at ``d*N + n``), then V row-major
   (``V[n][d]`` at ``N*D + n*D + d``): the shape's last dimension does not split into K and V.
-* ``kv_first``: ``[2, num_blocks, N, H, D]`` (FlashAttention, Triton and most CUDA backends).
-* ``blocks_first``: ``[num_blocks, 2, N, H, D]`` (FlashInfer).
+* ``split``: ``[num_blocks, H, N, 2D]`` on an accelerator (vLLM ≥ 0.32's CUDA backends): per
+  token and head, K is the first ``D`` values of the last dimension and V the rest (the
+  backends take ``tensor.transpose(1, 2).split(D, -1)``).
+* ``kv_first``: ``[2, num_blocks, N, H, D]`` (FlashAttention and most CUDA backends of older vLLM).
+* ``blocks_first``: ``[num_blocks, 2, N, H, D]`` (FlashInfer of older vLLM).
 
 The NHD/HND choice of CUDA backends only changes strides, which the views keep.
 """
@@ -25,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-KINDS = ("cpu", "kv_first", "blocks_first")
+KINDS = ("cpu", "split", "kv_first", "blocks_first")
 
 
 class UnsupportedLayout(ValueError):
@@ -46,8 +49,8 @@ def detect_kind(tensor: torch.Tensor, block_size: int, num_kv_heads: int, head_d
     settles a shape that fits two layouts (two blocks in all). Raises UnsupportedLayout."""
     shape = tuple(tensor.shape)
     fits = []
-    if tensor.dim() == 4 and tensor.device.type == "cpu" and shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
-        fits.append("cpu")
+    if tensor.dim() == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
+        fits.extend(["cpu", "split"] if tensor.device.type == "cpu" else ["split"])
     if tensor.dim() == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
         fits.append("kv_first")
     if tensor.dim() == 5 and shape[1] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
@@ -69,6 +72,10 @@ def layer_views(tensor: torch.Tensor, kind: str) -> LayerViews:
         return LayerViews(tensor[0], tensor[1])
     if kind == "blocks_first":
         return LayerViews(tensor[:, 0], tensor[:, 1])
+    if kind == "split":
+        per_token = tensor.transpose(1, 2)  # [num_blocks, N, H, 2D]
+        d = per_token.shape[-1] // 2
+        return LayerViews(per_token[..., :d], per_token[..., d:])
     if kind != "cpu":
         raise ValueError(f"unknown layout kind {kind!r}; known: {', '.join(KINDS)}")
     num_blocks, heads, n, two_d = tensor.shape

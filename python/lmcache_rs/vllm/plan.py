@@ -84,15 +84,25 @@ class Planner:
         return state.load_end - state.load_start
 
     def allocated(self, request_id: str, num_external: int) -> None:
-        """vLLM allocated blocks, planning to load ``num_external`` tokens."""
+        """vLLM allocated blocks and counts ``num_external`` tokens as loaded: exactly those
+        are loaded (vLLM may grant fewer than offered, e.g. trimmed to whole blocks; more than
+        offered reaches the worker as a load the store cannot fill, which it reports)."""
         state = self.requests.get(request_id)
         if state is None:
             return
-        if num_external == 0 or num_external != state.load_end - state.load_start:
+        if num_external <= 0:
             state.load_start = state.load_end = 0
+            state.load_pending = False
             self._releases.append(request_id)
         else:
+            state.load_end = state.load_start + num_external
             state.load_pending = True
+
+    def skipped(self, request_id: str) -> None:
+        """A request the store must not serve: nothing planned for it (after a preemption it
+        may come back here)."""
+        if self.requests.pop(request_id, None) is not None:
+            self._releases.append(request_id)
 
     def finished(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -106,28 +116,30 @@ class Planner:
         resumed, num_computed, num_scheduled) of continuing ones."""
         plan = StepPlan(releases=self._releases)
         self._releases = []
-        for request_id, prompt, block_ids, num_computed, num_scheduled in new:
+        for request_id, _prompt, block_ids, num_computed, num_scheduled in new:
             state = self.requests.get(request_id)
-            if state is None:  # never looked up (e.g. the connector skipped it)
-                if prompt is None:
-                    continue
-                state = self.requests[request_id] = RequestState(list(prompt))
+            if state is None:  # not looked up (skipped, or the lookup failed): neither loaded nor saved
+                continue
             state.block_ids = list(block_ids)
-            if state.load_pending:
-                plan.loads.append(LoadSpec(request_id, state.tokens[: state.hit], state.block_ids,
-                                           state.load_start, state.load_end))
-                state.load_pending = False
+            self._plan_load(plan, request_id, state)
             self._plan_save(plan, request_id, state, num_computed + num_scheduled)
         for request_id, new_block_ids, resumed, num_computed, num_scheduled in cached:
             state = self.requests.get(request_id)
             if state is None:
                 continue
-            if resumed:
+            if resumed:  # after a preemption: new blocks, and a new lookup may have planned a load
                 state.block_ids = list(new_block_ids or [])
             elif new_block_ids:
                 state.block_ids.extend(new_block_ids)
+            self._plan_load(plan, request_id, state)
             self._plan_save(plan, request_id, state, num_computed + num_scheduled)
         return plan
+
+    def _plan_load(self, plan: StepPlan, request_id: str, state: RequestState) -> None:
+        if state.load_pending:
+            plan.loads.append(LoadSpec(request_id, state.tokens[: state.hit], state.block_ids,
+                                       state.load_start, state.load_end))
+            state.load_pending = False
 
     def _plan_save(self, plan: StepPlan, request_id: str, state: RequestState, computed: int) -> None:
         if not self.save or state.done:
