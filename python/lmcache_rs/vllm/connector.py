@@ -58,6 +58,8 @@ log = logging.getLogger("lmcache_rs.vllm")
 HOLD_SECONDS = 120.0
 # How long a request waits for a P2P fetch before it is computed instead.
 FETCH_SECONDS = 30.0
+# Outcomes of P2P fetches kept for the scheduler to read; past this, unread ended ones are dropped.
+MAX_FETCH_STATES = 4096
 # After a rank did not answer a lookup, new requests are computed without asking for this long.
 RANK_BACKOFF_SECONDS = 5.0
 # vLLM CPU attention kernels whose block layout layout.py's "cpu" kind describes (checked
@@ -106,8 +108,10 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = connector_config(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
-        # pipeline stages would share the ranks' channel and ports: not supported
-        self.pipeline_parallel = vllm_config.parallel_config.pipeline_parallel_size > 1
+        # pipeline stages and data-parallel engines would share the ranks' ports (base + TP
+        # rank) and instance id: not supported, the connector stays off
+        parallel = vllm_config.parallel_config
+        self.pipeline_parallel = parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1
         self.stats: dict[str, int] = {
             "lookups": 0, "hit_tokens": 0, "loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0,
             "save_failures": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
@@ -272,8 +276,9 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self._side_stream: Any = None
         self.server = None
         if self.pipeline_parallel:
-            log.error("lmcache_rs connector off: pipeline parallelism (%d stages) is not supported",
-                      vllm_config.parallel_config.pipeline_parallel_size)
+            log.error("lmcache_rs connector off: pipeline (%d stages) and data parallelism (%d engines) are not "
+                      "supported", vllm_config.parallel_config.pipeline_parallel_size,
+                      vllm_config.parallel_config.data_parallel_size)
             return
         # bound before the store starts, so a store that fails to start answers "off" at once
         self.server = RankServer(self._endpoints[self.rank], self._answer)
@@ -358,6 +363,9 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             self.worker.kvstore.release(held[0])
 
     def _fetch(self, request_id: str, tokens: list[int], sources: dict) -> None:
+        if len(self._fetch_states) > MAX_FETCH_STATES:  # ended fetches nobody asked about (timed out, aborted)
+            for ended in [r for r, state in self._fetch_states.items() if state != "pending"]:
+                self._fetch_states.pop(ended, None)
         source = sources.get(self.rank, sources.get(str(self.rank)))
         if source is None:
             self._fetch_states[request_id] = "failed"
