@@ -111,7 +111,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         # pipeline stages and data-parallel engines would share the ranks' ports (base + TP
         # rank) and instance id: not supported, the connector stays off
         parallel = vllm_config.parallel_config
-        self.pipeline_parallel = parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1
+        self.unsupported_parallelism = parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1
         self.stats: dict[str, int] = {
             "lookups": 0, "hit_tokens": 0, "loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0,
             "save_failures": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
@@ -134,7 +134,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             log.warning("kv_load_failure_policy is 'fail': a load the store cannot finish (a chunk cleared by "
                         "an operator, a damaged disk file) fails that request; set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to compute it instead")
-        self.off = self.pipeline_parallel  # set for good when the ranks say their store is off
+        self.off = self.unsupported_parallelism  # set for good when the ranks say their store is off
         self._quiet_until = 0.0  # after a rank timed out, no lookups until then
         self.planner = Planner(self.config.chunk_size)
         self.ranks = RankClient(self._endpoints)
@@ -275,7 +275,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self._failed_loads: set[str] = set()  # this step's requests whose load failed: not saved
         self._side_stream: Any = None
         self.server = None
-        if self.pipeline_parallel:
+        if self.unsupported_parallelism:
             log.error("lmcache_rs connector off: pipeline (%d stages) and data parallelism (%d engines) are not "
                       "supported", vllm_config.parallel_config.pipeline_parallel_size,
                       vllm_config.parallel_config.data_parallel_size)
