@@ -1,6 +1,6 @@
 """The connector's ``cpu`` layout (lmcache_rs.vllm.layout) read back from blocks written by
 vLLM's own CPU cache writer, not by a copy of our assumption: exact for the kernels the
-connector accepts (connector.CPU_ISAS), and known to differ for AMX, which it refuses."""
+connector accepts (layout.CPU_ISAS), and known to differ for AMX, which it refuses."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_rs.vllm.layout import KINDS
+from lmcache_rs.vllm.layout import CPU_ISAS, KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-ACCEPTED = ("vec", "vec16")  # connector.CPU_ISAS (connector.py imports vLLM, so not imported here)
 
 if not INTEROP_PY.exists():
     if os.environ.get("CI"):
@@ -30,8 +29,8 @@ def test_cpu_layout_matches_vllms_own_cache_writer():
     assert run.returncode == 0, run.stderr[-3000:]
     cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     ran = [c for c in cases if c["match"] is not None]
-    accepted = [c for c in ran if c["isa"] in ACCEPTED]
-    assert {c["isa"] for c in accepted} == set(ACCEPTED), cases  # both accepted kernels ran here
+    accepted = [c for c in ran if c["isa"] in CPU_ISAS]
+    assert {c["isa"] for c in accepted} == set(CPU_ISAS), cases  # both accepted kernels ran here
     assert all(c["match"] for c in accepted), [c for c in accepted if not c["match"]]
     # the layout is not AMX's: were it to match, the connector's refusal would be needless
     assert all(not c["match"] for c in ran if c["isa"] == "amx"), cases

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -46,7 +45,7 @@ from lmcache_rs.log_limit import RateLimitedLog
 
 from . import layout
 from .controller_client import ControllerClient
-from .plan import LoadSpec, Planner, SaveSpec, StepPlan
+from .plan import Planner, StepPlan
 from .rank_channel import RankClient, RankServer, channel_path
 
 if TYPE_CHECKING:
@@ -54,17 +53,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmcache_rs.vllm")
 
-# A hold whose load never came (request aborted between steps) ends after this many seconds.
-HOLD_SECONDS = 120.0
 # How long a request waits for a P2P fetch before it is computed instead.
 FETCH_SECONDS = 30.0
-# Outcomes of P2P fetches kept for the scheduler to read; past this, unread ended ones are dropped.
-MAX_FETCH_STATES = 4096
 # After a rank did not answer a lookup, new requests are computed without asking for this long.
 RANK_BACKOFF_SECONDS = 5.0
-# vLLM CPU attention kernels whose block layout layout.py's "cpu" kind describes (checked
-# against vLLM's own cache writer); "amx" and "neon" pack blocks otherwise.
-CPU_ISAS = ("vec", "vec16")
+
 
 
 @dataclasses.dataclass
@@ -112,9 +105,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         # rank) and instance id: not supported, the connector stays off
         parallel = vllm_config.parallel_config
         self.unsupported_parallelism = parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1
-        self.stats: dict[str, int] = {
-            "lookups": 0, "hit_tokens": 0, "loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0,
-            "save_failures": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
+        self.stats: dict[str, int] = {  # the scheduler side's; each rank's are in its RankStore
+            "lookups": 0, "hit_tokens": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
         }
         self._warn = RateLimitedLog(log, burst=5, period=30.0)
         engine, dp_rank = _engine_id(vllm_config)
@@ -263,17 +255,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         model = vllm_config.model_config
         self.num_kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
         self.head_dim = model.get_head_size()
-        self.worker: Any = None
-        self.layer_index: dict[str, int] = {}
-        self.views: list[layout.LayerViews] = []
-        self._holds: dict[str, tuple[list[int], float]] = {}  # request -> (held keys, deadline)
-        self._holds_lock = threading.Lock()
-        self._fetch_states: dict[str, str] = {}
-        self._load_errors: set[int] = set()
-        self._staging: list[tuple[SaveSpec, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._layers_copied = 0  # this step's layers copied out for saving
-        self._failed_loads: set[str] = set()  # this step's requests whose load failed: not saved
-        self._side_stream: Any = None
+        self.rank_store: Any = None  # rank_store.RankStore once register_kv_caches succeeded
         self.server = None
         if self.unsupported_parallelism:
             log.error("lmcache_rs connector off: pipeline (%d stages) and data parallelism (%d engines) are not "
@@ -292,9 +274,6 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             log.error("lmcache_rs connector off on rank %d: %s", self.rank, exc)
         except Exception:
             log.exception("lmcache_rs connector off on rank %d: its store did not start", self.rank)
-            if self.worker is not None:
-                self.worker.close()
-                self.worker = None
 
     def _cpu_isa(self, names: list[str]) -> Optional[str]:
         """The CPU attention kernel of the layers (vLLM sets ``layer.isa``), or None."""
@@ -303,201 +282,42 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         return isas.pop() if len(isas) == 1 else None
 
     def _start_worker(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        kind, names, views = layout.describe(kv_caches, self.block_size, self.num_kv_heads, self.head_dim)
-        if kind == "cpu" and self._cpu_isa(names) not in CPU_ISAS:
-            raise layout.UnsupportedLayout(
-                f"vLLM's CPU attention kernel here is {self._cpu_isa(names)!r}, which packs blocks in a layout "
-                f"this connector does not read (it reads {', '.join(CPU_ISAS)}; float32 KV uses 'vec')")
-        from lmcache_rs.worker import KVWorker
-        from lmcache_rs.worker.store import dtype_name
+        from .rank_store import RankStore  # imports torch and the worker: only in vLLM's worker processes
 
-        first = views[0].key
-        config = dataclasses.replace(self.config, num_layers=len(names), num_kv_heads=self.num_kv_heads,
-                                     head_dim=self.head_dim, kv_dtype=dtype_name(first.dtype))
-        self.worker = KVWorker(config, worker_id=self.rank)
-        self.layer_index = {name: i for i, name in enumerate(names)}
-        self.views = views
-        if first.device.type == "cuda":
-            self._side_stream = torch.cuda.Stream(device=first.device)
-        log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
-                 self.rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
-                 config.lmcache_instance_id)
+        self.rank_store = RankStore(self.config, self.rank, self.block_size, kv_caches, self.num_kv_heads,
+                                    self.head_dim, self._cpu_isa(list(kv_caches)))
 
-    # -- the rank channel (its own thread) ---------------------------------------------------
     def _answer(self, request: dict) -> dict:
-        if self.worker is None:
+        """The rank channel's requests (its own thread)."""
+        if self.rank_store is None:
             return {"off": True}
-        op = request.get("op")
-        if op == "hold":
-            return {"tokens": self._hold(str(request["req"]), list(request["tokens"]))}
-        if op == "fetch":
-            self._fetch(str(request["req"]), list(request["tokens"]), request["sources"])
-            return {}
-        if op == "fetch_state":
-            request_id = str(request["req"])
-            state = self._fetch_states.get(request_id, "failed")
-            if state != "pending":
-                self._fetch_states.pop(request_id, None)
-            return {"state": state}
-        raise ValueError(f"unknown op {op!r}")
+        return self.rank_store.answer(request)
 
-    def _hold(self, request_id: str, tokens: list[int]) -> int:
-        store = self.worker.kvstore
-        matched, keys = store.hold(tokens)
-        now = time.monotonic()
-        with self._holds_lock:
-            expired = [r for r, (_k, deadline) in self._holds.items() if deadline < now]
-            old = self._holds.pop(request_id, None)
-            self._holds[request_id] = (keys, now + HOLD_SECONDS)
-            for r in expired:
-                if r != request_id:
-                    store.release(self._holds.pop(r)[0])
-        if old is not None:
-            store.release(old[0])
-        return matched
-
-    def _release(self, request_id: str) -> None:
-        with self._holds_lock:
-            held = self._holds.pop(request_id, None)
-        if held is not None and self.worker is not None:
-            self.worker.kvstore.release(held[0])
-
-    def _fetch(self, request_id: str, tokens: list[int], sources: dict) -> None:
-        if len(self._fetch_states) > MAX_FETCH_STATES:  # ended fetches nobody asked about (timed out, aborted)
-            for ended in [r for r, state in self._fetch_states.items() if state != "pending"]:
-                self._fetch_states.pop(ended, None)
-        source = sources.get(self.rank, sources.get(str(self.rank)))
-        if source is None:
-            self._fetch_states[request_id] = "failed"
-            return
-        self._fetch_states[request_id] = "pending"
-
-        def run() -> None:
-            try:
-                self.worker.fetch(tokens, (str(source[0]), int(source[1])))
-                self._fetch_states[request_id] = "done"
-            except Exception as exc:
-                self._warn("P2P fetch of %d tokens from %s:%s failed: %s", len(tokens), source[0], source[1], exc)
-                self._fetch_states[request_id] = "failed"
-
-        threading.Thread(target=run, name="lmcache-p2p-fetch", daemon=True).start()
-
-    # -- per step --------------------------------------------------------------------------
     def _plan(self) -> Optional[StepPlan]:
-        if self.worker is None or not self.has_connector_metadata():
+        if self.rank_store is None or not self.has_connector_metadata():
             return None
         meta = self._get_connector_metadata()
         return meta.step if isinstance(meta, ConnectorPlan) else None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         plan = self._plan()
-        if plan is None:
-            return
-        for request_id in plan.releases:
-            self._release(request_id)
-        for spec in plan.loads:
-            try:
-                if not self._load(spec):
-                    self._failed_loads.add(spec.request_id)
-            except Exception:
-                self.stats["load_failures"] += 1
-                log.exception("loading %d tokens of request %s failed; its blocks are reported to vLLM",
-                              spec.end - spec.start, spec.request_id)
-                self._load_errors.update(self._blocks_of(spec.block_ids, spec.start, spec.end))
-                self._failed_loads.add(spec.request_id)
-            finally:
-                self._release(spec.request_id)
-
-    def _load(self, spec: LoadSpec) -> bool:
-        """Write the planned tokens into the request's blocks; False (and the blocks not
-        written reported to vLLM) when the store had less than promised."""
-        matched, kv = self.worker.retrieve(spec.tokens)
-        end = min(matched, spec.end)
-        if end > spec.start:
-            device = self.views[0].key.device
-            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
-            layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
-            self.stats["loaded_tokens"] += end - spec.start
-        if end < spec.end:
-            self.stats["load_failures"] += 1
-            self._warn("request %s: the store held %d of %d promised tokens; the rest is reported to vLLM",
-                       spec.request_id, end, spec.end)
-            self._load_errors.update(self._blocks_of(spec.block_ids, max(end, spec.start), spec.end))
-            return False
-        return True
-
-    def _blocks_of(self, block_ids: list[int], start: int, end: int) -> set[int]:
-        if end <= start:
-            return set()
-        return set(block_ids[start // self.block_size: (end - 1) // self.block_size + 1])
+        if plan is not None and self.rank_store is not None:
+            self.rank_store.start_step(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish in start_load_kv, before the forward
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         plan = self._plan()
-        if plan is None or not plan.saves:
-            return
-        index = self.layer_index.get(layer_name)
-        if index is None:
-            return
-        try:
-            if self._layers_copied == 0 and not self._staging:
-                self._stage([spec for spec in plan.saves if spec.request_id not in self._failed_loads])
-            stream = self._side_stream
-            if stream is not None:  # copy out on a side stream once this layer's attention is done
-                stream.wait_stream(torch.cuda.current_stream(stream.device))
-                with torch.cuda.stream(stream):
-                    self._copy_layer(index)
-            else:
-                self._copy_layer(index)
-            self._layers_copied += 1
-        except Exception:
-            self.stats["save_failures"] += 1
-            log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
-            self._staging = []
-            self._layers_copied = -len(self.views)  # never complete this step
-
-    def _stage(self, saves: list[SaveSpec]) -> None:
-        first = self.views[0].key
-        for spec in saves:
-            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, len(spec.tokens),
-                                                  first.device)
-            out = torch.empty((len(self.views), 2, blocks.numel(), self.num_kv_heads, self.head_dim),
-                              dtype=first.dtype, device=first.device)
-            self._staging.append((spec, blocks, offsets, out))
-
-    def _copy_layer(self, index: int) -> None:
-        views = self.views[index]
-        for _spec, blocks, offsets, out in self._staging:
-            out[index, 0] = views.key[blocks, offsets]
-            out[index, 1] = views.value[blocks, offsets]
+        if plan is not None and self.rank_store is not None:
+            self.rank_store.copy_layer(layer_name, plan)
 
     def wait_for_save(self) -> None:
-        staged, self._staging = self._staging, []
-        copied, self._layers_copied = self._layers_copied, 0
-        self._failed_loads = set()
-        if not staged:
-            return
-        if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
-            self.stats["save_failures"] += 1
-            self._warn("only %d of %d layers were copied out this step; nothing is saved", max(copied, 0),
-                       len(self.views))
-            return
-        if self._side_stream is not None:
-            self._side_stream.synchronize()
-        for spec, _blocks, _offsets, out in staged:
-            try:
-                self.worker.store(spec.tokens, out, start=spec.start)
-                self.stats["saved_tokens"] += len(spec.tokens) - spec.start
-            except Exception:
-                self.stats["save_failures"] += 1
-                log.exception("saving %d tokens of request %s failed", len(spec.tokens) - spec.start,
-                              spec.request_id)
+        if self.rank_store is not None:
+            self.rank_store.finish_step()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self.rank_store.take_load_errors() if self.rank_store is not None else set()
 
     def shutdown(self) -> None:
         if self._role == KVConnectorRole.SCHEDULER:
@@ -509,7 +329,6 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         if self.server is not None:
             self.server.close()
             self.server = None
-        if self.worker is not None:
-            log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
-            self.worker.close()
-            self.worker = None
+        if self.rank_store is not None:
+            self.rank_store.close()
+            self.rank_store = None

@@ -29,6 +29,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 KINDS = ("cpu", "split", "kv_first", "blocks_first")
+# vLLM's CPU attention kernels (ISAs) whose blocks the ``cpu`` kind describes, as checked
+# against vLLM's own cache writer; "amx" (bf16 on AMX CPUs) and "neon" pack blocks otherwise.
+CPU_ISAS = ("vec", "vec16")
 
 
 class UnsupportedLayout(ValueError):

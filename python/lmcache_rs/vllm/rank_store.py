@@ -1,0 +1,239 @@
+"""One vLLM rank's side of the connector, free of vLLM: a KVWorker over the rank's paged KV
+cache, what the scheduler asks it over the rank channel, and each step's loads and saves.
+
+The connector (connector.py) hands it what vLLM hands the connector; this module never
+imports vLLM, so it runs and is tested on plain torch tensors laid out as vLLM lays them out.
+Threads: the rank channel's thread calls ``answer``; vLLM's forward thread calls the step
+methods; P2P fetches run on threads of their own. Holds are the only state they share (a lock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Mapping, Optional
+
+import torch
+
+from lmcache_rs.config import LMCacheConfig
+from lmcache_rs.log_limit import RateLimitedLog
+from lmcache_rs.worker import KVWorker
+from lmcache_rs.worker.store import dtype_name
+
+from . import layout
+from .plan import LoadSpec, SaveSpec, StepPlan
+
+log = logging.getLogger("lmcache_rs.vllm")
+
+# A hold whose load never came (request aborted between steps) ends after this many seconds.
+HOLD_SECONDS = 120.0
+# Outcomes of P2P fetches kept for the scheduler to read; past this, unread ended ones are dropped.
+MAX_FETCH_STATES = 4096
+
+
+class RankStore:
+    """The store of TP rank ``rank`` on its layers ``kv_caches`` (layer name -> vLLM's tensor).
+    ``cpu_isa``: vLLM's CPU attention kernel, for the ``cpu`` layout. Raises
+    layout.UnsupportedLayout for caches it cannot read, OSError/ValueError when the worker
+    cannot start (a port taken, a bad config)."""
+
+    def __init__(self, config: LMCacheConfig, rank: int, block_size: int, kv_caches: Mapping[str, torch.Tensor],
+                 num_kv_heads: int, head_dim: int, cpu_isa: Optional[str] = None):
+        kind, names, views = layout.describe(kv_caches, block_size, num_kv_heads, head_dim)
+        if kind == "cpu" and cpu_isa not in layout.CPU_ISAS:
+            raise layout.UnsupportedLayout(
+                f"vLLM's CPU attention kernel here is {cpu_isa!r}, which packs blocks in a layout this connector "
+                f"does not read (it reads {', '.join(layout.CPU_ISAS)}; float32 KV uses 'vec')")
+        first = views[0].key
+        config = dataclasses.replace(config, num_layers=len(names), num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                     kv_dtype=dtype_name(first.dtype))
+        self.worker = KVWorker(config, worker_id=rank)
+        self.rank = rank
+        self.block_size = block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.layer_index = {name: i for i, name in enumerate(names)}
+        self.views = views
+        self.stats = {"loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0, "save_failures": 0}
+        self._warn = RateLimitedLog(log, burst=5, period=30.0)
+        self._holds: dict[str, tuple[list[int], float]] = {}  # request -> (held keys, deadline)
+        self._holds_lock = threading.Lock()
+        self._fetch_states: dict[str, str] = {}
+        self._load_errors: set[int] = set()
+        self._staging: list[tuple[SaveSpec, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._layers_copied = 0  # this step's layers copied out for saving
+        self._failed_loads: set[str] = set()  # this step's requests whose load failed: not saved
+        self._side_stream = torch.cuda.Stream(device=first.device) if first.device.type == "cuda" else None
+        log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
+                 rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
+                 config.lmcache_instance_id)
+
+    def close(self) -> None:
+        log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
+        self.worker.close()
+
+    # -- the rank channel (its own thread) ---------------------------------------------------
+    def answer(self, request: dict) -> dict:
+        """A request from the scheduler (hold, fetch, fetch_state)."""
+        op = request.get("op")
+        if op == "hold":
+            return {"tokens": self._hold(str(request["req"]), list(request["tokens"]))}
+        if op == "fetch":
+            self._fetch(str(request["req"]), list(request["tokens"]), request["sources"])
+            return {}
+        if op == "fetch_state":
+            request_id = str(request["req"])
+            state = self._fetch_states.get(request_id, "failed")
+            if state != "pending":
+                self._fetch_states.pop(request_id, None)
+            return {"state": state}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _hold(self, request_id: str, tokens: list[int]) -> int:
+        store = self.worker.kvstore
+        matched, keys = store.hold(tokens)
+        now = time.monotonic()
+        with self._holds_lock:
+            expired = [r for r, (_k, deadline) in self._holds.items() if deadline < now]
+            old = self._holds.pop(request_id, None)
+            self._holds[request_id] = (keys, now + HOLD_SECONDS)
+            for r in expired:
+                if r != request_id:
+                    store.release(self._holds.pop(r)[0])
+        if old is not None:
+            store.release(old[0])
+        return matched
+
+    def _release(self, request_id: str) -> None:
+        with self._holds_lock:
+            held = self._holds.pop(request_id, None)
+        if held is not None:
+            self.worker.kvstore.release(held[0])
+
+    def _fetch(self, request_id: str, tokens: list[int], sources: dict) -> None:
+        if len(self._fetch_states) > MAX_FETCH_STATES:  # ended fetches nobody asked about (timed out, aborted)
+            for ended in [r for r, state in self._fetch_states.items() if state != "pending"]:
+                self._fetch_states.pop(ended, None)
+        source = sources.get(self.rank, sources.get(str(self.rank)))
+        if source is None:
+            self._fetch_states[request_id] = "failed"
+            return
+        self._fetch_states[request_id] = "pending"
+
+        def run() -> None:
+            try:
+                self.worker.fetch(tokens, (str(source[0]), int(source[1])))
+                self._fetch_states[request_id] = "done"
+            except Exception as exc:
+                self._warn("P2P fetch of %d tokens from %s:%s failed: %s", len(tokens), source[0], source[1], exc)
+                self._fetch_states[request_id] = "failed"
+
+        threading.Thread(target=run, name="lmcache-p2p-fetch", daemon=True).start()
+
+    # -- per step (vLLM's forward thread) ---------------------------------------------------
+    def start_step(self, plan: StepPlan) -> None:
+        """Before the forward: end the holds the plan releases, run its loads."""
+        for request_id in plan.releases:
+            self._release(request_id)
+        for spec in plan.loads:
+            try:
+                if not self._load(spec):
+                    self._failed_loads.add(spec.request_id)
+            except Exception:
+                self.stats["load_failures"] += 1
+                log.exception("loading %d tokens of request %s failed; its blocks are reported to vLLM",
+                              spec.end - spec.start, spec.request_id)
+                self._load_errors.update(self._blocks_of(spec.block_ids, spec.start, spec.end))
+                self._failed_loads.add(spec.request_id)
+            finally:
+                self._release(spec.request_id)
+
+    def _load(self, spec: LoadSpec) -> bool:
+        """Write the planned tokens into the request's blocks; False (and the blocks not
+        written reported to vLLM) when the store had less than promised."""
+        matched, kv = self.worker.retrieve(spec.tokens)
+        end = min(matched, spec.end)
+        if end > spec.start:
+            device = self.views[0].key.device
+            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
+            layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
+            self.stats["loaded_tokens"] += end - spec.start
+        if end < spec.end:
+            self.stats["load_failures"] += 1
+            self._warn("request %s: the store held %d of %d promised tokens; the rest is reported to vLLM",
+                       spec.request_id, end, spec.end)
+            self._load_errors.update(self._blocks_of(spec.block_ids, max(end, spec.start), spec.end))
+            return False
+        return True
+
+    def _blocks_of(self, block_ids: list[int], start: int, end: int) -> set[int]:
+        if end <= start:
+            return set()
+        return set(block_ids[start // self.block_size: (end - 1) // self.block_size + 1])
+
+    def copy_layer(self, layer_name: str, plan: StepPlan) -> None:
+        """After ``layer_name``'s attention ran: copy out its part of the plan's saves (on a
+        side stream on GPU). A request whose load failed this step is not saved."""
+        index = self.layer_index.get(layer_name)
+        if index is None or not plan.saves:
+            return
+        try:
+            if self._layers_copied == 0 and not self._staging:
+                self._stage([spec for spec in plan.saves if spec.request_id not in self._failed_loads])
+            stream = self._side_stream
+            if stream is not None:  # wait for the layer's kernels, copy without holding up the next
+                stream.wait_stream(torch.cuda.current_stream(stream.device))
+                with torch.cuda.stream(stream):
+                    self._copy_layer(index)
+            else:
+                self._copy_layer(index)
+            self._layers_copied += 1
+        except Exception:
+            self.stats["save_failures"] += 1
+            log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
+            self._staging = []
+            self._layers_copied = -len(self.views)  # never complete this step
+
+    def _stage(self, saves: list[SaveSpec]) -> None:
+        first = self.views[0].key
+        for spec in saves:
+            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, len(spec.tokens),
+                                                  first.device)
+            out = torch.empty((len(self.views), 2, blocks.numel(), self.num_kv_heads, self.head_dim),
+                              dtype=first.dtype, device=first.device)
+            self._staging.append((spec, blocks, offsets, out))
+
+    def _copy_layer(self, index: int) -> None:
+        views = self.views[index]
+        for _spec, blocks, offsets, out in self._staging:
+            out[index, 0] = views.key[blocks, offsets]
+            out[index, 1] = views.value[blocks, offsets]
+
+    def finish_step(self) -> None:
+        """After the forward: store what every layer copied out."""
+        staged, self._staging = self._staging, []
+        copied, self._layers_copied = self._layers_copied, 0
+        self._failed_loads = set()
+        if not staged:
+            return
+        if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
+            self.stats["save_failures"] += 1
+            self._warn("only %d of %d layers were copied out this step; nothing is saved", max(copied, 0),
+                       len(self.views))
+            return
+        if self._side_stream is not None:
+            self._side_stream.synchronize()
+        for spec, _blocks, _offsets, out in staged:
+            try:
+                self.worker.store(spec.tokens, out, start=spec.start)
+                self.stats["saved_tokens"] += len(spec.tokens) - spec.start
+            except Exception:
+                self.stats["save_failures"] += 1
+                log.exception("saving %d tokens of request %s failed", len(spec.tokens) - spec.start,
+                              spec.request_id)
+
+    def take_load_errors(self) -> set[int]:
+        """Blocks whose load failed since the last call (vLLM recomputes or fails them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
