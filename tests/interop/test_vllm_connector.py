@@ -33,9 +33,8 @@ from fake_worker import ControllerProcess  # noqa: E402
 
 from lmcache_rs.config import config_from_dict  # noqa: E402
 from lmcache_rs.worker import KVWorker  # noqa: E402
+from vllm_engines import INTEROP_PY, VllmEngine  # noqa: E402
 
-INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-ENGINE = REPO / "tools" / "vllm_engine.py"
 CHUNK = 64  # two of vLLM's 32-token blocks per chunk
 # The tiny Llama's KV: 2 layers x (K, V) x 1 head x 64 dims of float32 per token.
 CHUNK_BYTES = 2 * 2 * 1 * 64 * 4 * CHUNK
@@ -59,11 +58,10 @@ def prompt(seed: int, n: int = 100) -> list[int]:
     return [rng.randrange(3, 500) for _ in range(n)]
 
 
-class Engine:
-    """tools/vllm_engine.py with the connector, configured by its own LMCache YAML."""
+class Engine(VllmEngine):
+    """A vLLM engine with the connector, configured by its own LMCache YAML."""
 
     def __init__(self, workdir: Path, model_dir: Path, name: str, settings: dict):
-        self.name = name
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(settings))
         transfer = {**CONNECTOR, "kv_connector_extra_config": {"config_file": str(self.config_path)}}
@@ -72,28 +70,7 @@ class Engine:
         env = dict(os.environ)
         env.pop("LMCACHE_CONFIG_FILE", None)
         env["PYTHONPATH"] = str(REPO / "python")
-        self.log_path = workdir / f"{name}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, cwd=workdir, env=env)
-
-    def wait_ready(self) -> None:
-        ready = self._read()
-        assert ready == {"ready": True}, ready
-
-    def _read(self) -> dict:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"vLLM engine {self.name} exited ({self.proc.poll()}); see {self.log_path}:\n"
-                               + self.log_path.read_text(errors="replace")[-3000:])
-        return json.loads(line)
-
-    def call(self, **cmd) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._read()
+        super().__init__(workdir, config, name, env)
 
     def generate(self, tokens: list[int], reset: bool = True) -> dict:
         """One request; with ``reset`` vLLM's own prefix cache is emptied first, so whatever is
@@ -101,20 +78,6 @@ class Engine:
         if reset:
             assert self.call(op="reset") == {"ok": True}
         return self.call(op="generate", tokens=tokens)
-
-    def close(self) -> None:
-        try:
-            self.call(op="stop")
-            self.proc.wait(timeout=60)
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        self.log.close()
 
 
 def engine_settings(name: str, controller: ControllerProcess, pool_chunks: int) -> dict:

@@ -15,17 +15,14 @@ import json
 import os
 import random
 import socket
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import zmq
 
-REPO = Path(__file__).resolve().parents[2]
-INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-ENGINE = REPO / "tools" / "vllm_engine.py"
+from vllm_engines import INTEROP_PY, VllmEngine
+
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 if not INTEROP_PY.exists():
@@ -38,44 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class VllmEngine:
-    def __init__(self, workdir: Path, endpoint: str, replay_endpoint: str, topic: str):
-        config = {"model_dir": str(workdir / "tiny-llama"), "endpoint": endpoint,
-                  "replay_endpoint": replay_endpoint, "topic": topic, "num_blocks": 16}
-        self.log = open(workdir / "vllm.log", "wb")
-        self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, cwd=workdir)
-        ready = self._read(timeout=600)
-        assert ready == {"ready": True}, ready
-
-    def _read(self, timeout: float = 120) -> dict:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"vLLM engine exited ({self.proc.poll()}); see vllm.log")
-        return json.loads(line)
-
-    def call(self, **cmd) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.call(op="stop")
-            self.proc.wait(timeout=30)
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        self.log.close()
 
 
 class Controller:
@@ -118,7 +77,9 @@ def test_vllm_engine_events_answer_what_the_engine_holds(controller, tmp_path):
     endpoint, replay = f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}"
     spec = {"bind": endpoint, "replay_endpoint": replay}
     c = Controller(controller, spec)
-    engine = VllmEngine(tmp_path, endpoint, replay, "kv@pod-a@tiny")
+    engine = VllmEngine(tmp_path, {"model_dir": str(tmp_path / "tiny-llama"), "endpoint": endpoint,
+                                   "replay_endpoint": replay, "topic": "kv@pod-a@tiny", "num_blocks": 16})
+    engine.wait_ready()
     ctx = zmq.Context()
     rng = random.Random(11)
     families = [[rng.randrange(1, 500) for _ in range(64)] for _ in range(3)]
