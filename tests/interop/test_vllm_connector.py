@@ -33,7 +33,7 @@ from fake_worker import ControllerProcess  # noqa: E402
 
 from lmcache_rs.config import config_from_dict  # noqa: E402
 from lmcache_rs.worker import KVWorker  # noqa: E402
-from vllm_engines import INTEROP_PY, VllmEngine  # noqa: E402
+from vllm_engines import VllmEngine, free_port, require_interop_venv  # noqa: E402
 
 CHUNK = 64  # two of vLLM's 32-token blocks per chunk
 # The tiny Llama's KV: 2 layers x (K, V) x 1 head x 64 dims of float32 per token.
@@ -41,16 +41,7 @@ CHUNK_BYTES = 2 * 2 * 1 * 64 * 4 * CHUNK
 CONNECTOR = {"kv_connector": "LMCacheRsConnector", "kv_connector_module_path": "lmcache_rs.vllm",
              "kv_role": "kv_both"}
 
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+require_interop_venv()
 
 
 def prompt(seed: int, n: int = 100) -> list[int]:

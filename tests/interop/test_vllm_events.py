@@ -12,29 +12,17 @@ replay socket has nothing past the controller's next sequence number.
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 import time
 import urllib.request
 
-import pytest
 import zmq
 
-from vllm_engines import INTEROP_PY, VllmEngine
+from vllm_engines import VllmEngine, free_port, require_interop_venv
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+require_interop_venv()
 
 
 class Controller:
