@@ -79,7 +79,7 @@ def test_a_prompt_saved_from_one_cache_loads_bit_for_bit_into_another(pair):
         b.close()
 
 
-def test_a_load_the_store_cannot_fill_reports_its_blocks_and_saves_nothing_that_step(pair):
+def test_a_load_the_store_cannot_fill_reports_its_blocks_and_the_request_is_never_saved(pair):
     a, computed, _ = pair
     prompt = list(range(300, 324))
     blocks = [0, 1, 2, 3, 4, 5]
@@ -87,15 +87,47 @@ def test_a_load_the_store_cannot_fill_reports_its_blocks_and_saves_nothing_that_
     planner.matched("w", prompt, 0, 0)
     planner.allocated("w", 0)
     run_step(a, planner.step([("w", prompt, blocks, 0, 24)], []), list(computed))
-    hit = a.answer({"op": "hold", "req": "r", "tokens": prompt + [9]})["tokens"]
+    longer = prompt + list(range(900, 908))
+    hit = a.answer({"op": "hold", "req": "r", "tokens": longer})["tokens"]
     assert hit == 24
     a.worker.clear()  # an operator's /clear between the lookup and the load
-    plan = StepPlan(loads=[LoadSpec("r", prompt, [6, 7, 8, 9, 10, 11], 0, 24)],
-                    saves=[SaveSpec("r", prompt + [9], [6, 7, 8, 9, 10, 11], 0)])
+    other = [6, 7, 8, 9, 10, 11, 0, 1]
+    plan = StepPlan(loads=[LoadSpec("r", prompt, other, 0, 24)], saves=[SaveSpec("r", prompt, other, 0)])
     run_step(a, plan, list(computed))
     assert a.take_load_errors() == {6, 7, 8, 9, 10, 11} and a.take_load_errors() == set()
     # the blocks hold no KV of these tokens: none of it may be stored under their keys
-    assert a.worker.lookup(prompt + [9]) == 0 and a.stats["load_failures"] == 1
+    assert a.worker.lookup(prompt) == 0 and a.stats["load_failures"] == 1 and a.stats["save_failures"] == 0
+    # nor the next chunk, computed on top of it in a later step
+    run_step(a, StepPlan(saves=[SaveSpec("r", longer, other, 24)]), list(computed))
+    assert a.worker.kvstore.cpu.entries == {}
+    # once the request is released the id may be reused and saved
+    run_step(a, StepPlan(releases=["r"], saves=[SaveSpec("r", prompt, blocks, 0)]), list(computed))
+    assert a.worker.lookup(prompt) == 24
+
+
+def test_a_failed_load_on_one_rank_stops_the_others_saving_the_request():
+    from lmcache_rs.vllm.rank_channel import RankClient, RankServer, channel_path
+
+    path = channel_path(f"peer-test-{time.monotonic_ns()}", 0, 1)
+    peer = RankStore(config(lmcache_instance_id="tp", world_size=2), 1, N, caches(seed=2), H, D, cpu_isa="vec")
+    server = RankServer(path, peer.answer)
+    failing = RankStore(config(lmcache_instance_id="tp", world_size=2), 0, N, caches(), H, D, cpu_isa="vec",
+                        peers=RankClient([path], timeout=5))
+    try:
+        prompt = list(range(40, 56))
+        assert peer.worker.store(prompt, torch.randn((L, 2, 16, H, D))) == 16  # the peer's load succeeds
+        plan = StepPlan(loads=[LoadSpec("r", prompt, [0, 1, 2, 3], 0, 16)],  # rank 0's store has nothing
+                        saves=[SaveSpec("r", prompt + [1, 2, 3, 4], [0, 1, 2, 3, 4], 16)])
+        failing.start_step(plan)  # before the forward: the peer is told
+        run_step(peer, plan, list(caches(seed=2)))
+        assert failing.take_load_errors() == {0, 1, 2, 3} and peer.take_load_errors() == set()
+        assert peer.stats["loaded_tokens"] == 16
+        # the peer's new tokens were computed with rank 0's missing KV: it saves nothing of them
+        assert peer.worker.lookup(prompt + [1, 2, 3, 4]) == 16 and peer.stats["saved_tokens"] == 0
+    finally:
+        failing.close()
+        server.close()
+        peer.close()
 
 
 def test_a_step_in_which_a_layer_was_not_copied_saves_nothing(pair):

@@ -105,6 +105,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         # rank) and instance id: not supported, the connector stays off
         parallel = vllm_config.parallel_config
         self.unsupported_parallelism = parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1
+        # a drafter's layers are registered too but never run under a plan: no step would be complete
+        self.speculative = vllm_config.speculative_config is not None
         self.stats: dict[str, int] = {  # the scheduler side's; each rank's are in its RankStore
             "lookups": 0, "hit_tokens": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
         }
@@ -126,7 +128,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             log.warning("kv_load_failure_policy is 'fail': a load the store cannot finish (a chunk cleared by "
                         "an operator, a damaged disk file) fails that request; set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to compute it instead")
-        self.off = self.unsupported_parallelism  # set for good when the ranks say their store is off
+        self.off = self.unsupported_parallelism or self.speculative  # also set for good when a rank says "off"
         self._quiet_until = 0.0  # after a rank timed out, no lookups until then
         self.planner = Planner(self.config.chunk_size)
         self.ranks = RankClient(self._endpoints)
@@ -161,6 +163,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         replies = self.ranks.ask({"op": "hold", "req": request_id, "tokens": tokens})
         if replies is None or any(r.get("off") for r in replies):
             self.planner.skipped(request_id)
+            self.planner.release(request_id)  # ranks that did answer hold the prefix
             if replies is None:
                 self.stats["lookup_failures"] += 1
                 self._quiet_until = time.monotonic() + RANK_BACKOFF_SECONDS
@@ -257,10 +260,10 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self.head_dim = model.get_head_size()
         self.rank_store: Any = None  # rank_store.RankStore once register_kv_caches succeeded
         self.server = None
-        if self.unsupported_parallelism:
-            log.error("lmcache_rs connector off: pipeline (%d stages) and data parallelism (%d engines) are not "
-                      "supported", vllm_config.parallel_config.pipeline_parallel_size,
-                      vllm_config.parallel_config.data_parallel_size)
+        if self.unsupported_parallelism or self.speculative:
+            log.error("lmcache_rs connector off: pipeline (%d stages) and data parallelism (%d engines) and "
+                      "speculative decoding (%s) are not supported", vllm_config.parallel_config.pipeline_parallel_size,
+                      vllm_config.parallel_config.data_parallel_size, "on" if self.speculative else "off")
             return
         # bound before the store starts, so a store that fails to start answers "off" at once
         self.server = RankServer(self._endpoints[self.rank], self._answer)
@@ -284,8 +287,10 @@ class LMCacheRsConnector(KVConnectorBase_V1):
     def _start_worker(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from .rank_store import RankStore  # imports torch and the worker: only in vLLM's worker processes
 
+        others = [endpoint for rank, endpoint in enumerate(self._endpoints) if rank != self.rank]
         self.rank_store = RankStore(self.config, self.rank, self.block_size, kv_caches, self.num_kv_heads,
-                                    self.head_dim, self._cpu_isa(list(kv_caches)))
+                                    self.head_dim, self._cpu_isa(list(kv_caches)),
+                                    peers=RankClient(others) if others else None)
 
     def _answer(self, request: dict) -> dict:
         """The rank channel's requests (its own thread)."""

@@ -105,8 +105,14 @@ class Planner:
             self._releases.append(request_id)
 
     def finished(self, request_id: str) -> None:
-        if self.requests.pop(request_id, None) is not None:
-            self._releases.append(request_id)
+        """The request left: its state goes, and the ranks end its hold (if one was taken)."""
+        self.requests.pop(request_id, None)
+        self._releases.append(request_id)
+
+    def release(self, request_id: str) -> None:
+        """End a hold the ranks may have taken for a request planned nothing (e.g. another
+        rank did not answer)."""
+        self._releases.append(request_id)
 
     # -- each step ----------------------------------------------------------------------------
     def step(self, new: Sequence[tuple[str, Optional[Sequence[int]], Sequence[int], int, int]],

@@ -24,6 +24,7 @@ from lmcache_rs.worker.store import dtype_name
 
 from . import layout
 from .plan import LoadSpec, SaveSpec, StepPlan
+from .rank_channel import RankClient
 
 log = logging.getLogger("lmcache_rs.vllm")
 
@@ -35,12 +36,15 @@ MAX_FETCH_STATES = 4096
 
 class RankStore:
     """The store of TP rank ``rank`` on its layers ``kv_caches`` (layer name -> vLLM's tensor).
-    ``cpu_isa``: vLLM's CPU attention kernel, for the ``cpu`` layout. Raises
+    ``cpu_isa``: vLLM's CPU attention kernel, for the ``cpu`` layout. ``peers``: the other TP
+    ranks' channels, told of a failed load before this rank's forward (their tokens of this
+    step depend on it through the all-reduce, so none of them may save the request). Raises
     layout.UnsupportedLayout for caches it cannot read, OSError/ValueError when the worker
     cannot start (a port taken, a bad config)."""
 
     def __init__(self, config: LMCacheConfig, rank: int, block_size: int, kv_caches: Mapping[str, torch.Tensor],
-                 num_kv_heads: int, head_dim: int, cpu_isa: Optional[str] = None):
+                 num_kv_heads: int, head_dim: int, cpu_isa: Optional[str] = None,
+                 peers: Optional[RankClient] = None):
         kind, names, views = layout.describe(kv_caches, block_size, num_kv_heads, head_dim)
         if kind == "cpu" and cpu_isa not in layout.CPU_ISAS:
             raise layout.UnsupportedLayout(
@@ -49,7 +53,9 @@ class RankStore:
         first = views[0].key
         config = dataclasses.replace(config, num_layers=len(names), num_kv_heads=num_kv_heads, head_dim=head_dim,
                                      kv_dtype=dtype_name(first.dtype))
-        self.worker = KVWorker(config, worker_id=rank)
+        self._side_stream = torch.cuda.Stream(device=first.device) if first.device.type == "cuda" else None
+        self.worker = KVWorker(config, worker_id=rank)  # last: nothing after it can fail
+        self.peers = peers
         self.rank = rank
         self.block_size = block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
@@ -62,25 +68,34 @@ class RankStore:
         self._fetch_states: dict[str, str] = {}
         self._load_errors: set[int] = set()
         self._staging: list[tuple[SaveSpec, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._layers_copied = 0  # this step's layers copied out for saving
-        self._failed_loads: set[str] = set()  # this step's requests whose load failed: not saved
-        self._side_stream = torch.cuda.Stream(device=first.device) if first.device.type == "cuda" else None
+        self._layers_copied: set[int] = set()  # this step's layers copied out for saving
+        self._copy_failed = False
+        # requests whose load failed here or on a peer rank: never saved again (their later
+        # tokens were computed on top of the missing KV); forgotten when the request is released
+        self._failed_loads: set[str] = set()
+        self._failed_lock = threading.Lock()
         log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
                  rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
                  config.lmcache_instance_id)
 
     def close(self) -> None:
         log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
+        if self.peers is not None:
+            self.peers.close()
         self.worker.close()
 
     # -- the rank channel (its own thread) ---------------------------------------------------
     def answer(self, request: dict) -> dict:
-        """A request from the scheduler (hold, fetch, fetch_state)."""
+        """A request from the scheduler (hold, fetch, fetch_state) or a peer rank (load_failed)."""
         op = request.get("op")
         if op == "hold":
             return {"tokens": self._hold(str(request["req"]), list(request["tokens"]))}
         if op == "fetch":
             self._fetch(str(request["req"]), list(request["tokens"]), request["sources"])
+            return {}
+        if op == "load_failed":  # a peer rank's load of this request failed
+            with self._failed_lock:
+                self._failed_loads.add(str(request["req"]))
             return {}
         if op == "fetch_state":
             request_id = str(request["req"])
@@ -105,6 +120,15 @@ class RankStore:
             store.release(old[0])
         return matched
 
+    def _release_expired(self) -> None:
+        """End holds older than HOLD_SECONDS: their request left without a release."""
+        now = time.monotonic()
+        with self._holds_lock:
+            expired = [r for r, (_k, deadline) in self._holds.items() if deadline < now]
+            keys = [self._holds.pop(r)[0] for r in expired]
+        for held in keys:
+            self.worker.kvstore.release(held)
+
     def _release(self, request_id: str) -> None:
         with self._holds_lock:
             held = self._holds.pop(request_id, None)
@@ -113,7 +137,7 @@ class RankStore:
 
     def _fetch(self, request_id: str, tokens: list[int], sources: dict) -> None:
         if len(self._fetch_states) > MAX_FETCH_STATES:  # ended fetches nobody asked about (timed out, aborted)
-            for ended in [r for r, state in self._fetch_states.items() if state != "pending"]:
+            for ended in [r for r, state in list(self._fetch_states.items()) if state != "pending"]:
                 self._fetch_states.pop(ended, None)
         source = sources.get(self.rank, sources.get(str(self.rank)))
         if source is None:
@@ -136,18 +160,25 @@ class RankStore:
         """Before the forward: end the holds the plan releases, run its loads."""
         for request_id in plan.releases:
             self._release(request_id)
+            with self._failed_lock:
+                self._failed_loads.discard(request_id)
+        self._release_expired()
         for spec in plan.loads:
             try:
-                if not self._load(spec):
-                    self._failed_loads.add(spec.request_id)
+                ok = self._load(spec)
             except Exception:
+                ok = False
                 self.stats["load_failures"] += 1
                 log.exception("loading %d tokens of request %s failed; its blocks are reported to vLLM",
                               spec.end - spec.start, spec.request_id)
                 self._load_errors.update(self._blocks_of(spec.block_ids, spec.start, spec.end))
-                self._failed_loads.add(spec.request_id)
             finally:
                 self._release(spec.request_id)
+            if not ok:
+                with self._failed_lock:
+                    self._failed_loads.add(spec.request_id)
+                if self.peers is not None and self.peers.ask({"op": "load_failed", "req": spec.request_id}) is None:
+                    log.error("could not tell every peer rank that request %s's load failed", spec.request_id)
 
     def _load(self, spec: LoadSpec) -> bool:
         """Write the planned tokens into the request's blocks; False (and the blocks not
@@ -178,9 +209,13 @@ class RankStore:
         index = self.layer_index.get(layer_name)
         if index is None or not plan.saves:
             return
+        if self._copy_failed:
+            return
         try:
-            if self._layers_copied == 0 and not self._staging:
-                self._stage([spec for spec in plan.saves if spec.request_id not in self._failed_loads])
+            if not self._layers_copied and not self._staging:
+                with self._failed_lock:
+                    saves = [spec for spec in plan.saves if spec.request_id not in self._failed_loads]
+                self._stage(saves)
             stream = self._side_stream
             if stream is not None:  # wait for the layer's kernels, copy without holding up the next
                 stream.wait_stream(torch.cuda.current_stream(stream.device))
@@ -188,12 +223,12 @@ class RankStore:
                     self._copy_layer(index)
             else:
                 self._copy_layer(index)
-            self._layers_copied += 1
+            self._layers_copied.add(index)
         except Exception:
             self.stats["save_failures"] += 1
             log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
             self._staging = []
-            self._layers_copied = -len(self.views)  # never complete this step
+            self._copy_failed = True
 
     def _stage(self, saves: list[SaveSpec]) -> None:
         first = self.views[0].key
@@ -213,18 +248,20 @@ class RankStore:
     def finish_step(self) -> None:
         """After the forward: store what every layer copied out."""
         staged, self._staging = self._staging, []
-        copied, self._layers_copied = self._layers_copied, 0
-        self._failed_loads = set()
+        copied, self._layers_copied = len(self._layers_copied), set()
+        self._copy_failed = False
         if not staged:
             return
         if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
             self.stats["save_failures"] += 1
-            self._warn("only %d of %d layers were copied out this step; nothing is saved", max(copied, 0),
-                       len(self.views))
+            self._warn("only %d of %d layers were copied out this step; nothing is saved", copied, len(self.views))
             return
         if self._side_stream is not None:
             self._side_stream.synchronize()
         for spec, _blocks, _offsets, out in staged:
+            with self._failed_lock:
+                if spec.request_id in self._failed_loads:  # a peer's load failed after staging
+                    continue
             try:
                 self.worker.store(spec.tokens, out, start=spec.start)
                 self.stats["saved_tokens"] += len(spec.tokens) - spec.start
