@@ -21,6 +21,12 @@ For each controller in turn (never both at once; loopback only, ports picked fre
    the worker channel, timed until the controller has applied them all (ours: the
    ping/pong barrier; LMCache: a probe prompt sent last becomes visible to /lookup).
 
+With ``--nginx`` (needs Debian's nginx), nginx answering every POST /lookup with a fixed
+reply (``return 200``, one worker process) takes the same wrk runs: the transport's cost alone,
+the ceiling an HTTP server in front of the index can approach. With ``--pin`` every server
+runs on core 0 (``taskset -c 0``) and wrk on core 1, so that server and client do not take
+each other's core.
+
 The driver writes benchmarks/results/http_bench.json and prints the table.
 """
 
@@ -62,6 +68,33 @@ import workload as wlmod  # noqa: E402
 
 TARGETS = {"rps_ratio_c8": 25.0, "p99_us_c8": 1000.0, "p50_us_c1": 100.0, "e2e_admits_per_s": 1e6}
 LUA = BENCH_DIR / "lookup.lua"
+# --pin: servers on core 0, wrk on core 1 (set by the driver)
+SERVER_PIN: list[str] = []
+CLIENT_PIN: list[str] = []
+# nginx's fixed reply: an answer of the size /lookup gives for one instance
+NGINX_REPLY = '{"event_id": "Lookup-00000000-1", "layout_info": {"inst-0": ["LocalCPUBackend", 1024]}, ' \
+              '"inst-0": ["LocalCPUBackend", 1024]}'
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 16m;
+    client_body_buffer_size 1m;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /lookup {{ default_type application/json; return 200 '{reply}'; }}
+    }}
+}}
+"""
 POPULATE = BENCH_DIR / "anchors" / "lmcache_populate.py"
 WORKER = BENCH_DIR / "synthetic_worker.py"
 
@@ -102,6 +135,7 @@ def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: 
             server_pid: int | None = None) -> dict:
     cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
            "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(bodies)]
+    cmd = CLIENT_PIN + cmd
     cpu0 = cpu_seconds(server_pid) if server_pid else None
     load0 = loadavg()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -158,6 +192,7 @@ def bench_ours(args, bodies: Path) -> dict:
     http, mon = free_port(), free_port()
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-port", str(mon),
            "--log-level", "WARNING", *args.ours_args.split()]
+    cmd = SERVER_PIN + cmd
     log(f"ours: starting {' '.join(cmd)}")
     ctl = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=sys.stderr)
     worker = None
@@ -201,7 +236,7 @@ def bench_lmcache(args, bodies: Path) -> dict:
     exe = ROOT / ".bench-venv" / "bin" / "lmcache_controller"
     http, pull, reply = free_port(), free_port(), free_port()
     ports = json.dumps({"pull": pull, "reply": reply})
-    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-ports", ports]
+    cmd = SERVER_PIN + [str(exe), "--host", "127.0.0.1", "--port", str(http), "--monitor-ports", ports]
     env = dict(os.environ, PYTHONHASHSEED=str(args.hashseed))
     log(f"lmcache: starting {' '.join(cmd)} (PYTHONHASHSEED={args.hashseed})")
     ctl = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -229,6 +264,31 @@ def bench_lmcache(args, bodies: Path) -> dict:
     v = subprocess.run([str(ANCHOR_PY), "-c", "import importlib.metadata as m; print(m.version('lmcache'))"],
                        capture_output=True, text=True)
     res["version"] = v.stdout.strip()
+    return res
+
+
+def bench_nginx(args, bodies: Path) -> dict:
+    import tempfile
+
+    quiet = wait_quiet(args.quiet_wait)
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="http_bench_nginx_"))
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port, reply=NGINX_REPLY))
+    cmd = SERVER_PIN + [shutil.which("nginx") or "nginx", "-p", str(workdir), "-c", str(conf)]
+    log(f"nginx: starting {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    res: dict = {"server_cmd": " ".join(cmd), "quiet": quiet, "reply_bytes": len(NGINX_REPLY)}
+    try:
+        res["startup_s"] = wait_http(port, proc, 30, "nginx")
+        pid = int((workdir / "nginx.pid").read_text())
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        res["load"] = load_phase("nginx", port, int(children[0]) if children else pid, args, bodies)
+    finally:
+        stop(proc, "nginx")
+        shutil.rmtree(workdir, ignore_errors=True)
+    v = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+    res["version"] = v.stderr.strip().split("/")[-1]
     return res
 
 
@@ -340,6 +400,21 @@ def report(res: dict) -> str:
                               for c in ("c1", "c8"))
             lines.append(f"{name}: other work used {q['cpu_busy_before'] * 100:.0f}% of the CPUs before its run "
                          f"(waited {q['waited_s']:.0f}s); 1-min load average before wrk: {loads}")
+    ngx = res.get("nginx")
+    if ngx:
+        rows = []
+        for c in ("c1", "c8"):
+            n = c[1:]
+            rows.append([f"requests/s, {n} conn", v(ours, lambda s: fmt(s["load"][c]["rps"], 1)),
+                         fmt(ngx["load"][c]["rps"], 1),
+                         v(ours, lambda s: f"{100 * s['load'][c]['rps'] / ngx['load'][c]['rps']:.0f} %"),
+                         ">= 80 % of nginx" if c == "c8" else ""])
+            rows.append([f"p99 latency, {n} conn (us)", v(ours, lambda s: f"{s['load'][c]['p99_us']:.0f}"),
+                         f"{ngx['load'][c]['p99_us']:.0f}",
+                         v(ours, lambda s: f"{s['load'][c]['p99_us'] / ngx['load'][c]['p99_us']:.2f}x"),
+                         "<= 1.5x nginx" if c == "c8" else ""])
+        lines.append(table(["measure", "lmcache_rs /lookup", f"nginx {ngx['version']} fixed reply", "ours / nginx",
+                            "target"], rows))
     if ours and "inproc" in ours:
         ip = ours["inproc"]
         lines.append(f"breakdown: Index.lookup_json alone takes {ip['lookup_json_us']:.1f} us per body "
@@ -357,6 +432,12 @@ def driver(args) -> int:
     if shutil.which("wrk") is None:
         log("wrk not found: apt-get install -y wrk")
         return 2
+    if args.pin:
+        if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+            log("--pin needs two cores and taskset")
+            return 2
+        SERVER_PIN[:] = ["taskset", "-c", "0"]
+        CLIENT_PIN[:] = ["taskset", "-c", "1"]
     res: dict = {"bench": "http_bench", "args": vars(args).copy(), "machine": machine(), "targets": TARGETS}
     res["args"].pop("out", None)
     res["args"].pop("quiet_wait", None)
@@ -378,6 +459,12 @@ def driver(args) -> int:
         log("=== our controller ===")
         res["ours"] = bench_ours(args, bodies)
         res["ours"]["inproc"] = inproc_breakdown(wl, bodies)
+    if args.nginx:
+        if shutil.which("nginx") is None:
+            log("nginx not found: apt-get install -y nginx-light")
+            return 2
+        log("=== nginx (fixed reply) ===")
+        res["nginx"] = bench_nginx(args, bodies)
     if not args.ours_only:
         if not ANCHOR_PY.exists():
             log(f"{ANCHOR_PY} missing: run benchmarks/run_all.py --setup-only")
@@ -409,7 +496,9 @@ def main() -> int:
                     help="seconds to wait for other work on the machine to settle first (0: don't)")
     ap.add_argument("--ours-args", default="", help="extra flags for our controller, e.g. '--http-threads 2'")
     ap.add_argument("--anchor-only", action="store_true", help="run only LMCache's side")
-    ap.add_argument("--ours-only", action="store_true", help="run only our side")
+    ap.add_argument("--ours-only", action="store_true", help="run only our side (and nginx with --nginx)")
+    ap.add_argument("--nginx", action="store_true", help="also run nginx answering a fixed reply (the transport alone)")
+    ap.add_argument("--pin", action="store_true", help="servers on core 0, wrk on core 1")
     args = ap.parse_args()
     return driver(args)
 
