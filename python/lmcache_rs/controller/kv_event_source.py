@@ -35,7 +35,7 @@ import zmq.asyncio
 
 from ..log_limit import RateLimitedLog
 from .engine_blocks import EngineBlocks, Namespace, Namespaces
-from .kv_events import Batch, BatchError, Cleared, EventDecoder
+from .kv_events import Batch, BatchError, EventDecoder
 from .operations import OperationError
 from .registry import Registry, WorkerRecord
 
@@ -90,7 +90,7 @@ class Publisher:
         return {"instance_id": self.instance_id, "topic": self.topic.decode(errors="replace"),
                 "dp_rank": self.rank, "next_seq": self.expected, "replaying": self.replaying,
                 "stale": self.stale, "batches": self.batches, "gaps": self.gaps, "replays": self.replays,
-                "restarts": self.restarts, "blocks": len(self.engine.blocks)}
+                "restarts": self.restarts, "blocks": len(self.engine)}
 
 
 class Subscription:
@@ -204,7 +204,7 @@ class KVEventSource:
                 ns.engines.discard(instance_id)
         pub = self.publishers.pop(instance_id, None)
         if pub is not None:
-            pub.engine.blocks.clear()
+            pub.engine.forget()
             self._mark_stale(pub, None)
         return dropped
 
@@ -345,9 +345,11 @@ class KVEventSource:
 
     # -- applying --------------------------------------------------------------------------
     def _apply(self, pub: Publisher, seq: int, batch: Batch) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.apply(batch.events, ops)
-        if pub.stale is not None and any(type(e) is Cleared for e in batch.events):
+        if batch.parsed is not None:
+            pub.engine.apply_parsed(batch.parsed)
+        else:
+            pub.engine.apply(batch.events)
+        if pub.stale is not None and batch.cleared:
             self._mark_stale(pub, None)  # the engine starts over from nothing: exact again
         pub.expected = seq + 1
         recent = pub.recent
@@ -355,21 +357,21 @@ class KVEventSource:
         if len(recent) > RECENT_SEQS:
             del recent[next(iter(recent))]  # the oldest applied (dicts keep insertion order)
         pub.batches += 1
-        self._write(ops)
+        self._write(pub.engine)
         self.registry.touch(pub.record)
 
-    def _write(self, ops: dict[Namespace, list]) -> None:
-        for ns, batch in ops.items():
-            admitted, evicted = ns.index.apply_batch(batch)
+    def _write(self, engine: EngineBlocks) -> None:
+        ops = engine.take_ops()
+        for ns, batch in ops:
+            admitted, evicted = batch.apply_to(ns.index)
             self.metrics.admits += admitted
             self.metrics.evicts += evicted
         if ops:
             self.registry.changes += 1
 
     def _drop(self, pub: Publisher) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.clear(ops)
-        self._write(ops)
+        pub.engine.clear()
+        self._write(pub.engine)
 
     def _lose(self, pub: Publisher, reason: str) -> None:
         """Messages are gone for good: forget the engine's holdings and mark it stale."""
