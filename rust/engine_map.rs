@@ -7,6 +7,7 @@
 //! merged as they come (admitting `[a]` then `[b]` at one location is admitting `[a, b]`).
 //! What cannot be applied is counted by reason (`Counts`), never guessed.
 
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use crate::hash::ChunkHasher;
@@ -328,19 +329,19 @@ impl EngineMap {
                 key,
                 locs: Locs::One(loc),
             };
-            match self.blocks.get_mut(h) {
-                None => {
-                    self.blocks.insert(h.clone(), fresh);
+            match self.blocks.entry(h.clone()) {
+                Entry::Vacant(v) => {
+                    v.insert(fresh);
                 }
-                Some(b) if b.key != key || b.ns != ns => {
-                    // the engine reused a hash for other content: its old holding is gone
-                    let old = std::mem::replace(b, fresh);
-                    for &l in old.locs.as_slice() {
-                        self.op(old.ns, OpKind::Evict, l, &[old.key]);
-                    }
-                }
-                Some(b) => {
-                    if !b.locs.contains(loc) {
+                Entry::Occupied(mut o) => {
+                    let b = o.get_mut();
+                    if b.key != key || b.ns != ns {
+                        // the engine reused a hash for other content: its old holding is gone
+                        let old = std::mem::replace(b, fresh);
+                        for &l in old.locs.as_slice() {
+                            self.op(old.ns, OpKind::Evict, l, &[old.key]);
+                        }
+                    } else if !b.locs.contains(loc) {
                         b.locs.push(loc);
                     }
                 }

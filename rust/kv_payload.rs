@@ -229,6 +229,20 @@ fn hashes(rd: &mut &[u8], out: &mut Vec<EngineHash>) -> R<(usize, usize)> {
     Ok((start, out.len()))
 }
 
+/// (bytes taken, right shift of the 4 bytes after the marker) per marker byte; 0: other.
+const TOKEN_WIDTH: [(u8, u8); 256] = {
+    let mut t = [(0u8, 0u8); 256];
+    let mut b = 0;
+    while b < 0x80 {
+        t[b] = (1, 0);
+        b += 1;
+    }
+    t[0xcc] = (2, 24);
+    t[0xcd] = (3, 16);
+    t[0xce] = (5, 0);
+    t
+};
+
 /// Token ids: every one an integer in u32's range.
 fn tokens(rd: &mut &[u8], out: &mut Vec<u32>) -> R<(usize, usize)> {
     let n = array_len(rd)?;
@@ -237,24 +251,34 @@ fn tokens(rd: &mut &[u8], out: &mut Vec<u32>) -> R<(usize, usize)> {
         return Err(Skip); // each token takes a byte at least: a bogus length stops here
     }
     out.reserve(n);
+    let buf: &[u8] = rd;
+    let mut i = 0;
     for _ in 0..n {
-        let (&b, rest) = rd.split_first().ok_or(Skip)?;
-        // the usual encodings first: positive fixint, uint8, uint16, uint32
-        let v = match b {
-            0x00..=0x7f => {
-                *rd = rest;
-                b as u32
+        let b = *buf.get(i).ok_or(Skip)?;
+        // the usual encodings (fixint, uint8/16/32) without a branch on which: the marker's
+        // width from a table and the value shifted out of the 4 bytes after it (tokens
+        // above and below 65,536 alternate unpredictably)
+        let (width, shift) = TOKEN_WIDTH[b as usize];
+        let v = match buf.get(i + 1..i + 5) {
+            Some(d) if width > 0 => {
+                let x = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64;
+                i += width as usize;
+                if b < 0x80 {
+                    b as u32
+                } else {
+                    (x >> shift) as u32
+                }
             }
-            0xcc..=0xce => {
-                let w = 1usize << (b - 0xcc);
-                let d = rest.get(..w).ok_or(Skip)?;
-                *rd = &rest[w..];
-                d.iter().fold(0u32, |acc, &x| (acc << 8) | x as u32)
+            _ => {
+                let mut r = &buf[i..];
+                let v = u32::try_from(int(&mut r)?).map_err(|_| Skip)?;
+                i = buf.len() - r.len();
+                v
             }
-            _ => u32::try_from(int(rd)?).map_err(|_| Skip)?,
         };
         out.push(v);
     }
+    *rd = &buf[i..];
     Ok((start, out.len()))
 }
 
@@ -272,26 +296,28 @@ enum Kind {
     Cleared,
 }
 
-/// Field names in the order of the bit each takes in `Fields::seen`.
-const FIELDS: [&[u8]; 17] = [
-    b"type",
-    b"block_hashes",
-    b"parent_block_hash",
-    b"token_ids",
-    b"block_size",
-    b"medium",
-    b"lora_name",
-    b"extra_keys",
-    b"group_idx",
-    b"kv_cache_spec_kind",
-    b"lora_id",
-    b"kv_cache_spec_sliding_window",
-    b"locality",
-    b"ownership",
-    b"session_id",
-    b"lookahead_token_ids",
-    b"",
-];
+/// The bit a field name takes in an event's `seen` set (its position in STORED_FIELDS order).
+fn field_bit(key: &[u8]) -> Option<u32> {
+    Some(match key {
+        b"type" => 0,
+        b"block_hashes" => 1,
+        b"parent_block_hash" => 2,
+        b"token_ids" => 3,
+        b"block_size" => 4,
+        b"medium" => 5,
+        b"lora_name" => 6,
+        b"extra_keys" => 7,
+        b"group_idx" => 8,
+        b"kv_cache_spec_kind" => 9,
+        b"lora_id" => 10,
+        b"kv_cache_spec_sliding_window" => 11,
+        b"locality" => 12,
+        b"ownership" => 13,
+        b"session_id" => 14,
+        b"lookahead_token_ids" => 15,
+        _ => return None,
+    })
+}
 const BIT_TYPE: u32 = 1;
 const BIT_HASHES: u32 = 1 << 1;
 const BIT_TOKENS: u32 = 1 << 3;
@@ -300,12 +326,23 @@ const STORED_FIELDS: u32 = (1 << 16) - 1;
 /// type, block_hashes, medium, group_idx, locality, ownership.
 const REMOVED_FIELDS: u32 = 1 | (1 << 1) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 13);
 
-struct Parser {
+struct Parser<'a> {
     out: Parsed,
+    /// Media seen in this payload -> their `locations` index (the same few on every event).
+    media: Vec<(Option<&'a [u8]>, u32)>,
 }
 
-impl Parser {
-    fn location(&mut self, medium: Option<&[u8]>) -> R<u32> {
+impl<'a> Parser<'a> {
+    fn location(&mut self, medium: Option<&'a [u8]>) -> R<u32> {
+        if let Some(&(_, ix)) = self.media.iter().find(|(m, _)| *m == medium) {
+            return Ok(ix);
+        }
+        let ix = self.location_ix(medium)?;
+        self.media.push((medium, ix));
+        Ok(ix)
+    }
+
+    fn location_ix(&mut self, medium: Option<&[u8]>) -> R<u32> {
         let name = match medium {
             None => location_of(None),
             Some(m) if m.is_ascii() => location_of(Some(std::str::from_utf8(m).map_err(|_| Skip)?)),
@@ -319,7 +356,7 @@ impl Parser {
         Ok(locs.len() as u32 - 1)
     }
 
-    fn event(&mut self, rd: &mut &[u8]) -> R<()> {
+    fn event(&mut self, rd: &mut &'a [u8]) -> R<()> {
         let m = marker(rd)?;
         if !matches!(m, Marker::FixMap(_) | Marker::Map16 | Marker::Map32) {
             return Err(Skip);
@@ -336,7 +373,7 @@ impl Parser {
         for _ in 0..len_of(rd, m)? {
             let km = marker(rd)?;
             let key = str_after(rd, km)?;
-            let bit = FIELDS[..16].iter().position(|f| *f == key).ok_or(Skip)?;
+            let bit = field_bit(key).ok_or(Skip)?;
             if seen & (1 << bit) != 0 {
                 return Err(Skip);
             }
@@ -446,7 +483,7 @@ impl Parser {
         Ok(())
     }
 
-    fn batch(&mut self, mut rd: &[u8]) -> R<()> {
+    fn batch(&mut self, mut rd: &'a [u8]) -> R<()> {
         let rd = &mut rd;
         let n = match marker(rd)? {
             Marker::FixArray(n @ 2..=3) => n,
@@ -478,6 +515,7 @@ impl Parser {
 pub fn parse(payload: &[u8]) -> Option<Parsed> {
     let mut p = Parser {
         out: Parsed::default(),
+        media: Vec::new(),
     };
     p.batch(payload).ok()?;
     Some(p.out)

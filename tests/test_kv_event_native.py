@@ -23,7 +23,7 @@ from lmcache_rs.controller.settings import Settings
 from py_engine_blocks import PyEngineBlocks
 
 PROMPTS = [list(range(1, 25)), list(range(1, 9)) + list(range(40, 56)), list(range(60, 84)),
-           [0, 2**32 - 1] * 12]
+           [0, 2**32 - 1, 200, 70000, 300, 5] * 4]
 SIZES = [4, 4, 4, 2]
 MEDIA = [None, "GPU", "cpu", "CPU_TIER2", "XPU_HBM", "", "a\tb", "ſtorage", "gpu"]
 TOPICS = [b"kv@pod-a@m", b"kv@pod-b@m"]
