@@ -276,9 +276,11 @@ impl EngineMap {
         self.blocks.clear();
     }
 
-    /// Forget every block without operations (the engine left; its holders are removed).
+    /// Forget every block, and the operations not yet taken, without operations (the engine
+    /// left: its holders are removed whole).
     pub fn forget(&mut self) {
         self.blocks.clear();
+        self.pending.clear();
     }
 
     /// A store with tokens; the caller checked `block_size >= 1` and that the tokens make

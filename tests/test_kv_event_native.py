@@ -6,10 +6,12 @@ A payload the parser does not take (malformed, truncated, huge) changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import msgspec
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +248,48 @@ def test_garbage_never_crashes_the_parser(seed):
         parse_kv_batch(bytes(buf))
     for _ in range(2000):
         parse_kv_batch(rnd.randbytes(rnd.randint(0, 64)))
+
+
+class _Done(Exception):
+    pass
+
+
+class _QueuedSocket:
+    """A SUB socket with ``messages`` already queued: the live loop takes them in bursts."""
+
+    def __init__(self, messages: list[list[bytes]]):
+        self.messages = messages
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True):
+        fut = asyncio.get_running_loop().create_future()
+        if self.messages:
+            fut.set_result(self.messages.pop(0))
+        else:
+            fut.set_exception(zmq.Again() if flags & zmq.NOBLOCK else _Done())
+        return fut
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), st.integers(0, 3))
+def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
+    """The live loop applies what is queued in bursts, with the index writes at the end of
+    each: the same state as applying message by message (gaps and restarts included)."""
+    messages, seqs = [], {}
+    for i, (topic, payload) in enumerate(stream):
+        seq = seqs.get(topic, 0)
+        if jumps and i % 4 == jumps:
+            seq = max(0, seq + (2 if i % 2 else -2))  # a gap (lost messages) or a restart
+        seqs[topic] = seq + 1
+        messages.append([topic, seq.to_bytes(8, "big"), payload])
+    one_by_one = source(True)
+    for topic, seq, payload in messages:
+        one_by_one.receive(0, one_by_one.subscriptions[0], topic, int.from_bytes(seq, "big"), payload)
+    burst = source(True)
+    burst.subscriptions[0].sub = _QueuedSocket(list(messages))
+
+    async def run() -> None:
+        with pytest.raises(_Done):
+            await burst._live_loop(0, burst.subscriptions[0])
+
+    asyncio.run(run())
+    assert state(burst) == state(one_by_one)

@@ -259,7 +259,7 @@ class EngineMap:
     def clear(self) -> None:
         """Everything is gone: one drop per namespace held."""
     def forget(self) -> None:
-        """Forget every block without operations."""
+        """Forget every block and the operations not yet taken, without operations."""
     def apply_parsed(self, batch: ParsedBatch, root_namespaces: Sequence[tuple[int, int]]) -> None:
         """Apply a parsed batch; ``root_namespaces``: (block size, namespace number) for each of
         ``batch.root_sizes``."""

@@ -267,7 +267,7 @@ impl PyEngineMap {
         self.map.clear();
     }
 
-    /// Forget every block without operations.
+    /// Forget every block and the operations not yet taken, without operations.
     fn forget(&mut self) {
         self.map.forget();
     }

@@ -48,6 +48,7 @@ RECENT_SEQS = 4096
 MAX_REPLAY_ATTEMPTS = 3  # replays in a row for one gap before its messages count as lost
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
+LIVE_BURST = 64  # queued live messages applied before their index writes (and the next await)
 def offset_port(endpoint: str, rank: int) -> str:
     """A data-parallel rank's endpoint: vLLM offsets the port by the rank."""
     if rank == 0:
@@ -126,6 +127,8 @@ class KVEventSource:
         self.index = None  # no single key space: see ``namespaces``
         self._warn = RateLimitedLog(log)
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
+        # engines whose index writes wait for the end of a burst of live messages (None: none is running)
+        self._deferred: dict[int, EngineBlocks] | None = None
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -220,20 +223,35 @@ class KVEventSource:
         assert sub.sub is not None
         while True:
             frames = await sub.sub.recv_multipart(copy=True)
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self._count("bad_frames")
-                self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
-                           sub.endpoint, len(frames))
-                continue
-            topic, seq_bytes, payload = frames
-            seq = int.from_bytes(seq_bytes, "big")
-            if sub.starting:
-                if len(sub.held) < self.settings.kv_events_max_replay:
-                    sub.held.append((topic, seq, payload))
-                else:
-                    self._count("held_overflow")  # seen as a gap once the start-up replay is done
-                continue
-            self._guarded(position, sub, topic, seq, payload)
+            # Then whatever else is queued, without a trip through the event loop each, and
+            # with one index write per engine and namespace for the lot (``_flush``).
+            self._deferred = {}
+            try:
+                self._live_message(position, sub, frames)
+                for _ in range(LIVE_BURST - 1):
+                    try:
+                        frames = sub.sub.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
+                    except zmq.Again:
+                        break
+                    self._live_message(position, sub, frames)
+            finally:
+                self._flush()
+
+    def _live_message(self, position: int, sub: Subscription, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self._count("bad_frames")
+            self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
+                       sub.endpoint, len(frames))
+            return
+        topic, seq_bytes, payload = frames
+        seq = int.from_bytes(seq_bytes, "big")
+        if sub.starting:
+            if len(sub.held) < self.settings.kv_events_max_replay:
+                sub.held.append((topic, seq, payload))
+            else:
+                self._count("held_overflow")  # seen as a gap once the start-up replay is done
+            return
+        self._guarded(position, sub, topic, seq, payload)
 
     def _guarded(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
         """``receive``, and a bug it may hit costs one message, never the socket's loop."""
@@ -361,6 +379,9 @@ class KVEventSource:
         self.registry.touch(pub.record)
 
     def _write(self, engine: EngineBlocks) -> None:
+        if self._deferred is not None:
+            self._deferred[id(engine)] = engine
+            return
         ops = engine.take_ops()
         for ns, batch in ops:
             admitted, evicted = batch.apply_to(ns.index)
@@ -368,6 +389,16 @@ class KVEventSource:
             self.metrics.evicts += evicted
         if ops:
             self.registry.changes += 1
+
+    def _flush(self) -> None:
+        """The index writes a burst of live messages deferred."""
+        deferred, self._deferred = self._deferred, None
+        for engine in (deferred or {}).values():
+            try:
+                self._write(engine)
+            except Exception as exc:  # a bug costs this engine's writes, never the socket's loop
+                self._count("handler_errors")
+                log.exception("KV events: index writes for %s failed (%s)", engine.instance_id, exc)
 
     def _drop(self, pub: Publisher) -> None:
         pub.engine.clear()
