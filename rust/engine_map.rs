@@ -183,6 +183,8 @@ pub struct EngineMap {
     blocks: FxMap<EngineHash, Block>,
     /// Block size of each namespace this engine stored into.
     ns_sizes: FxMap<u32, usize>,
+    /// Block size -> the namespace of parsed stores without a parent (`set_root_namespace`).
+    roots: FxMap<usize, u32>,
     locations: Vec<Arc<str>>,
     location_ix: FxMap<Arc<str>, u32>,
     pending: Vec<(u32, Vec<PendingOp>)>,
@@ -385,13 +387,23 @@ impl EngineMap {
         }
     }
 
-    /// A parsed batch (kv_payload.rs); `root_namespaces[i]` is the namespace of stores without
-    /// a parent of block size `parsed.root_sizes()[i]`.
-    pub fn apply_parsed(
-        &mut self,
-        parsed: &crate::kv_payload::Parsed,
-        root_namespaces: &[(usize, u32)],
-    ) {
+    /// Where parsed stores without a parent of `block_size` go (the engine's base namespace of
+    /// that block size).
+    pub fn set_root_namespace(&mut self, block_size: usize, ns: u32) {
+        self.roots.insert(block_size, ns);
+    }
+
+    /// Apply a parsed batch (kv_payload.rs). When a block size its stores start with has no
+    /// namespace yet (`set_root_namespace`), nothing is applied: those sizes are returned.
+    pub fn apply_parsed(&mut self, parsed: &crate::kv_payload::Parsed) -> Vec<usize> {
+        let missing: Vec<usize> = parsed
+            .root_sizes()
+            .into_iter()
+            .filter(|s| !self.roots.contains_key(s))
+            .collect();
+        if !missing.is_empty() {
+            return missing;
+        }
         use crate::kv_payload::Event;
         let locs: Vec<u32> = parsed.locations.iter().map(|l| self.location(l)).collect();
         for ev in &parsed.events {
@@ -415,10 +427,7 @@ impl EngineMap {
                         self.counts.malformed_events += 1;
                         continue;
                     }
-                    let root_namespace = root_namespaces
-                        .iter()
-                        .find(|(s, _)| *s == size)
-                        .map(|&(_, ns)| ns);
+                    let root_namespace = self.roots.get(&size).copied();
                     self.store(&Store {
                         hashes,
                         parent: parent.as_ref(),
@@ -435,6 +444,7 @@ impl EngineMap {
                 Event::Cleared => self.clear(),
             }
         }
+        missing
     }
 }
 

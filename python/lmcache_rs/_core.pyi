@@ -260,9 +260,11 @@ class EngineMap:
         """Everything is gone: one drop per namespace held."""
     def forget(self) -> None:
         """Forget every block and the operations not yet taken, without operations."""
-    def apply_parsed(self, batch: ParsedBatch, root_namespaces: Sequence[tuple[int, int]]) -> None:
-        """Apply a parsed batch; ``root_namespaces``: (block size, namespace number) for each of
-        ``batch.root_sizes``."""
+    def set_root_namespace(self, block_size: int, namespace: int) -> None:
+        """Where parsed stores without a parent of ``block_size`` go."""
+    def apply_parsed(self, batch: ParsedBatch) -> list[int]:
+        """Apply a parsed batch. When a block size its stores start with has no namespace yet
+        (``set_root_namespace``), nothing is applied and those sizes are returned."""
     def take_pending(self) -> list[tuple[int, EngineOps]]:
         """The index operations queued since the last call: (namespace number, operations), in
         the order the namespaces were first touched."""

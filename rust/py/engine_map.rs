@@ -272,21 +272,22 @@ impl PyEngineMap {
         self.map.forget();
     }
 
-    /// Apply a parsed batch; ``root_namespaces``: (block size, namespace number) for each of
-    /// ``batch.root_sizes``.
-    fn apply_parsed(
-        &mut self,
-        py: Python<'_>,
-        batch: &PyParsedBatch,
-        root_namespaces: Vec<(usize, u32)>,
-    ) -> PyResult<()> {
+    /// Where parsed stores without a parent of ``block_size`` go.
+    fn set_root_namespace(&mut self, block_size: usize, namespace: u32) {
+        self.map.set_root_namespace(block_size, namespace);
+    }
+
+    /// Apply a parsed batch. When a block size its stores start with has no namespace yet
+    /// (``set_root_namespace``), nothing is applied and those sizes are returned.
+    fn apply_parsed(&mut self, py: Python<'_>, batch: &PyParsedBatch) -> PyResult<Vec<usize>> {
         let map = &mut self.map;
-        if batch.parsed.tokens.len() < 1 << 14 {
-            map.apply_parsed(&batch.parsed, &root_namespaces);
+        let missing = if batch.parsed.tokens.len() < 1 << 14 {
+            map.apply_parsed(&batch.parsed)
         } else {
-            py.detach(|| map.apply_parsed(&batch.parsed, &root_namespaces));
-        }
-        self.flush_counts(py)
+            py.detach(|| map.apply_parsed(&batch.parsed))
+        };
+        self.flush_counts(py)?;
+        Ok(missing)
     }
 
     /// The index operations queued since the last call: (namespace number, operations), in

@@ -132,9 +132,11 @@ class EngineBlocks:
         self.counts[what] = self.counts.get(what, 0) + n
 
     def apply_parsed(self, batch: ParsedBatch) -> None:
-        get = self.namespaces.get
-        roots = [(size, get(self.model, None, None, size).number) for size in batch.root_sizes]
-        self.map.apply_parsed(batch, roots)
+        missing = self.map.apply_parsed(batch)
+        if missing:  # a block size this engine starts sequences in for the first time
+            for size in missing:
+                self.map.set_root_namespace(size, self.namespaces.get(self.model, None, None, size).number)
+            self.map.apply_parsed(batch)
 
     def apply(self, events: list) -> None:
         for event in events:

@@ -128,7 +128,7 @@ class EventDecoder:
         self.counts[what] = self.counts.get(what, 0) + n
 
     def decode(self, payload: bytes) -> Batch:
-        if self.native:
+        if self.native and type(payload) is bytes:
             parsed = parse_kv_batch(payload)
             if parsed is not None:
                 return Batch(parsed.ts, [], parsed.dp_rank, hash(payload), parsed)
