@@ -16,7 +16,7 @@ channel how much of the prompt they hold (rank_channel.py), which also holds tho
 until they are loaded; when the local store has less than another instance per the
 controller's ``/lookup`` (``controller_lookup_url``), it has the ranks fetch that prefix from
 the other instance's P2P ports first (the request waits a step or more meanwhile, then loads
-locally). Worker side: loads planned tokens into vLLM's blocks before the forward, copies
+locally). Worker side (rank_store.py): loads planned tokens into vLLM's blocks before the forward, copies
 newly computed prompt tokens out per layer during it and stores them in ``wait_for_save``.
 
 Nothing here raises into vLLM: a failed lookup, fetch or save is logged and counted, and
