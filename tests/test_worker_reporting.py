@@ -128,7 +128,7 @@ def make_config(port, **extra):
     return config_from_dict(
         {"chunk_size": CS, "max_local_cpu_size": 8 * CHUNK_BYTES / GB, **SHAPE,
          "enable_controller": True, "controller_pull_url": f"127.0.0.1:{port}",
-         "lmcache_instance_id": "inst-a", "report_interval": 0.01, **extra}
+         "lmcache_instance_id": "inst-a", "report_interval": 0.01, "lmcache_worker_ports": 0, **extra}
     )
 
 

@@ -82,10 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # this rank's ports, from lists or base + rank: a rank without one is a config error
         worker_port = config.worker_port(args.worker_id)
         p2p_port = config.p2p_port(args.worker_id)
-        if config.enable_controller and worker_port is None:
-            raise ConfigError("enable_controller is on but lmcache_worker_ports is not set: the controller sends "
-                              "its commands (/clear, /move, ...) to that port (LMCache's lmcache_worker_port "
-                              "works too)")
+        config.check_command_port(args.worker_id)
         if not (config.enable_controller or worker_port is not None or p2p_port is not None or args.standalone):
             raise ConfigError("this config neither reports to a controller (enable_controller, "
                               "controller_pull_url) nor serves commands or peers (lmcache_worker_ports, "
