@@ -124,6 +124,8 @@ def test_frames_of_one_loop_iteration_are_applied_in_one_batch():
     ("chunk_size", 128, "chunk_size 128 (controller uses 256)"),
     ("seed", 5, "hash seed 5 (controller uses 0)"),
     ("v", 1, f"protocol version 1 (controller speaks {PROTOCOL_VERSION})"),
+    # a worker without a command port is not registered: every command to it would fail
+    ("worker_port", 0, "no command port (worker_port 0); set lmcache_worker_ports"),
 ])
 def test_config_mismatch_is_refused_with_both_values(field, value, text):
     async def main():

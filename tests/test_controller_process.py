@@ -474,6 +474,11 @@ def test_management_endpoints_against_workers():
                 assert info["worker_id"] == 1 and info["port"] == src[1].worker_port
                 assert info["distributed_url"] == f"127.0.0.1:{src[1].p2p_port}"
                 assert info["locations"][CPU]["chunks"] == 7
+                # "all": every worker of every instance
+                status, body = await http.json("POST", "/query_worker_info", {"instance_id": "all"})
+                assert status == 200
+                assert sorted((i["instance_id"], i["worker_id"], i["port"]) for i in body["worker_infos"]) == sorted(
+                    (fw.instance_id, fw.worker_id, fw.worker_port) for fw in src + dst)
 
                 status, body = await http.json("POST", "/query_instance", {"ip": "127.0.0.1"})
                 assert status == 200 and body["res"] in ("src", "dst")

@@ -407,3 +407,30 @@ def test_requests_still_waiting_after_the_shutdown_grace_get_503():
         assert state.metrics.rejected_requests == {503: 3}
 
     run(main())
+
+
+@pytest.mark.parametrize("first, says", [
+    (b"\x00\x00\x00\x40\x8b\xa1t\xa5hello", "workers report to --monitor-port 9001"),  # our worker's hello
+    (b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f", "pull socket 8300 and the reply socket 8400"),  # a ZMQ greeting
+])
+def test_a_worker_at_the_http_port_is_told_which_port_once(first, says, caplog, monkeypatch):
+    from lmcache_rs.controller import http
+    from lmcache_rs.log_limit import RepeatLimitedLog
+
+    monkeypatch.setattr(http, "log_wrong_port", RepeatLimitedLog(http.log))  # nothing logged by other tests
+
+    async def main():
+        state, app, proto, t = make()
+        state.other_ports.update({"monitor": 9001, "pull": 8300, "reply": 8400})
+        proto.data_received(first)
+        ((status, _, body),) = responses(bytes(t.written))
+        assert status == 400 and says in json.loads(body)["error"] and t.closed
+        for _ in range(3):  # the worker retries: not logged again
+            proto2 = HttpProtocol(state)
+            attach(proto2)
+            proto2.data_received(first)
+
+    with caplog.at_level("WARNING", logger="lmcache_rs.controller.http"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and says in lines[0] and "127.0.0.1:50000" in lines[0], lines

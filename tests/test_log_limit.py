@@ -13,7 +13,7 @@ from lmcache_rs.controller import http as http_module
 from lmcache_rs.controller.http import JSON, HttpProtocol, HttpServerState
 from lmcache_rs.controller.metrics import Metrics
 from lmcache_rs.controller.settings import Settings
-from lmcache_rs.log_limit import RateLimitedLog
+from lmcache_rs.log_limit import RateLimitedLog, RepeatLimitedLog
 
 LOGGER = "lmcache_rs.test.log_limit"
 
@@ -84,7 +84,6 @@ def test_a_flood_of_malformed_requests_logs_a_burst_and_counts_all(caplog, monke
 
 
 def test_a_repeated_refusal_is_logged_once_a_period_per_key(caplog):
-    from lmcache_rs.log_limit import RepeatLimitedLog
 
     clock = Clock()
     limited = RepeatLimitedLog(logging.getLogger(LOGGER), period=60.0, max_keys=2, clock=clock)
@@ -102,12 +101,16 @@ def test_a_repeated_refusal_is_logged_once_a_period_per_key(caplog):
         assert len(limited._seen) == 2
 
 
-def test_a_worker_refused_in_hello_is_logged_once_however_often_it_retries(caplog):
+def test_a_worker_refused_in_hello_is_logged_once_however_often_it_retries(caplog, monkeypatch):
     from lmcache_rs import Index
+    from lmcache_rs.controller import monitor
     from lmcache_rs.controller.monitor import MonitorProtocol, MonitorServerState
     from lmcache_rs.controller.registry import Registry
     from lmcache_rs.wire import encode_frame
     from lmcache_rs.wire.report import PROTOCOL_VERSION
+
+    # a fresh limiter: refusals logged by other tests from the same host must not hide this one
+    monkeypatch.setattr(monitor, "log_hello_refusal", RepeatLimitedLog(monitor.log))
 
     async def main():
         settings = Settings(api_key="right")

@@ -1,5 +1,5 @@
 """The package's shape, read from the source with ``ast``: no import cycles between our modules,
-and no module using another one's private names (CONVENTIONS.md, "Avoid").
+and no module using another one's private names.
 
 Every import counts, including those under ``if TYPE_CHECKING:`` and inside functions: a
 cycle hidden behind a lazy import is still two modules that cannot be understood apart.

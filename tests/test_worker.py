@@ -326,6 +326,19 @@ def test_a_worker_id_outside_the_world_size_is_refused():
         KVWorker(config_from_dict({"chunk_size": CS, "world_size": 2}), worker_id=2)
 
 
+def test_a_worker_that_reports_without_a_command_port_is_refused():
+    # the controller could send it no command: refused here, naming the key, not registered as port 0
+    config = make_config(enable_controller=True, controller_pull_url="127.0.0.1:9")
+    with pytest.raises(ValueError, match="lmcache_worker_ports is not set"):
+        KVWorker(config)
+    w = KVWorker(config, serve=False)
+    try:
+        with pytest.raises(ValueError, match="lmcache_worker_ports is not set"):
+            w.start_services()
+    finally:
+        w.close()
+
+
 def test_store_from_a_chunk_boundary_takes_only_the_new_tokens():
     w = KVWorker(make_config())
     try:

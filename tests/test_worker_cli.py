@@ -40,20 +40,31 @@ def test_help_and_version_answer_without_importing_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--standalone" in r.stdout, r.stderr
+    # every flag's help gives its default
+    for flag in ("--config", "--worker-id", "--preload", "--standalone", "--log-level"):
+        text = r.stdout.split("options:", 1)[1].split(f"\n  {flag}", 1)[1].split("\n  --", 1)[0]
+        assert "default" in text, (flag, text)
     r = subprocess.run([sys.executable, "-m", "lmcache_rs.worker", "--version"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("lmcache_worker (lmcache_rs) "), r.stderr
 
 
-def test_ready_line_says_where_it_reports(tmp_path):
+@pytest.mark.parametrize("env, says", [
+    ({}, " reports_to=none worker_port="),
+    # a misspelt enable_controller (warned about) leaves the URL unused: the ready line says so
+    ({"LMCACHE_CONTROLLER_PULL_URL": "127.0.0.1:9"},
+     " reports_to=none (controller_pull_url is set but enable_controller is off) worker_port="),
+])
+def test_ready_line_says_where_it_reports(tmp_path, env, says):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
     proc = subprocess.Popen([sys.executable, "-m", "lmcache_rs.worker", "--standalone"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
-                            env={**clean, "LMCACHE_ENABLE_CONTROLLER": "false", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.01"})
+                            env={**clean, "LMCACHE_ENABLE_CONTROLLER": "false", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.01",
+                                 **env})
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("lmcache_worker ready:") and " reports_to=none " in line, line
+        assert line.startswith("lmcache_worker ready:") and says in line, line
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -128,7 +128,7 @@ def make_config(port, **extra):
     return config_from_dict(
         {"chunk_size": CS, "max_local_cpu_size": 8 * CHUNK_BYTES / GB, **SHAPE,
          "enable_controller": True, "controller_pull_url": f"127.0.0.1:{port}",
-         "lmcache_instance_id": "inst-a", "report_interval": 0.01, **extra}
+         "lmcache_instance_id": "inst-a", "report_interval": 0.01, "lmcache_worker_ports": 0, **extra}
     )
 
 
@@ -284,3 +284,35 @@ def test_a_stalled_controller_never_blocks_store():
     finally:
         w.close()
         c.close()
+
+
+def test_a_worker_pointed_at_an_http_port_says_so_once(caplog):
+    # controller_pull_url naming the controller's HTTP port: every reconnection gets an HTTP answer
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="lmcache_rs"):
+        w = KVWorker(make_config(server.getsockname()[1]))
+        try:
+            deadline = time.monotonic() + 20
+            while len(accepted) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            w.close()
+            server.close()
+    assert len(accepted) >= 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [m for m in warnings if "speaks HTTP" in m]
+    assert len(said) <= 2 and any("(controller_pull_url) refused" in m and "--monitor-port" in m for m in said), warnings
+    assert not any("frame of" in m for m in warnings), warnings

@@ -140,6 +140,14 @@ class LMCacheConfig:
     def worker_port(self, rank: int) -> Optional[int]:
         return port_for("lmcache_worker_ports", self.lmcache_worker_ports, rank)
 
+    def check_command_port(self, rank: int) -> None:
+        """A worker that reports needs a command port, or the controller could not reach it.
+        Raises ConfigError naming the key."""
+        if self.enable_controller and self.worker_port(rank) is None:
+            raise ConfigError("enable_controller is on but lmcache_worker_ports is not set: the controller sends "
+                              "its commands (/clear, /move, ...) to that port (LMCache's lmcache_worker_port "
+                              "works too)")
+
     def p2p_port(self, rank: int) -> Optional[int]:
         return port_for("p2p_init_ports", self.p2p_init_ports, rank)
 

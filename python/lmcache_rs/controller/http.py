@@ -33,13 +33,14 @@ from typing import Any, Awaitable, Callable, Union
 
 import httptools
 
-from ..log_limit import RateLimitedLog
+from ..log_limit import RateLimitedLog, RepeatLimitedLog
 from ..wire import FlowControl
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller.http")
 log_refusal = RateLimitedLog(log)  # clients can cause these as fast as they connect
+log_wrong_port = RepeatLimitedLog(log)  # a worker at this port retries every second or two: once a minute per host
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
@@ -129,6 +130,9 @@ class HttpServerState:
         # process-wide --max-buffered-body-bytes split evenly over the loops (a per-loop counter
         # needs no lock). Without it memory would be bounded only by connections x body limit.
         self.buffered_body = 0
+        # the controller's other ports, named to a worker that connects here: "monitor", and
+        # LMCache's "pull" and "reply" (one dict shared by every HTTP loop)
+        self.other_ports: dict[str, int] = {}
         self.max_buffered_body = max(1, settings.max_buffered_body_bytes // max(1, settings.http_threads))
 
     def total_connections(self) -> int:
@@ -278,7 +282,10 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(400, "protocol upgrade is not supported")
             return
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            if self.activity == 1 and data[:1] in (b"\x00", b"\xff"):  # a frame's length or a ZMQ greeting
+                self._refuse_other_protocol(data[:1])
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
             return
         if self.receiving and not self._headers_done:
             # Headers still incomplete: bound what a client can make the parser buffer. The
@@ -477,6 +484,26 @@ class HttpProtocol(asyncio.Protocol):
         elif self.transport is not None:
             self.closing = True
             self.transport.close()
+
+    def _refuse_other_protocol(self, first: bytes) -> None:
+        """A worker at the HTTP port (lmcache_rs's frames start with a zero length byte, a ZMQ
+        greeting with 0xFF): say once a minute per host which port it wants, answer 400, close."""
+        ports = self.state.other_ports
+        if first == b"\xff":
+            what = "a ZMQ peer (an LMCache worker?)"
+            where = (f"LMCache workers report to the pull socket {ports['pull']} and the reply socket "
+                     f"{ports.get('reply')} (controller_pull_url, controller_reply_url)" if "pull" in ports
+                     else "LMCache workers need the controller started with --monitor-ports")
+        else:
+            what = "a peer speaking lmcache_rs's worker protocol"
+            where = f"workers report to --monitor-port {ports.get('monitor')} (controller_pull_url)"
+        message = f"this is lmcache_controller's HTTP port, not for {what}: {where}"
+        log_wrong_port((self.peer.rsplit(":", 1)[0], first), "http %s: %s", self.peer, message)
+        self.metrics.count_rejected(400)
+        self.closing = True
+        assert self.transport is not None
+        self.transport.write(encode_response(400, JSON, error_body(message), close=True))
+        self.transport.close()
 
     def _fail(self, status: int, message: str, force: bool = False, extra: bytes = b"") -> None:
         """Answer a canned error after what is queued, then close the connection."""

@@ -226,6 +226,11 @@ class MonitorProtocol(asyncio.Protocol):
                 f"worker {instance_id}/{worker_id} refused: " + "; ".join(mismatches)
                 + ". Workers and controller must share one config.",
             )
+        if hello.worker_port == 0:  # registered, every command to it would fail as if it had not reconnected
+            raise FrameError(report.CONFIG_MISMATCH,
+                             f"worker {instance_id}/{worker_id} refused: it has no command port (worker_port 0); set "
+                             "lmcache_worker_ports in its config: the controller sends /clear, /pin, /move and the "
+                             "other commands there")
         api_key = hello.api_key
         if s.api_key is not None and not key_matches(api_key, s.api_key):
             raise FrameError(report.UNAUTHORIZED, f"hello of worker {hello.instance_id}/{hello.worker_id}: wrong or "

@@ -98,9 +98,11 @@ class Controller:
             raise
         try:
             self.monitor_state.http_port = self.http_port
+            self.http_state.other_ports["monitor"] = self.monitor_port
             if self.lmcache is not None:
                 await self.lmcache.start()
                 self.monitor_state.lmcache_ports = dict(self.lmcache.bound)
+                self.http_state.other_ports.update(self.lmcache.bound)
             if self.kv_events is not None:
                 await self.kv_events.start()
         except BaseException:
@@ -284,6 +286,7 @@ class HttpLoop:
         controller.metrics.peers.append(self.metrics)
         self.state = HttpServerState(settings, self.metrics, app=None)  # type: ignore[arg-type]
         self.state.group = controller.http_state.group
+        self.state.other_ports = controller.http_state.other_ports
         self.state.group.append(self.state)
         lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-",
                         controller.registry, controller.lmcache, controller.kv_events)

@@ -34,13 +34,15 @@ import itertools
 import logging
 from typing import Any, Awaitable, Callable, Mapping, Union
 
-from ..log_limit import RateLimitedLog
+from ..log_limit import RepeatLimitedLog
 from .auth import AUTH, AUTH_TIMEOUT, MAX_AUTH_FRAME_BYTES, UNAUTHORIZED, auth_frame, check_first_frame
 from .flow_control import FlowControl
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("lmcache_rs.wire")
-log_refusal = RateLimitedLog(log)  # a bad peer can cause these as fast as it connects
+# a bad peer can cause these as fast as it connects, and a client retrying a wrong port at every
+# reconnection: once a minute per peer host and code
+log_refusal = RepeatLimitedLog(log)
 
 Handler = Callable[[dict], Union[Any, Awaitable[Any]]]
 
@@ -113,6 +115,8 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.remote_error: tuple[str, str] | None = None  # (code, message) of an error frame received
+        self.local_error: tuple[str, str] | None = None  # (code, message) of the error frame we sent
+        self.peer = "?"
         self.max_frame_bytes = max_frame_bytes
         # a stranger's first frame is small (the auth frame); full-size frames once it is proven
         self._decoder = FrameDecoder(max_frame_bytes if self.authenticated else min(max_frame_bytes, MAX_AUTH_FRAME_BYTES))
@@ -130,9 +134,11 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.flow = FlowControl(transport, high_water=2 * self.max_concurrency)
         self._closed = asyncio.get_running_loop().create_future()
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
         if not self.name:
-            peer = transport.get_extra_info("peername")
-            self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "session"
+            self.name = self.peer if isinstance(peer, tuple) else "session"
         if not self.authenticated:
             self._auth_timer = asyncio.get_running_loop().call_later(AUTH_TIMEOUT, self._auth_expired)
         if self.on_open is not None:
@@ -263,7 +269,9 @@ class Session(asyncio.Protocol):
 
     def _reject(self, code: str, message: str) -> None:
         """Answer a bad frame with an error frame and close (docs/protocol.md, Framing)."""
-        log_refusal("session %s: rejecting frame: %s: %s", self.name, code, message)
+        self.local_error = (code, message)
+        who = self.name if self.name == self.peer else f"{self.name} (peer {self.peer})"
+        log_refusal((self.peer.rsplit(":", 1)[0], code), "session %s: rejecting frame: %s: %s", who, code, message)
         if self.transport is not None and not self._closing:
             self.transport.write(encode_frame({"t": "error", "code": code, "message": message}))
         self.close()

@@ -57,10 +57,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: $LMCACHE_CONFIG_FILE)")
     parser.add_argument("--worker-id", type=int, default=0,
                         help="tensor-parallel rank, 0..world_size-1 (default 0; world_size is a config key)")
-    parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for")
+    parser.add_argument("--preload", help="JSON lines of token lists to store synthetic KV for, before reporting "
+                        "(default: none)")
     parser.add_argument("--standalone", action="store_true",
                         help="run even though the config neither reports to a controller nor serves commands or "
-                        "peers (tests, a store used from Python)")
+                        "peers (tests, a store used from Python; default off: such a config exits 2)")
     parser.add_argument("--log-level", type=str.upper, default=os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper(),
                         choices=LOG_LEVELS, help="log level (default $LMCACHE_LOG_LEVEL, else INFO)")
     args = parser.parse_args(argv)
@@ -82,10 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # this rank's ports, from lists or base + rank: a rank without one is a config error
         worker_port = config.worker_port(args.worker_id)
         p2p_port = config.p2p_port(args.worker_id)
-        if config.enable_controller and worker_port is None:
-            raise ConfigError("enable_controller is on but lmcache_worker_ports is not set: the controller sends "
-                              "its commands (/clear, /move, ...) to that port (LMCache's lmcache_worker_port "
-                              "works too)")
+        config.check_command_port(args.worker_id)
         if not (config.enable_controller or worker_port is not None or p2p_port is not None or args.standalone):
             raise ConfigError("this config neither reports to a controller (enable_controller, "
                               "controller_pull_url) nor serves commands or peers (lmcache_worker_ports, "
@@ -130,6 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         info = worker.info()
         reports_to = "{}:{}".format(*config.controller_address()) if config.enable_controller else "none"
+        if not config.enable_controller and config.controller_pull_url:
+            reports_to += " (controller_pull_url is set but enable_controller is off)"
         print(
             f"lmcache_worker ready: instance={info['instance_id']} worker={info['worker_id']} "
             f"reports_to={reports_to} worker_port={info['worker_port']} p2p_port={info['p2p_port']} "

@@ -137,9 +137,13 @@ class Reporter:
             name="report",
         )
         self.session = session
-        session.send(self.hello().to_message())
-        reply = await asyncio.wait_for(self._inbox.get(), WELCOME_TIMEOUT)
+        reply = None
+        if session.local_error is None:  # else what answered was refused already (e.g. an HTTP server)
+            session.send(self.hello().to_message())
+            reply = await asyncio.wait_for(self._inbox.get(), WELCOME_TIMEOUT)
         if reply is None:
+            if session.local_error is not None:  # not the controller's monitor port: say what it is
+                raise ConnectionError(f"{host}:{port} (controller_pull_url) refused: {session.local_error[1]}")
             raise ConnectionError("the controller closed the connection before welcome")
         if reply["t"] == report.ERROR:
             raise ConnectionError(f"the controller refused this worker: {report.describe_error(reply)}")

@@ -144,8 +144,10 @@ class KVWorker:
     # -- services ----------------------------------------------------------------------------
     def start_services(self) -> None:
         """Bind the P2P and command ports and connect to the controller, as configured.
-        Raises OSError when a port is taken."""
+        Raises OSError when a port is taken, ConfigError (a ValueError) when the worker would
+        report without a command port."""
         config = self.config
+        config.check_command_port(self.worker_id)
         if self._thread is not None or not (
             config.enable_controller or config.lmcache_worker_ports is not None or config.p2p_init_ports is not None
         ):
