@@ -95,12 +95,11 @@ class Publisher:
 
 
 class Subscription:
-    __slots__ = ("spec", "sub", "drain", "replay_lock", "starting", "held")
+    __slots__ = ("spec", "sub", "replay_lock", "starting", "held")
 
     def __init__(self, spec: dict):
         self.spec = spec
         self.sub: zmq.asyncio.Socket | None = None
-        self.drain: zmq.Socket | None = None  # ``sub`` without asyncio: takes what is queued, never waits
         self.replay_lock = asyncio.Lock()
         self.starting = False  # the start-up replay runs: live messages wait in ``held``
         self.held: list[tuple[bytes, int, bytes]] = []
@@ -149,7 +148,6 @@ class KVEventSource:
                 else:
                     sock.connect(sub.spec["connect"])
                 sub.sub = sock
-                sub.drain = zmq.Socket.shadow(sock.underlying)
         except zmq.ZMQError as exc:
             self.close_sockets()
             raise OSError(f"cannot open the KV-event socket {sub.endpoint}: {exc}") from None
@@ -172,7 +170,6 @@ class KVEventSource:
     def close_sockets(self) -> None:
         for sub in self.subscriptions:
             if sub.sub is not None:
-                sub.drain = None  # a shadow: closing ``sub`` closes it
                 sub.sub.close(linger=0)
                 sub.sub = None
         if self.ctx is not None:
@@ -223,7 +220,7 @@ class KVEventSource:
 
     # -- live stream -----------------------------------------------------------------------
     async def _live_loop(self, position: int, sub: Subscription) -> None:
-        assert sub.sub is not None and sub.drain is not None
+        assert sub.sub is not None
         while True:
             frames = await sub.sub.recv_multipart(copy=True)
             # Then whatever else is queued, without a trip through the event loop each, and
@@ -233,7 +230,7 @@ class KVEventSource:
                 self._live_message(position, sub, frames)
                 for _ in range(LIVE_BURST - 1):
                     try:
-                        frames = sub.drain.recv_multipart(zmq.NOBLOCK, copy=True)
+                        frames = sub.sub.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
                     except zmq.Again:
                         break
                     self._live_message(position, sub, frames)
