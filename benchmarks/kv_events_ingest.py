@@ -315,7 +315,7 @@ def ours_in_process(stream: dict, runs: int, profile: bool) -> dict:
         out["admits"], out["evicts"] = metrics.admits, metrics.evicts
         ns = source.namespaces.all()
         out["namespaces"] = [n.describe() for n in ns]
-        out["engine_blocks"] = sum(len(p.engine.blocks) for p in source.publishers.values())
+        out["engine_blocks"] = sum(len(p.engine) for p in source.publishers.values())
         out["index_stats"] = {k: v for k, v in ns[0].index.stats().items() if isinstance(v, (int, float))}
         return dt
 

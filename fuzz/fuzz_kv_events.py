@@ -14,7 +14,8 @@ restarts take the drop-and-rebuild path) into a fresh source. The first byte cho
 
 Checked for every input: nothing but the decoder's own error escapes; every answer the index
 gives is backed by the engine-hash maps (an index never holds more than the maps say); with
-content-derived hashes, the index holds exactly what the maps say.
+content-derived hashes, the index holds exactly what the maps say; and a second source that
+decodes every payload in Python (no Rust parser) ends in the same state.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import msgspec  # noqa: E402
 
 from lmcache_rs import Index  # noqa: E402
 from lmcache_rs.controller.kv_event_source import KVEventSource  # noqa: E402
+from lmcache_rs.controller.kv_events import EventDecoder  # noqa: E402
 from lmcache_rs.controller.metrics import Metrics  # noqa: E402
 from lmcache_rs.controller.registry import Registry  # noqa: E402
 from lmcache_rs.controller.settings import Settings  # noqa: E402
@@ -119,7 +121,7 @@ def payloads(r: Reader, structured: bool, content_hashes: bool) -> list[bytes]:
 def check(source: KVEventSource, exact: bool) -> None:
     implied: dict[tuple, set] = {}
     for pub in source.publishers.values():
-        for namespace_number, key, locations in pub.engine.blocks.values():
+        for namespace_number, key, locations in pub.engine.holdings().values():
             for location in locations:
                 implied.setdefault((namespace_number, pub.instance_id, location), set()).add(key)
     for ns in source.namespaces.all():
@@ -129,23 +131,37 @@ def check(source: KVEventSource, exact: bool) -> None:
                 raise harness.Finding(f"{instance_id}@{location} holds {n} chunks, the engine maps say {backed}")
 
 
+def state(source: KVEventSource) -> tuple:
+    return (source.counts, source.decoder.counts, {p.instance_id: p.engine.holdings() for p in source.publishers.values()},
+            [(ns.describe(), sorted(ns.index.holder_counts())) for ns in source.namespaces.all()])
+
+
+def new_source(native: bool) -> KVEventSource:
+    metrics = Metrics()
+    source = KVEventSource(Settings(kv_events=[{"bind": "inproc://fuzz"}]), Registry(Index(BS), metrics, 10.0),
+                           metrics)
+    source.decoder = EventDecoder(native=native)
+    return source
+
+
 def test_one_input(data: bytes) -> None:
     r = Reader(data)
     mode = r.byte()
     structured, jumpy = bool(mode & 1), bool(mode & 2)
     content_hashes = structured and not (mode & 4)
     BYTES_HASHES[0] = bool(mode & 8)
-    metrics = Metrics()
-    source = KVEventSource(Settings(kv_events=[{"bind": "inproc://fuzz"}]), Registry(Index(BS), metrics, 10.0),
-                           metrics)
-    sub = source.subscriptions[0]
+    source, python = new_source(True), new_source(False)
     seq = 0
     for payload in payloads(r, structured, content_hashes):
         if jumpy and r.below(4) == 0:
             seq = r.below(8)
-        source.receive(0, sub, r.pick(TOPICS), seq, payload)
+        topic = r.pick(TOPICS)
+        source.receive(0, source.subscriptions[0], topic, seq, payload)
+        python.receive(0, python.subscriptions[0], topic, seq, payload)
         seq += 1
         check(source, content_hashes)
+    if state(source) != state(python):
+        raise harness.Finding("the Rust parser and the Python decoder left different states")
 
 
 def main() -> None:

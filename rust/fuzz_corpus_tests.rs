@@ -15,6 +15,10 @@ mod snapshot_load {
     use crate as _core;
     include!("../fuzz/rust/oracles/snapshot_load.rs");
 }
+mod kv_payload {
+    use crate as _core;
+    include!("../fuzz/rust/oracles/kv_payload.rs");
+}
 
 fn replay(target: &str, check: fn(&[u8])) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,4 +52,9 @@ fn http_fast_corpus() {
 #[test]
 fn snapshot_load_corpus() {
     replay("snapshot_load", snapshot_load::check);
+}
+
+#[test]
+fn kv_payload_corpus() {
+    replay("kv_payload", kv_payload::check);
 }

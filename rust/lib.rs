@@ -2,6 +2,7 @@
 //! See rust/README.md for the glossary, the module map and the design.
 
 // ---- the core (plain Rust, no PyO3) ----
+pub mod engine_map;
 pub mod error;
 pub mod hash;
 pub mod holders;
@@ -9,6 +10,7 @@ pub mod http_fast;
 pub mod index;
 pub mod json;
 pub mod keyspace;
+pub mod kv_payload;
 pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
@@ -28,6 +30,8 @@ mod py;
 mod _core {
     use pyo3::prelude::*;
 
+    #[pymodule_export]
+    use crate::py::engine_map::{parse_kv_batch, PyEngineMap, PyEngineOps, PyParsedBatch};
     #[pymodule_export]
     use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
     #[pymodule_export]

@@ -69,16 +69,22 @@ class Setup:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
+                kv_metrics = [line for line in self.metrics().splitlines() if "kv_event" in line]
+                raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(kv_metrics)
+                                     + "\ncontroller log:\n" + self.controller.log()[-4000:])
             time.sleep(0.05)
 
     def connected(self) -> None:
         """PUB drops what it sends before the connection is up: publish empty batches until
-        the controller has applied every one, so each test starts from a known point."""
+        the controller has applied every one, so each test starts from a known point. Twice:
+        the first catch-up may come from the controller's start-up replay alone, before the
+        live connection is up (a message published then is lost until the next one shows the
+        gap); the second needs a message that came live, so the connection is up."""
         def caught_up() -> bool:
             n = self.publisher.publish([]) + 1
             return f'lmcache_kv_event_next_seq{{instance="pod-a"}} {n:.1f}\n' in self.metrics()
         self.until(caught_up, "the publisher to connect")
+        self.until(caught_up, "a live message after the start-up replay")
 
     def close(self):
         self.publisher.close()

@@ -6,27 +6,35 @@ the chunk keys every component agrees on; ``lmcache_chunk_hashes`` and
 """
 
 from ._core import (
+    EngineMap,
+    EngineOps,
     Index,
     InvalidArgumentError,
     InvalidTypeError,
     LMCacheError,
+    ParsedBatch,
     SnapshotError,
     __version__,
     chunk_hashes,
     lmcache_chunk_hashes,
+    parse_kv_batch,
     python_str_hash,
     runtime_info,
 )
 
 __all__ = [
+    "EngineMap",
+    "EngineOps",
     "Index",
     "InvalidArgumentError",
     "InvalidTypeError",
     "LMCacheError",
+    "ParsedBatch",
     "SnapshotError",
     "__version__",
     "chunk_hashes",
     "lmcache_chunk_hashes",
+    "parse_kv_batch",
     "python_str_hash",
     "runtime_info",
 ]

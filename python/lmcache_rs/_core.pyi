@@ -9,7 +9,11 @@ __all__ = [
     "lmcache_chunk_hashes",
     "python_str_hash",
     "runtime_info",
+    "parse_kv_batch",
     "Index",
+    "EngineMap",
+    "EngineOps",
+    "ParsedBatch",
     "LMCacheError",
     "InvalidArgumentError",
     "InvalidTypeError",
@@ -196,3 +200,75 @@ class Index:
         file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""
+
+@final
+class ParsedBatch:
+    """A KV-event batch parsed in Rust (token ids stay Rust memory), for ``EngineMap.apply_parsed``."""
+    @property
+    def ts(self) -> float: ...
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def root_sizes(self) -> list[int]:
+        """Block sizes of the stores without a parent, first seen first: their namespaces must
+        exist before the batch is applied."""
+    @property
+    def cleared(self) -> bool:
+        """Whether an ``AllBlocksCleared`` is among the events."""
+    def __len__(self) -> int: ...
+
+def parse_kv_batch(payload: bytes) -> ParsedBatch | None:
+    """The batch in ``payload`` when it has the common shape (map-tagged ``BlockStored`` /
+    ``BlockRemoved`` / ``AllBlocksCleared`` of the main attention group, no LoRA, text only,
+    known fields); ``None`` for anything else, including malformed payloads."""
+
+@final
+class EngineOps:
+    """One namespace's index operations from an ``EngineMap``."""
+    def apply_to(self, index: Index) -> tuple[int, int]:
+        """Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted)."""
+    def as_tuples(self) -> list[tuple[str, str, int, str | None, list[int]]]:
+        """The operations in ``Index.apply_batch``'s form."""
+    def __len__(self) -> int: ...
+
+@final
+class EngineMap:
+    """One engine's blocks: engine block hash -> (namespace number, our key, locations).
+    Changes queue index operations per namespace (``take_pending``); what cannot be applied is
+    added to ``counts`` by reason."""
+    def __new__(cls, instance_id: str, seed: int, counts: dict[str, int]) -> EngineMap: ...
+    @property
+    def instance_id(self) -> str: ...
+    def __len__(self) -> int: ...
+    def store(
+        self,
+        hashes: Sequence[int | bytes],
+        parent: int | bytes | None,
+        token_ids: _TokensLike,
+        block_size: int,
+        location: str,
+        namespace: int | None,
+        usable: int,
+    ) -> None:
+        """A store with tokens, checked by the caller: ``block_size >= 1`` and whole blocks of
+        every hash. ``namespace``: where a store without parent goes; ``usable``: how many
+        leading blocks are plain text (the rest are counted as multimodal)."""
+    def tier_update(self, hashes: Sequence[int | bytes], location: str) -> None:
+        """A store without tokens: known blocks gain ``location``."""
+    def remove(self, hashes: Sequence[int | bytes], location: str) -> None: ...
+    def clear(self) -> None:
+        """Everything is gone: one drop per namespace held."""
+    def forget(self) -> None:
+        """Forget every block and the operations not yet taken, without operations."""
+    def set_root_namespace(self, block_size: int, namespace: int) -> None:
+        """Where parsed stores without a parent of ``block_size`` go."""
+    def apply_parsed(self, batch: ParsedBatch) -> list[int]:
+        """Apply a parsed batch. When a block size its stores start with has no namespace yet
+        (``set_root_namespace``), nothing is applied and those sizes are returned."""
+    def take_pending(self) -> list[tuple[int, EngineOps]]:
+        """The index operations queued since the last call: (namespace number, operations), in
+        the order the namespaces were first touched."""
+    def namespaces_held(self) -> list[int]:
+        """Namespace numbers this engine holds blocks in."""
+    def holdings(self) -> dict[int | bytes, tuple[int, int, tuple[str, ...]]]:
+        """Every block: {engine hash: (namespace number, key, locations)} (a copy)."""

@@ -125,6 +125,11 @@ pub struct PyIndex {
 type AnsweredTuple<'py> = (Bound<'py, PyBytes>, usize, Vec<f64>, bool, u64, u64, u64);
 
 impl PyIndex {
+    /// Apply a batch built in Rust (an engine map's operations); returns (admitted, evicted).
+    pub(crate) fn write_batch(&self, py: Python<'_>, batch: Arc<Batch>) -> PyResult<(u64, u64)> {
+        detached(py, || Ok(self.inner.write(Op::Batch(batch))))
+    }
+
     /// The /lookup answer for `body` (bytes, or any byte buffer, copied), with the GIL released.
     fn answer_json(
         &self,

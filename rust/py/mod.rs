@@ -1,6 +1,7 @@
 //! The Python binding layer: converts Python values to core types and back; no index logic.
 
 pub mod convert;
+pub mod engine_map;
 pub mod errors;
 pub mod index;
 pub mod pyhash;

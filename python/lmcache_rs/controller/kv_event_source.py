@@ -35,7 +35,7 @@ import zmq.asyncio
 
 from ..log_limit import RateLimitedLog
 from .engine_blocks import EngineBlocks, Namespace, Namespaces
-from .kv_events import Batch, BatchError, Cleared, EventDecoder
+from .kv_events import Batch, BatchError, EventDecoder
 from .operations import OperationError
 from .registry import Registry, WorkerRecord
 
@@ -48,6 +48,7 @@ RECENT_SEQS = 4096
 MAX_REPLAY_ATTEMPTS = 3  # replays in a row for one gap before its messages count as lost
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
+LIVE_BURST = 64  # queued live messages applied before their index writes (and the next await)
 def offset_port(endpoint: str, rank: int) -> str:
     """A data-parallel rank's endpoint: vLLM offsets the port by the rank."""
     if rank == 0:
@@ -90,7 +91,7 @@ class Publisher:
         return {"instance_id": self.instance_id, "topic": self.topic.decode(errors="replace"),
                 "dp_rank": self.rank, "next_seq": self.expected, "replaying": self.replaying,
                 "stale": self.stale, "batches": self.batches, "gaps": self.gaps, "replays": self.replays,
-                "restarts": self.restarts, "blocks": len(self.engine.blocks)}
+                "restarts": self.restarts, "blocks": len(self.engine)}
 
 
 class Subscription:
@@ -126,6 +127,8 @@ class KVEventSource:
         self.index = None  # no single key space: see ``namespaces``
         self._warn = RateLimitedLog(log)
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
+        # engines whose index writes wait for the end of a burst of live messages (None: none is running)
+        self._deferred: dict[int, EngineBlocks] | None = None
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -204,7 +207,7 @@ class KVEventSource:
                 ns.engines.discard(instance_id)
         pub = self.publishers.pop(instance_id, None)
         if pub is not None:
-            pub.engine.blocks.clear()
+            pub.engine.forget()
             self._mark_stale(pub, None)
         return dropped
 
@@ -220,20 +223,35 @@ class KVEventSource:
         assert sub.sub is not None
         while True:
             frames = await sub.sub.recv_multipart(copy=True)
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self._count("bad_frames")
-                self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
-                           sub.endpoint, len(frames))
-                continue
-            topic, seq_bytes, payload = frames
-            seq = int.from_bytes(seq_bytes, "big")
-            if sub.starting:
-                if len(sub.held) < self.settings.kv_events_max_replay:
-                    sub.held.append((topic, seq, payload))
-                else:
-                    self._count("held_overflow")  # seen as a gap once the start-up replay is done
-                continue
-            self._guarded(position, sub, topic, seq, payload)
+            # Then whatever else is queued, without a trip through the event loop each, and
+            # with one index write per engine and namespace for the lot (``_flush``).
+            self._deferred = {}
+            try:
+                self._live_message(position, sub, frames)
+                for _ in range(LIVE_BURST - 1):
+                    try:
+                        frames = sub.sub.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
+                    except zmq.Again:
+                        break
+                    self._live_message(position, sub, frames)
+            finally:
+                self._flush()
+
+    def _live_message(self, position: int, sub: Subscription, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self._count("bad_frames")
+            self._warn("KV events on %s: dropped a message of %d frames (expected topic, seq, payload)",
+                       sub.endpoint, len(frames))
+            return
+        topic, seq_bytes, payload = frames
+        seq = int.from_bytes(seq_bytes, "big")
+        if sub.starting:
+            if len(sub.held) < self.settings.kv_events_max_replay:
+                sub.held.append((topic, seq, payload))
+            else:
+                self._count("held_overflow")  # seen as a gap once the start-up replay is done
+            return
+        self._guarded(position, sub, topic, seq, payload)
 
     def _guarded(self, position: int, sub: Subscription, topic: bytes, seq: int, payload: bytes) -> None:
         """``receive``, and a bug it may hit costs one message, never the socket's loop."""
@@ -345,9 +363,11 @@ class KVEventSource:
 
     # -- applying --------------------------------------------------------------------------
     def _apply(self, pub: Publisher, seq: int, batch: Batch) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.apply(batch.events, ops)
-        if pub.stale is not None and any(type(e) is Cleared for e in batch.events):
+        if batch.parsed is not None:
+            pub.engine.apply_parsed(batch.parsed)
+        else:
+            pub.engine.apply(batch.events)
+        if pub.stale is not None and batch.cleared:
             self._mark_stale(pub, None)  # the engine starts over from nothing: exact again
         pub.expected = seq + 1
         recent = pub.recent
@@ -355,21 +375,34 @@ class KVEventSource:
         if len(recent) > RECENT_SEQS:
             del recent[next(iter(recent))]  # the oldest applied (dicts keep insertion order)
         pub.batches += 1
-        self._write(ops)
+        self._write(pub.engine)
         self.registry.touch(pub.record)
 
-    def _write(self, ops: dict[Namespace, list]) -> None:
-        for ns, batch in ops.items():
-            admitted, evicted = ns.index.apply_batch(batch)
+    def _write(self, engine: EngineBlocks) -> None:
+        if self._deferred is not None:
+            self._deferred[id(engine)] = engine
+            return
+        ops = engine.take_ops()
+        for ns, batch in ops:
+            admitted, evicted = batch.apply_to(ns.index)
             self.metrics.admits += admitted
             self.metrics.evicts += evicted
         if ops:
             self.registry.changes += 1
 
+    def _flush(self) -> None:
+        """The index writes a burst of live messages deferred."""
+        deferred, self._deferred = self._deferred, None
+        for engine in (deferred or {}).values():
+            try:
+                self._write(engine)
+            except Exception as exc:  # a bug costs this engine's writes, never the socket's loop
+                self._count("handler_errors")
+                log.exception("KV events: index writes for %s failed (%s)", engine.instance_id, exc)
+
     def _drop(self, pub: Publisher) -> None:
-        ops: dict[Namespace, list] = {}
-        pub.engine.clear(ops)
-        self._write(ops)
+        pub.engine.clear()
+        self._write(pub.engine)
 
     def _lose(self, pub: Publisher, reason: str) -> None:
         """Messages are gone for good: forget the engine's holdings and mark it stale."""

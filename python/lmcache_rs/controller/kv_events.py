@@ -7,6 +7,8 @@ One message payload is a msgpack ``KVEventBatch``: ``[ts, [events], data_paralle
 (vLLM 0.24 on, SGLang). Fields arrive release by release and trailing defaults are omitted,
 so every field past the first few is optional here.
 
+Most payloads (map-tagged events of the common shape) are parsed in Rust
+(:func:`parse_kv_batch`): their token ids never become Python objects. The rest come here.
 The decoder is tolerant where the stream evolves and strict where a value matters: unknown
 event types and unknown fields are counted and skipped; a field of the wrong type makes its
 event malformed (counted, skipped); a payload that is not a batch is an error for the caller
@@ -18,6 +20,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional, Union
 
 import msgspec
+
+from .. import ParsedBatch, parse_kv_batch
 
 STORED = "BlockStored"
 REMOVED = "BlockRemoved"
@@ -87,13 +91,23 @@ class _FastBatch(msgspec.Struct, array_like=True, gc=False):
 
 
 class Batch:
-    __slots__ = ("ts", "events", "dp_rank", "digest")
+    """A decoded payload: Python ``events``, or (``parsed``) a batch held in Rust."""
 
-    def __init__(self, ts: float, events: list, dp_rank: int, digest: int = 0):
+    __slots__ = ("ts", "events", "dp_rank", "digest", "parsed")
+
+    def __init__(self, ts: float, events: list, dp_rank: int, digest: int = 0, parsed: ParsedBatch | None = None):
         self.ts = ts
         self.events = events
         self.dp_rank = dp_rank
         self.digest = digest  # hash of the payload: tells a repeated message from a new one
+        self.parsed = parsed
+
+    @property
+    def cleared(self) -> bool:
+        """Whether an ``AllBlocksCleared`` is among the events."""
+        if self.parsed is not None:
+            return self.parsed.cleared
+        return any(type(e) is Cleared for e in self.events)
 
 
 class BatchError(ValueError):
@@ -101,9 +115,11 @@ class BatchError(ValueError):
 
 
 class EventDecoder:
-    """Turns payloads into :class:`Batch` es; counts what it skipped in ``counts``."""
+    """Turns payloads into :class:`Batch` es; counts what it skipped in ``counts``.
+    ``native=False`` decodes every payload in Python (the reference the Rust parser matches)."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = True) -> None:
+        self.native = native
         self._msgpack = msgspec.msgpack.Decoder()
         self._typed = msgspec.msgpack.Decoder(_FastBatch)
         self.counts: dict[str, int] = {}
@@ -112,6 +128,10 @@ class EventDecoder:
         self.counts[what] = self.counts.get(what, 0) + n
 
     def decode(self, payload: bytes) -> Batch:
+        if self.native and type(payload) is bytes:
+            parsed = parse_kv_batch(payload)
+            if parsed is not None:
+                return Batch(parsed.ts, [], parsed.dp_rank, hash(payload), parsed)
         # The fast path: vLLM >= 0.24's and SGLang's usual batch (an array of 2 to 8 items;
         # more is the tolerant path's error), decoded and type-checked by msgspec in one go.
         # Anything it refuses (arrays of events, unknown fields or types, a bad value) is
