@@ -9,6 +9,7 @@ pub mod http_fast;
 pub mod index;
 pub mod json;
 pub mod keyspace;
+pub mod memory;
 pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
