@@ -139,7 +139,72 @@ def machine() -> dict[str, object]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "loadavg_at_start": loadavg(),
+        **memory_facts(),
     }
+
+
+# CPU features that change how fast hashing and table probes run
+_CPU_FLAGS = ("sse4_2", "avx2", "bmi2", "avx512f", "avx512bw", "sha_ni")
+
+
+def _selected(path: str) -> str:
+    """The bracketed choice of a sysfs setting such as 'always [madvise] never'."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return "unavailable"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else text.strip()
+
+
+def memory_facts() -> dict[str, object]:
+    """The host facts that decide a memory-latency-bound benchmark: transparent huge pages,
+    the page size, and the CPU's vector and hashing features."""
+    flags: set[str] = set()
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu_vendor": vendor,
+        "cpu_flags": [f for f in _CPU_FLAGS if f in flags],
+        "page_size": os.sysconf("SC_PAGE_SIZE"),
+        "thp_enabled": _selected("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "thp_defrag": _selected("/sys/kernel/mm/transparent_hugepage/defrag"),
+    }
+
+
+PR_SET_THP_DISABLE = 41
+
+
+def set_thp(mode: str) -> None:
+    """``off``: no transparent huge pages for this process, whatever the host's setting
+    (prctl PR_SET_THP_DISABLE, inherited by children), to measure as a host without them;
+    ``system``: leave the host's setting."""
+    if mode == "off":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE) failed")
+    elif mode != "system":
+        raise ValueError(f"unknown THP mode {mode!r}")
+
+
+def anon_huge_mib() -> float:
+    """MiB of this process's anonymous memory backed by transparent huge pages now."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def run_side(python: Path, script: Path, args: list[str], env: dict[str, str] | None = None,

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     ANCHOR_PY,
+    anon_huge_mib,
     BENCH_DIR,
     OUR_PY,
     fmt,
@@ -51,6 +52,7 @@ from common import (  # noqa: E402
     publish,
     rss_bytes,
     run_side,
+    set_thp,
     wait_quiet,
     table,
     write_json,
@@ -158,6 +160,7 @@ def side_ours(args) -> dict:
 
     import lmcache_rs
 
+    set_thp(args.thp)
     wl = build_workload(args)
     cs = wl.chunk_size
     log("ours: hashing prompts with lmcache_rs.chunk_hashes")
@@ -189,6 +192,7 @@ def side_ours(args) -> dict:
     idx, dt = build()
     gc.collect()
     rss1 = rss_bytes()
+    huge_mib = anon_huge_mib()
     stats = idx.stats()
     times = [dt]
     for r in range(1, args.ingest_runs):
@@ -209,6 +213,7 @@ def side_ours(args) -> dict:
         "ingest_admits_per_s_median": admits / statistics.median(times),
         "rss_delta_bytes": rss1 - rss0,
         "bytes_per_holding_rss": (rss1 - rss0) / holdings,
+        "anon_huge_mib": huge_mib,
         "stats_bytes": int(stats.get("bytes", -1)),
         "bytes_per_holding_stats": int(stats.get("bytes", -1)) / holdings,
         "stats": {k: int(v) for k, v in stats.items()},
@@ -247,6 +252,7 @@ def side_dynamo(args) -> dict:
 
     from dynamo.llm import RadixTree, compute_block_hash_for_seq
 
+    set_thp(args.thp)
     wl = build_workload(args)
     cs = wl.chunk_size
     log("dynamo: block hashes of prompts with compute_block_hash_for_seq")
@@ -287,6 +293,7 @@ def side_dynamo(args) -> dict:
     tree, dt = build()
     gc.collect()
     rss1 = rss_bytes()
+    huge_mib = anon_huge_mib()
     times = [dt]
     for r in range(1, args.ingest_runs):
         log(f"dynamo: ingest {r + 1}/{args.ingest_runs}")
@@ -308,6 +315,7 @@ def side_dynamo(args) -> dict:
         "ingest_admits_per_s_median": admits / statistics.median(times),
         "rss_delta_bytes": rss1 - rss0,
         "bytes_per_holding_rss": (rss1 - rss0) / holdings,
+        "anon_huge_mib": huge_mib,
         "lookup": {},
         "answers": {},
     }
@@ -336,7 +344,7 @@ def side_args(args) -> list[str]:
         "--holdings", str(args.holdings), "--instances", str(args.instances), "--seed", str(args.seed),
         "--iters", str(args.iters), "--warmup", str(args.warmup), "--batch", str(args.batch),
         "--ingest-runs", str(args.ingest_runs), "--rounds", str(args.rounds), "--check", str(args.check),
-        "--distinct-queries", str(args.distinct_queries),
+        "--distinct-queries", str(args.distinct_queries), "--thp", args.thp,
     ]
 
 
@@ -355,6 +363,11 @@ def report(res: dict) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"machine: {m['nproc']} cores, {m['cpu']}, {m['ram_gib']} GiB; load average at start {m['loadavg_at_start']}")
+    lines.append(f"memory: THP enabled={m['thp_enabled']} defrag={m['thp_defrag']}, page size {m['page_size']} B, "
+                 f"CPU {m['cpu_vendor']} with {' '.join(m['cpu_flags']) or 'none of ' + 'sse4_2/avx2/avx512f'}; "
+                 f"this run: --thp {res['args']['thp']}" + "".join(
+                     f"; {side} backed {res[side]['anon_huge_mib']:.0f} MiB with huge pages after its build"
+                     for side in ("ours", "dynamo") if side in res))
     w = dyn or ours
     lines.append(f"workload: {w['admits']:,} chunk admits -> {w['holdings']:,} (holder, chunk) pairs over "
                  f"{w['chunks']:,} chunks, {res['args']['instances']} instances, 256-token chunks, seed {res['args']['seed']}")
@@ -500,6 +513,9 @@ def main() -> int:
                     help="seconds to wait for other work on the machine to settle first (0: don't)")
     ap.add_argument("--passes", type=int, default=2, help="alternating passes over both sides (best kept)")
     ap.add_argument("--anchor-only", action="store_true", help="run only Dynamo's side")
+    ap.add_argument("--thp", choices=["system", "off"], default="system",
+                    help="transparent huge pages for both sides: the host's setting, or off for the "
+                         "side processes (prctl), to measure a host without them (default system)")
     args = ap.parse_args()
     if args.side:
         res = side_ours(args) if args.side == "ours" else side_dynamo(args)

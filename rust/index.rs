@@ -19,6 +19,10 @@ use crate::keyspace::{ChunkKeys, KeySpace};
 use crate::pyhash::LmcacheHasher;
 use crate::table::Table;
 
+/// How many keys ahead a batch write prefetches table slots: enough to keep several misses in
+/// flight, few enough that the lines are still cached when their turn comes.
+const PREFETCH_AHEAD: usize = 8;
+
 /// What to do with a holder's chunks in a batch event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -206,7 +210,11 @@ impl Core {
         let mut changed = 0u64;
         // consecutive chunks usually share a set: remember the last transition
         let mut memo = (SetIx(u32::MAX), SetIx(u32::MAX));
-        for &k in keys {
+        for (i, &k) in keys.iter().enumerate() {
+            // the slots of keys a few places ahead load while this one is updated
+            if let Some(&ahead) = keys.get(i + PREFETCH_AHEAD) {
+                self.table.prefetch(ahead);
+            }
             self.table.update(k, |cur| {
                 let s = match cur {
                     Some(s) => SetIx(s),
@@ -327,10 +335,20 @@ impl Core {
     ) -> u64 {
         let mut matched = 0u64;
         let mut prev = SetIx(u32::MAX);
-        loop {
-            let n = hasher.next_len() as u64;
-            let Some(key) = hasher.next() else { break };
-            let Some(s) = self.table.get(key) else { break };
+        // One chunk ahead: the next key is hashed, and its slot prefetched, while this key's
+        // slot is still on its way from memory.
+        let mut n = hasher.next_len() as u64;
+        let mut key = hasher.next();
+        if let Some(k) = key {
+            self.table.prefetch(k);
+        }
+        while let Some(k) = key {
+            let next_n = hasher.next_len() as u64;
+            let next_key = hasher.next();
+            if let Some(k) = next_key {
+                self.table.prefetch(k);
+            }
+            let Some(s) = self.table.get(k) else { break };
             let s = SetIx(s);
             if s != prev {
                 if !on_set(s, matched) {
@@ -339,6 +357,7 @@ impl Core {
                 prev = s;
             }
             matched += n;
+            (n, key) = (next_n, next_key);
         }
         matched
     }

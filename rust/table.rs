@@ -1,10 +1,14 @@
 //! A compact open-addressing map from chunk key (u64) to holder-set id (u32).
 //!
-//! Keys and values live in two parallel arrays (12 bytes a slot), probed linearly. The home slot
-//! is `(mix(key) * capacity) >> 64` (multiplicative range reduction), so the capacity need not be
-//! a power of two and the table grows by 1.5x. Key 0 marks an empty slot; the real key 0 (possible
-//! for user-supplied keys) lives in a side slot, so no key is ever rehashed or refused. Deletion
-//! shifts the following entries back (no tombstones), so every probe chain stays gap-free.
+//! Each slot holds its key and value side by side (12 bytes, packed), probed linearly, so a
+//! probe reads one cache line, rarely two. The home slot is `(mix(key) * capacity) >> 64`
+//! (multiplicative range reduction), so the capacity need not be a power of two and the table
+//! grows by 1.5x. Key 0 marks an empty slot; the real key 0 (possible for user-supplied keys)
+//! lives in a side slot, so no key is ever rehashed or refused. Deletion shifts the following
+//! entries back (no tombstones), so every probe chain stays gap-free. Large slot arrays ask
+//! for transparent huge pages (crate::memory).
+
+use crate::memory;
 
 /// The key value that marks an empty slot.
 const EMPTY: u64 = 0;
@@ -13,11 +17,31 @@ const MAX_LOAD_NUM: usize = 4;
 const MAX_LOAD_DEN: usize = 5;
 const MIN_CAPACITY: usize = 16;
 
+/// One slot: packed to 12 bytes (fields are read and written by value, never borrowed).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, packed(4))]
+struct Slot {
+    key: u64,
+    val: u32,
+}
+
+const EMPTY_SLOT: Slot = Slot { key: EMPTY, val: 0 };
+
+/// `cap` empty slots; the huge-page hint goes in before the first write touches the pages.
+fn empty_slots(cap: usize) -> Vec<Slot> {
+    let mut slots: Vec<Slot> = Vec::with_capacity(cap);
+    memory::advise_huge_pages(
+        slots.as_ptr() as *const u8,
+        cap * std::mem::size_of::<Slot>(),
+    );
+    slots.resize(cap, EMPTY_SLOT);
+    slots
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    keys: Vec<u64>,
-    vals: Vec<u32>,
-    /// Entries in `keys`/`vals` (the side slot not counted).
+    slots: Vec<Slot>,
+    /// Entries in `slots` (the side slot not counted).
     len: usize,
     /// Value of the real key 0, if present.
     zero: Option<u32>,
@@ -54,25 +78,48 @@ impl Table {
 
     #[inline]
     pub fn capacity(&self) -> usize {
-        self.keys.len()
+        self.slots.len()
     }
 
     /// Heap bytes held by this table.
     pub fn heap_bytes(&self) -> usize {
-        self.keys.capacity() * 8 + self.vals.capacity() * 4
+        self.slots.capacity() * std::mem::size_of::<Slot>()
     }
 
     #[inline]
     fn home(&self, key: u64) -> usize {
-        ((mix(key) as u128 * self.keys.len() as u128) >> 64) as usize
+        ((mix(key) as u128 * self.slots.len() as u128) >> 64) as usize
     }
 
     #[inline]
     fn next(&self, i: usize) -> usize {
-        if i + 1 == self.keys.len() {
+        if i + 1 == self.slots.len() {
             0
         } else {
             i + 1
+        }
+    }
+
+    #[inline]
+    fn key_at(&self, i: usize) -> u64 {
+        self.slots[i].key
+    }
+
+    #[inline]
+    fn val_at(&self, i: usize) -> u32 {
+        self.slots[i].val
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, key: u64, val: u32) {
+        self.slots[i] = Slot { key, val };
+    }
+
+    /// Start loading `key`'s home slot, for a `get` or `update` of it a little later.
+    #[inline]
+    pub fn prefetch(&self, key: u64) {
+        if !self.slots.is_empty() {
+            memory::prefetch(self.slots.as_ptr().wrapping_add(self.home(key)));
         }
     }
 
@@ -81,7 +128,7 @@ impl Table {
     fn probe(&self, key: u64) -> Probe {
         let mut i = self.home(key);
         loop {
-            let k = self.keys[i];
+            let k = self.key_at(i);
             if k == key {
                 return Probe::Found(i);
             }
@@ -97,11 +144,11 @@ impl Table {
         if key == EMPTY {
             return self.zero;
         }
-        if self.keys.is_empty() {
+        if self.slots.is_empty() {
             return None;
         }
         match self.probe(key) {
-            Probe::Found(i) => Some(self.vals[i]),
+            Probe::Found(i) => Some(self.val_at(i)),
             Probe::Vacant(_) => None,
         }
     }
@@ -115,7 +162,7 @@ impl Table {
             self.zero = f(old);
             return old;
         }
-        if self.keys.is_empty() {
+        if self.slots.is_empty() {
             if let Some(v) = f(None) {
                 self.insert_new(key, v);
             }
@@ -123,20 +170,19 @@ impl Table {
         }
         match self.probe(key) {
             Probe::Found(i) => {
-                let old = self.vals[i];
+                let old = self.val_at(i);
                 match f(Some(old)) {
-                    Some(v) => self.vals[i] = v,
+                    Some(v) => self.slots[i].val = v,
                     None => self.remove_at(i),
                 }
                 Some(old)
             }
             Probe::Vacant(i) => {
                 if let Some(v) = f(None) {
-                    if (self.len + 1) * MAX_LOAD_DEN > self.keys.len() * MAX_LOAD_NUM {
+                    if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
                         self.insert_new(key, v);
                     } else {
-                        self.keys[i] = key;
-                        self.vals[i] = v;
+                        self.set(i, key, v);
                         self.len += 1;
                     }
                 }
@@ -155,29 +201,28 @@ impl Table {
 
     /// Insert a key known to be absent, growing first if needed.
     fn insert_new(&mut self, key: u64, val: u32) {
-        if (self.len + 1) * MAX_LOAD_DEN > self.keys.len() * MAX_LOAD_NUM {
-            let grown = (self.keys.len() + self.keys.len() / 2).max(MIN_CAPACITY);
+        if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
+            let grown = (self.slots.len() + self.slots.len() / 2).max(MIN_CAPACITY);
             self.resize(grown);
         }
         match self.probe(key) {
             Probe::Vacant(i) => {
-                self.keys[i] = key;
-                self.vals[i] = val;
+                self.set(i, key, val);
                 self.len += 1;
             }
-            Probe::Found(i) => self.vals[i] = val,
+            Probe::Found(i) => self.slots[i].val = val,
         }
     }
 
     /// Backward-shift deletion: pull later entries of the run into the hole when their home
     /// allows it, so no probe chain ever crosses an empty slot.
     fn remove_at(&mut self, slot: usize) {
-        let cap = self.keys.len();
+        let cap = self.slots.len();
         let mut hole = slot;
         let mut j = slot;
         loop {
             j = self.next(j);
-            let k = self.keys[j];
+            let k = self.key_at(j);
             if k == EMPTY {
                 break;
             }
@@ -185,31 +230,34 @@ impl Table {
             let dist_home = if j >= h { j - h } else { j + cap - h };
             let dist_hole = if j >= hole { j - hole } else { j + cap - hole };
             if dist_home >= dist_hole {
-                self.keys[hole] = k;
-                self.vals[hole] = self.vals[j];
+                self.slots[hole] = self.slots[j];
                 hole = j;
             }
         }
-        self.keys[hole] = EMPTY;
+        self.slots[hole] = EMPTY_SLOT;
         self.len -= 1;
         if self.len * 4 < cap && cap > MIN_CAPACITY {
             self.resize((self.len * 2).max(MIN_CAPACITY));
         }
     }
 
-    /// Rehash into exactly `cap` slots (`cap` must exceed `len`).
-    fn resize(&mut self, cap: usize) {
-        let old_keys = std::mem::replace(&mut self.keys, vec![EMPTY; cap]);
-        let old_vals = std::mem::replace(&mut self.vals, vec![0; cap]);
-        for (k, v) in old_keys.into_iter().zip(old_vals) {
+    /// Put every live slot of `old` into this table's (empty) slots.
+    fn reinsert(&mut self, old: Vec<Slot>) {
+        for slot in old {
+            let (k, v) = (slot.key, slot.val);
             if k != EMPTY {
                 let Probe::Vacant(i) = self.probe(k) else {
                     unreachable!("duplicate key during rehash")
                 };
-                self.keys[i] = k;
-                self.vals[i] = v;
+                self.set(i, k, v);
             }
         }
+    }
+
+    /// Rehash into exactly `cap` slots (`cap` must exceed `len`).
+    fn resize(&mut self, cap: usize) {
+        let old = std::mem::replace(&mut self.slots, empty_slots(cap));
+        self.reinsert(old);
     }
 
     /// Map every value through `f` (`None` removes the entry), rebuilding once at the end if
@@ -219,51 +267,39 @@ impl Table {
             self.zero = f(EMPTY, v);
         }
         let mut removed = 0;
-        for i in 0..self.keys.len() {
-            if self.keys[i] != EMPTY {
-                match f(self.keys[i], self.vals[i]) {
-                    Some(v) => self.vals[i] = v,
+        for slot in self.slots.iter_mut() {
+            let (k, v) = (slot.key, slot.val);
+            if k != EMPTY {
+                match f(k, v) {
+                    Some(v) => slot.val = v,
                     None => {
-                        // Park the slot as "removed" by value; compacted below.
-                        self.vals[i] = u32::MAX;
+                        *slot = EMPTY_SLOT;
                         removed += 1;
                     }
                 }
             }
         }
         if removed > 0 {
-            let keys = std::mem::take(&mut self.keys);
-            let vals = std::mem::take(&mut self.vals);
+            // emptied slots break probe chains: rebuild from what is left
             let keep = self.len - removed;
-            self.len = 0;
+            self.len = keep;
             let cap = if keep == 0 {
                 0
             } else {
                 (keep * 2).max(MIN_CAPACITY)
             };
-            self.keys = vec![EMPTY; cap];
-            self.vals = vec![0; cap];
-            for (k, v) in keys.into_iter().zip(vals) {
-                if k != EMPTY && v != u32::MAX {
-                    let Probe::Vacant(i) = self.probe(k) else {
-                        unreachable!("duplicate key during rebuild")
-                    };
-                    self.keys[i] = k;
-                    self.vals[i] = v;
-                    self.len += 1;
-                }
-            }
+            let old = std::mem::replace(&mut self.slots, empty_slots(cap));
+            self.reinsert(old);
         }
     }
 
     /// Every (key, value), in slot order (the side slot first).
     pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         self.zero.map(|v| (EMPTY, v)).into_iter().chain(
-            self.keys
+            self.slots
                 .iter()
-                .zip(&self.vals)
-                .filter(|(k, _)| **k != EMPTY)
-                .map(|(k, v)| (*k, *v)),
+                .map(|s| (s.key, s.val))
+                .filter(|(k, _)| *k != EMPTY),
         )
     }
 
@@ -282,8 +318,7 @@ impl Table {
                 .max(MIN_CAPACITY)
         };
         Table {
-            keys: vec![EMPTY; cap],
-            vals: vec![0; cap],
+            slots: empty_slots(cap),
             len: 0,
             zero: None,
         }
@@ -292,20 +327,20 @@ impl Table {
     /// Check the structure: the count, the load bound, and that every key is reachable from its
     /// home slot without crossing an empty slot and appears once.
     pub fn check(&self) -> Result<(), String> {
-        let cap = self.keys.len();
+        let cap = self.slots.len();
         let mut n = 0;
         for j in 0..cap {
-            let k = self.keys[j];
+            let k = self.key_at(j);
             if k == EMPTY {
                 continue;
             }
             n += 1;
             let mut i = self.home(k);
             while i != j {
-                if self.keys[i] == EMPTY {
+                if self.key_at(i) == EMPTY {
                     return Err(format!("probe chain of key {k:#x} broken at slot {i}"));
                 }
-                if self.keys[i] == k {
+                if self.key_at(i) == k {
                     return Err(format!("key {k:#x} stored twice"));
                 }
                 i = self.next(i);
@@ -389,5 +424,23 @@ mod tests {
         }
         t.check().unwrap();
         assert!(t.capacity() <= MIN_CAPACITY * 2);
+    }
+
+    #[test]
+    fn large_table_with_huge_page_hint() {
+        // 12 MiB of slots: the hint covers several whole 2 MiB pages
+        let n = 700_000u64;
+        let mut t = Table::with_capacity_for(n as usize);
+        assert!(t.heap_bytes() > 8 << 20);
+        for k in 1..=n {
+            t.insert(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), k as u32);
+        }
+        t.check().unwrap();
+        for k in 1..=n {
+            let key = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            t.prefetch(key);
+            assert_eq!(t.get(key), Some(k as u32));
+        }
+        assert_eq!(std::mem::size_of::<Slot>(), 12);
     }
 }

@@ -21,6 +21,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyInt, PyList, PySequence, PyString, PyTuple};
 
 use crate::error::{Error, Result};
+use crate::memory;
+
+/// How many items ahead a list or tuple of ints is prefetched: a token's int object is a
+/// cache miss when the list is new, and reading one takes a few nanoseconds.
+const INT_PREFETCH_AHEAD: usize = 32;
 
 /// The width of the integers an argument is converted to.
 pub trait Word: Copy + Send + Sync + 'static {
@@ -199,6 +204,13 @@ impl<T: Word> IntsArg<T> {
             // that resizes the list; between slow items no Python code runs, so the length holds.
             let len = unsafe { ffi::PyList_GET_SIZE(ptr) } as usize;
             while i < len {
+                if i + INT_PREFETCH_AHEAD < len {
+                    // ints live wherever CPython allocated them: start loading one a few
+                    // places ahead (SAFETY: the index is within the list)
+                    memory::prefetch(unsafe {
+                        ffi::PyList_GET_ITEM(ptr, (i + INT_PREFETCH_AHEAD) as ffi::Py_ssize_t)
+                    });
+                }
                 // SAFETY: i < len; the item is borrowed from the list, which holds it meanwhile
                 let item = unsafe { ffi::PyList_GET_ITEM(ptr, i as ffi::Py_ssize_t) };
                 // SAFETY: a live object pointer; `read` only reads an exact int's fields
@@ -235,6 +247,12 @@ impl<T: Word> IntsArg<T> {
         let len = unsafe { ffi::PyTuple_GET_SIZE(ptr) } as usize;
         let mut out = Vec::with_capacity(len);
         for i in 0..len {
+            if i + INT_PREFETCH_AHEAD < len {
+                // as in `from_list` (SAFETY: the index is within the tuple)
+                memory::prefetch(unsafe {
+                    ffi::PyTuple_GET_ITEM(ptr, (i + INT_PREFETCH_AHEAD) as ffi::Py_ssize_t)
+                });
+            }
             // SAFETY: i < len; borrowed from the tuple, which outlives this call
             let item = unsafe { ffi::PyTuple_GET_ITEM(ptr, i as ffi::Py_ssize_t) };
             // SAFETY: a live object pointer
