@@ -27,15 +27,24 @@ struct Slot {
 
 const EMPTY_SLOT: Slot = Slot { key: EMPTY, val: 0 };
 
-/// `cap` empty slots; the huge-page hint goes in before the first write touches the pages.
+/// `cap` empty slots. An empty slot is all zero bytes, so they come from zeroed memory (fresh
+/// pages are not written at all) with the huge-page hint given before the first write.
 fn empty_slots(cap: usize) -> Vec<Slot> {
-    let mut slots: Vec<Slot> = Vec::with_capacity(cap);
-    memory::advise_huge_pages(
-        slots.as_ptr() as *const u8,
-        cap * std::mem::size_of::<Slot>(),
-    );
-    slots.resize(cap, EMPTY_SLOT);
-    slots
+    if cap == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<Slot>(cap).expect("slot array size overflows");
+    // SAFETY: the layout is non-zero-sized; an all-zero `Slot` is EMPTY_SLOT (two integers), so
+    // every element is initialised; the Vec takes the allocation with the layout it was made
+    // with (capacity `cap` of `Slot`).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut Slot;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        memory::advise_huge_pages(ptr as *const u8, layout.size());
+        Vec::from_raw_parts(ptr, cap, cap)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
