@@ -114,6 +114,8 @@ fn fast_list(b: &[u8], mut i: usize) -> Option<(Vec<u32>, usize)> {
         i += 1;
     } else {
         loop {
+            // the separator read with the previous number may be followed by more whitespace
+            i = ws(b, i);
             let n = match swar_number(b, i) {
                 Some((v, n, w)) => {
                     out.push(v);
@@ -628,6 +630,51 @@ mod tests {
                 }
             }
             check(&bytes)?;
+        }
+
+        #[test]
+        fn fast_list_takes_every_valid_list_of_small_numbers(
+            vals in proptest::collection::vec(0u64..6_000_000_000, 0..200),
+            small in proptest::bool::ANY,
+            seps in proptest::collection::vec(0usize..5, 200),
+            pad in (0usize..3, 0usize..3),
+            flip in proptest::option::of((0usize..3000, 0u8..=255)),
+        ) {
+            const SEPS: [&str; 5] = [",", ", ", " ,", " , ", ",    "];
+            const PADS: [&str; 3] = ["", " ", "\n  "];
+            let vals: Vec<u64> = if small { vals.iter().map(|v| v % 100).collect() } else { vals };
+            let mut list = String::from(PADS[pad.0]);
+            for (k, v) in vals.iter().enumerate() {
+                if k > 0 {
+                    list.push_str(SEPS[seps[k]]);
+                }
+                list.push_str(&v.to_string());
+            }
+            list.push_str(PADS[pad.1]);
+            let mut bytes = format!("{{\"tokens\": [{list}]}}").into_bytes();
+            let at = bytes.iter().position(|&c| c == b'[').unwrap();
+            let full = full_parse(&bytes);
+            let fast = fast_list(&bytes, at).map(|(t, _)| t);
+            // valid: the fast reader takes it (whatever whitespace follows a comma) and agrees
+            if vals.iter().all(|&v| v <= u32::MAX as u64) {
+                proptest::prop_assert_eq!(&fast, &full);
+            } else {
+                proptest::prop_assert_eq!(fast, None);
+            }
+            // damaged: whatever it takes, the full parser reads the same
+            if let Some((pos, byte)) = flip {
+                if pos < bytes.len() {
+                    bytes[pos] = byte;
+                }
+            }
+            if let Some((t, end)) = fast_list(&bytes, at) {
+                // framed as fast_tokens frames it: the same prefix, then only "}" and whitespace
+                let close = ws(&bytes, end);
+                if bytes.starts_with(b"{\"tokens\": [") && bytes.get(close) == Some(&b'}')
+                    && ws(&bytes, close + 1) == bytes.len() {
+                    proptest::prop_assert_eq!(Some(t), full_parse(&bytes));
+                }
+            }
         }
 
         #[test]
