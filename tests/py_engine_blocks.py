@@ -7,7 +7,7 @@ from itertools import repeat
 from typing import Any
 
 from lmcache_rs import chunk_hashes
-from lmcache_rs.controller.engine_blocks import Namespace, Namespaces, location_of
+from lmcache_rs.controller.engine_blocks import Namespace, Namespaces, location_of, salt_and_usable
 from lmcache_rs.controller.kv_events import Cleared, Removed, Stored
 
 
@@ -95,7 +95,7 @@ class PyEngineBlocks:
         plain = extra is None or extra.count(None) == len(extra)  # vLLM's usual [None, ...]: text only
         blocks = self.blocks
         if ev.parent is None:
-            salt, usable = (None, True) if plain else _salt_and_usable(ev, 0)
+            salt, usable = (None, True) if plain else salt_and_usable(ev, 0)
             if not usable:
                 self._count("multimodal_blocks", n)
                 return
@@ -114,7 +114,7 @@ class PyEngineBlocks:
         if not plain:
             # blocks with multimodal or embedding inputs have placeholder tokens: stop before them
             for i in range(n):
-                if not _salt_and_usable(ev, i)[1]:
+                if not salt_and_usable(ev, i)[1]:
                     self._count("multimodal_blocks", n - i)
                     n = i
                     break
@@ -188,22 +188,3 @@ class PyEngineBlocks:
         ns = self.namespaces.all()[block[0]]
         for location in block[2]:
             self._op(ops, ns, "evict", location, [block[1]])
-
-
-def _salt_and_usable(ev: Stored, i: int) -> tuple[str | None, bool]:
-    """The cache salt named in block ``i``'s extra keys, and whether the block's tokens are
-    real text tokens (multimodal placeholders and prompt embeddings are not)."""
-    extra = ev.extra_keys
-    if extra is None or i >= len(extra) or extra[i] is None:
-        return None, True
-    entry = extra[i]
-    if not isinstance(entry, list):
-        return None, False
-    salt = None
-    for item in entry:
-        if type(item) is str:
-            if item != ev.lora_name:
-                salt = item
-        else:
-            return None, False  # (mm_id, offset) pairs or an embedding digest
-    return salt, True

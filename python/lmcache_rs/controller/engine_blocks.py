@@ -188,10 +188,10 @@ class EngineBlocks:
         usable = n
         if not plain:
             # blocks with multimodal or embedding inputs have placeholder tokens: stop before them
-            usable = next((i for i in range(n) if not _salt_and_usable(ev, i)[1]), n)
+            usable = next((i for i in range(n) if not salt_and_usable(ev, i)[1]), n)
         number = None
         if ev.parent is None:
-            salt = None if plain else _salt_and_usable(ev, 0)[0]
+            salt = None if plain else salt_and_usable(ev, 0)[0]
             if usable == 0:
                 self._count("multimodal_blocks", n)
                 return
@@ -200,7 +200,7 @@ class EngineBlocks:
         self.map.store(ev.hashes, ev.parent, tokens, size, location, number, usable)
 
 
-def _salt_and_usable(ev: Stored, i: int) -> tuple[str | None, bool]:
+def salt_and_usable(ev: Stored, i: int) -> tuple[str | None, bool]:
     """The cache salt named in block ``i``'s extra keys, and whether the block's tokens are
     real text tokens (multimodal placeholders and prompt embeddings are not)."""
     extra = ev.extra_keys
