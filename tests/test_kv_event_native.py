@@ -15,7 +15,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmcache_rs import Index, parse_kv_batch
+from lmcache_rs import EngineMap, Index, parse_kv_batch
 from lmcache_rs.controller.engine_blocks import MEDIUM_LOCATIONS, Namespaces, location_of
 from lmcache_rs.controller.kv_event_source import KVEventSource
 from lmcache_rs.controller.kv_events import BatchError, EventDecoder
@@ -293,3 +293,36 @@ def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
 
     asyncio.run(run())
     assert state(burst) == state(one_by_one)
+
+
+class RecordingIndex:
+    """Any object with ``apply_batch``: forwards to an Index and keeps what it was given."""
+
+    def __init__(self, inner: Index):
+        self.inner = inner
+        self.batches: list[list[tuple]] = []
+
+    def apply_batch(self, events):
+        events = list(events)
+        self.batches.append(events)
+        return self.inner.apply_batch(events)
+
+
+def test_engine_ops_apply_to_an_index_or_anything_with_apply_batch():
+    """The operations a map queues give the same index whether applied natively to an Index or
+    handed in apply_batch's form to a wrapper (an index that records what it applies)."""
+    m = EngineMap("pod-a", 0, {})
+    m.store([11, 12, 13], None, list(range(12)), 4, "GPU", 0, 3)
+    m.store([21], 12, list(range(100, 104)), 4, "GPU", None, 1)
+    m.tier_update([11, 12], "cpu")
+    m.remove([13], "GPU")
+    (number, ops), = m.take_pending()
+    direct, wrapped = Index(4), Index(4)
+    for index in (direct, wrapped):
+        index.register_worker("pod-a", 0)
+    recorder = RecordingIndex(wrapped)
+    assert ops.apply_to(direct) == ops.apply_to(recorder)
+    assert recorder.batches == [ops.as_tuples()]
+    assert sorted(direct.holder_counts()) == sorted(wrapped.holder_counts()) != []
+    prompt = list(range(8)) + list(range(100, 104))
+    assert direct.lookup(prompt) == wrapped.lookup(prompt) and direct.lookup(prompt)

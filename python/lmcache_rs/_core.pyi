@@ -225,8 +225,10 @@ def parse_kv_batch(payload: bytes) -> ParsedBatch | None:
 @final
 class EngineOps:
     """One namespace's index operations from an ``EngineMap``."""
-    def apply_to(self, index: Index) -> tuple[int, int]:
-        """Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted)."""
+    def apply_to(self, index: Any) -> tuple[int, int]:
+        """Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted). An ``Index`` takes
+        the operations as they are; any other object with an ``apply_batch`` (an index that also
+        records what it applies) is handed them in ``apply_batch``'s form."""
     def as_tuples(self) -> list[tuple[str, str, int, str | None, list[int]]]:
         """The operations in ``Index.apply_batch``'s form."""
     def __len__(self) -> int: ...

@@ -94,9 +94,16 @@ pub struct PyEngineOps {
 
 #[pymethods]
 impl PyEngineOps {
-    /// Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted).
-    fn apply_to(&self, py: Python<'_>, index: &PyIndex) -> PyResult<(u64, u64)> {
-        index.write_batch(py, self.batch.clone())
+    /// Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted). An ``Index`` takes
+    /// the operations as they are; any other object with an ``apply_batch`` (an index that also
+    /// records what it applies) is handed them in ``apply_batch``'s form.
+    fn apply_to(&self, index: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
+        if let Ok(index) = index.cast::<PyIndex>() {
+            return index.borrow().write_batch(index.py(), self.batch.clone());
+        }
+        index
+            .call_method1("apply_batch", (self.as_tuples(index.py())?,))?
+            .extract()
     }
 
     /// The operations in ``Index.apply_batch``'s form.
