@@ -179,6 +179,11 @@ class Index:
         (responses, bytes consumed, seconds per answered request, whether the last one closes
         the connection, lookups that matched, tokens asked, tokens matched). Raises
         InvalidTypeError when ``data`` is not bytes."""
+    def digest(self) -> int:
+        """An order-independent 64-bit digest of the holdings and registered workers: the
+        wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\\0" + location)
+        over every (chunk key, holder) pair plus xxh3_64(b"w" + worker u32 LE + instance) over
+        every registered worker. Equal for any two indexes that hold the same."""
     def holder_counts(self) -> list[tuple[str, int, str, int]]:
         """[(instance_id, worker_id, location, chunks held)] for every holder."""
     def stats(self) -> dict[str, int]:

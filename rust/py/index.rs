@@ -636,6 +636,14 @@ impl PyIndex {
         ))
     }
 
+    /// An order-independent 64-bit digest of the holdings and registered workers: the
+    /// wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\0" + location)
+    /// over every (chunk key, holder) pair plus xxh3_64(b"w" + worker u32 LE + instance) over
+    /// every registered worker. Equal for any two indexes that hold the same.
+    fn digest(&self, py: Python<'_>) -> PyResult<u64> {
+        detached(py, || Ok(self.inner.read(|c| c.content_digest())))
+    }
+
     /// [(instance_id, worker_id, location, chunks held)] for every holder.
     fn holder_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let v = detached(py, || Ok(self.inner.read(|c| c.holder_counts())))?;
