@@ -118,6 +118,9 @@ class Lookup:
         # the general path, which keeps its body. The fast path pays one attribute test.
         self._sample_wanted = False
         self._sample: bytes | None = None
+        # a replica: the log position its answers reflect, sent as X-Lmc-Seq (the Rust fast
+        # path writes its own heads, so a replica answers on the general path)
+        self.applied_seq: Callable[[], int] | None = None
 
     def want_sample(self) -> None:
         self._sample_wanted = True
@@ -150,6 +153,7 @@ class Lookup:
         if self._sample_wanted:
             self._sample_wanted = False
             self._sample = request.body
+        seq = self.applied_seq() if self.applied_seq is not None else 0  # read before the index
         try:
             if self.kv_events is not None and any(k in request.body for k in _NAMESPACE_KEYS):
                 indexes = self._named_indexes(request.body)
@@ -168,6 +172,8 @@ class Lookup:
             self.metrics.count_rejected(400)
             return (400, JSON, error_body(str(exc)))
         self.metrics.observe_lookup(time.perf_counter() - start, asked, matched)
+        if self.applied_seq is not None:
+            return (200, JSON, body, b"X-Lmc-Seq: %d\r\n" % seq)
         return (200, JSON, body)
 
     def _named_indexes(self, body: bytes) -> list[Any]:
@@ -212,7 +218,7 @@ class Lookup:
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
-        if self._sample_wanted:
+        if self._sample_wanted or self.applied_seq is not None:
             return b"", 0, False
         kv = self.kv_events
         if kv is not None and (any(k in data for k in _NAMESPACE_KEYS) or (kv.any_stale and b"detail=1" in data)):
@@ -492,7 +498,11 @@ class Api:
 
     # -- observability ---------------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
-        return _ok({"status": "ok", "workers": len(self.registry.workers)})
+        replication = self.c.replication
+        if replication is None:
+            return _ok({"status": "ok", "workers": len(self.registry.workers)})
+        state = replication.state()
+        return (200 if state["ready"] else 503, JSON, json.dumps(state).encode())
 
     def _indexes(self) -> list[Any]:
         """Every key space's index (ours first)."""

@@ -1,0 +1,152 @@
+"""The two log roles of a controller: ``ingest`` writes the log, ``replica`` follows it.
+
+Ingest: the controller runs its sources as in single mode, but each index it writes is a
+RecordingIndex (oplog.py) whose operations go to the Publisher (ingest.py). Before the
+sources start it rebuilds its indexes from the log: our workers are then known and
+disconnected, exactly as after a snapshot load, and must come back (and full-sync) within
+the heartbeat timeout; LMCache workers and engine publishers are removed at once and report
+again (LMCache workers re-register, engines are replayed), since their sources keep state the
+log does not hold. Only the ingest decides that a worker is gone; replicas apply its
+decisions.
+
+Replica: no sources, no monitor port. A Follower (follower.py) applies the log to the same
+indexes the single controller would have, and the HTTP API answers from them. Workers are
+those the indexes have registered. /healthz answers 503 until the replica has applied what
+the stream held when it started.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .follower import Follower
+from .ingest import Publisher
+from .oplog import KV_PREFIX, SPACE_LMCACHE, SPACE_OURS, RecordingIndex, apply_message, parse_kv_space
+
+log = logging.getLogger("lmcache_rs.controller")
+
+CATCH_UP_TIMEOUT = 600.0
+
+
+def _inner(index: Any) -> Any:
+    return index.inner if isinstance(index, RecordingIndex) else index
+
+
+class Spaces:
+    """Key-space names -> the controller's indexes (the unrecorded ones)."""
+
+    def __init__(self, controller: Any):
+        self.c = controller
+
+    def index_for(self, space: str) -> Any:
+        c = self.c
+        if space == SPACE_OURS:
+            return _inner(c.index)
+        if space == SPACE_LMCACHE:
+            if c.lmcache is None:
+                raise ValueError("the log has LMCache workers' operations; serve them (--monitor-ports) here too")
+            return _inner(c.lmcache.index)
+        if space.startswith(KV_PREFIX):
+            if c.kv_events is None:
+                raise ValueError("the log has engine-event operations but this controller has no KV-event source")
+            return _inner(c.kv_events.namespaces.get(*parse_kv_space(space)).index)
+        raise ValueError(f"unknown key space {space!r} in the log")
+
+    def apply(self, message: dict) -> None:
+        changed = apply_message(message["ops"], self.index_for)
+        if changed and self.c.settings.role == "replica":
+            self.refresh_membership(changed)
+
+    def refresh_membership(self, spaces: set[str]) -> None:
+        """A replica has no worker records: which key spaces a lookup asks follows from the
+        workers each index has registered."""
+        c = self.c
+        counts = {None: sum(len(w) for w in _inner(c.index).workers().values())}
+        if c.lmcache is not None:
+            counts[c.lmcache] = sum(len(w) for w in _inner(c.lmcache.index).workers().values())
+        c.registry.by_source = counts  # read by lookups on other threads: replaced whole
+        kv = c.kv_events
+        if kv is None:
+            return
+        for space in spaces:
+            if space.startswith(KV_PREFIX):
+                ns = kv.namespaces.get(*parse_kv_space(space))
+                ns.engines = set(_inner(ns.index).workers())
+
+    def digests(self) -> dict[str, int]:
+        c = self.c
+        out = {SPACE_OURS: _inner(c.index).digest()}
+        if c.lmcache is not None:
+            out[SPACE_LMCACHE] = _inner(c.lmcache.index).digest()
+        if c.kv_events is not None:
+            for ns in c.kv_events.namespaces.all():
+                out[KV_PREFIX + repr((ns.model, ns.lora_name, ns.cache_salt, ns.block_size))] = _inner(ns.index).digest()
+        return out
+
+
+class IngestRole:
+    def __init__(self, controller: Any):
+        self.c = controller
+        s = controller.settings
+        self.publisher = Publisher(s.nats_url, s.ingest_resend_fraction)
+        self.spaces = Spaces(controller)
+
+    def wrap(self, index: Any, space: str) -> RecordingIndex:
+        return RecordingIndex(index, space, self.publisher.record)
+
+    async def start(self) -> None:
+        """Connect, rebuild the indexes from the log, then hand back workers to their sources."""
+        c = self.c
+        await self.publisher.start()
+        follower = Follower(c.settings.nats_url, "lmcache-ingest-rebuild", self.spaces.apply)
+        try:
+            await follower.start(0)
+            if not await follower.wait_applied(follower.start_target, CATCH_UP_TIMEOUT):
+                raise RuntimeError(f"could not read the log to its end ({follower.broken or 'timed out'})")
+        finally:
+            await follower.stop()
+        if c.kv_events is not None:
+            for ns in c.kv_events.namespaces.all():
+                ns.engines = set(_inner(ns.index).workers())
+        restored = c.registry.restore()
+        dropped = 0
+        if c.lmcache is not None:
+            for instance_id, worker_ids in c.lmcache.index.workers().items():
+                for worker_id in worker_ids:
+                    dropped += c.lmcache.index.remove_worker(instance_id, worker_id)
+        if c.kv_events is not None:
+            for ns in c.kv_events.namespaces.all():
+                for instance_id, worker_ids in ns.index.workers().items():
+                    for worker_id in worker_ids:
+                        dropped += ns.index.remove_worker(instance_id, worker_id)
+                ns.engines.clear()
+        log.info("ingest: rebuilt from the log up to %d: %d of our workers to come back; %d holdings of "
+                 "LMCache workers and engines dropped until they report again", follower.applied, restored, dropped)
+
+    async def stop(self) -> None:
+        await self.publisher.stop()
+
+    def state(self) -> dict:
+        return {"status": "ok", "role": "ingest", "ready": True, "workers": len(self.c.registry.workers),
+                **self.publisher.stats()}
+
+
+class ReplicaRole:
+    def __init__(self, controller: Any):
+        self.c = controller
+        self.spaces = Spaces(controller)
+        self.follower = Follower(controller.settings.nats_url, "lmcache-replica", self.spaces.apply)
+
+    async def start(self) -> None:
+        await self.follower.start(0)
+        log.info("replica: following the log from 1 (ready at %d)", self.follower.start_target)
+
+    async def stop(self) -> None:
+        await self.follower.stop()
+
+    def state(self) -> dict:
+        f = self.follower
+        return {"status": "ok" if f.ready else "catching up", "role": "replica", "ready": f.ready,
+                "applied_seq": f.applied, "start_target": f.start_target, "skipped": f.skipped, "gaps": f.gaps,
+                "broken": f.broken, "digests": {k: str(v) for k, v in self.spaces.digests().items()}}

@@ -1,0 +1,387 @@
+"""An ingest and three replicas on a real nats-server (loopback, store in a temp dir).
+
+At every quiet point: each replica has applied the stream's last message, their index digests
+are equal and equal to a reference built from what the workers hold, and 10,000 lookups (fewer
+in the fault scenarios) are answered identically by every replica and by the reference.
+Faults: kill -9 of a replica, of the ingest and of nats-server; duplicate publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lmcache_rs.wire.session import SessionClosed
+from fake_worker import ControllerProcess, FakeWorker, build_request, run_with_workers
+from reference_model import ReferenceIndex, chunk_hashes
+from test_index_digest import reference_digest
+
+NATS_SERVER = shutil.which("nats-server")
+# CI installs nats-server (.ci/run), so there a missing server is a failure, not a skip
+if NATS_SERVER is None and os.environ.get("CI"):
+    raise RuntimeError("CI is set but nats-server is not installed: .ci/run should have installed it")
+pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="no nats-server on this machine (apt-get install -y nats-server)")
+
+CHUNK, SEED = 4, 7
+CONFIG = {"chunk_size": CHUNK, "hash_seed": SEED}
+LOCATIONS = ["LocalCPUBackend", "LocalDiskBackend"]
+LAYOUT = {"inst_a": 1, "inst_tp": 2, "inst_c": 1}
+QUIET_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """``nats-server -js`` on a free loopback port; its store survives a kill -9 and restart."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.store = root / "js"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.root / "nats.log", "ab")
+        self.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+                                      str(self.store)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.root / "nats.log").read_text()
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
+
+
+class Cluster:
+    def __init__(self, root: Path, replicas: int = 3, ingest_env: dict | None = None):
+        self.nats = NatsServer(root)
+        self.ingest = ControllerProcess("--role", "ingest", "--nats-url", self.nats.url, "--heartbeat-timeout", "30",
+                                        config=CONFIG, env=ingest_env)
+        self.replicas = [self.replica() for _ in range(replicas)]
+
+    def replica(self) -> ControllerProcess:
+        return ControllerProcess("--role", "replica", "--nats-url", self.nats.url, config=CONFIG)
+
+    def __enter__(self) -> "Cluster":
+        self.nats.start()
+        self.ingest.start()
+        for r in self.replicas:
+            r.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in [self.ingest, *self.replicas]:
+            proc.stop()
+            proc._dir.cleanup()
+        self.nats.stop()
+
+    def kill9(self, proc: ControllerProcess) -> None:
+        assert proc.proc is not None
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait()
+        proc.proc = None
+
+
+async def http(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_request(method, path, json.dumps(body).encode() if body is not None else None))
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, dict]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
+    data = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, json.loads(data)
+
+
+async def lookups(port: int, prompts: list[list[int]], batch: int = 200) -> tuple[list[dict], set[int]]:
+    """Every prompt's layout_info, pipelined on one connection, and the X-Lmc-Seq values seen."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out: list[dict] = []
+    seqs: set[int] = set()
+    try:
+        for i in range(0, len(prompts), batch):
+            part = prompts[i:i + batch]
+            writer.write(b"".join(build_request("POST", "/lookup", json.dumps({"tokens": t}).encode()) for t in part))
+            for _ in part:
+                status, headers, body = await read_response(reader)
+                assert status == 200, body
+                seqs.add(int(headers["x-lmc-seq"]))
+                out.append({k: tuple(v) for k, v in body["layout_info"].items()})
+    finally:
+        writer.close()
+    return out, seqs
+
+
+async def stream_last(url: str) -> tuple[int, int]:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info("LMC_OPS")
+        return info.state.last_seq, info.state.messages
+    finally:
+        await nc.close()
+
+
+def send(fw: FakeWorker, ops: list) -> None:
+    """Events as a worker has them: held at once, reported when it is connected (a worker that
+    reconnects full-syncs what it holds)."""
+    try:
+        fw.send_events(ops)
+    except SessionClosed:
+        pass
+
+
+class Workload:
+    """Fake workers on the ingest and the reference index of what they hold."""
+
+    def __init__(self, seed: int = 1):
+        self.rng = random.Random(seed)
+        base = [self.rng.randrange(50000) for _ in range(48)]
+        self.prompts = [base[: self.rng.randrange(1, 49)] + [self.rng.randrange(50000) for _ in range(self.rng.randrange(0, 12))]
+                        for _ in range(60)]
+        self.workers: dict[tuple[str, int], FakeWorker] = {}
+
+    async def start(self, monitor_port: int) -> None:
+        for inst, n in LAYOUT.items():
+            for w in range(n):
+                fw = FakeWorker(inst, w, monitor_port, chunk_size=CHUNK, seed=SEED, world_size=n, reconnect=True)
+                assert (await fw.start())["t"] == "welcome"
+                self.workers[(inst, w)] = fw
+
+    def step(self) -> None:
+        """One batch of events from every worker (and a TP store on both ranks)."""
+        rng = self.rng
+        for fw in self.workers.values():
+            ops = []
+            for _ in range(rng.randrange(1, 4)):
+                keys = chunk_hashes(rng.choice(self.prompts), CHUNK, SEED)
+                if rng.random() < 0.3:
+                    ops.append(("evict", rng.choice(LOCATIONS), keys[rng.randrange(len(keys)):]))
+                else:
+                    ops.append(("admit", rng.choice(LOCATIONS), keys[: rng.randrange(1, len(keys) + 1)]))
+            send(fw, ops)
+        keys = chunk_hashes(self.rng.choice(self.prompts), CHUNK, SEED)
+        for w in (0, 1):
+            send(self.workers[("inst_tp", w)], [("admit", LOCATIONS[0], keys)])
+
+    async def run(self, steps: int, pause: float = 0.002) -> None:
+        for _ in range(steps):
+            self.step()
+            await asyncio.sleep(pause)
+
+    def reference(self) -> ReferenceIndex:
+        ref = ReferenceIndex(CHUNK, SEED)
+        for (inst, w), fw in self.workers.items():
+            ref.register_worker(inst, w)
+            for location, keys in fw.holdings.items():
+                ref.admit(inst, w, location, list(keys))
+        return ref
+
+    def queries(self, n: int) -> list[list[int]]:
+        rng = random.Random(99)
+        out = []
+        for _ in range(n):
+            p = rng.choice(self.prompts)
+            out.append(p[: rng.randrange(1, len(p) + 1)] + ([rng.randrange(50000)] if rng.random() < 0.2 else []))
+        return out
+
+    async def barrier(self) -> None:
+        await asyncio.gather(*(fw.barrier(timeout=30) for fw in self.workers.values()))
+
+    async def close(self) -> None:
+        for fw in self.workers.values():
+            await fw.close()
+
+
+async def quiet(cluster: Cluster, replicas: list[ControllerProcess] | None = None) -> int:
+    """Wait until the ingest has published everything and every replica applied the stream's
+    last message; returns that sequence."""
+    replicas = cluster.replicas if replicas is None else replicas
+    deadline = time.monotonic() + QUIET_TIMEOUT
+    stable = 0
+    while True:
+        _, _, ingest = await http(cluster.ingest.http_port, "GET", "/healthz")
+        last, _ = await stream_last(cluster.nats.url)
+        states = [(await http(r.http_port, "GET", "/healthz"))[2] for r in replicas]
+        if ingest["pending"] == 0 and ingest["last_seq"] == last and all(s["applied_seq"] == last for s in states):
+            stable += 1
+            if stable == 3:  # nothing moved across three polls
+                return last
+        else:
+            stable = 0
+        assert time.monotonic() < deadline, (ingest, last, states)
+        await asyncio.sleep(0.05)
+
+
+async def check(cluster: Cluster, work: Workload, n_lookups: int, replicas: list | None = None) -> int:
+    """The quiet-point properties; returns the sequence they hold at."""
+    replicas = cluster.replicas if replicas is None else replicas
+    await work.barrier()
+    last = await quiet(cluster, replicas)
+    ref = work.reference()
+    states = [(await http(r.http_port, "GET", "/healthz"))[2] for r in replicas]
+    for state in states:
+        assert state["ready"] and state["applied_seq"] == last and state["broken"] is None, state
+        assert state["digests"] == states[0]["digests"]
+    assert int(states[0]["digests"]["rs"]) == reference_digest(ref) != 0
+    queries = work.queries(n_lookups)
+    expected = [ref.lookup(q) for q in queries]
+    for r in replicas:
+        answers, seqs = await lookups(r.http_port, queries)
+        assert seqs == {last}
+        assert answers == expected
+    return last
+
+
+def run(coro):
+    return run_with_workers(coro)
+
+
+def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
+    with Cluster(tmp_path) as cluster:
+
+        async def main():
+            work = Workload()
+            await work.start(cluster.ingest.monitor_port)
+            await work.run(60)
+            await check(cluster, work, 10_000)
+            # more traffic, a late replica started from nothing, another quiet point
+            await work.run(30)
+            late = cluster.replica()
+            cluster.replicas.append(late)
+            late.start()
+            await check(cluster, work, 2_000)
+            await work.close()
+
+        run(main())
+
+
+def test_replica_killed_mid_stream_restarts_and_catches_up(tmp_path):
+    with Cluster(tmp_path) as cluster:
+
+        async def main():
+            work = Workload(2)
+            await work.start(cluster.ingest.monitor_port)
+            await work.run(30)
+            victim = cluster.replicas[1]
+            cluster.kill9(victim)
+            await work.run(30)
+            victim.start()
+            await work.run(10)
+            await check(cluster, work, 2_000)
+            await work.close()
+
+        run(main())
+
+
+def test_ingest_killed_mid_stream_restarts_and_loses_nothing(tmp_path):
+    with Cluster(tmp_path) as cluster:
+
+        async def main():
+            work = Workload(3)
+            await work.start(cluster.ingest.monitor_port)
+            await work.run(30)
+            first = await check(cluster, work, 1_000)
+            http_port, monitor_port = cluster.ingest.http_port, cluster.ingest.monitor_port
+            await work.run(10, pause=0)
+            cluster.kill9(cluster.ingest)
+            await work.run(10)  # sent to a dead ingest: the workers resync when it is back
+            cluster.ingest.start(http_port, monitor_port)
+            _, _, state = await http(http_port, "GET", "/healthz")
+            assert state["incarnation"] == 2
+            for fw in work.workers.values():  # each reconnects and full-syncs
+                deadline = time.monotonic() + 30
+                while fw.report is None or fw.report.closed or fw.sync_count < 2:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            await work.run(20)
+            assert await check(cluster, work, 2_000) > first
+            await work.close()
+
+        run(main())
+
+
+def test_nats_server_killed_and_restarted_loses_nothing(tmp_path):
+    with Cluster(tmp_path) as cluster:
+
+        async def main():
+            work = Workload(4)
+            await work.start(cluster.ingest.monitor_port)
+            await work.run(30)
+            first = await check(cluster, work, 1_000)
+            await work.run(10)
+            cluster.nats.kill9()
+            await work.run(20)  # the ingest applies and keeps retrying its publishes
+            await asyncio.sleep(0.5)
+            cluster.nats.start()
+            await work.run(20)
+            assert await check(cluster, work, 2_000) > first
+            _, _, state = await http(cluster.ingest.http_port, "GET", "/healthz")
+            last, messages = await stream_last(cluster.nats.url)
+            assert messages == last == state["last_seq"]  # each message stored once, none lost
+            await work.close()
+
+        run(main())
+
+
+def test_duplicate_publishes_are_dropped_by_the_stream(tmp_path):
+    with Cluster(tmp_path, replicas=2, ingest_env={"LMCACHE_CONTROLLER_INGEST_RESEND_FRACTION": "0.01"}) as cluster:
+
+        async def main():
+            work = Workload(5)
+            await work.start(cluster.ingest.monitor_port)
+            for _ in range(500):  # one message or more per step
+                work.step()
+                await asyncio.sleep(0.008)
+            await check(cluster, work, 2_000)
+            _, _, state = await http(cluster.ingest.http_port, "GET", "/healthz")
+            last, messages = await stream_last(cluster.nats.url)
+            assert state["resent"] > 0 and state["duplicates"] == state["resent"]
+            assert state["published"] == messages == last
+            await work.close()
+
+        run(main())
