@@ -22,6 +22,7 @@ import pytest
 
 from lmcache_rs.wire.session import SessionClosed
 from fake_worker import ControllerProcess, FakeWorker, build_request, run_with_workers
+from kv_event_publisher import Publisher, removed, stored
 from reference_model import ReferenceIndex, chunk_hashes
 from test_index_digest import reference_digest
 
@@ -90,10 +91,14 @@ class NatsServer:
 
 
 class Cluster:
-    def __init__(self, root: Path, replicas: int = 3, ingest_env: dict | None = None):
+    def __init__(self, root: Path, replicas: int = 3, ingest_env: dict | None = None, kv_events: bool = False):
         self.nats = NatsServer(root)
-        self.ingest = ControllerProcess("--role", "ingest", "--nats-url", self.nats.url, "--heartbeat-timeout", "30",
-                                        config=CONFIG, env=ingest_env)
+        args = ["--role", "ingest", "--nats-url", self.nats.url, "--heartbeat-timeout", "30"]
+        self.kv_ports = (free_port(), free_port())
+        if kv_events:  # an engine publishing vLLM KV events to the ingest
+            args += ["--kv-events", json.dumps({"bind": f"tcp://127.0.0.1:{self.kv_ports[0]}",
+                                                "replay_endpoint": f"tcp://127.0.0.1:{self.kv_ports[1]}"})]
+        self.ingest = ControllerProcess(*args, config=CONFIG, env=ingest_env)
         self.replicas = [self.replica() for _ in range(replicas)]
 
     def replica(self) -> ControllerProcess:
@@ -124,6 +129,18 @@ async def http(port: int, method: str, path: str, body: dict | None = None) -> t
     try:
         writer.write(build_request(method, path, json.dumps(body).encode() if body is not None else None))
         return await read_response(reader)
+    finally:
+        writer.close()
+
+
+async def http_text(port: int, path: str) -> tuple[int, dict, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_request("GET", path))
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
+        data = await reader.readexactly(int(headers.get("content-length", "0")))
+        return int(head[0].split(" ", 2)[1]), headers, data.decode()
     finally:
         writer.close()
 
@@ -166,6 +183,11 @@ async def stream_last(url: str) -> tuple[int, int]:
         await nc.close()
 
 
+def block_hashes(tokens: list[int]) -> list[int]:
+    """The engine's block hashes of these tokens (whole blocks), as the publisher stores them."""
+    return stored(tokens, CHUNK)["block_hashes"]
+
+
 def send(fw: FakeWorker, ops: list) -> None:
     """Events as a worker has them: held at once, reported when it is connected (a worker that
     reconnects full-syncs what it holds)."""
@@ -184,8 +206,27 @@ class Workload:
         self.prompts = [base[: self.rng.randrange(1, 49)] + [self.rng.randrange(50000) for _ in range(self.rng.randrange(0, 12))]
                         for _ in range(60)]
         self.workers: dict[tuple[str, int], FakeWorker] = {}
+        self.engine: Publisher | None = None
+        self.engine_blocks: set[int] = set()  # engine block hashes the engine holds now
 
-    async def start(self, monitor_port: int) -> None:
+    async def engine_connected(self, ingest_http: int) -> None:
+        """PUB drops what it sends before the connection is up: send empty batches until the
+        ingest has applied one."""
+        assert self.engine is not None
+        deadline = time.monotonic() + 30
+        while True:
+            n = self.engine.publish([]) + 1
+            status, _, text = await http_text(ingest_http, "/metrics")
+            if f'lmcache_kv_event_next_seq{{instance="pod-e"}} {n:.1f}' in text:
+                return
+            assert time.monotonic() < deadline, "the engine did not connect"
+            await asyncio.sleep(0.05)
+
+    async def start(self, monitor_port: int, kv_ports: tuple[int, int] | None = None, ingest_http: int = 0) -> None:
+        if kv_ports is not None:
+            self.engine = Publisher(f"tcp://127.0.0.1:{kv_ports[0]}", f"tcp://127.0.0.1:{kv_ports[1]}",
+                                    topic="kv@pod-e@tiny")
+            await self.engine_connected(ingest_http)
         for inst, n in LAYOUT.items():
             for w in range(n):
                 fw = FakeWorker(inst, w, monitor_port, chunk_size=CHUNK, seed=SEED, world_size=n, reconnect=True)
@@ -207,6 +248,17 @@ class Workload:
         keys = chunk_hashes(self.rng.choice(self.prompts), CHUNK, SEED)
         for w in (0, 1):
             send(self.workers[("inst_tp", w)], [("admit", LOCATIONS[0], keys)])
+        if self.engine is not None:
+            tokens = rng.choice(self.prompts)
+            event = stored(tokens, CHUNK)
+            events = [event]
+            self.engine_blocks.update(event["block_hashes"])
+            if rng.random() < 0.3:
+                gone = block_hashes(rng.choice(self.prompts))
+                gone = gone[rng.randrange(len(gone) + 1):]
+                events.append(removed(gone))
+                self.engine_blocks.difference_update(gone)
+            self.engine.publish(events)
 
     async def run(self, steps: int, pause: float = 0.002) -> None:
         for _ in range(steps):
@@ -220,6 +272,19 @@ class Workload:
             for location, keys in fw.holdings.items():
                 ref.admit(inst, w, location, list(keys))
         return ref
+
+    def expected(self, ref: ReferenceIndex, query: list[int]) -> dict:
+        """The reference's answer, plus the engine's: its longest run of held blocks."""
+        out = ref.lookup(query)
+        if self.engine is not None:
+            n = 0
+            for h in block_hashes(query):
+                if h not in self.engine_blocks:
+                    break
+                n += 1
+            if n:
+                out["pod-e"] = ("GPU", n * CHUNK)
+        return out
 
     def queries(self, n: int) -> list[list[int]]:
         rng = random.Random(99)
@@ -235,6 +300,8 @@ class Workload:
     async def close(self) -> None:
         for fw in self.workers.values():
             await fw.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 async def quiet(cluster: Cluster, replicas: list[ControllerProcess] | None = None) -> int:
@@ -269,7 +336,9 @@ async def check(cluster: Cluster, work: Workload, n_lookups: int, replicas: list
         assert state["digests"] == states[0]["digests"]
     assert int(states[0]["digests"]["rs"]) == reference_digest(ref) != 0
     queries = work.queries(n_lookups)
-    expected = [ref.lookup(q) for q in queries]
+    expected = [work.expected(ref, q) for q in queries]
+    if work.engine is not None:  # the engine's blocks are part of the answers
+        assert any("pod-e" in e for e in expected) and any(len(e) == 3 for e in expected)
     for r in replicas:
         answers, seqs = await lookups(r.http_port, queries)
         assert seqs == {last}
@@ -282,11 +351,11 @@ def run(coro):
 
 
 def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
-    with Cluster(tmp_path) as cluster:
+    with Cluster(tmp_path, kv_events=True) as cluster:
 
         async def main():
             work = Workload()
-            await work.start(cluster.ingest.monitor_port)
+            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port)
             await work.run(60)
             await check(cluster, work, 10_000)
             # more traffic, a late replica started from nothing, another quiet point
@@ -301,11 +370,11 @@ def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
 
 
 def test_replica_killed_mid_stream_restarts_and_catches_up(tmp_path):
-    with Cluster(tmp_path) as cluster:
+    with Cluster(tmp_path, kv_events=True) as cluster:
 
         async def main():
             work = Workload(2)
-            await work.start(cluster.ingest.monitor_port)
+            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port)
             await work.run(30)
             victim = cluster.replicas[1]
             cluster.kill9(victim)
