@@ -191,13 +191,17 @@ class Index:
         "instances", "workers", "holder_sets", "bytes" (heap bytes, both copies)}."""
     def check_invariants(self) -> None:
         """Raise LMCacheError describing the first broken invariant (a bug, never caused by input)."""
-    def dump(self, path: str | os.PathLike[str]) -> None:
-        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
-        OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
-        written; the target is then untouched."""
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
-        space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
-        file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError)."""
+    def dump(self, path: str | os.PathLike[str], log_seq: int = 0) -> None:
+        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
+        ``log_seq`` records the position in a replicated operation log that this state
+        reflects (0: none); ``load`` returns it. Raises OSError naming ``path`` (e.g.
+        FileNotFoundError with ``.filename``) if it cannot be written; the target is then
+        untouched."""
+    def load(self, path: str | os.PathLike[str]) -> int:
+        """Replace the contents with a snapshot; returns the log position it was dumped with (0
+        for none, and for files of older format versions). A corrupt, foreign or mismatched
+        (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the
+        index as it was; a file that cannot be read raises OSError naming ``path`` (e.g.
+        FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""

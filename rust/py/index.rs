@@ -670,31 +670,40 @@ impl PyIndex {
         detached(py, || self.inner.check_invariants())
     }
 
-    /// Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
-    /// OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
-    /// written; the target is then untouched.
-    #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
+    /// Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
+    /// ``log_seq`` records the position in a replicated operation log that this state
+    /// reflects (0: none); ``load`` returns it. Raises OSError naming ``path`` (e.g.
+    /// FileNotFoundError with ``.filename``) if it cannot be written; the target is then
+    /// untouched.
+    #[pyo3(signature = (path, log_seq=None, **kwargs), text_signature = "(self, path, log_seq=0)")]
     fn dump(
         &self,
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
+        log_seq: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
         no_kwargs("dump", kwargs)?;
         let path = path_arg(path, "path")?;
-        detached(py, || self.inner.dump(&path))
+        let log_seq = match log_seq {
+            Some(v) => int_arg(v, "log_seq", u64::MAX)?,
+            None => 0,
+        };
+        detached(py, || self.inner.dump(&path, log_seq))
     }
 
-    /// Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
-    /// space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
-    /// file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError).
+    /// Replace the contents with a snapshot; returns the log position it was dumped with (0
+    /// for none, and for files of older format versions). A corrupt, foreign or mismatched
+    /// (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the
+    /// index as it was; a file that cannot be read raises OSError naming ``path`` (e.g.
+    /// FileNotFoundError).
     #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
     fn load(
         &self,
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<()> {
+    ) -> PyResult<u64> {
         no_kwargs("load", kwargs)?;
         let path = path_arg(path, "path")?;
         detached(py, || self.inner.load(&path))
