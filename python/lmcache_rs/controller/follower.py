@@ -47,13 +47,18 @@ class Follower:
     def ready(self) -> bool:
         return self.broken is None and self.applied >= self.start_target
 
+    async def connect(self) -> None:
+        if self.nc is None:
+            self.nc = await connect(self.url, self.name)
+            self.js = self.nc.jetstream()
+            await ensure_stream(self.js)
+
     async def start(self, applied: int = 0) -> None:
         """Connect and subscribe from ``applied + 1``; raises LogGone when those messages
         were purged."""
         self.applied = applied
-        self.nc = await connect(self.url, self.name)
-        self.js = self.nc.jetstream()
-        info = await ensure_stream(self.js)
+        await self.connect()
+        info = await self.js.stream_info(STREAM)
         self.start_target = max(applied, info.state.last_seq)
         self._check_position(info)
         await self._subscribe()

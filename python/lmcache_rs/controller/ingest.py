@@ -8,7 +8,7 @@ them in the order the ingest applied them; a publish that fails (no ack, server 
 is retried with the same message id until it is stored, and the stream drops a copy it
 already has.
 
-At start the ingest reads its incarnation from the log (one more than the last message's) and
+At start the ingest takes a new incarnation (above the last message's, and the clock in ms) and
 rebuilds its indexes by following the log to its end (follower.py), so it knows what it had
 published before a restart.
 """
@@ -67,7 +67,9 @@ class Publisher:
         self.js = self.nc.jetstream()
         info = await ensure_stream(self.js)
         self.last_seq = info.state.last_seq
-        self.inc = await self._last_incarnation() + 1
+        # after a purge the log may no longer name the last incarnation: the clock keeps
+        # message ids of a new incarnation apart from those in the duplicate window
+        self.inc = max(await self._last_incarnation() + 1, int(time.time() * 1000))
         self._task = asyncio.get_running_loop().create_task(self._publish_loop())
         log.info("ingest: publishing to %s stream %s as incarnation %d (stream at %d)", self.url, STREAM, self.inc,
                  self.last_seq)

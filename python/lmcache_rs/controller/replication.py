@@ -17,12 +17,16 @@ the stream held when it started.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 from typing import Any
 
-from .follower import Follower
+from .follower import Follower, LogGone
 from .ingest import Publisher
-from .oplog import KV_PREFIX, SPACE_LMCACHE, SPACE_OURS, RecordingIndex, apply_message, parse_kv_space
+from .oplog import KV_PREFIX, SPACE_LMCACHE, SPACE_OURS, RecordingIndex, apply_message, kv_space, parse_kv_space
+from .snapshots import SharedSnapshots, bootstrap, dump_local
 
 log = logging.getLogger("lmcache_rs.controller")
 
@@ -74,6 +78,17 @@ class Spaces:
                 ns = kv.namespaces.get(*parse_kv_space(space))
                 ns.engines = set(_inner(ns.index).workers())
 
+    def indexes(self) -> list[tuple[str, Any]]:
+        """Every key space and its index (what a snapshot holds)."""
+        c = self.c
+        out = [(SPACE_OURS, _inner(c.index))]
+        if c.lmcache is not None:
+            out.append((SPACE_LMCACHE, _inner(c.lmcache.index)))
+        if c.kv_events is not None:
+            out.extend((kv_space(ns.model, ns.lora_name, ns.cache_salt, ns.block_size), _inner(ns.index))
+                       for ns in c.kv_events.namespaces.all())
+        return out
+
     def digests(self) -> dict[str, int]:
         c = self.c
         out = {SPACE_OURS: _inner(c.index).digest()}
@@ -101,7 +116,11 @@ class IngestRole:
         await self.publisher.start()
         follower = Follower(c.settings.nats_url, "lmcache-ingest-rebuild", self.spaces.apply)
         try:
-            await follower.start(0)
+            await follower.connect()
+            seq, origin = await bootstrap(follower.js, self.spaces.index_for, None)
+            if seq:
+                log.info("ingest: rebuilding from the %s snapshot at %d", origin, seq)
+            await follower.start(seq)
             if not await follower.wait_applied(follower.start_target, CATCH_UP_TIMEOUT):
                 raise RuntimeError(f"could not read the log to its end ({follower.broken or 'timed out'})")
         finally:
@@ -137,16 +156,63 @@ class ReplicaRole:
         self.c = controller
         self.spaces = Spaces(controller)
         self.follower = Follower(controller.settings.nats_url, "lmcache-replica", self.spaces.apply)
+        self.origin = "none"  # where the index started from: none, local or shared snapshot
+        self.snapshot_seq = 0  # sequence of the last local snapshot written
+        self.shared: SharedSnapshots | None = None
+        self._snapshots: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.follower.start(0)
-        log.info("replica: following the log from 1 (ready at %d)", self.follower.start_target)
+        """Load the best snapshot, follow the log from it; snapshot periodically when asked."""
+        s = self.c.settings
+        f = self.follower
+        await f.connect()
+        while True:
+            seq, self.origin = await bootstrap(f.js, self.spaces.index_for, s.snapshot)
+            self.spaces.refresh_membership({space for space, _ in self.spaces.indexes()})
+            try:
+                await f.start(seq)
+                break
+            except LogGone as exc:  # purged while we loaded: a newer shared snapshot exists
+                log.warning("replica: %s; loading the shared snapshot again", exc)
+        self.snapshot_seq = seq
+        log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
+                 f.start_target)
+        if s.snapshot:
+            self.shared = SharedSnapshots(f.js, f"{socket.gethostname()}:{os.getpid()}", s.snapshot_interval)
+            self._snapshots = asyncio.get_running_loop().create_task(self._snapshot_loop())
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.c.settings.snapshot_interval)
+            try:
+                self.snapshot()
+                assert self.shared is not None
+                if await self.shared.leader():
+                    await self.shared.publish(self.c.settings.snapshot)
+            except Exception:  # a failed snapshot must never stop following
+                log.exception("replica: snapshot failed")
+
+    def snapshot(self) -> None:
+        """Write the local snapshot, when the log moved since the last one. Every index is
+        dumped without yielding to the loop, so all of them reflect one sequence."""
+        seq = self.follower.applied
+        if seq == self.snapshot_seq or not self.c.settings.snapshot:
+            return
+        dump_local(self.c.settings.snapshot, seq, self.spaces.indexes())
+        self.snapshot_seq = seq
 
     async def stop(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            await asyncio.gather(self._snapshots, return_exceptions=True)
+        if self.follower.ready:
+            self.snapshot()
         await self.follower.stop()
 
     def state(self) -> dict:
         f = self.follower
         return {"status": "ok" if f.ready else "catching up", "role": "replica", "ready": f.ready,
-                "applied_seq": f.applied, "start_target": f.start_target, "skipped": f.skipped, "gaps": f.gaps,
+                "applied_seq": f.applied, "start_target": f.start_target, "origin": self.origin,
+                "snapshot_seq": self.snapshot_seq, "snapshot_leader": self.shared is not None and
+                self.shared.revision is not None, "skipped": f.skipped, "gaps": f.gaps,
                 "broken": f.broken, "digests": {k: str(v) for k, v in self.spaces.digests().items()}}

@@ -196,7 +196,7 @@ class Controller:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.settings.snapshot:
+        if self.settings.snapshot and self.settings.role == "single":  # a replica's snapshots are its own
             await self._dump_snapshot(force=True)
         if self.replication is not None:
             await self.replication.stop()

@@ -121,8 +121,8 @@ class Settings:
             raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if self.role != "single" and self.snapshot:
-            raise ValueError(f"--snapshot is for role single; role {self.role} rebuilds its index from the log")
+        if self.role == "ingest" and self.snapshot:
+            raise ValueError("--snapshot is for roles single and replica; an ingest rebuilds its index from the log")
         if not 0.0 <= self.ingest_resend_fraction <= 1.0:
             raise ValueError(f"ingest_resend_fraction must be within 0..1, got {self.ingest_resend_fraction}")
         if self.lmcache_key_check_lookups < 0:
