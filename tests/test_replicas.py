@@ -517,3 +517,36 @@ def test_snapshots_purge_the_stream_and_bootstrap_late_and_restarted_replicas(tm
             await work.close()
 
         run(main())
+
+
+def test_clear_through_a_replica_is_applied_there_when_it_answers(tmp_path):
+    with Cluster(tmp_path) as cluster:
+
+        async def main():
+            work = Workload(7)
+            await work.start(cluster.ingest.monitor_port)
+            await work.run(30)
+            await check(cluster, work, 1_000)
+            queries = work.queries(1_000)
+            before, _ = await lookups(cluster.replicas[1].http_port, queries)
+            assert any("inst_a" in a for a in before)
+            status, headers, body = await http(cluster.replicas[1].http_port, "POST", "/clear",
+                                               {"instance_id": "inst_a"})
+            assert status == 200 and body["num_tokens"] > 0, body
+            assert not any(work.workers[("inst_a", 0)].holdings.values())
+            # no waiting: the answer came after this replica applied the worker's evictions
+            ref = work.reference()
+            answers, _ = await lookups(cluster.replicas[1].http_port, queries)
+            assert answers == [work.expected(ref, q) for q in queries]
+            assert not any("inst_a" in a for a in answers)
+            # the others show the same at the same sequence
+            await check(cluster, work, 1_000)
+            # a request the workers refuse is answered as the ingest answers it
+            status, _, body = await http(cluster.replicas[2].http_port, "POST", "/clear", {"instance_id": "nope"})
+            assert status == 404 and "error" in body
+            status, _, body = await http(cluster.replicas[2].http_port, "POST", "/query_worker_info",
+                                         {"instance_id": "inst_tp"})
+            assert status == 200, body
+            await work.close()
+
+        run(main())

@@ -292,6 +292,8 @@ class Api:
         key = controller.settings.api_key
         self.api_key: bytes | None = key.encode() if key else None
         self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
+        if controller.settings.role == "replica":  # the workers are the ingest's
+            posts = {path: self._forwarded for path in posts}
         for path, handler in posts.items():
             guarded = self._guard(path, handler)
             if self.api_key is not None and path in MUTATING:
@@ -322,6 +324,9 @@ class Api:
         return handler(request)
 
     # -- management endpoints --------------------------------------------------------------
+    def _forwarded(self, request: Request) -> Any:
+        return self.c.replication.forward(request)
+
     def _require_key(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """With --api-key set: the endpoint answers 401 unless the request carries the key."""
         key = self.api_key

@@ -12,18 +12,22 @@ decisions.
 Replica: no sources, no monitor port. A Follower (follower.py) applies the log to the same
 indexes the single controller would have, and the HTTP API answers from them. Workers are
 those the indexes have registered. /healthz answers 503 until the replica has applied what
-the stream held when it started.
+the stream held when it started. The endpoints that need the workers (/clear, /pin, /move,
+/query_*, ...) go to the ingest by NATS request/reply (``lmc.cmd``); the replica answers
+once it has applied the log up to what the ingest published while running the command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 from typing import Any
 
 from .follower import Follower, LogGone
+from .http import JSON, Request, error_body
 from .ingest import Publisher
 from .oplog import KV_PREFIX, SPACE_LMCACHE, SPACE_OURS, RecordingIndex, apply_message, kv_space, parse_kv_space
 from .snapshots import SharedSnapshots, bootstrap, dump_local
@@ -31,6 +35,9 @@ from .snapshots import SharedSnapshots, bootstrap, dump_local
 log = logging.getLogger("lmcache_rs.controller")
 
 CATCH_UP_TIMEOUT = 600.0
+# commands replicas forward to the ingest (NATS request/reply; a queue group for a standby)
+COMMAND_SUBJECT = "lmc.cmd"
+COMMAND_QUEUE = "lmc-cmd"
 
 
 def _inner(index: Any) -> Any:
@@ -106,6 +113,7 @@ class IngestRole:
         s = controller.settings
         self.publisher = Publisher(s.nats_url, s.ingest_resend_fraction)
         self.spaces = Spaces(controller)
+        self._commands: Any = None
 
     def wrap(self, index: Any, space: str) -> RecordingIndex:
         return RecordingIndex(index, space, self.publisher.record)
@@ -143,7 +151,39 @@ class IngestRole:
         log.info("ingest: rebuilt from the log up to %d: %d of our workers to come back; %d holdings of "
                  "LMCache workers and engines dropped until they report again", follower.applied, restored, dropped)
 
+        self._commands = await self.publisher.nc.subscribe(COMMAND_SUBJECT, queue=COMMAND_QUEUE, cb=self._on_command)
+
+    async def _on_command(self, msg: Any) -> None:
+        # one task per command: a command waits for workers, the next must not wait for it
+        task = asyncio.get_running_loop().create_task(self._command(msg))
+        self.c.ops.tasks.add(task)
+        task.add_done_callback(self.c.ops.tasks.discard)
+
+    async def _command(self, msg: Any) -> None:
+        """A replica's request: run it as our own HTTP API would, publish what the workers
+        reported meanwhile, and answer with the log position that holds it."""
+        try:
+            req = json.loads(msg.data)
+            credential = req.get("credential")
+            request = Request(b"POST", req["path"].encode(), b"", req["body"].encode("latin-1"), True,
+                              credential.encode("latin-1") if credential is not None else None,
+                              f"{req.get('peer', '?')} via a replica")
+            result = self.c.api(request)
+            if type(result) is not tuple:
+                result = await result
+            seq = await self.publisher.flushed(self.c.settings.command_timeout)
+            reply = {"status": result[0], "body": result[2].decode("latin-1"), "log_seq": seq}
+        except Exception as exc:  # a malformed request from a replica, or a failure here
+            log.exception("ingest: command from a replica failed")
+            reply = {"status": 500, "body": json.dumps({"error": f"the ingest failed: {exc}"}), "log_seq": None}
+        await msg.respond(json.dumps(reply).encode())
+
     async def stop(self) -> None:
+        if self._commands is not None:
+            try:
+                await self._commands.unsubscribe()
+            except Exception:  # the connection is already gone
+                pass
         await self.publisher.stop()
 
     def state(self) -> dict:
@@ -191,6 +231,25 @@ class ReplicaRole:
                     await self.shared.publish(self.c.settings.snapshot)
             except Exception:  # a failed snapshot must never stop following
                 log.exception("replica: snapshot failed")
+
+    async def forward(self, request: Request) -> tuple[int, bytes, bytes]:
+        """An endpoint that acts on workers: the ingest, which holds their connections, runs
+        it; we answer once we have applied the log up to what it published meanwhile."""
+        timeout = self.c.settings.command_timeout + 5
+        payload = {"path": request.path.decode("latin-1"), "body": request.body.decode("latin-1"),
+                   "credential": request.credential.decode("latin-1") if request.credential is not None else None,
+                   "peer": request.peer}
+        try:
+            msg = await self.follower.nc.request(COMMAND_SUBJECT, json.dumps(payload).encode(), timeout=timeout)
+            reply = json.loads(msg.data)
+        except Exception as exc:  # no ingest, no answer in time, connection lost
+            return 503, JSON, error_body(f"the ingest did not answer ({type(exc).__name__}); retry later")
+        seq = reply.get("log_seq")
+        if seq is None:
+            return 503, JSON, error_body("the ingest could not publish the result to the log; retry later")
+        if not await self.follower.wait_applied(seq, timeout):
+            return 503, JSON, error_body(f"this replica has not applied log message {seq} yet; retry later")
+        return reply["status"], JSON, reply["body"].encode("latin-1")
 
     def snapshot(self) -> None:
         """Write the local snapshot, when the log moved since the last one. Every index is
