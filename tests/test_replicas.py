@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_rs import Index
+import zmq
+
+from lmcache_rs import Index, lmcache_chunk_hashes
+from lmcache_rs.controller import lmcache_messages as lm
 from lmcache_rs.controller.jetstream import decode
 from lmcache_rs.controller.oplog import apply_message
 from lmcache_rs.wire.session import SessionClosed
@@ -94,18 +97,24 @@ class NatsServer:
 
 
 class Cluster:
-    def __init__(self, root: Path, replicas: int = 3, ingest_env: dict | None = None, kv_events: bool = False):
+    def __init__(self, root: Path, replicas: int = 3, ingest_env: dict | None = None, kv_events: bool = False,
+                 lmcache: bool = False):
         self.nats = NatsServer(root)
         args = ["--role", "ingest", "--nats-url", self.nats.url, "--heartbeat-timeout", "30"]
         self.kv_ports = (free_port(), free_port())
         if kv_events:  # an engine publishing vLLM KV events to the ingest
             args += ["--kv-events", json.dumps({"bind": f"tcp://127.0.0.1:{self.kv_ports[0]}",
                                                 "replay_endpoint": f"tcp://127.0.0.1:{self.kv_ports[1]}"})]
+        self.lmcache_ports = (free_port(), free_port())
+        if lmcache:  # an LMCache worker reporting on LMCache's sockets
+            args += ["--monitor-ports", json.dumps({"pull": self.lmcache_ports[0], "reply": self.lmcache_ports[1]}),
+                     "--none-hash", "0"]
         self.ingest = ControllerProcess(*args, config=CONFIG, env=ingest_env)
         self.replicas = [self.replica() for _ in range(replicas)]
 
     def replica(self, *args: str) -> ControllerProcess:
-        return ControllerProcess("--role", "replica", "--nats-url", self.nats.url, *args, config=CONFIG)
+        return ControllerProcess("--role", "replica", "--nats-url", self.nats.url, "--none-hash", "0", *args,
+                                 config=CONFIG)
 
     def __enter__(self) -> "Cluster":
         self.nats.start()
@@ -227,6 +236,48 @@ def send(fw: FakeWorker, ops: list) -> None:
         pass
 
 
+class LMCacheWorkerSim:
+    """An LMCache worker as the controller sees it: register and heartbeat on the reply
+    socket, numbered admit/evict batches on the pull socket."""
+
+    INSTANCE = "lmc-w"
+
+    def __init__(self, pull_port: int, reply_port: int):
+        self.ctx = zmq.Context()
+        self.req = self.ctx.socket(zmq.REQ)
+        self.req.setsockopt(zmq.LINGER, 0)
+        self.req.setsockopt(zmq.RCVTIMEO, 10_000)
+        self.req.connect(f"tcp://127.0.0.1:{reply_port}")
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(f"tcp://127.0.0.1:{pull_port}")
+        self.seq = 0
+        self.held: set[int] = set()
+
+    def start(self) -> None:
+        for cls in (lm.RegisterMsg, lm.HeartbeatMsg):  # a heartbeating worker is not probed
+            self.req.send(lm.encoder.encode(cls(instance_id=self.INSTANCE, worker_id=0, ip="127.0.0.1", port=1,
+                                                peer_init_url=None)))
+            assert b"error" not in self.req.recv().lower()
+
+    def send(self, kind: str, keys: list[int]) -> None:
+        op = lm.AdmitOp if kind == "admit" else lm.EvictOp
+        operations = [op(k, self.seq + i) for i, k in enumerate(keys)]
+        self.seq += len(keys)
+        (self.held.update if kind == "admit" else self.held.difference_update)(keys)
+        self.push.send(lm.encoder.encode(lm.BatchedKVOperationMsg(
+            instance_id=self.INSTANCE, worker_id=0, location="LocalCPUBackend", operations=operations)))
+
+    def expected(self, query: list[int]) -> tuple | None:
+        ref = Index(CHUNK, key_space="lmcache_builtin", none_hash=0)
+        ref.register_worker(self.INSTANCE, 0)
+        ref.apply_batch([("admit", self.INSTANCE, 0, "LocalCPUBackend", sorted(self.held))])
+        return ref.lookup(query).get(self.INSTANCE)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
 class Workload:
     """Fake workers on the ingest and the reference index of what they hold."""
 
@@ -237,6 +288,7 @@ class Workload:
                         for _ in range(60)]
         self.workers: dict[tuple[str, int], FakeWorker] = {}
         self.engine: Publisher | None = None
+        self.lmcache: LMCacheWorkerSim | None = None
         self.engine_blocks: set[int] = set()  # engine block hashes the engine holds now
 
     async def engine_connected(self, ingest_http: int) -> None:
@@ -252,7 +304,11 @@ class Workload:
             assert time.monotonic() < deadline, "the engine did not connect"
             await asyncio.sleep(0.05)
 
-    async def start(self, monitor_port: int, kv_ports: tuple[int, int] | None = None, ingest_http: int = 0) -> None:
+    async def start(self, monitor_port: int, kv_ports: tuple[int, int] | None = None, ingest_http: int = 0,
+                    lmcache_ports: tuple[int, int] | None = None) -> None:
+        if lmcache_ports is not None:
+            self.lmcache = LMCacheWorkerSim(*lmcache_ports)
+            self.lmcache.start()
         if kv_ports is not None:
             self.engine = Publisher(f"tcp://127.0.0.1:{kv_ports[0]}", f"tcp://127.0.0.1:{kv_ports[1]}",
                                     topic="kv@pod-e@tiny")
@@ -278,6 +334,12 @@ class Workload:
         keys = chunk_hashes(self.rng.choice(self.prompts), CHUNK, SEED)
         for w in (0, 1):
             send(self.workers[("inst_tp", w)], [("admit", LOCATIONS[0], keys)])
+        if self.lmcache is not None:
+            keys = lmcache_chunk_hashes(rng.choice(self.prompts), CHUNK, 0)
+            if rng.random() < 0.3:
+                self.lmcache.send("evict", keys[rng.randrange(len(keys)):])
+            else:
+                self.lmcache.send("admit", keys[: rng.randrange(1, len(keys) + 1)])
         if self.engine is not None:
             tokens = rng.choice(self.prompts)
             event = stored(tokens, CHUNK)
@@ -314,6 +376,10 @@ class Workload:
                 n += 1
             if n:
                 out["pod-e"] = ("GPU", n * CHUNK)
+        if self.lmcache is not None:
+            held = self.lmcache.expected(query)
+            if held is not None:
+                out[self.lmcache.INSTANCE] = held
         return out
 
     def queries(self, n: int) -> list[list[int]]:
@@ -332,6 +398,8 @@ class Workload:
             await fw.close()
         if self.engine is not None:
             self.engine.close()
+        if self.lmcache is not None:
+            self.lmcache.close()
 
 
 async def quiet(cluster: Cluster, replicas: list[ControllerProcess] | None = None) -> int:
@@ -368,7 +436,9 @@ async def check(cluster: Cluster, work: Workload, n_lookups: int, replicas: list
     queries = work.queries(n_lookups)
     expected = [work.expected(ref, q) for q in queries]
     if work.engine is not None:  # the engine's blocks are part of the answers
-        assert any("pod-e" in e for e in expected) and any(len(e) == 3 for e in expected)
+        assert any("pod-e" in e for e in expected) and any("pod-e" not in e for e in expected)
+    if work.lmcache is not None:  # and so are the LMCache worker's
+        assert any("lmc-w" in e for e in expected)
     for r in replicas:
         answers, seqs = await lookups(r.http_port, queries)
         assert seqs == {last}
@@ -381,11 +451,12 @@ def run(coro):
 
 
 def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
-    with Cluster(tmp_path, kv_events=True) as cluster:
+    with Cluster(tmp_path, kv_events=True, lmcache=True) as cluster:
 
         async def main():
             work = Workload()
-            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port)
+            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port,
+                             cluster.lmcache_ports)
             await work.run(60)
             await check(cluster, work, 10_000)
             # more traffic, a late replica started from nothing, another quiet point

@@ -47,7 +47,7 @@ class Controller:
         self.registry = Registry(self.index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes,
                                  sync_timeout=settings.sync_timeout)
         self.lmcache: LMCacheSource | None = None
-        if settings.monitor_ports is not None:
+        if settings.monitor_ports is not None or settings.role == "replica":  # a replica serves what the log has
             from .. import Index
 
             lmcache_index: Any = Index(settings.chunk_size, key_space="lmcache_builtin", none_hash=settings.none_hash)

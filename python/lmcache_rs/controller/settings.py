@@ -423,7 +423,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     ports = args.monitor_ports if args.monitor_ports is not None else env.get(CONTROLLER_ENV_PREFIX + "MONITOR_PORTS")
     s.monitor_ports = dict(DEFAULT_MONITOR_PORTS) if ports is None else parse_monitor_ports(ports)
     none_hash = args.none_hash if args.none_hash is not None else env.get(CONTROLLER_ENV_PREFIX + "NONE_HASH", "auto")
-    if s.monitor_ports is not None or args.none_hash is not None:
+    # a replica answers for the LMCache key space whenever the log has it
+    if s.monitor_ports is not None or args.none_hash is not None or args.role == "replica":
         s.none_hash, s.none_hash_origin = resolve_none_hash(
             none_hash, env, "siphash24" if args.worker_python == "3.10" else "siphash13")
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
