@@ -170,15 +170,17 @@ class Index:
         """``lookup_json`` and what it matched: (response body, tokens asked, tokens of the
         longest prefix any instance holds, 0 without a match), for the hit-ratio metrics."""
     def answer_lookups(
-        self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int
+        self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int,
+        extra_header: bytes = b"",
     ) -> tuple[bytes, int, list[float], bool, int, int, int]:
         """The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
         ``POST /lookup`` requests at the start of ``data`` (bytes a connection received), the
         n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
         released, stopping at the first request it leaves to the general HTTP server. Returns
         (responses, bytes consumed, seconds per answered request, whether the last one closes
-        the connection, lookups that matched, tokens asked, tokens matched). Raises
-        InvalidTypeError when ``data`` is not bytes."""
+        the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
+        header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
+        when ``data`` or ``extra_header`` is not bytes."""
     def digest(self) -> int:
         """An order-independent 64-bit digest of the holdings and registered workers: the
         wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\\0" + location)

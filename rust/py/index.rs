@@ -581,11 +581,12 @@ impl PyIndex {
     /// n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
     /// released, stopping at the first request it leaves to the general HTTP server. Returns
     /// (responses, bytes consumed, seconds per answered request, whether the last one closes
-    /// the connection, lookups that matched, tokens asked, tokens matched). Raises
-    /// InvalidTypeError when ``data`` is not bytes.
+    /// the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
+    /// header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
+    /// when ``data`` or ``extra_header`` is not bytes.
     #[pyo3(
-        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, **kwargs),
-        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes)"
+        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=None, **kwargs),
+        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=b'')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn answer_lookups<'py>(
@@ -596,9 +597,18 @@ impl PyIndex {
         first_id: &Bound<'py, PyAny>,
         max_header_bytes: &Bound<'py, PyAny>,
         max_body_bytes: &Bound<'py, PyAny>,
+        extra_header: Option<&Bound<'py, PyAny>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<AnsweredTuple<'py>> {
         no_kwargs("answer_lookups", kwargs)?;
+        let extra: Vec<u8> = match extra_header {
+            Some(v) => v
+                .cast::<PyBytes>()
+                .map_err(|_| Error::ty("extra_header must be bytes"))?
+                .as_bytes()
+                .to_vec(),
+            None => Vec::new(),
+        };
         let prefix = str_arg(event_prefix, "event_prefix")?;
         let first_id = int_arg(first_id, "first_id", u64::MAX / 2)?;
         let limits = http_fast::Limits {
@@ -623,6 +633,7 @@ impl PyIndex {
                 &limits,
                 &prefix,
                 first_id,
+                &extra,
             ))
         })?;
         Ok((

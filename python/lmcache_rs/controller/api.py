@@ -118,8 +118,7 @@ class Lookup:
         # the general path, which keeps its body. The fast path pays one attribute test.
         self._sample_wanted = False
         self._sample: bytes | None = None
-        # a replica: the log position its answers reflect, sent as X-Lmc-Seq (the Rust fast
-        # path writes its own heads, so a replica answers on the general path)
+        # a replica: the log position its answers reflect, sent as X-Lmc-Seq
         self.applied_seq: Callable[[], int] | None = None
 
     def want_sample(self) -> None:
@@ -218,7 +217,7 @@ class Lookup:
         of ``data`` in one call to the index (GIL released; see rust/http_fast.rs). Returns
         (responses, bytes consumed, close after writing); the caller hands the rest of ``data``
         to the general HTTP parser, which answers it exactly as it would have."""
-        if self._sample_wanted or self.applied_seq is not None:
+        if self._sample_wanted:
             return b"", 0, False
         kv = self.kv_events
         if kv is not None and (any(k in data for k in _NAMESPACE_KEYS) or (kv.any_stale and b"detail=1" in data)):
@@ -226,8 +225,13 @@ class Lookup:
         indexes = self._indexes()
         if len(indexes) != 1:
             return b"", 0, False
-        out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
-            data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
+        if self.applied_seq is None:
+            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
+                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
+        else:
+            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
+                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes,
+                b"X-Lmc-Seq: %d\r\n" % self.applied_seq())
         if seconds:
             self.counter += len(seconds)
             self.metrics.observe_lookups(seconds, hits, asked, matched)
