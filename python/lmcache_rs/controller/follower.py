@@ -36,7 +36,8 @@ class Follower:
         self.skipped = 0  # redelivered messages at or below applied
         self.gaps = 0  # resubscriptions after a message past applied + 1
         self.broken: str | None = None  # why following stopped, if it did
-        self.lags: collections.deque[float] = collections.deque(maxlen=100_000)  # publish -> applied, s
+        # publish -> applied, in s, of the messages published after we started
+        self.lags: collections.deque[float] = collections.deque(maxlen=100_000)
         self.nc: Any = None
         self.js: Any = None
         self._sub: Any = None
@@ -97,7 +98,7 @@ class Follower:
             return
         self.applied = seq
         ts = body.get("ts")
-        if isinstance(ts, float):
+        if isinstance(ts, float) and seq > self.start_target:  # following live, not catching up
             self.lags.append(time.time() - ts)
         self._advanced.set()
 

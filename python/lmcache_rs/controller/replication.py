@@ -274,4 +274,17 @@ class ReplicaRole:
                 "applied_seq": f.applied, "start_target": f.start_target, "origin": self.origin,
                 "snapshot_seq": self.snapshot_seq, "snapshot_leader": self.shared is not None and
                 self.shared.revision is not None, "skipped": f.skipped, "gaps": f.gaps,
-                "broken": f.broken, "digests": {k: str(v) for k, v in self.spaces.digests().items()}}
+                "broken": f.broken, "lag_ms": lag_summary(list(f.lags)),
+                "digests": {k: str(v) for k, v in self.spaces.digests().items()}}
+
+
+def lag_summary(lags: list[float]) -> dict:
+    """p50/p99/max of publish-to-applied times, in ms."""
+    if not lags:
+        return {"n": 0}
+    lags.sort()
+
+    def at(q: float) -> float:
+        return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1000, 2)
+
+    return {"n": len(lags), "p50": at(0.5), "p99": at(0.99), "max": round(lags[-1] * 1000, 2)}
