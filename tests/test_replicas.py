@@ -461,7 +461,7 @@ def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
             await check(cluster, work, 10_000)
             # more traffic, a late replica started from nothing, another quiet point
             await work.run(30)
-            late = cluster.replica()
+            late = cluster.replica("--http-threads", "2")  # lookups on two loops, both with X-Lmc-Seq
             cluster.replicas.append(late)
             late.start()
             await check(cluster, work, 2_000)
@@ -655,3 +655,14 @@ def test_clear_through_a_replica_is_applied_there_when_it_answers(tmp_path):
             await work.close()
 
         run(main())
+
+
+def test_role_settings_are_checked():
+    from lmcache_rs.controller.settings import settings_from_args
+
+    with pytest.raises(SystemExit):
+        settings_from_args(["--role", "leader"])
+    with pytest.raises(ValueError, match="ingest rebuilds"):
+        settings_from_args(["--role", "ingest", "--snapshot", "/tmp/x"])
+    assert settings_from_args(["--role", "replica", "--snapshot", "/tmp/x"]).role == "replica"
+    assert settings_from_args([]).role == "single"

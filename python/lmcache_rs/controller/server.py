@@ -160,8 +160,24 @@ class Controller:
         assert self.replication is not None
         s = self.settings
         await self.replication.start()
-        self.http_server = await asyncio.get_running_loop().create_server(
-            lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        many = s.http_threads > 1
+        if many and s.port:  # as in start(): SO_REUSEPORT must not share the port with another process
+            probe = await loop.create_server(asyncio.Protocol, s.host, s.port, reuse_address=True)
+            probe.close()
+            await probe.wait_closed()
+        self.http_server = await loop.create_server(
+            lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True, reuse_port=many)
+        try:
+            for k in range(1, s.http_threads):
+                extra = HttpLoop(self, k)
+                extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
+                self.http_loops.append(extra)
+        except BaseException:
+            await self._stop_http_loops(0)
+            self.http_server.close()
+            await self.replication.stop()
+            raise
         self._housekeeping = asyncio.get_running_loop().create_task(self._tick())
         log.info("lmcache_controller listening: http=%s monitor=none (replica of %s; chunk_size=%d hash_seed=%d)",
                  _addresses(self.http_server), s.nats_url, s.chunk_size, s.hash_seed)
@@ -320,6 +336,7 @@ class HttpLoop:
         self.state.group.append(self.state)
         lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-",
                         controller.registry, controller.lmcache, controller.kv_events)
+        lookup.applied_seq = controller.api.lookup.applied_seq  # a replica's X-Lmc-Seq
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
         self.state.fast_lookup = lookup
         if controller.key_space_check is not None:
