@@ -489,11 +489,11 @@ def test_replica_killed_mid_stream_restarts_and_catches_up(tmp_path):
 
 
 def test_ingest_killed_mid_stream_restarts_and_loses_nothing(tmp_path):
-    with Cluster(tmp_path) as cluster:
+    with Cluster(tmp_path, kv_events=True) as cluster:
 
         async def main():
             work = Workload(3)
-            await work.start(cluster.ingest.monitor_port)
+            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port)
             await work.run(30)
             first = await check(cluster, work, 1_000)
             http_port, monitor_port = cluster.ingest.http_port, cluster.ingest.monitor_port
