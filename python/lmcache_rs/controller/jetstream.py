@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from ..log_limit import RateLimitedLog
+
 STREAM = "LMC_OPS"
 SUBJECTS = "lmc.ops.>"
 SUBJECT_PREFIX = "lmc.ops."
@@ -29,14 +31,20 @@ log = logging.getLogger("lmcache_rs.controller")
 
 
 async def connect(url: str, name: str) -> Any:
-    """A NATS connection that reconnects for ever (a restarted server is picked up again)."""
+    """A NATS connection that waits for the server and reconnects for ever (a restarted server
+    is picked up again)."""
     import nats
 
-    async def error_cb(exc: Exception) -> None:
-        log.warning("NATS %s: %s", url, exc)
+    warn = RateLimitedLog(log, burst=1, period=10.0)  # a server that is down says so every 10 s
 
-    return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
-                              connect_timeout=2, allow_reconnect=True, error_cb=error_cb)
+    async def error_cb(exc: Exception) -> None:
+        warn("NATS %s: %s", url, exc)
+
+    try:
+        return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                  connect_timeout=2, allow_reconnect=True, error_cb=error_cb)
+    except Exception as exc:  # reported as a port that cannot be bound is: one line, exit 1
+        raise OSError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
 
 
 async def ensure_stream(js: Any) -> Any:
