@@ -26,7 +26,7 @@ import os
 import socket
 from typing import Any
 
-from .follower import Follower, LogGone
+from .follower import Follower
 from .http import JSON, Request, error_body
 from .ingest import Publisher
 from .oplog import KV_PREFIX, SPACE_LMCACHE, SPACE_OURS, RecordingIndex, apply_message, kv_space, parse_kv_space
@@ -35,6 +35,7 @@ from .snapshots import SharedSnapshots, bootstrap, dump_local
 log = logging.getLogger("lmcache_rs.controller")
 
 CATCH_UP_TIMEOUT = 600.0
+BOOTSTRAP_ATTEMPTS = 5
 # commands replicas forward to the ingest (NATS request/reply; a queue group for a standby)
 COMMAND_SUBJECT = "lmc.cmd"
 COMMAND_QUEUE = "lmc-cmd"
@@ -97,14 +98,7 @@ class Spaces:
         return out
 
     def digests(self) -> dict[str, int]:
-        c = self.c
-        out = {SPACE_OURS: _inner(c.index).digest()}
-        if c.lmcache is not None:
-            out[SPACE_LMCACHE] = _inner(c.lmcache.index).digest()
-        if c.kv_events is not None:
-            for ns in c.kv_events.namespaces.all():
-                out[KV_PREFIX + repr((ns.model, ns.lora_name, ns.cache_salt, ns.block_size))] = _inner(ns.index).digest()
-        return out
+        return {space: index.digest() for space, index in self.indexes()}
 
 
 class IngestRole:
@@ -150,7 +144,6 @@ class IngestRole:
                 ns.engines.clear()
         log.info("ingest: rebuilt from the log up to %d: %d of our workers to come back; %d holdings of "
                  "LMCache workers and engines dropped until they report again", follower.applied, restored, dropped)
-
         self._commands = await self.publisher.nc.subscribe(COMMAND_SUBJECT, queue=COMMAND_QUEUE, cb=self._on_command)
 
     async def _on_command(self, msg: Any) -> None:
@@ -206,14 +199,17 @@ class ReplicaRole:
         s = self.c.settings
         f = self.follower
         await f.connect()
-        while True:
-            seq, self.origin = await bootstrap(f.js, self.spaces.index_for, s.snapshot)
-            self.spaces.refresh_membership({space for space, _ in self.spaces.indexes()})
+        for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
             try:
+                seq, self.origin = await bootstrap(f.js, self.spaces.index_for, s.snapshot)
+                self.spaces.refresh_membership({space for space, _ in self.spaces.indexes()})
                 await f.start(seq)
                 break
-            except LogGone as exc:  # purged while we loaded: a newer shared snapshot exists
-                log.warning("replica: %s; loading the shared snapshot again", exc)
+            except Exception as exc:  # e.g. purged, or the shared snapshot replaced, while we loaded
+                if attempt == BOOTSTRAP_ATTEMPTS:
+                    raise
+                log.warning("replica: starting from a snapshot failed (%s); trying again", exc)
+                await asyncio.sleep(1.0)
         self.snapshot_seq = seq
         log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
                  f.start_target)
