@@ -252,6 +252,7 @@ class LMCacheWorkerSim:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.connect(f"tcp://127.0.0.1:{pull_port}")
         self.seq = 0
+        self.sent = 0  # messages pushed
         self.held: set[int] = set()
 
     def start(self) -> None:
@@ -265,6 +266,7 @@ class LMCacheWorkerSim:
         operations = [op(k, self.seq + i) for i, k in enumerate(keys)]
         self.seq += len(keys)
         (self.held.update if kind == "admit" else self.held.difference_update)(keys)
+        self.sent += 1
         self.push.send(lm.encoder.encode(lm.BatchedKVOperationMsg(
             instance_id=self.INSTANCE, worker_id=0, location="LocalCPUBackend", operations=operations)))
 
@@ -289,6 +291,7 @@ class Workload:
         self.workers: dict[tuple[str, int], FakeWorker] = {}
         self.engine: Publisher | None = None
         self.lmcache: LMCacheWorkerSim | None = None
+        self.ingest_http = 0
         self.engine_blocks: set[int] = set()  # engine block hashes the engine holds now
 
     async def engine_connected(self, ingest_http: int) -> None:
@@ -306,6 +309,7 @@ class Workload:
 
     async def start(self, monitor_port: int, kv_ports: tuple[int, int] | None = None, ingest_http: int = 0,
                     lmcache_ports: tuple[int, int] | None = None) -> None:
+        self.ingest_http = ingest_http
         if lmcache_ports is not None:
             self.lmcache = LMCacheWorkerSim(*lmcache_ports)
             self.lmcache.start()
@@ -391,7 +395,20 @@ class Workload:
         return out
 
     async def barrier(self) -> None:
+        """Wait until the ingest has applied everything every source sent."""
         await asyncio.gather(*(fw.barrier(timeout=30) for fw in self.workers.values()))
+        wanted = []
+        if self.engine is not None:
+            wanted.append(f'lmcache_kv_event_next_seq{{instance="pod-e"}} {self.engine.seq:.1f}\n')
+        if self.lmcache is not None:
+            wanted.append(f'pull_socket_message_count{{role="controller"}} {self.lmcache.sent:.1f}\n')
+        deadline = time.monotonic() + QUIET_TIMEOUT
+        while wanted:
+            _, _, text = await http_text(self.ingest_http, "/metrics")
+            if all(w in text for w in wanted):
+                return
+            assert time.monotonic() < deadline, (wanted, text)
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         for fw in self.workers.values():
@@ -596,6 +613,10 @@ def test_snapshots_purge_the_stream_and_bootstrap_late_and_restarted_replicas(tm
             await purged_past(0)
             # a replica killed with a local snapshot the stream has since been purged past
             victim = cluster.replicas[1]
+            deadline = time.monotonic() + QUIET_TIMEOUT
+            while (await http(victim.http_port, "GET", "/healthz"))[2]["snapshot_seq"] == 0:
+                assert time.monotonic() < deadline, "no local snapshot"
+                await asyncio.sleep(0.05)
             cluster.kill9(victim)
             old = json.loads((dirs[1] / "manifest.json").read_text())["seq"]
             assert 0 < old <= last
@@ -611,8 +632,14 @@ def test_snapshots_purge_the_stream_and_bootstrap_late_and_restarted_replicas(tm
             for r in (victim, late):
                 _, _, state = await http(r.http_port, "GET", "/healthz")
                 assert state["origin"] == "shared", state
-            # kill -9 and restart at once: the local snapshot is still followed by the stream
+            # kill -9 and restart at once: the local snapshot (at the last message: nothing
+            # after it can have been purged) is still followed by the stream
             survivor = cluster.replicas[0]
+            deadline = time.monotonic() + QUIET_TIMEOUT
+            while (state := (await http(survivor.http_port, "GET", "/healthz"))[2])["snapshot_seq"] != \
+                    state["applied_seq"]:
+                assert time.monotonic() < deadline, "no local snapshot at the last message"
+                await asyncio.sleep(0.05)
             cluster.kill9(survivor)
             survivor.start()
             _, _, state = await http(survivor.http_port, "GET", "/healthz")
