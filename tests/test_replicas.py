@@ -693,3 +693,19 @@ def test_role_settings_are_checked():
         settings_from_args(["--role", "ingest", "--snapshot", "/tmp/x"])
     assert settings_from_args(["--role", "replica", "--snapshot", "/tmp/x"]).role == "replica"
     assert settings_from_args([]).role == "single"
+
+
+def test_a_full_sync_larger_than_a_message_reaches_every_replica(tmp_path):
+    with Cluster(tmp_path, replicas=2) as cluster:
+
+        async def main():
+            work = Workload(8)
+            big = FakeWorker("inst_big", 0, cluster.ingest.monitor_port, chunk_size=CHUNK, seed=SEED)
+            rng = random.Random(8)
+            big.holdings["LocalCPUBackend"] = {rng.getrandbits(64) for _ in range(300_000)}  # 2.4 MB of keys
+            assert (await big.start())["t"] == "welcome"
+            work.workers[("inst_big", 0)] = big
+            await check(cluster, work, 500)
+            await work.close()
+
+        run(main())

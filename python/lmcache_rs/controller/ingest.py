@@ -28,6 +28,7 @@ from .oplog import KV_PREFIX, Op
 log = logging.getLogger("lmcache_rs.controller")
 
 MAX_MESSAGE_BYTES = 64 * 1024  # a message is cut at about this much
+MAX_OP_KEYS = 32 * 1024  # keys of one operation in one message (256 KB)
 FLUSH_DELAY = 0.005  # or when its oldest operation waited this long
 SOURCES = ("rs", "lmcache", "vllm")
 
@@ -91,6 +92,18 @@ class Publisher:
 
     # -- recording ---------------------------------------------------------------------------
     def record(self, space: str, op: Op) -> None:
+        keys = op[4]
+        if keys is not None and len(keys) > (MAX_OP_KEYS * 8 if isinstance(keys, bytes) else MAX_OP_KEYS):
+            # a message must fit the server's max_payload (1 MiB by default): a large admit
+            # (a full sync) goes in parts; meanwhile replicas may miss some of its chunks,
+            # never report one the worker does not hold
+            step = MAX_OP_KEYS * 8 if isinstance(keys, bytes) else MAX_OP_KEYS
+            for i in range(0, len(keys), step):
+                self._record(space, [*op[:4], keys[i:i + step]])
+            return
+        self._record(space, op)
+
+    def _record(self, space: str, op: Op) -> None:
         src = source_of(space)
         buf = self._buffers.get(src)
         if buf is None:
