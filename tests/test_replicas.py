@@ -476,6 +476,10 @@ def test_steady_state_three_replicas_agree_with_the_reference(tmp_path):
                              cluster.lmcache_ports)
             await work.run(60)
             await check(cluster, work, 10_000)
+            for path in ("/metrics", "/dashboard.json", "/"):  # the read API works on a replica too
+                status, _, text = await http_text(cluster.replicas[0].http_port, path)
+                assert status == 200, (path, text[:500])
+            assert "lmcache_index_chunks" in (await http_text(cluster.replicas[0].http_port, "/metrics"))[2]
             # more traffic, a late replica started from nothing, another quiet point
             await work.run(30)
             late = cluster.replica("--http-threads", "2")  # lookups on two loops, both with X-Lmc-Seq
