@@ -650,6 +650,19 @@ def test_snapshots_purge_the_stream_and_bootstrap_late_and_restarted_replicas(tm
             assert state["origin"] == "local", state
             await work.run(10)
             await check(cluster, work, 2_000)
+            # the ingest restarted after a purge rebuilds from the shared snapshot and the rest
+            await purged_past(1)
+            http_port, monitor_port = cluster.ingest.http_port, cluster.ingest.monitor_port
+            cluster.kill9(cluster.ingest)
+            cluster.ingest.start(http_port, monitor_port)
+            assert "rebuilding from the shared snapshot" in cluster.ingest.log()
+            for fw in work.workers.values():  # each reconnects and full-syncs
+                deadline = time.monotonic() + 30
+                while fw.report is None or fw.report.closed or fw.sync_count < 2:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            await work.run(10)
+            await check(cluster, work, 2_000)
             await work.close()
 
         run(main())

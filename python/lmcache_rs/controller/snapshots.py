@@ -50,6 +50,8 @@ def dump_local(directory: str, seq: int, indexes: Iterable[tuple[str, Any]]) -> 
     root.mkdir(parents=True, exist_ok=True)
     spaces = {}
     for n, (space, index) in enumerate(indexes):
+        if len(index) == 0 and not index.workers():
+            continue  # nothing to restore; a controller that does not serve this key space can load the rest
         name = f"{seq}-{n}.idx"
         index.dump(root / name, log_seq=seq)
         spaces[space] = name
