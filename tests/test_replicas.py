@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import msgspec
 import zmq
 
 from lmcache_rs import Index, lmcache_chunk_hashes
@@ -259,7 +260,30 @@ class LMCacheWorkerSim:
         for cls in (lm.RegisterMsg, lm.HeartbeatMsg):  # a heartbeating worker is not probed
             self.req.send(lm.encoder.encode(cls(instance_id=self.INSTANCE, worker_id=0, ip="127.0.0.1", port=1,
                                                 peer_init_url=None)))
-            assert b"error" not in self.req.recv().lower()
+            assert self.reply()["type"] != "ErrorMsg"
+
+    def reply(self) -> dict:
+        return msgspec.msgpack.decode(self.req.recv())
+
+    def resync(self) -> None:
+        """As after a controller restart: the next heartbeat registers the worker again, then
+        it full-syncs what it holds."""
+        self.sent = 0  # pull-socket messages the new controller has seen
+        self.req.send(lm.encoder.encode(lm.HeartbeatMsg(instance_id=self.INSTANCE, worker_id=0, ip="127.0.0.1",
+                                                        port=1, peer_init_url=None)))
+        assert self.reply()["commands"][0]["command_type"] == "full_sync"
+        sync_id = f"s{time.monotonic_ns()}"
+        keys = sorted(self.held)
+        self.req.send(lm.encoder.encode(lm.FullSyncStartMsg(
+            instance_id=self.INSTANCE, worker_id=0, location="LocalCPUBackend", sync_id=sync_id,
+            total_keys=len(keys), batch_count=1)))
+        assert self.reply()["accepted"]
+        for msg in (lm.FullSyncBatchMsg(instance_id=self.INSTANCE, worker_id=0, location="LocalCPUBackend",
+                                        sync_id=sync_id, batch_id=0, keys=keys),
+                    lm.FullSyncEndMsg(instance_id=self.INSTANCE, worker_id=0, location="LocalCPUBackend",
+                                      sync_id=sync_id, actual_total_keys=len(keys))):
+            self.sent += 1
+            self.push.send(lm.encoder.encode(msg))
 
     def send(self, kind: str, keys: list[int]) -> None:
         op = lm.AdmitOp if kind == "admit" else lm.EvictOp
@@ -291,6 +315,7 @@ class Workload:
         self.workers: dict[tuple[str, int], FakeWorker] = {}
         self.engine: Publisher | None = None
         self.lmcache: LMCacheWorkerSim | None = None
+        self.lmcache_paused = False  # while the ingest is down (what it would push is not counted)
         self.ingest_http = 0
         self.engine_blocks: set[int] = set()  # engine block hashes the engine holds now
 
@@ -338,7 +363,7 @@ class Workload:
         keys = chunk_hashes(self.rng.choice(self.prompts), CHUNK, SEED)
         for w in (0, 1):
             send(self.workers[("inst_tp", w)], [("admit", LOCATIONS[0], keys)])
-        if self.lmcache is not None:
+        if self.lmcache is not None and not self.lmcache_paused:
             keys = lmcache_chunk_hashes(rng.choice(self.prompts), CHUNK, 0)
             if rng.random() < 0.3:
                 self.lmcache.send("evict", keys[rng.randrange(len(keys)):])
@@ -510,19 +535,24 @@ def test_replica_killed_mid_stream_restarts_and_catches_up(tmp_path):
 
 
 def test_ingest_killed_mid_stream_restarts_and_loses_nothing(tmp_path):
-    with Cluster(tmp_path, kv_events=True) as cluster:
+    with Cluster(tmp_path, kv_events=True, lmcache=True) as cluster:
 
         async def main():
             work = Workload(3)
-            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port)
+            await work.start(cluster.ingest.monitor_port, cluster.kv_ports, cluster.ingest.http_port,
+                             cluster.lmcache_ports)
             await work.run(30)
             first = await check(cluster, work, 1_000)
             http_port, monitor_port = cluster.ingest.http_port, cluster.ingest.monitor_port
             _, _, before = await http(http_port, "GET", "/healthz")
             await work.run(10, pause=0)
             cluster.kill9(cluster.ingest)
+            work.lmcache_paused = True
             await work.run(10)  # sent to a dead ingest: the workers resync when it is back
             cluster.ingest.start(http_port, monitor_port)
+            assert work.lmcache is not None
+            work.lmcache.resync()
+            work.lmcache_paused = False
             _, _, state = await http(http_port, "GET", "/healthz")
             assert state["incarnation"] > before["incarnation"]
             for fw in work.workers.values():  # each reconnects and full-syncs
