@@ -51,8 +51,9 @@ class Publisher:
         self._timer: asyncio.TimerHandle | None = None
         self._outbox: collections.deque[tuple[str, int, bytes]] = collections.deque()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._cut_count = 0  # messages cut so far
+        self._stored_count = 0  # of those, stored (they are published in order)
+        self._progress = asyncio.Event()  # set whenever one more is stored
         self._task: asyncio.Task | None = None
         self.nc: Any = None
         self.js: Any = None
@@ -125,7 +126,7 @@ class Publisher:
         n = self.numbers.get(src, 0) + 1
         self.numbers[src] = n
         self._outbox.append((src, n, encode(src, self.inc, n, time.time(), ops)))
-        self._idle.clear()
+        self._cut_count += 1
         self._wake.set()
 
     def cut_all(self) -> None:
@@ -138,20 +139,27 @@ class Publisher:
             self._cut(src)
 
     async def flushed(self, timeout: float) -> int | None:
-        """Publish everything recorded so far; the stream's sequence of the last message, or
-        None when it was not stored within ``timeout``."""
+        """Publish everything recorded so far; a stream sequence at or after its last message
+        (what comes later may be stored meanwhile), or None when it was not stored within
+        ``timeout``."""
         self.cut_all()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        target = self._cut_count
+        deadline = time.monotonic() + timeout
+        while self._stored_count < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except asyncio.TimeoutError:
+                return None
         return self.last_seq
 
     # -- publishing ----------------------------------------------------------------------------
     async def _publish_loop(self) -> None:
         while True:
             if not self._outbox:
-                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -159,6 +167,8 @@ class Publisher:
             headers = {"Nats-Msg-Id": message_id(src, self.inc, n)}
             await self._publish(src, payload, headers)
             self._outbox.popleft()
+            self._stored_count += 1
+            self._progress.set()
             if self.resend_fraction and self._rng.random() < self.resend_fraction:
                 self.resent += 1
                 await self._publish(src, payload, headers)  # fault injection: a retried publish
