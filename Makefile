@@ -15,7 +15,7 @@ help:  ## list the entry points
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml pyzmq msgspec prometheus_client \
+	$(PIP) install -q "maturin>=1.7,<2" uvloop httptools msgpack pyyaml pyzmq msgspec prometheus_client nats-py \
 		pytest pytest-timeout hypothesis numpy mypy xxhash torch atheris
 	touch $(STAMP)
 

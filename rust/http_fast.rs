@@ -164,28 +164,33 @@ fn parse_length(v: &[u8]) -> Option<usize> {
     )
 }
 
-/// Append the general server's 200 JSON response for `body`.
-pub fn write_response(out: &mut Vec<u8>, body: &[u8], keep_alive: bool) {
+/// Append the general server's 200 JSON response for `body`, with `extra` header lines (each
+/// ending in CRLF) where the general server puts them.
+pub fn write_response(out: &mut Vec<u8>, body: &[u8], keep_alive: bool, extra: &[u8]) {
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ");
     // writing to a Vec cannot fail
     let _ = std::io::Write::write_fmt(out, format_args!("{}", body.len()));
     out.extend_from_slice(if keep_alive {
-        b"\r\n\r\n"
+        b"\r\n"
     } else {
-        b"\r\nConnection: close\r\n\r\n"
+        b"\r\nConnection: close\r\n"
     });
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
 }
 
 /// Answer the leading fast-path requests of `data` with `lookup(body, detail, event_id)`, the
 /// n-th answered request getting event id `event_prefix` + (`first_id` + n). Stops at the first
 /// request that is not a fast-path one or whose lookup fails (the general server then answers
-/// it, error included), and after a request that closes the connection.
+/// it, error included), and after a request that closes the connection. Every response gets
+/// the `extra` header lines.
 pub fn answer_with(
     data: &[u8],
     limits: &Limits,
     event_prefix: &str,
     first_id: u64,
+    extra: &[u8],
     mut lookup: impl FnMut(&[u8], bool, &str) -> Result<LookupAnswer>,
 ) -> Answered {
     let mut out = Answered::default();
@@ -201,7 +206,12 @@ pub fn answer_with(
         let Ok(answer) = lookup(req.body, req.detail, &event_id) else {
             break;
         };
-        write_response(&mut out.responses, answer.body.as_bytes(), req.keep_alive);
+        write_response(
+            &mut out.responses,
+            answer.body.as_bytes(),
+            req.keep_alive,
+            extra,
+        );
         out.hits += u64::from(answer.matched > 0);
         out.asked_tokens += answer.asked;
         out.matched_tokens += answer.matched;
@@ -222,10 +232,16 @@ pub fn answer_lookups(
     limits: &Limits,
     event_prefix: &str,
     first_id: u64,
+    extra: &[u8],
 ) -> Answered {
-    answer_with(data, limits, event_prefix, first_id, |body, detail, id| {
-        index.lookup_json_counted(body, id, detail)
-    })
+    answer_with(
+        data,
+        limits,
+        event_prefix,
+        first_id,
+        extra,
+        |body, detail, id| index.lookup_json_counted(body, id, detail),
+    )
 }
 
 #[cfg(test)]
@@ -264,7 +280,7 @@ mod tests {
     }
 
     fn answer(data: &[u8]) -> Answered {
-        answer_with(data, &LIMITS, "E-", 1, fake)
+        answer_with(data, &LIMITS, "E-", 1, b"", fake)
     }
 
     #[test]
@@ -364,13 +380,21 @@ mod tests {
             &LIMITS,
             "L-",
             7,
+            b"",
         );
         let text = String::from_utf8(a.responses).unwrap();
         assert!(
             text.ends_with("{\"event_id\": \"L-7\", \"layout_info\": {}}"),
             "{text}"
         );
-        let a = answer_lookups(&index, &post("{\"tokens\": [-1]}", ""), &LIMITS, "L-", 7);
+        let a = answer_lookups(
+            &index,
+            &post("{\"tokens\": [-1]}", ""),
+            &LIMITS,
+            "L-",
+            7,
+            b"",
+        );
         assert_eq!(a, Answered::default());
     }
 
@@ -391,7 +415,7 @@ mod tests {
         let mut data = post("{\"tokens\": [1, 2, 3, 4, 5]}", "");
         data.extend(post("{\"tokens\": [1, 2, 9]}", ""));
         data.extend(post("{\"tokens\": [7, 8]}", ""));
-        let a = answer_lookups(&index, &data, &LIMITS, "L-", 1);
+        let a = answer_lookups(&index, &data, &LIMITS, "L-", 1, b"");
         assert_eq!(a.seconds.len(), 3);
         assert_eq!((a.hits, a.asked_tokens, a.matched_tokens), (2, 10, 6));
     }
@@ -436,7 +460,7 @@ mod tests {
             for cut in cuts {
                 pending.extend_from_slice(&data[from..cut]);
                 from = cut;
-                let a = answer_with(&pending, &LIMITS, "E-", next_id, fake);
+                let a = answer_with(&pending, &LIMITS, "E-", next_id, b"", fake);
                 responses.extend(a.responses);
                 next_id += a.seconds.len() as u64;
                 pending.drain(..a.consumed);

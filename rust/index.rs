@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use left_right::Absorb;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{Error, Result};
 use crate::hash::{ChunkHasher, PrefixHash};
@@ -594,6 +594,37 @@ impl Core {
             }
         }
         self.reg.check(&refs, &counts).map_err(Error::invariant)
+    }
+
+    /// An order-independent digest of what the index says: the wrapping sum of one xxh3
+    /// per (chunk key, holder) pair and one per registered worker. Two indexes built by any
+    /// order of operations that leaves the same holdings and workers agree.
+    pub fn content_digest(&self) -> u64 {
+        let mut sum = 0u64;
+        let mut buf = Vec::with_capacity(64);
+        for (key, set) in self.table.iter() {
+            for &h in self.reg.set(SetIx(set)).holders.iter() {
+                let holder = self.reg.holder(h);
+                buf.clear();
+                buf.push(b'h');
+                buf.extend_from_slice(&key.to_le_bytes());
+                buf.extend_from_slice(&holder.worker.to_le_bytes());
+                buf.extend_from_slice(self.reg.instance(holder.inst).name.as_bytes());
+                buf.push(0);
+                buf.extend_from_slice(self.reg.location(holder.loc).name.as_bytes());
+                sum = sum.wrapping_add(xxh3_64(&buf));
+            }
+        }
+        for (inst, workers) in self.workers() {
+            for w in workers {
+                buf.clear();
+                buf.push(b'w');
+                buf.extend_from_slice(&w.to_le_bytes());
+                buf.extend_from_slice(inst.as_bytes());
+                sum = sum.wrapping_add(xxh3_64(&buf));
+            }
+        }
+        sum
     }
 
     /// A digest of the whole structure; both left-right copies must agree.

@@ -285,7 +285,7 @@ fn run(ops: &[TestOp], probes: &[Vec<u32>], space: KeySpace) -> Result<(), TestC
                 prop_assert_eq!(got.1, model.clear(INSTANCES[*i], l.map(|l| LOCATIONS[l])));
             }
             TestOp::DumpLoad => {
-                ix.dump(&snap).unwrap();
+                ix.dump(&snap, 0).unwrap();
                 ix.load(&snap).unwrap();
             }
         }
@@ -362,9 +362,9 @@ fn deep_chain_million_chunks() {
     let m = ix.read(|c| c.lookup(&tokens));
     assert_eq!(m[0].length, n as u64);
     let path = std::env::temp_dir().join(format!("lmcache_rs_deep_{}.bin", std::process::id()));
-    ix.dump(&path).unwrap();
+    ix.dump(&path, 7).unwrap();
     let ix2 = SharedIndex::new(1, KeySpace::Xxh3 { seed: 0 }).unwrap();
-    ix2.load(&path).unwrap();
+    assert_eq!(ix2.load(&path).unwrap(), 7);
     std::fs::remove_file(&path).unwrap();
     assert_eq!(ix2.read(|c| c.lookup(&tokens))[0].length, n as u64);
     ix2.check_invariants().unwrap();

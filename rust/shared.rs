@@ -129,18 +129,19 @@ impl SharedIndex {
     }
 
     /// Write a snapshot atomically. Readers continue; writers wait until it is written.
-    pub fn dump(&self, path: &Path) -> Result<()> {
-        self.read(|core| snapshot::dump(core, path))
+    pub fn dump(&self, path: &Path, log_seq: u64) -> Result<()> {
+        self.read(|core| snapshot::dump(core, path, log_seq))
     }
 
     /// Replace the contents with a snapshot; validated completely before anything changes.
-    pub fn load(&self, path: &Path) -> Result<()> {
-        let core = snapshot::load(path, self.chunk_size, self.key_space)?;
+    /// Returns the log position the snapshot reflects (0 when it names none).
+    pub fn load(&self, path: &Path) -> Result<u64> {
+        let (core, log_seq) = snapshot::load(path, self.chunk_size, self.key_space)?;
         let mut w = self.lock();
         w.append(Op::Replace(Arc::new(core)));
         w.publish();
         // publish again so the second copy takes the snapshot and the op log lets go of it
         w.publish();
-        Ok(())
+        Ok(log_seq)
     }
 }

@@ -7,6 +7,7 @@
 //! chunk_size u64
 //! key space  u32 0 (xxh3) or 1 (lmcache_builtin), then u64: the xxh3 seed, or none_hash as
 //!            the two's-complement bit pattern of the i64
+//! log_seq    u64      the position in a replicated operation log this state reflects (0: none)
 //! instances  u64 n, then n x (name: u32 len + UTF-8, workers: u32 count + u32 ids ascending)
 //! locations  u64 n, then n x (name: u32 len + UTF-8)
 //! holders    u64 n, then n x (instance u32, worker u32, location u32)   (indices above)
@@ -15,7 +16,8 @@
 //! checksum   u64      xxh3-64 (seed 0) of every byte before it
 //! ```
 //! Version 1 files (before key spaces) have `seed u64` in place of the key space and load as
-//! xxh3 with that seed.
+//! xxh3 with that seed; version 1 and 2 files (before log positions) have no `log_seq` and
+//! load with 0.
 //! Writing streams through a buffer into a temporary file in the target directory, fsyncs and
 //! renames it over the target. Reading streams too, builds a fresh `Core` and checks every
 //! field (and the checksum) before the caller swaps it in; on any error nothing changes.
@@ -32,9 +34,11 @@ use crate::index::Core;
 use crate::keyspace::KeySpace;
 
 pub const MAGIC: &[u8; 8] = b"LMCRSIDX";
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The last version without a key space (xxh3 only).
 const VERSION_XXH3_ONLY: u32 = 1;
+/// The last version without a log position.
+const VERSION_NO_LOG_SEQ: u32 = 2;
 
 const SPACE_XXH3: u32 = 0;
 const SPACE_LMCACHE_BUILTIN: u32 = 1;
@@ -73,11 +77,11 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}.{nanos}", std::process::id()))
 }
 
-/// Write `core` to `path` atomically.
-pub fn dump(core: &Core, path: &Path) -> Result<()> {
+/// Write `core` (the state after log message `log_seq`) to `path` atomically.
+pub fn dump(core: &Core, path: &Path, log_seq: u64) -> Result<()> {
     let tmp = temp_path(path);
     // errors name the path the caller gave (the temporary file beside it is ours, not theirs)
-    let result = write_file(core, &tmp).and_then(|_| {
+    let result = write_file(core, &tmp, log_seq).and_then(|_| {
         fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // make the rename durable; not every platform lets a directory be fsynced
@@ -93,7 +97,7 @@ pub fn dump(core: &Core, path: &Path) -> Result<()> {
     result.map_err(|e| e.at(path))
 }
 
-fn write_file(core: &Core, tmp: &Path) -> Result<()> {
+fn write_file(core: &Core, tmp: &Path, log_seq: u64) -> Result<()> {
     let file = File::create(tmp)?;
     let mut w = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -113,6 +117,7 @@ fn write_file(core: &Core, tmp: &Path) -> Result<()> {
             w.u64(none_hash as u64)?;
         }
     }
+    w.u64(log_seq)?;
     // dense renumbering of what is live
     let mut inst_ix = vec![u32::MAX; reg.instances.len()];
     let insts: Vec<_> = reg
@@ -250,12 +255,13 @@ fn corrupt(msg: impl std::fmt::Display) -> Error {
     Error::snapshot(format!("snapshot is corrupt: {msg}"))
 }
 
-/// Read and fully validate a snapshot for an index with this chunk_size and key space.
-pub fn load(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core> {
+/// Read and fully validate a snapshot for an index with this chunk_size and key space: the
+/// index and the log position it reflects.
+pub fn load(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<(Core, u64)> {
     read_file(path, chunk_size, key_space).map_err(|e| e.at(path))
 }
 
-fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core> {
+fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<(Core, u64)> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     if len < 8 + 4 + 8 + 8 + 5 * 8 + 8 {
@@ -278,10 +284,10 @@ fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core
         )));
     }
     let version = r.u32()?;
-    if version != FORMAT_VERSION && version != VERSION_XXH3_ONLY {
+    if !(VERSION_XXH3_ONLY..=FORMAT_VERSION).contains(&version) {
         return Err(Error::snapshot(format!(
             "snapshot format version {version} is not supported \
-             (this build reads {VERSION_XXH3_ONLY} and {FORMAT_VERSION})"
+             (this build reads {VERSION_XXH3_ONLY} to {FORMAT_VERSION})"
         )));
     }
     let cs = r.u64()?;
@@ -304,6 +310,11 @@ fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core
              this index has chunk_size={chunk_size}, {key_space}"
         )));
     }
+    let log_seq = if version > VERSION_NO_LOG_SEQ {
+        r.u64()?
+    } else {
+        0
+    };
     let mut core = Core::new(chunk_size, key_space);
     let reg = &mut core.reg;
 
@@ -430,5 +441,5 @@ fn read_file(path: &Path, chunk_size: usize, key_space: KeySpace) -> Result<Core
     }
     reg.gc();
     core.table = table;
-    Ok(core)
+    Ok((core, log_seq))
 }

@@ -516,7 +516,8 @@ class ControllerProcess:
             if m and self.proc.poll() is None:
                 self.started_in = time.monotonic() - t0
                 self.http_port = int(m.group(1).rsplit(":", 1)[1].split(",")[0])
-                self.monitor_port = int(m.group(2).rsplit(":", 1)[1].split(",")[0])
+                # a replica has no monitor port (monitor=none)
+                self.monitor_port = 0 if m.group(2) == "none" else int(m.group(2).rsplit(":", 1)[1].split(",")[0])
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{self.log()}")

@@ -50,9 +50,11 @@ class App:
 
 
 class Side:
-    def __init__(self, fast: bool, index: Index, **settings):
+    def __init__(self, fast: bool, index: Index, applied_seq: int | None = None, **settings):
         self.metrics = Metrics()
         self.lookup = Lookup(index, self.metrics, "Lookup-t-")
+        if applied_seq is not None:  # a replica's lookups
+            self.lookup.applied_seq = lambda: applied_seq
         self.app = App(self.lookup)
         state = HttpServerState(Settings(**settings), self.metrics, self.app)
         self.fast_answered = 0  # bytes the fast path took (always 0 on the parser-only side)
@@ -85,12 +87,12 @@ def other_req(path="/x") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
 
 
-def both(*chunks: bytes, settle: bool = False, **settings) -> tuple[Side, Side]:
+def both(*chunks: bytes, settle: bool = False, applied_seq: int | None = None, **settings) -> tuple[Side, Side]:
     """Feed ``chunks`` to both sides and check they answered alike."""
 
     async def main():
         index = make_index()
-        sides = Side(True, index, **settings), Side(False, index, **settings)
+        sides = Side(True, index, applied_seq, **settings), Side(False, index, applied_seq, **settings)
         for s in sides:
             s.feed(*chunks)
             if settle:
@@ -121,6 +123,15 @@ def test_fast_path_answers_with_the_parser_paths_bytes():
     m = fast.metrics
     assert (m.lookup_hits, m.lookup_tokens, m.lookup_matched_tokens) == (1, len(TOKENS), 24)
     assert fast.fast_answered == len(lookup_req())  # answered by the fast path, whole
+
+
+def test_a_replicas_log_position_header_is_the_same_on_both_paths():
+    request = lookup_req()
+    closing = lookup_req(extra="Connection: close\r\n")
+    fast, _ = both(request, request, closing, applied_seq=42)
+    out = bytes(fast.t.written)
+    assert out.count(b"\r\nX-Lmc-Seq: 42\r\n\r\n") == 3 and fast.t.closed
+    assert fast.fast_answered == 2 * len(request) + len(closing)
 
 
 def test_pipelined_mix_of_fast_and_parser_requests_stays_in_order():

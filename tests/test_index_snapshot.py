@@ -161,3 +161,26 @@ def test_os_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError) as e:
         ix.load(tmp_path)
     assert e.value.filename == str(tmp_path)
+
+
+def test_log_position_round_trips_and_older_versions_load_with_none(tmp_path: Path) -> None:
+    import xxhash
+
+    ix = populated()
+    ix.dump(tmp_path / "snap", log_seq=2**64 - 1)
+    ix.dump(tmp_path / "plain")
+    assert Index(chunk_size=4, seed=9).load(tmp_path / "plain") == 0
+    target = Index(chunk_size=4, seed=9)
+    assert target.load(tmp_path / "snap") == 2**64 - 1
+    assert state(target) == state(ix)
+    # the same file as format version 2 wrote it: no log position after the key space
+    data = (tmp_path / "plain").read_bytes()
+    header = 8 + 4 + 8 + 4 + 8  # magic, version, chunk_size, key space kind and parameter
+    body = bytearray(data[:header] + data[header + 8:-8])
+    body[8:12] = struct.pack("<I", 2)
+    (tmp_path / "v2").write_bytes(bytes(body) + struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(body))))
+    old = Index(chunk_size=4, seed=9)
+    assert old.load(tmp_path / "v2") == 0
+    assert state(old) == state(ix)
+    with pytest.raises(TypeError):
+        ix.dump(tmp_path / "bad", log_seq="1")

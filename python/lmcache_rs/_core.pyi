@@ -174,15 +174,22 @@ class Index:
         """``lookup_json`` and what it matched: (response body, tokens asked, tokens of the
         longest prefix any instance holds, 0 without a match), for the hit-ratio metrics."""
     def answer_lookups(
-        self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int
+        self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int,
+        extra_header: bytes = b"",
     ) -> tuple[bytes, int, list[float], bool, int, int, int]:
         """The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
         ``POST /lookup`` requests at the start of ``data`` (bytes a connection received), the
         n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
         released, stopping at the first request it leaves to the general HTTP server. Returns
         (responses, bytes consumed, seconds per answered request, whether the last one closes
-        the connection, lookups that matched, tokens asked, tokens matched). Raises
-        InvalidTypeError when ``data`` is not bytes."""
+        the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
+        header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
+        when ``data`` or ``extra_header`` is not bytes."""
+    def digest(self) -> int:
+        """An order-independent 64-bit digest of the holdings and registered workers: the
+        wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\\0" + location)
+        over every (chunk key, holder) pair plus xxh3_64(b"w" + worker u32 LE + instance) over
+        every registered worker. Equal for any two indexes that hold the same."""
     def holder_counts(self) -> list[tuple[str, int, str, int]]:
         """[(instance_id, worker_id, location, chunks held)] for every holder."""
     def stats(self) -> dict[str, int]:
@@ -190,14 +197,18 @@ class Index:
         "instances", "workers", "holder_sets", "bytes" (heap bytes, both copies)}."""
     def check_invariants(self) -> None:
         """Raise LMCacheError describing the first broken invariant (a bug, never caused by input)."""
-    def dump(self, path: str | os.PathLike[str]) -> None:
-        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
-        OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
-        written; the target is then untouched."""
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
-        space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
-        file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError)."""
+    def dump(self, path: str | os.PathLike[str], log_seq: int = 0) -> None:
+        """Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
+        ``log_seq`` records the position in a replicated operation log that this state
+        reflects (0: none); ``load`` returns it. Raises OSError naming ``path`` (e.g.
+        FileNotFoundError with ``.filename``) if it cannot be written; the target is then
+        untouched."""
+    def load(self, path: str | os.PathLike[str]) -> int:
+        """Replace the contents with a snapshot; returns the log position it was dumped with (0
+        for none, and for files of older format versions). A corrupt, foreign or mismatched
+        (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the
+        index as it was; a file that cannot be read raises OSError naming ``path`` (e.g.
+        FileNotFoundError)."""
     def __len__(self) -> int:
         """Number of distinct chunk keys."""
 

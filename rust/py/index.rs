@@ -586,11 +586,12 @@ impl PyIndex {
     /// n-th answered one with event id ``event_prefix + str(first_id + n)``, with the GIL
     /// released, stopping at the first request it leaves to the general HTTP server. Returns
     /// (responses, bytes consumed, seconds per answered request, whether the last one closes
-    /// the connection, lookups that matched, tokens asked, tokens matched). Raises
-    /// InvalidTypeError when ``data`` is not bytes.
+    /// the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
+    /// header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
+    /// when ``data`` or ``extra_header`` is not bytes.
     #[pyo3(
-        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, **kwargs),
-        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes)"
+        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=None, **kwargs),
+        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=b'')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn answer_lookups<'py>(
@@ -601,9 +602,18 @@ impl PyIndex {
         first_id: &Bound<'py, PyAny>,
         max_header_bytes: &Bound<'py, PyAny>,
         max_body_bytes: &Bound<'py, PyAny>,
+        extra_header: Option<&Bound<'py, PyAny>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<AnsweredTuple<'py>> {
         no_kwargs("answer_lookups", kwargs)?;
+        let extra: Vec<u8> = match extra_header {
+            Some(v) => v
+                .cast::<PyBytes>()
+                .map_err(|_| Error::ty("extra_header must be bytes"))?
+                .as_bytes()
+                .to_vec(),
+            None => Vec::new(),
+        };
         let prefix = str_arg(event_prefix, "event_prefix")?;
         let first_id = int_arg(first_id, "first_id", u64::MAX / 2)?;
         let limits = http_fast::Limits {
@@ -628,6 +638,7 @@ impl PyIndex {
                 &limits,
                 &prefix,
                 first_id,
+                &extra,
             ))
         })?;
         Ok((
@@ -639,6 +650,14 @@ impl PyIndex {
             a.asked_tokens,
             a.matched_tokens,
         ))
+    }
+
+    /// An order-independent 64-bit digest of the holdings and registered workers: the
+    /// wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\0" + location)
+    /// over every (chunk key, holder) pair plus xxh3_64(b"w" + worker u32 LE + instance) over
+    /// every registered worker. Equal for any two indexes that hold the same.
+    fn digest(&self, py: Python<'_>) -> PyResult<u64> {
+        detached(py, || Ok(self.inner.read(|c| c.content_digest())))
     }
 
     /// [(instance_id, worker_id, location, chunks held)] for every holder.
@@ -667,31 +686,40 @@ impl PyIndex {
         detached(py, || self.inner.check_invariants())
     }
 
-    /// Write a versioned, checksummed snapshot atomically (temp file + fsync + rename). Raises
-    /// OSError naming ``path`` (e.g. FileNotFoundError with ``.filename``) if it cannot be
-    /// written; the target is then untouched.
-    #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
+    /// Write a versioned, checksummed snapshot atomically (temp file + fsync + rename).
+    /// ``log_seq`` records the position in a replicated operation log that this state
+    /// reflects (0: none); ``load`` returns it. Raises OSError naming ``path`` (e.g.
+    /// FileNotFoundError with ``.filename``) if it cannot be written; the target is then
+    /// untouched.
+    #[pyo3(signature = (path, log_seq=None, **kwargs), text_signature = "(self, path, log_seq=0)")]
     fn dump(
         &self,
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
+        log_seq: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
         no_kwargs("dump", kwargs)?;
         let path = path_arg(path, "path")?;
-        detached(py, || self.inner.dump(&path))
+        let log_seq = match log_seq {
+            Some(v) => int_arg(v, "log_seq", u64::MAX)?,
+            None => 0,
+        };
+        detached(py, || self.inner.dump(&path, log_seq))
     }
 
-    /// Replace the contents with a snapshot. A corrupt, foreign or mismatched (chunk_size, key
-    /// space, seed or none_hash) file raises SnapshotError and leaves the index as it was; a
-    /// file that cannot be read raises OSError naming ``path`` (e.g. FileNotFoundError).
+    /// Replace the contents with a snapshot; returns the log position it was dumped with (0
+    /// for none, and for files of older format versions). A corrupt, foreign or mismatched
+    /// (chunk_size, key space, seed or none_hash) file raises SnapshotError and leaves the
+    /// index as it was; a file that cannot be read raises OSError naming ``path`` (e.g.
+    /// FileNotFoundError).
     #[pyo3(signature = (path, **kwargs), text_signature = "(self, path)")]
     fn load(
         &self,
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<()> {
+    ) -> PyResult<u64> {
         no_kwargs("load", kwargs)?;
         let path = path_arg(path, "path")?;
         detached(py, || self.inner.load(&path))

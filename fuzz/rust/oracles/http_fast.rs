@@ -45,7 +45,12 @@ pub fn check(data: &[u8]) {
         }
     };
     let input = &data[1..];
-    let out = answer_with(input, &limits, "E-", 1, lookup);
+    let extra: &[u8] = if data[0] & 4 == 4 {
+        b"X-Lmc-Seq: 7\r\n"
+    } else {
+        b""
+    };
+    let out = answer_with(input, &limits, "E-", 1, extra, lookup);
     assert!(out.consumed <= input.len());
     // replay the requests it answered, one by one, and rebuild the responses it must have written
     let mut pos = 0;
@@ -56,7 +61,7 @@ pub fn check(data: &[u8]) {
             .expect("answered a request it does not parse");
         let body = lookup(req.body, req.detail, &format!("E-{}", 1 + n))
             .expect("answered a failing lookup");
-        _core::http_fast::write_response(&mut expected, body.body.as_bytes(), req.keep_alive);
+        _core::http_fast::write_response(&mut expected, body.body.as_bytes(), req.keep_alive, extra);
         hits += u64::from(body.matched > 0);
         asked += body.asked;
         matched += body.matched;

@@ -41,11 +41,12 @@ pub fn check(data: &[u8]) {
     std::fs::write(&path, &file).expect("scratch file");
     let loaded = load(&path, chunk_size, key_space);
     let _ = std::fs::remove_file(&path);
-    if let Ok(core) = loaded {
+    if let Ok((core, log_seq)) = loaded {
         core.check().expect("a loaded snapshot breaks an invariant");
         let first = scratch("first");
-        dump(&core, &first).expect("dump of a loaded snapshot");
-        let again = load(&first, chunk_size, key_space).expect("load of our own dump");
+        dump(&core, &first, log_seq).expect("dump of a loaded snapshot");
+        let (again, seq_again) = load(&first, chunk_size, key_space).expect("load of our own dump");
+        assert_eq!(log_seq, seq_again, "dump + load changed the log position");
         again.check().expect("our own dump breaks an invariant");
         let _ = std::fs::remove_file(&first);
         let observable = |c: &_core::index::Core| {

@@ -118,6 +118,8 @@ class Lookup:
         # the general path, which keeps its body. The fast path pays one attribute test.
         self._sample_wanted = False
         self._sample: bytes | None = None
+        # a replica: the log position its answers reflect, sent as X-Lmc-Seq
+        self.applied_seq: Callable[[], int] | None = None
 
     def want_sample(self) -> None:
         self._sample_wanted = True
@@ -150,6 +152,7 @@ class Lookup:
         if self._sample_wanted:
             self._sample_wanted = False
             self._sample = request.body
+        seq = self.applied_seq() if self.applied_seq is not None else 0  # read before the index
         try:
             if self.kv_events is not None and any(k in request.body for k in _NAMESPACE_KEYS):
                 indexes = self._named_indexes(request.body)
@@ -168,6 +171,8 @@ class Lookup:
             self.metrics.count_rejected(400)
             return (400, JSON, error_body(str(exc)))
         self.metrics.observe_lookup(time.perf_counter() - start, asked, matched)
+        if self.applied_seq is not None:
+            return (200, JSON, body, b"X-Lmc-Seq: %d\r\n" % seq)
         return (200, JSON, body)
 
     def _named_indexes(self, body: bytes) -> list[Any]:
@@ -220,8 +225,13 @@ class Lookup:
         indexes = self._indexes()
         if len(indexes) != 1:
             return b"", 0, False
-        out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
-            data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
+        if self.applied_seq is None:
+            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
+                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
+        else:
+            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
+                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes,
+                b"X-Lmc-Seq: %d\r\n" % self.applied_seq())
         if seconds:
             self.counter += len(seconds)
             self.metrics.observe_lookups(seconds, hits, asked, matched)
@@ -286,6 +296,8 @@ class Api:
         key = controller.settings.api_key
         self.api_key: bytes | None = key.encode() if key else None
         self.routes: dict[bytes, dict[bytes, Callable[[Request], Any]]] = {}
+        if controller.settings.role == "replica":  # the workers are the ingest's
+            posts = {path: self._forwarded for path in posts}
         for path, handler in posts.items():
             guarded = self._guard(path, handler)
             if self.api_key is not None and path in MUTATING:
@@ -316,6 +328,9 @@ class Api:
         return handler(request)
 
     # -- management endpoints --------------------------------------------------------------
+    def _forwarded(self, request: Request) -> Any:
+        return self.c.replication.forward(request)
+
     def _require_key(self, path: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """With --api-key set: the endpoint answers 401 unless the request carries the key."""
         key = self.api_key
@@ -492,7 +507,11 @@ class Api:
 
     # -- observability ---------------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
-        return _ok({"status": "ok", "workers": len(self.registry.workers)})
+        replication = self.c.replication
+        if replication is None:
+            return _ok({"status": "ok", "workers": len(self.registry.workers)})
+        state = replication.state()
+        return (200 if state["ready"] else 503, JSON, json.dumps(state).encode())
 
     def _indexes(self) -> list[Any]:
         """Every key space's index (ours first)."""

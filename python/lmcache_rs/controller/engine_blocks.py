@@ -18,7 +18,7 @@ their own, so each rank is its own instance (``<instance>-dp<rank>`` past rank 0
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .. import EngineMap, EngineOps, Index, ParsedBatch
 from .kv_events import Cleared, Removed, Stored
@@ -84,6 +84,8 @@ class Namespaces:
     def __init__(self, seed: int):
         self.seed = seed
         self.by_key: dict[tuple, Namespace] = {}
+        # called with each new namespace, returns the index it writes to (an ingest records it)
+        self.wrap_index: Callable[[Namespace], Any] | None = None
         # read by lookups on other threads: replaced whole, never mutated
         self._all: tuple[Namespace, ...] = ()
 
@@ -92,6 +94,8 @@ class Namespaces:
         ns = self.by_key.get(key)
         if ns is None:
             ns = self.by_key[key] = Namespace(model, lora_name, cache_salt, block_size, self.seed, len(self._all))
+            if self.wrap_index is not None:
+                ns.index = self.wrap_index(ns)
             self._all = (*self._all, ns)
         return ns
 

@@ -18,7 +18,9 @@ from .lmcache_source import LMCacheSource
 from .metrics import Metrics
 from .monitor import MonitorProtocol, MonitorServerState
 from .operations import EventIds, EventTracker, Operations
+from .oplog import SPACE_LMCACHE, SPACE_OURS, kv_space
 from .registry import Registry
+from .replication import IngestRole, ReplicaRole
 from .settings import Settings
 
 log = logging.getLogger("lmcache_rs.controller")
@@ -34,20 +36,30 @@ class Controller:
 
             index = Index(settings.chunk_size, settings.hash_seed)
         self.settings = settings
-        self.index = index
+        # the log roles (replication.py); None in single mode
+        self.replication: IngestRole | ReplicaRole | None = None
+        ingest: IngestRole | None = None
+        if settings.role == "ingest":
+            self.replication = ingest = IngestRole(self)
+        self.index: Any = index if ingest is None else ingest.wrap(index, SPACE_OURS)
         self.metrics = Metrics()
         self.history = History(self.metrics)  # the dashboard's charts
-        self.registry = Registry(index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes,
+        self.registry = Registry(self.index, self.metrics, settings.heartbeat_timeout, max_sync_bytes=settings.max_sync_bytes,
                                  sync_timeout=settings.sync_timeout)
         self.lmcache: LMCacheSource | None = None
-        if settings.monitor_ports is not None:
+        if settings.monitor_ports is not None or settings.role == "replica":  # a replica serves what the log has
             from .. import Index
 
-            lmcache_index = Index(settings.chunk_size, key_space="lmcache_builtin", none_hash=settings.none_hash)
+            lmcache_index: Any = Index(settings.chunk_size, key_space="lmcache_builtin", none_hash=settings.none_hash)
+            if ingest is not None:
+                lmcache_index = ingest.wrap(lmcache_index, SPACE_LMCACHE)
             self.lmcache = LMCacheSource(settings, self.registry, lmcache_index, self.metrics)
         self.kv_events: KVEventSource | None = None
-        if settings.kv_events:
+        if settings.kv_events or settings.role == "replica":  # a replica serves what the log has
             self.kv_events = KVEventSource(settings, self.registry, self.metrics)
+            if ingest is not None:
+                self.kv_events.namespaces.wrap_index = lambda ns: ingest.wrap(
+                    ns.index, kv_space(ns.model, ns.lora_name, ns.cache_salt, ns.block_size))
         self.events = EventTracker(settings.event_history)
         self.event_ids = EventIds()
         self.ops = Operations(self.registry, settings.chunk_size, settings.command_timeout, self.events,
@@ -73,13 +85,21 @@ class Controller:
         self._dumping: asyncio.Future | None = None  # the dump running in a thread, if any
         self.http_loops: list[HttpLoop] = []
         self.stopped = asyncio.Event()
+        if settings.role == "replica":
+            self.replication = replica = ReplicaRole(self)
+            self.api.lookup.applied_seq = lambda: replica.follower.applied
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
+        if s.role == "replica":
+            await self._start_replica()
+            return
         if s.snapshot:
             self._load_snapshot(s.snapshot)
+        if self.replication is not None:  # the ingest: rebuild from the log before any source reports
+            await self.replication.start()
         many = s.http_threads > 1
         if many and s.port:
             # SO_REUSEPORT would let us share the port with another process: check it is free first
@@ -137,6 +157,33 @@ class Controller:
             _addresses(self.http_server), _addresses(self.monitor_server), s.chunk_size, s.hash_seed,
         )
 
+    async def _start_replica(self) -> None:
+        """HTTP only: the index comes from the log, workers report to the ingest."""
+        assert self.replication is not None
+        s = self.settings
+        await self.replication.start()
+        loop = asyncio.get_running_loop()
+        many = s.http_threads > 1
+        if many and s.port:  # as in start(): SO_REUSEPORT must not share the port with another process
+            probe = await loop.create_server(asyncio.Protocol, s.host, s.port, reuse_address=True)
+            probe.close()
+            await probe.wait_closed()
+        self.http_server = await loop.create_server(
+            lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True, reuse_port=many)
+        try:
+            for k in range(1, s.http_threads):
+                extra = HttpLoop(self, k)
+                extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
+                self.http_loops.append(extra)
+        except BaseException:
+            await self._stop_http_loops(0)
+            self.http_server.close()
+            await self.replication.stop()
+            raise
+        self._housekeeping = asyncio.get_running_loop().create_task(self._tick())
+        log.info("lmcache_controller listening: http=%s monitor=none (replica of %s; chunk_size=%d hash_seed=%d)",
+                 _addresses(self.http_server), s.nats_url, s.chunk_size, s.hash_seed)
+
     @property
     def http_port(self) -> int:
         assert self.http_server is not None
@@ -167,8 +214,10 @@ class Controller:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.settings.snapshot:
+        if self.settings.snapshot and self.settings.role == "single":  # a replica's snapshots are its own
             await self._dump_snapshot(force=True)
+        if self.replication is not None:
+            await self.replication.stop()
         for record in self.registry.workers.values():
             if record.command is not None:
                 record.command.close()
@@ -290,6 +339,7 @@ class HttpLoop:
         self.state.group.append(self.state)
         lookup = Lookup(controller.index, self.metrics, f"Lookup-{controller.event_ids.tag}.{number}-",
                         controller.registry, controller.lmcache, controller.kv_events)
+        lookup.applied_seq = controller.api.lookup.applied_seq  # a replica's X-Lmc-Seq
         self.state.app = ForwardingApp(lookup, controller.api, asyncio.get_running_loop())
         self.state.fast_lookup = lookup
         if controller.key_space_check is not None:

@@ -78,6 +78,13 @@ class Settings:
     # mismatch warning (0: no check), one sample per HTTP loop per interval
     lmcache_key_check_lookups: int = 30
     lmcache_key_check_interval: float = 1.0
+    # replicas (docs/replicas.md): "single" (everything in one process), "ingest" (sources ->
+    # the NATS JetStream log) or "replica" (log -> index -> HTTP API)
+    role: str = "single"
+    nats_url: str = "nats://127.0.0.1:4222"
+    # fault injection for tests: the fraction of log messages the ingest publishes twice
+    # (same message id: the stream must drop the copy)
+    ingest_resend_fraction: float = 0.0
 
     def validate(self) -> None:
         for name in ("port", "monitor_port"):
@@ -112,6 +119,12 @@ class Settings:
                 taken.add(port)
         if not -(2**63) <= self.none_hash < 2**63:
             raise ValueError(f"none_hash must be a signed 64-bit integer, got {self.none_hash}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role == "ingest" and self.snapshot:
+            raise ValueError("--snapshot is for roles single and replica; an ingest rebuilds its index from the log")
+        if not 0.0 <= self.ingest_resend_fraction <= 1.0:
+            raise ValueError(f"ingest_resend_fraction must be within 0..1, got {self.ingest_resend_fraction}")
         if self.lmcache_key_check_lookups < 0:
             raise ValueError(f"lmcache_key_check_lookups must be 0 (off) or positive, got {self.lmcache_key_check_lookups}")
         self.kv_events = [parse_subscription(spec) for spec in self.kv_events]
@@ -126,6 +139,8 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+
+ROLES = ("single", "ingest", "replica")
 
 SUBSCRIPTION_KEYS = {"bind", "connect", "replay_endpoint", "topic", "instance_id", "model"}
 
@@ -348,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "chunk or more matched nothing LMCache workers hold while they hold chunks: the key-space "
                    "settings likely differ from the workers'; one sample a second; 0: no check "
                    "(default %(default)s)")
+    r = p.add_argument_group("replicas", "one ingest writes a NATS JetStream log, replicas follow it and "
+                             "answer lookups; see docs/replicas.md")
+    r.add_argument("--role", default=d.role, choices=list(ROLES),
+                   help="single: one process does everything (default); ingest: read the sources and publish "
+                   "index operations to the log; replica: follow the log and serve the HTTP API")
+    r.add_argument("--nats-url", default=None,
+                   help="NATS server of the log (default %s, or $LMCACHE_CONTROLLER_NATS_URL)" % d.nats_url)
     return p
 
 
@@ -401,7 +423,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     ports = args.monitor_ports if args.monitor_ports is not None else env.get(CONTROLLER_ENV_PREFIX + "MONITOR_PORTS")
     s.monitor_ports = dict(DEFAULT_MONITOR_PORTS) if ports is None else parse_monitor_ports(ports)
     none_hash = args.none_hash if args.none_hash is not None else env.get(CONTROLLER_ENV_PREFIX + "NONE_HASH", "auto")
-    if s.monitor_ports is not None or args.none_hash is not None:
+    # a replica answers for the LMCache key space whenever the log has it
+    if s.monitor_ports is not None or args.none_hash is not None or args.role == "replica":
         s.none_hash, s.none_hash_origin = resolve_none_hash(
             none_hash, env, "siphash24" if args.worker_python == "3.10" else "siphash13")
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
@@ -414,5 +437,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     s.kv_events_replay_timeout = args.kv_events_replay_timeout
     s.kv_events_idle_check = args.kv_events_idle_check
     s.lmcache_key_check_lookups = args.lmcache_key_check_lookups
+    s.role = args.role
+    s.nats_url = args.nats_url or env.get(CONTROLLER_ENV_PREFIX + "NATS_URL", s.nats_url)
+    # fault injection for tests only, so no flag
+    s.ingest_resend_fraction = float(env.get(CONTROLLER_ENV_PREFIX + "INGEST_RESEND_FRACTION", "0"))
     s.validate()
     return s

@@ -1,0 +1,213 @@
+"""The ingest's writer: index operations recorded by the sources, batched, published in order.
+
+Operations arrive through ``record`` (the sink of every RecordingIndex, oplog.py), already
+applied to the ingest's own indexes. They are grouped per source subject (``lmc.ops.rs``,
+``lmc.ops.lmcache``, ``lmc.ops.vllm``) and cut into a message at about 64 KB or after 5 ms,
+whichever comes first. One task publishes the messages one after another, so the log holds
+them in the order the ingest applied them; a publish that fails (no ack, server restarting)
+is retried with the same message id until it is stored, and the stream drops a copy it
+already has.
+
+At start the ingest takes a new incarnation (above the last message's, and the clock in ms) and
+rebuilds its indexes by following the log to its end (follower.py), so it knows what it had
+published before a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from typing import Any
+
+from .jetstream import SUBJECT_PREFIX, STREAM, connect, decode, encode, ensure_stream, message_id
+from .oplog import KV_PREFIX, Op
+
+log = logging.getLogger("lmcache_rs.controller")
+
+MAX_MESSAGE_BYTES = 64 * 1024  # a message is cut at about this much
+MAX_OP_KEYS = 32 * 1024  # keys of one operation in one message (256 KB)
+FLUSH_DELAY = 0.005  # or when its oldest operation waited this long
+SOURCES = ("rs", "lmcache", "vllm")
+
+
+def source_of(space: str) -> str:
+    return "vllm" if space.startswith(KV_PREFIX) else space
+
+
+class Publisher:
+    """Batches recorded operations per source and publishes them to the stream in order."""
+
+    def __init__(self, url: str, resend_fraction: float = 0.0):
+        self.url = url
+        self.resend_fraction = resend_fraction
+        self._rng = random.Random(0)  # resends are reproducible
+        self.inc = 0  # this incarnation; set by start()
+        self.numbers: dict[str, int] = {}  # messages cut per source in this incarnation
+        self._buffers: dict[str, list[list]] = {}
+        self._sizes: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._outbox: collections.deque[tuple[str, int, bytes]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._cut_count = 0  # messages cut so far
+        self._stored_count = 0  # of those, stored (they are published in order)
+        self._progress = asyncio.Event()  # set whenever one more is stored
+        self._task: asyncio.Task | None = None
+        self.nc: Any = None
+        self.js: Any = None
+        self.last_seq = 0  # stream sequence of the last message stored
+        self.published = 0  # messages stored
+        self.duplicates = 0  # publishes the stream reported as already stored
+        self.retries = 0  # publishes retried after an error
+        self.resent = 0  # messages published twice on purpose (resend_fraction)
+
+    async def start(self) -> None:
+        """Connect, make sure the stream exists and take the next incarnation number."""
+        self.nc = await connect(self.url, "lmcache-ingest")
+        self.js = self.nc.jetstream()
+        info = await ensure_stream(self.js)
+        self.last_seq = info.state.last_seq
+        # after a purge the log may no longer name the last incarnation: the clock keeps
+        # message ids of a new incarnation apart from those in the duplicate window
+        self.inc = max(await self._last_incarnation() + 1, int(time.time() * 1000))
+        self._task = asyncio.get_running_loop().create_task(self._publish_loop())
+        log.info("ingest: publishing to %s stream %s as incarnation %d (stream at %d)", self.url, STREAM, self.inc,
+                 self.last_seq)
+
+    async def _last_incarnation(self) -> int:
+        from nats.js.errors import NotFoundError
+
+        last = 0
+        for src in SOURCES:
+            try:
+                msg = await self.js.get_last_msg(STREAM, SUBJECT_PREFIX + src)
+            except NotFoundError:
+                continue
+            try:
+                last = max(last, int(decode(msg.data)["inc"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ingest: the last message on %s%s is not ours; ignored", SUBJECT_PREFIX, src)
+        return last
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, space: str, op: Op) -> None:
+        keys = op[4]
+        if keys is not None and len(keys) > (MAX_OP_KEYS * 8 if isinstance(keys, bytes) else MAX_OP_KEYS):
+            # a message must fit the server's max_payload (1 MiB by default): a large admit
+            # (a full sync) goes in parts; meanwhile replicas may miss some of its chunks,
+            # never report one the worker does not hold
+            step = MAX_OP_KEYS * 8 if isinstance(keys, bytes) else MAX_OP_KEYS
+            for i in range(0, len(keys), step):
+                self._record(space, [*op[:4], keys[i:i + step]])
+            return
+        self._record(space, op)
+
+    def _record(self, space: str, op: Op) -> None:
+        src = source_of(space)
+        buf = self._buffers.get(src)
+        if buf is None:
+            buf = self._buffers[src] = []
+            self._sizes[src] = 0
+        buf.append([space, *op])
+        keys = op[4]
+        self._sizes[src] += 48 + (len(keys) if isinstance(keys, bytes) else 9 * len(keys) if keys else 0)
+        if self._sizes[src] >= MAX_MESSAGE_BYTES:
+            self._cut(src)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.cut_all)
+
+    def _cut(self, src: str) -> None:
+        ops = self._buffers.pop(src, None)
+        self._sizes.pop(src, None)
+        if not ops:
+            return
+        n = self.numbers.get(src, 0) + 1
+        self.numbers[src] = n
+        self._outbox.append((src, n, encode(src, self.inc, n, time.time(), ops)))
+        self._cut_count += 1
+        self._wake.set()
+
+    def cut_all(self) -> None:
+        """Turn everything recorded so far into messages (in the order of their sources' first
+        operation; operations of different sources commute)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for src in list(self._buffers):
+            self._cut(src)
+
+    async def flushed(self, timeout: float) -> int | None:
+        """Publish everything recorded so far; a stream sequence at or after its last message
+        (what comes later may be stored meanwhile), or None when it was not stored within
+        ``timeout``."""
+        self.cut_all()
+        target = self._cut_count
+        deadline = time.monotonic() + timeout
+        while self._stored_count < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except asyncio.TimeoutError:
+                return None
+        return self.last_seq
+
+    # -- publishing ----------------------------------------------------------------------------
+    async def _publish_loop(self) -> None:
+        while True:
+            if not self._outbox:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            src, n, payload = self._outbox[0]
+            headers = {"Nats-Msg-Id": message_id(src, self.inc, n)}
+            await self._publish(src, payload, headers)
+            self._outbox.popleft()
+            self._stored_count += 1
+            self._progress.set()
+            if self.resend_fraction and self._rng.random() < self.resend_fraction:
+                self.resent += 1
+                await self._publish(src, payload, headers)  # fault injection: a retried publish
+
+    async def _publish(self, src: str, payload: bytes, headers: dict) -> None:
+        delay = 0.05
+        while True:
+            try:
+                ack = await self.js.publish(SUBJECT_PREFIX + src, payload, stream=STREAM, headers=headers, timeout=2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no ack: it may or may not be stored; the same id makes it once
+                self.retries += 1
+                log.warning("ingest: publish of %s failed (%s); retrying", headers["Nats-Msg-Id"], exc)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            if ack.duplicate:
+                self.duplicates += 1
+            else:
+                self.published += 1
+            self.last_seq = max(self.last_seq, ack.seq)
+            return
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is pending (up to ``timeout``), then disconnect."""
+        if self._task is not None:
+            await self.flushed(timeout)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.nc is not None:
+            try:
+                await self.nc.close()
+            except Exception:  # already gone
+                pass
+            self.nc = None
+
+    def stats(self) -> dict[str, int]:
+        return {"incarnation": self.inc, "published": self.published, "duplicates": self.duplicates,
+                "retries": self.retries, "resent": self.resent, "last_seq": self.last_seq,
+                "pending": len(self._outbox) + len(self._buffers)}

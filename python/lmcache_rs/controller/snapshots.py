@@ -1,0 +1,210 @@
+"""Snapshots of a log follower's indexes, each naming the log position it reflects.
+
+A snapshot is every key space's index dumped at one applied sequence ``seq`` (the dumps run
+back to back on the event loop, so no log message is applied between them), each file with
+``log_seq=seq`` inside (snapshot format 3).
+
+Local: a directory (``--snapshot PATH`` of a replica) with one file per key space and
+``manifest.json`` ``{"seq", "spaces": {space: file}}``, written last and renamed into place,
+so a crash leaves the previous snapshot whole.
+
+Shared: one replica at a time (the holder of key ``snapshots`` in KV bucket ``lmc_lease``,
+whose entries expire after ``LEASE_TTL`` unless renewed) uploads a bundle of the files to
+object store ``lmc_snaps`` as ``snap-<seq>``, points KV ``lmc_snapmeta/latest`` at it
+(``{"seq", "object", "sha256"}``), and only then purges the stream below ``seq + 1``. Older
+bundles are deleted after the pointer moved.
+
+Bootstrap (a replica starting, an ingest rebuilding): take the local snapshot when the stream
+still holds what follows it, else the shared one, else start from nothing; then follow from
+``seq + 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import msgpack
+
+from .jetstream import STREAM
+
+log = logging.getLogger("lmcache_rs.controller")
+
+SNAP_BUCKET = "lmc_snaps"
+META_BUCKET = "lmc_snapmeta"
+LEASE_BUCKET = "lmc_lease"
+LEASE_KEY = "snapshots"
+MANIFEST = "manifest.json"
+
+
+# -- local -----------------------------------------------------------------------------------
+def dump_local(directory: str, seq: int, indexes: Iterable[tuple[str, Any]]) -> None:
+    """Dump every (space, index) at ``seq`` into ``directory``, manifest last."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    spaces = {}
+    for n, (space, index) in enumerate(indexes):
+        if len(index) == 0 and not index.workers():
+            continue  # nothing to restore; a controller that does not serve this key space can load the rest
+        name = f"{seq}-{n}.idx"
+        index.dump(root / name, log_seq=seq)
+        spaces[space] = name
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"seq": seq, "spaces": spaces}))
+    os.replace(tmp, root / MANIFEST)
+    for path in root.iterdir():  # files of older snapshots
+        if path.name.endswith(".idx") and path.name not in spaces.values():
+            path.unlink(missing_ok=True)
+
+
+def local_seq(directory: str | None) -> int | None:
+    """The sequence of the local snapshot, None when there is none."""
+    if not directory:
+        return None
+    try:
+        return int(json.loads((Path(directory) / MANIFEST).read_text())["seq"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_local(directory: str, index_for: Callable[[str], Any]) -> int:
+    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    seq = int(manifest["seq"])
+    for space, name in manifest["spaces"].items():
+        got = index_for(space).load(Path(directory) / name)
+        if got != seq:
+            raise ValueError(f"{name} reflects log position {got}, the manifest says {seq}")
+    return seq
+
+
+# -- shared ----------------------------------------------------------------------------------
+def bundle(directory: str) -> tuple[int, bytes]:
+    """The local snapshot's files as one msgpack blob."""
+    root = Path(directory)
+    manifest = json.loads((root / MANIFEST).read_text())
+    files = {space: (root / name).read_bytes() for space, name in manifest["spaces"].items()}
+    return int(manifest["seq"]), msgpack.packb({"seq": manifest["seq"], "spaces": files}, use_bin_type=True)
+
+
+def unbundle(data: bytes, index_for: Callable[[str], Any]) -> int:
+    blob = msgpack.unpackb(data, raw=False)
+    seq = int(blob["seq"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, (space, content) in enumerate(blob["spaces"].items()):
+            path = Path(tmp) / f"{n}.idx"
+            path.write_bytes(content)
+            got = index_for(space).load(path)
+            if got != seq:
+                raise ValueError(f"the shared snapshot's {space} reflects {got}, not {seq}")
+    return seq
+
+
+async def _bucket(js: Any, name: str, kind: str, ttl: float | None = None) -> Any:
+    from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    try:
+        return await (js.key_value(name) if kind == "kv" else js.object_store(name))
+    except (BucketNotFoundError, NotFoundError):
+        if kind == "kv":
+            return await js.create_key_value(config=KeyValueConfig(bucket=name, ttl=ttl, storage=StorageType.FILE))
+        return await js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE))
+
+
+async def shared_meta(js: Any) -> dict | None:
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+
+    try:
+        kv = await js.key_value(META_BUCKET)
+        return json.loads((await kv.get("latest")).value)
+    except (BucketNotFoundError, KeyNotFoundError, NotFoundError):
+        return None
+
+
+async def load_shared(js: Any, index_for: Callable[[str], Any]) -> int | None:
+    """Load the newest shared snapshot; its sequence, or None when there is none."""
+    meta = await shared_meta(js)
+    if meta is None:
+        return None
+    store = await _bucket(js, SNAP_BUCKET, "obj")
+    data = (await store.get(meta["object"])).data
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError(f"shared snapshot {meta['object']} does not match its checksum")
+    return unbundle(data, index_for)
+
+
+async def bootstrap(js: Any, index_for: Callable[[str], Any], directory: str | None) -> tuple[int, str]:
+    """Load the best snapshot for following the stream; (its sequence, where it came from)."""
+    info = await js.stream_info(STREAM)
+    first, last = info.state.first_seq, info.state.last_seq
+
+    def usable(seq: int) -> bool:  # the stream still holds everything after it
+        return seq + 1 >= first or seq >= last
+
+    mine = local_seq(directory)
+    if mine is not None and usable(mine):
+        try:
+            return load_local(directory, index_for), "local"  # type: ignore[arg-type]
+        except Exception as exc:  # a corrupt or foreign file: the shared one, or nothing
+            log.warning("local snapshot %s not loaded (%s)", directory, exc)
+    if first > 1 or mine is not None:
+        meta = await shared_meta(js)
+        if meta is not None and usable(int(meta["seq"])):
+            seq = await load_shared(js, index_for)
+            if seq is not None:
+                return seq, "shared"
+    return 0, "none"
+
+
+class SharedSnapshots:
+    """The lease, the upload and the purge (one replica at a time does them)."""
+
+    def __init__(self, js: Any, name: str, interval: float):
+        self.js = js
+        self.name = name
+        self.lease_ttl = max(3 * interval, 5.0)
+        self.revision: int | None = None  # of our lease entry, while we hold it
+        self.uploaded = 0  # sequence of our last upload
+
+    async def leader(self) -> bool:
+        """Take or renew the lease; True while we hold it."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        kv = await _bucket(self.js, LEASE_BUCKET, "kv", ttl=self.lease_ttl)
+        value = json.dumps({"holder": self.name, "at": time.time()}).encode()
+        try:
+            if self.revision is None:
+                self.revision = await kv.create(LEASE_KEY, value)
+            else:
+                self.revision = await kv.update(LEASE_KEY, value, last=self.revision)
+        except KeyWrongLastSequenceError:  # someone else holds it (or took it over)
+            self.revision = None
+        return self.revision is not None
+
+    async def publish(self, directory: str) -> int:
+        """Upload the local snapshot, point the meta key at it, purge the stream below it."""
+        seq, data = bundle(directory)
+        if seq <= self.uploaded:
+            return seq
+        store = await _bucket(self.js, SNAP_BUCKET, "obj")
+        meta_kv = await _bucket(self.js, META_BUCKET, "kv")
+        old = await shared_meta(self.js)
+        name = f"snap-{seq}"
+        await store.put(name, data)
+        await meta_kv.put("latest", json.dumps({"seq": seq, "object": name,
+                                                "sha256": hashlib.sha256(data).hexdigest()}).encode())
+        self.uploaded = seq
+        await self.js.purge_stream(STREAM, seq=seq + 1)  # only after the snapshot is stored
+        if old is not None and old["object"] != name:
+            try:
+                await store.delete(old["object"])
+            except Exception as exc:  # a leftover object costs space, nothing else
+                log.warning("old shared snapshot %s not deleted: %s", old["object"], exc)
+        log.info("shared snapshot %s uploaded (%d bytes); stream purged below %d", name, len(data), seq + 1)
+        return seq
