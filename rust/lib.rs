@@ -11,6 +11,7 @@ pub mod index;
 pub mod json;
 pub mod keyspace;
 pub mod kv_payload;
+pub mod msgpack_read;
 pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
