@@ -66,17 +66,62 @@ fn field<'a>(rd: &mut &'a [u8]) -> R<&'a [u8]> {
 const ADMIT_HEAD: &[u8] = b"\x83\xa7op_type\xa5admit\xa3key";
 const EVICT_HEAD: &[u8] = b"\x83\xa7op_type\xa5evict\xa3key";
 const SEQ_FIELD: &[u8] = b"\xa7seq_num";
+const _: () = assert!(ADMIT_HEAD.len() == EVICT_HEAD.len());
+
+/// An int in the encodings msgpack writers use for 64-bit values, read without rmp's generic
+/// reader (the hot loop); `None`: another encoding (or not an int), for the generic reader.
+#[inline]
+fn quick_int(rd: &mut &[u8]) -> Option<i128> {
+    let (&m, rest) = rd.split_first()?;
+    let (v, n) = match m {
+        0x00..=0x7f => (m as i128, 0),
+        0xe0..=0xff => (m as i8 as i128, 0),
+        0xcc => (*rest.first()? as i128, 1),
+        0xcd => (
+            u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as i128,
+            2,
+        ),
+        0xce => (
+            u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as i128,
+            4,
+        ),
+        0xcf => (
+            u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as i128,
+            8,
+        ),
+        0xd3 => (
+            i64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as i128,
+            8,
+        ),
+        _ => return None,
+    };
+    *rd = &rest[n..];
+    Some(v)
+}
+
+#[inline]
+fn any_int(rd: &mut &[u8]) -> R<i128> {
+    match quick_int(rd) {
+        Some(v) => Ok(v),
+        None => int(rd),
+    }
+}
 
 /// One operation: (kind, key, seq_num).
 fn op(rd: &mut &[u8]) -> R<(OpKind, u64, i128)> {
     // the encoding every LMCache worker sends, without a field-name lookup
-    for (head, kind) in [(ADMIT_HEAD, OpKind::Admit), (EVICT_HEAD, OpKind::Evict)] {
-        if let Some(rest) = rd.strip_prefix(head) {
-            *rd = rest;
-            let key = int(rd)? as u64; // mod 2^64
-            *rd = rd.strip_prefix(SEQ_FIELD).ok_or(Skip)?;
-            return Ok((kind, key, int(rd)?));
-        }
+    let kind = if rd.starts_with(ADMIT_HEAD) {
+        Some(OpKind::Admit)
+    } else if rd.starts_with(EVICT_HEAD) {
+        Some(OpKind::Evict)
+    } else {
+        None
+    };
+    if let Some(kind) = kind {
+        *rd = &rd[ADMIT_HEAD.len()..];
+        let key = any_int(rd)? as u64; // mod 2^64
+        *rd = rd.strip_prefix(SEQ_FIELD).ok_or(Skip)?;
+        return Ok((kind, key, any_int(rd)?));
     }
     if map_len(rd)? != 3 {
         return Err(Skip);
@@ -361,6 +406,52 @@ mod tests {
         let f = parse(&out, &mut ops).expect("taken");
         assert_eq!((f.worker_id, f.first_seq), (u64::MAX as i128, 1));
         assert_eq!(ops, vec![(OpKind::Evict, 2)]);
+    }
+
+    #[test]
+    fn ints_of_every_width_read_as_rmp_reads_them() {
+        let values: [i128; 12] = [
+            0,
+            127,
+            128,
+            -1,
+            -32,
+            -33,
+            -129,
+            70_000,
+            -70_000,
+            i64::MIN as i128,
+            i64::MAX as i128,
+            u64::MAX as i128,
+        ];
+        for v in values {
+            let mut encodings: Vec<Vec<u8>> = Vec::new();
+            let mut compact = Vec::new();
+            if v >= 0 {
+                enc::write_uint(&mut compact, v as u64).unwrap();
+                let mut wide = Vec::new();
+                enc::write_u64(&mut wide, v as u64).unwrap();
+                encodings.push(wide);
+            } else {
+                enc::write_sint(&mut compact, v as i64).unwrap();
+            }
+            encodings.push(compact);
+            if let Ok(v64) = i64::try_from(v) {
+                let mut wide = Vec::new();
+                enc::write_i64(&mut wide, v64).unwrap();
+                encodings.push(wide);
+            }
+            for e in encodings {
+                let (mut a, mut b) = (&e[..], &e[..]);
+                assert_eq!(any_int(&mut a).ok(), Some(v), "{e:?}");
+                assert_eq!(int(&mut b).ok(), Some(v));
+                assert!(a.is_empty() && b.is_empty());
+            }
+        }
+        for short in [&[0xcdu8, 1][..], &[0xcf, 0, 0], &[0xd3], &[]] {
+            let mut rd = short;
+            assert!(any_int(&mut rd).is_err());
+        }
     }
 
     #[test]
