@@ -96,8 +96,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 def ours_applied(http: int) -> int:
     text = get(f"http://127.0.0.1:{http}/metrics").decode()
-    m = re.search(r"^lmcache_index_holdings (\d+)", text, re.M)
-    return int(m.group(1)) if m else 0
+    # prometheus_client writes 2,000,000 as 2e+06
+    m = re.search(r"^lmcache_index_holdings (\S+)", text, re.M)
+    return int(float(m.group(1))) if m else 0
 
 
 def theirs_applied(http: int) -> int:
