@@ -212,7 +212,11 @@ class LMCacheSource:
             for start, end, holders in read_lmcache_push(frames):
                 for frame in frames[done:start]:
                     self._read_frame(frame, pending)
-                self._on_native(frames[start:end], holders, pending)
+                try:
+                    self._on_native(frames[start:end], holders, pending)
+                except Exception as exc:  # a handler bug must not stop the socket's loop
+                    self._count("handler_errors")
+                    log.exception("LMCache pull socket: %d batches read in Rust failed: %s", end - start, exc)
                 done = end
         for frame in frames[done:]:
             self._read_frame(frame, pending)
