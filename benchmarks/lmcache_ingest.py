@@ -9,7 +9,8 @@ the controller reports every key applied (our /metrics ``lmcache_index_holdings`
 lmcache_rs.controller`` with ``python/`` first on the path).
 
 Then, in process and without sockets, where each side's time goes on the same frames: ours
-(decode and grouping, key packing, ``Index.apply_batch``) and LMCache's (msgspec decode into
+(decode and grouping, key packing, ``Index.apply_batch``; with frames read in Rust, as the
+controller does, and all through msgspec, as it does frames of other shapes) and LMCache's (msgspec decode into
 its message classes, its ``KVController.handle_batched_kv_operations``). Also times /lookup in
 both key spaces of one Index pair on the same prompts.
 
@@ -95,8 +96,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 def ours_applied(http: int) -> int:
     text = get(f"http://127.0.0.1:{http}/metrics").decode()
-    m = re.search(r"^lmcache_index_holdings (\d+)", text, re.M)
-    return int(m.group(1)) if m else 0
+    # prometheus_client writes 2,000,000 as 2e+06
+    m = re.search(r"^lmcache_index_holdings (\S+)", text, re.M)
+    return int(float(m.group(1))) if m else 0
 
 
 def theirs_applied(http: int) -> int:
@@ -195,8 +197,10 @@ print(json.dumps({"decode_ns_per_key": round(decode / keys * 1e9), "handle_ns_pe
 '''
 
 
-def split_ours(keys: int, workers: int, per_msg: int) -> dict:
-    """Our pull loop's work on the same frames, in process: per read, decode + group, pack, apply."""
+def split_ours(keys: int, workers: int, per_msg: int, native: bool = True) -> dict:
+    """Our pull loop's work on the same frames, in process: per read, decode + group, pack, apply.
+    ``native``: frames read in Rust (keys packed there: pack is only joining), else all through
+    msgspec (the path frames of other shapes take)."""
     import asyncio
 
     import msgspec
@@ -218,6 +222,7 @@ def split_ours(keys: int, workers: int, per_msg: int) -> dict:
         metrics = Metrics()
         source = LMCacheSource(Settings(monitor_ports={"pull": 0}), Registry(Index(256), metrics, 10.0),
                                Index(256, key_space="lmcache_builtin"), metrics)
+        source.native_push = native
         for w in range(workers):
             source.on_request(m.RegisterMsg(instance_id=f"inst{w}", worker_id=0, ip="127.0.0.1", port=1,
                                             peer_init_url=None))
@@ -285,6 +290,7 @@ def main() -> int:
         "ours": run_side("ours", args.keys, args.workers, args.ops_per_msg),
         "lmcache": run_side("lmcache", args.keys, args.workers, args.ops_per_msg),
         "in_process_split": {"ours": split_ours(args.keys, args.workers, args.ops_per_msg),
+                             "ours_msgspec_path": split_ours(args.keys, args.workers, args.ops_per_msg, native=False),
                              "lmcache": split_theirs(args.keys, args.workers, args.ops_per_msg)},
         "lookup_4k_tokens": lookup_spaces(200, 4096),
     }

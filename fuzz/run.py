@@ -36,9 +36,10 @@ TARGETS = {
     "frames": "fuzz_frames.py",
     "kv_events": "fuzz_kv_events.py",
 }
-RUST_TARGETS = ["lookup_body", "http_fast", "snapshot_load", "kv_payload"]
+RUST_TARGETS = ["lookup_body", "http_fast", "snapshot_load", "kv_payload", "lmcache_push"]
 MAX_LEN = {"http": 4096, "lookup_json": 4096, "monitor": 4096, "frames": 2048, "kv_events": 2048, "lookup_body": 4096,
-           "http_fast": 4096, "snapshot_load": 4096, "kv_payload": 4096}
+           "http_fast": 4096, "snapshot_load": 4096, "kv_payload": 4096,
+           "lmcache_push": 4096}
 
 
 def cargo_fuzz_available() -> bool:

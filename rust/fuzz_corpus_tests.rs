@@ -19,6 +19,10 @@ mod kv_payload {
     use crate as _core;
     include!("../fuzz/rust/oracles/kv_payload.rs");
 }
+mod lmcache_push {
+    use crate as _core;
+    include!("../fuzz/rust/oracles/lmcache_push.rs");
+}
 
 fn replay(target: &str, check: fn(&[u8])) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,4 +61,9 @@ fn snapshot_load_corpus() {
 #[test]
 fn kv_payload_corpus() {
     replay("kv_payload", kv_payload::check);
+}
+
+#[test]
+fn lmcache_push_corpus() {
+    replay("lmcache_push", lmcache_push::check);
 }

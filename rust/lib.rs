@@ -11,7 +11,9 @@ pub mod index;
 pub mod json;
 pub mod keyspace;
 pub mod kv_payload;
+pub mod lmcache_push;
 pub mod memory;
+pub mod msgpack_read;
 pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
@@ -35,6 +37,8 @@ mod _core {
     use crate::py::engine_map::{parse_kv_batch, PyEngineMap, PyEngineOps, PyParsedBatch};
     #[pymodule_export]
     use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
+    #[pymodule_export]
+    use crate::py::lmcache_push::read_lmcache_push;
     #[pymodule_export]
     use crate::py::pyhash::{lmcache_chunk_hashes, python_str_hash};
 

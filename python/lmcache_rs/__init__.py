@@ -19,6 +19,7 @@ from ._core import (
     lmcache_chunk_hashes,
     parse_kv_batch,
     python_str_hash,
+    read_lmcache_push,
     runtime_info,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "lmcache_chunk_hashes",
     "parse_kv_batch",
     "python_str_hash",
+    "read_lmcache_push",
     "runtime_info",
 ]

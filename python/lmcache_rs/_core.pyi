@@ -10,6 +10,7 @@ __all__ = [
     "python_str_hash",
     "runtime_info",
     "parse_kv_batch",
+    "read_lmcache_push",
     "Index",
     "EngineMap",
     "EngineOps",
@@ -232,6 +233,20 @@ def parse_kv_batch(payload: bytes) -> ParsedBatch | None:
     """The batch in ``payload`` when it has the common shape (map-tagged ``BlockStored`` /
     ``BlockRemoved`` / ``AllBlocksCleared`` of the main attention group, no LoRA, text only,
     known fields); ``None`` for anything else, including malformed payloads."""
+
+# One holder's messages in a segment: (instance_id, worker_id, location, frames, first_seq,
+# last_seq, gaps [(expected, got)], runs [("admit" | "evict", keys as native 64-bit words)]).
+_PushHolder = tuple[str, int, str, int, int, int, list[tuple[int, int]], list[tuple[str, bytes]]]
+
+def read_lmcache_push(frames: list[bytes]) -> list[tuple[int, int, list[_PushHolder]]]:
+    """The frames of one read of the pull socket that have the common shape (a
+    ``BatchedKVOperationMsg`` of admits and evicts, known fields only), as segments of
+    consecutive frames: ``[(start, end, holders)]``, each holder ``(instance_id, worker_id,
+    location, frames, first_seq, last_seq, gaps, runs)`` in first-seen order, ``gaps`` the
+    sequence jumps between its messages ``[(expected, got)]``, ``runs`` its operations as
+    ``[("admit" | "evict", keys as native 64-bit words)]`` in order. Frames outside every
+    segment (other messages, other shapes, malformed bytes, objects that are not bytes) are
+    left to the caller."""
 
 @final
 class EngineOps:

@@ -4,4 +4,5 @@ pub mod convert;
 pub mod engine_map;
 pub mod errors;
 pub mod index;
+pub mod lmcache_push;
 pub mod pyhash;

@@ -32,6 +32,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .. import read_lmcache_push
 from ..log_limit import RateLimitedLog
 from ..wire import RemoteError, unpack_u32s
 from ..wire.session import BAD_ARGS
@@ -110,6 +111,7 @@ class LMCacheSource:
         self.bound: dict[str, int] = {}  # socket name -> the port it is bound to
         self.tasks: list[asyncio.Task] = []
         self.event_counter = itertools.count(1)
+        self.native_push = True  # the usual admit/evict batches read in Rust (False: all in msgspec)
         self._warn = RateLimitedLog(log)
         self._heartbeat_host = ""
 
@@ -199,21 +201,74 @@ class LMCacheSource:
 
     def read_pull(self, frames: list[bytes], pending: PendingOps) -> None:
         """Decode one read of the pull socket (up to 50 messages, as LMCache's workers send
-        them); admits and evicts join ``pending``, other messages take effect now."""
+        them); admits and evicts join ``pending``, other messages take effect now.
+
+        Batches of admits and evicts in the usual shape are read in Rust (``read_lmcache_push``),
+        grouped per holder with no Python object per operation; every other frame is decoded
+        here, in its place among them."""
         self.socket_messages["pull"] = self.socket_messages.get("pull", 0) + len(frames)
-        for frame in frames:
-            try:
-                msg = m.decode_push(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._count("decode_errors")
-                self._warn("LMCache pull socket: dropped a message that does not decode (%d bytes): %s",
-                           len(frame), exc)
+        done = 0
+        if self.native_push:
+            for start, end, holders in read_lmcache_push(frames):
+                for frame in frames[done:start]:
+                    self._read_frame(frame, pending)
+                try:
+                    self._on_native(frames[start:end], holders, pending)
+                except Exception as exc:  # a handler bug must not stop the socket's loop
+                    self._count("handler_errors")
+                    log.exception("LMCache pull socket: %d batches read in Rust failed: %s", end - start, exc)
+                done = end
+        for frame in frames[done:]:
+            self._read_frame(frame, pending)
+
+    def _read_frame(self, frame: bytes, pending: PendingOps) -> None:
+        try:
+            msg = m.decode_push(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._count("decode_errors")
+            self._warn("LMCache pull socket: dropped a message that does not decode (%d bytes): %s",
+                       len(frame), exc)
+            return
+        try:
+            self._on_push(msg, pending)
+        except Exception as exc:  # a handler bug must not stop the socket's loop
+            self._count("handler_errors")
+            log.exception("LMCache pull socket: %s failed: %s", type(msg).__name__, exc)
+
+    def _on_native(self, frames: list[bytes], holders: list[tuple], pending: PendingOps) -> None:
+        """Consecutive BatchedKVOperationMsg frames read in Rust, per holder: what ``_on_ops``
+        does message by message, holder by holder (holders share no state but a worker's
+        sync_reason, which only a seq gap sets here)."""
+        states = []
+        for instance_id, worker_id, location, *_ in holders:
+            state = self.workers.get((instance_id, worker_id))
+            if state is not None and state.syncing(location) is not None:
+                # a full sync buffers changes message by message, up to a limit: that path
+                for frame in frames:
+                    self._read_frame(frame, pending)
+                return
+            states.append(state)
+        self._count("BatchedKVOperationMsg", len(frames))
+        for state, (instance_id, worker_id, location, n, first, last, gaps, runs) in zip(states, holders):
+            if state is None:
+                self._count("unknown_worker", n - 1)
+                self._known(instance_id, worker_id, "operations")
                 continue
-            try:
-                self._on_push(msg, pending)
-            except Exception as exc:  # a handler bug must not stop the socket's loop
-                self._count("handler_errors")
-                log.exception("LMCache pull socket: %s failed: %s", type(msg).__name__, exc)
+            expected = state.next_seq.get(location)
+            if expected is not None and first != expected:
+                self._seq_gap(state, location, expected, first)
+            for expected, got in gaps:
+                self._seq_gap(state, location, expected, got)
+            state.next_seq[location] = last + 1
+            holder = (instance_id, worker_id, location)
+            for kind, keys in runs:
+                pending.add(holder, kind, keys)
+
+    def _seq_gap(self, state: LMCacheWorkerState, location: str, expected: int, got: int) -> None:
+        self._count("seq_gaps")
+        self._warn("LMCache worker %s/%d at %s: sequence jumped from %d to %d; asking for a full sync",
+                   state.record.instance_id, state.record.worker_id, location, expected, got)
+        state.sync_reason = "seq_gap"
 
     def apply_pending(self, pending: PendingOps) -> None:
         if pending.keys:
@@ -279,10 +334,7 @@ class LMCacheSource:
             expected = state.next_seq.get(location)
             first = ops[0].seq_num
             if expected is not None and first != expected:
-                self._count("seq_gaps")
-                self._warn("LMCache worker %s/%d at %s: sequence jumped from %d to %d; asking for a full sync",
-                           instance_id, worker_id, location, expected, first)
-                state.sync_reason = "seq_gap"
+                self._seq_gap(state, location, expected, first)
             state.next_seq[location] = ops[-1].seq_num + 1
         try:
             runs = [("admit", [op.key for op in ops])]  # the usual batch: admits only
@@ -644,31 +696,45 @@ PULL_BATCH_KEYS = 64 * 1024
 class PendingOps:
     """Admits and evicts read from the pull socket and not yet applied: per holder (instance,
     worker, location), runs of one kind in arrival order. Holders are independent of each
-    other, so one index event per run keeps every order that matters."""
+    other, so one index event per run keeps every order that matters. A run's keys come in
+    pieces: lists of ints (decoded in Python) or bytes of native 64-bit words (read in Rust)."""
 
     __slots__ = ("runs", "keys")
 
     def __init__(self) -> None:
-        self.runs: dict[tuple[str, int, str], list[tuple[str, list[int]]]] = {}
+        self.runs: dict[tuple[str, int, str], list[tuple[str, list[list[int] | bytes]]]] = {}
         self.keys = 0
 
-    def add(self, holder: tuple[str, int, str], kind: str, keys: list[int]) -> None:
+    def add(self, holder: tuple[str, int, str], kind: str, keys: list[int] | bytes) -> None:
         runs = self.runs.get(holder)
         if runs is None:
-            self.runs[holder] = [(kind, keys)]
+            self.runs[holder] = [(kind, [keys])]
         elif runs[-1][0] == kind:
-            runs[-1][1].extend(keys)
+            runs[-1][1].append(keys)
         else:
-            runs.append((kind, keys))
-        self.keys += len(keys)
+            runs.append((kind, [keys]))
+        self.keys += len(keys) >> 3 if type(keys) is bytes else len(keys)
 
     def events(self) -> list[tuple]:
         """Index events, keys packed: one per run."""
-        return [(kind, *holder, _packed(keys)) for holder, runs in self.runs.items() for kind, keys in runs]
+        return [(kind, *holder, _joined(pieces)) for holder, runs in self.runs.items() for kind, pieces in runs]
 
     def clear(self) -> None:
         self.runs = {}
         self.keys = 0
+
+
+def _joined(pieces: list[list[int] | bytes]) -> bytes | list[int]:
+    """A run's pieces as one key array."""
+    if len(pieces) == 1 and type(pieces[0]) is bytes:
+        return pieces[0]  # the usual run: one holder's keys of a read, packed in Rust
+    packed = [p if type(p) is bytes else _packed(p) for p in pieces]
+    if all(type(p) is bytes for p in packed):
+        return b"".join(packed)
+    keys: list[int] = []  # a key of 2^63 or more in a list: the index takes one list
+    for p in packed:
+        keys.extend(array.array("Q", p) if type(p) is bytes else p)
+    return keys
 
 
 def _runs(ops: list) -> list[tuple[str, list[int]]]:
