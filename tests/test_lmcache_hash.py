@@ -301,12 +301,13 @@ def test_version_1_snapshot_loads_as_xxh3(tmp_path: Path) -> None:
     x = Index(4, 9)
     x.admit("A", 0, CPU, tokens=toks)
     x.admit("B", 2, GPU, hashes=[0, 2**64 - 1])
-    x.dump(tmp_path / "v2")
-    data = (tmp_path / "v2").read_bytes()
-    # version 2: magic, version u32, chunk_size u64, key space u32, seed u64, ...
-    assert struct.unpack_from("<I", data, 8)[0] == 2
-    assert struct.unpack_from("<IQ", data, 20) == (0, 9)
-    body = data[:8] + struct.pack("<I", 1) + data[12:20] + data[24:-8]
+    x.dump(tmp_path / "v3")
+    data = (tmp_path / "v3").read_bytes()
+    # version 3: magic, version u32, chunk_size u64, key space u32, seed u64, log_seq u64, ...
+    assert struct.unpack_from("<I", data, 8)[0] == 3
+    assert struct.unpack_from("<IQQ", data, 20) == (0, 9, 0)
+    # version 1 had neither the key space nor the log position
+    body = data[:8] + struct.pack("<I", 1) + data[12:20] + data[24:32] + data[40:-8]
     (tmp_path / "v1").write_bytes(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
     back = Index(4, 9)
     back.load(tmp_path / "v1")

@@ -126,6 +126,8 @@ OS_OK = {"urandom", "getpid", "cpu_count", "fspath"}
 ALLOWED = {
     ("controller/settings.py", "open"),  # --config / $LMCACHE_CONFIG_FILE, read with yaml.safe_load
     ("controller/settings.py", "os.environ.get"),
+    # the replica's --snapshot directory; file names are made from log positions, never a request
+    ("controller/snapshots.py", "os.replace"),
 }
 
 
