@@ -559,14 +559,7 @@ mod tests {
     fn garbage_never_panics() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..20_000 {
-            let mut buf = sample();
-            for _ in 0..3 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let i = (x % buf.len() as u64) as usize;
-                buf[i] = (x >> 32) as u8;
-            }
+            let buf = crate::msgpack_read::mutated(&sample(), &mut x);
             let _ = parse(&buf);
         }
         // a length that claims more than the payload holds

@@ -89,3 +89,18 @@ pub fn str_after<'a>(rd: &mut &'a [u8], m: Marker) -> R<&'a [u8]> {
     std::str::from_utf8(s).map_err(|_| Skip)?;
     Ok(s)
 }
+
+/// Test inputs for the parsers built on these readers: `sample` with three bytes overwritten
+/// at places and with values drawn from the xorshift state `x`.
+#[cfg(test)]
+pub fn mutated(sample: &[u8], x: &mut u64) -> Vec<u8> {
+    let mut buf = sample.to_vec();
+    for _ in 0..3 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let i = (*x % buf.len() as u64) as usize;
+        buf[i] = (*x >> 32) as u8;
+    }
+    buf
+}
