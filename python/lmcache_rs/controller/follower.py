@@ -46,7 +46,9 @@ class Follower:
 
     @property
     def ready(self) -> bool:
-        return self.broken is None and self.applied >= self.start_target
+        # a resubscription pending means we are not following: what we serve may be stale
+        return (self.broken is None and self._sub is not None and self.applied >= self.start_target
+                and (self._resubscribing is None or self._resubscribing.done()))
 
     async def connect(self) -> None:
         if self.nc is None:
@@ -105,9 +107,13 @@ class Follower:
     async def _resubscribe(self, seen: int) -> None:
         log.warning("log follower: got message %d after %d; subscribing again from %d", seen, self.applied,
                     self.applied + 1)
+        sub, self._sub = self._sub, None
         try:
-            if self._sub is not None:
-                await self._sub.unsubscribe()
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # already closed (connection lost): it delivers nothing more
+                    log.debug("log follower: unsubscribe: %s", exc)
             self._check_position(await self.js.stream_info(STREAM))
             await self._subscribe()
         except LogGone as exc:
