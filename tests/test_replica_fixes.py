@@ -73,6 +73,35 @@ def local_snapshot(directory: Path, seq: int, keys: dict[str, list[int]]) -> Non
     snapshots.dump_local(str(directory), seq, spaces.indexes())
 
 
+def test_a_stale_publisher_never_moves_the_shared_snapshot_back(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 20)
+            local_snapshot(tmp_path / "a", 15, {"rs": [1, 2, 3]})
+            local_snapshot(tmp_path / "b", 5, {"rs": [1]})
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            assert await a.leader()
+            await a.publish(str(tmp_path / "a"))
+            assert (await js.stream_info(STREAM)).state.first_seq == 16
+            # a stale replica becomes publisher (the lease expired, or two leaders at once)
+            b = snapshots.SharedSnapshots(js, "b", 1.0)
+            await b.publish(str(tmp_path / "b"))
+            assert (await snapshots.shared_meta(js))["seq"] == 15
+            fresh = FakeSpaces()
+            assert await snapshots.bootstrap(js, fresh.index_for, None, fresh.reset) == (15, "shared")
+            assert len(fresh.spaces["rs"]) == 3
+            f = Follower(nats_url, "fresh", lambda m: None)
+            try:
+                await f.start(15)  # the stream holds what follows the shared snapshot
+            finally:
+                await f.stop()
+        finally:
+            await nc.close()
+
+    run(go())
+
+
 def test_a_failed_resubscription_is_retried_and_not_ready_meanwhile(nats_url):
     async def go():
         nc, js = await js_for(nats_url)
@@ -101,6 +130,61 @@ def test_a_failed_resubscription_is_retried_and_not_ready_meanwhile(nats_url):
             assert f.ready and f.broken is None
         finally:
             await f.stop()
+            await nc.close()
+
+    run(go())
+
+
+def test_a_retried_bootstrap_keeps_nothing_of_the_first_load(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 20)
+            shared_dir = tmp_path / "shared"
+            local_snapshot(shared_dir, 15, {"rs": [1, 2, 3]})  # lmcache empty: left out
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            assert await a.leader()
+            await a.publish(str(shared_dir))
+            mine = tmp_path / "mine"
+            local_snapshot(mine, 10, {"rs": [1], "lmcache": [7, 8]})
+            spaces = FakeSpaces()
+            # the first attempt loaded the local snapshot, then the stream was purged past it
+            spaces.index_for("lmcache").apply_batch([("admit", "inst", 0, "cpu", [7, 8])])
+            assert await snapshots.bootstrap(js, spaces.index_for, str(mine), spaces.reset) == (15, "shared")
+            assert len(spaces.spaces["lmcache"]) == 0 and spaces.spaces["lmcache"].workers() == {}
+            # a local snapshot that fails on its second file: the shared one, and nothing of the first file
+            (mine / json.loads((mine / "manifest.json").read_text())["spaces"]["lmcache"]).write_bytes(b"junk")
+            manifest = json.loads((mine / "manifest.json").read_text())
+            manifest["seq"] = 16
+            (mine / "manifest.json").write_text(json.dumps(manifest))
+            spaces = FakeSpaces()
+            seq, origin = await snapshots.bootstrap(js, spaces.index_for, str(mine), spaces.reset)
+            assert (seq, origin) == (15, "shared")
+            assert len(spaces.spaces["rs"]) == 3
+        finally:
+            await nc.close()
+
+    run(go())
+
+
+def test_a_snapshot_newer_than_the_stream_is_not_used(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 10)
+            local_snapshot(tmp_path / "mine", 10, {"rs": [1, 2]})
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            assert await a.leader()
+            await a.publish(str(tmp_path / "mine"))
+            # the stream is lost and created again (NATS store lost); the meta bucket survived
+            await js.delete_stream(STREAM)
+            await ensure_stream(js)
+            await publish(js, 3)
+            spaces = FakeSpaces()
+            assert await snapshots.bootstrap(js, spaces.index_for, str(tmp_path / "mine")) == \
+                (0, "none")
+            assert all(len(ix) == 0 for ix in spaces.spaces.values())
+        finally:
             await nc.close()
 
     run(go())

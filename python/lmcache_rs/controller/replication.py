@@ -97,6 +97,14 @@ class Spaces:
                        for ns in c.kv_events.namespaces.all())
         return out
 
+    def reset(self) -> None:
+        """Empty every key space (before a snapshot is loaded again)."""
+        for _, index in self.indexes():
+            for instance_id, worker_ids in index.workers().items():
+                index.clear(instance_id)
+                for worker_id in worker_ids:
+                    index.remove_worker(instance_id, worker_id)
+
     def digests(self) -> dict[str, int]:
         return {space: index.digest() for space, index in self.indexes()}
 
@@ -119,10 +127,9 @@ class IngestRole:
         follower = Follower(c.settings.nats_url, "lmcache-ingest-rebuild", self.spaces.apply)
         try:
             await follower.connect()
-            seq, origin = await bootstrap(follower.js, self.spaces.index_for, None)
+            seq, origin = await start_following(follower, self.spaces, None, "ingest")
             if seq:
                 log.info("ingest: rebuilding from the %s snapshot at %d", origin, seq)
-            await follower.start(seq)
             if not await follower.wait_applied(follower.start_target, CATCH_UP_TIMEOUT):
                 raise RuntimeError(f"could not read the log to its end ({follower.broken or 'timed out'})")
         finally:
@@ -199,18 +206,13 @@ class ReplicaRole:
         s = self.c.settings
         f = self.follower
         await f.connect()
-        for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
-            try:
-                seq, self.origin = await bootstrap(f.js, self.spaces.index_for, s.snapshot)
-                self.spaces.refresh_membership({space for space, _ in self.spaces.indexes()})
-                await f.start(seq)
-                break
-            except Exception as exc:  # e.g. purged, or the shared snapshot replaced, while we loaded
-                if attempt == BOOTSTRAP_ATTEMPTS:
-                    raise
-                log.warning("replica: starting from a snapshot failed (%s); trying again", exc)
-                await asyncio.sleep(1.0)
-        self.snapshot_seq = seq
+        seq, self.origin = await start_following(f, self.spaces, s.snapshot, "replica")
+        if self.origin == "local":
+            self.snapshot_seq = seq
+        else:
+            # the local snapshot (if any) is older than what we loaded: rewrite it now, so
+            # that a snapshot publisher never offers the older one, even on an idle stream
+            self.snapshot()
         log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
                  f.start_target)
         if s.snapshot:
@@ -218,11 +220,16 @@ class ReplicaRole:
             self._snapshots = asyncio.get_running_loop().create_task(self._snapshot_loop())
 
     async def _snapshot_loop(self) -> None:
+        assert self.shared is not None
         while True:
             await asyncio.sleep(self.c.settings.snapshot_interval)
+            if self.follower.broken is not None:
+                # our indexes no longer follow the log: never publish them, let another lead
+                await self.shared.release()
+                log.error("replica: following stopped; no more snapshots")
+                return
             try:
                 self.snapshot()
-                assert self.shared is not None
                 if await self.shared.leader():
                     await self.shared.publish(self.c.settings.snapshot)
             except Exception:  # a failed snapshot must never stop following
@@ -272,6 +279,24 @@ class ReplicaRole:
                 self.shared.revision is not None, "skipped": f.skipped, "gaps": f.gaps,
                 "broken": f.broken, "lag_ms": lag_summary(list(f.lags)),
                 "digests": {k: str(v) for k, v in self.spaces.digests().items()}}
+
+
+async def start_following(f: Follower, spaces: Spaces, directory: str | None, role: str) -> tuple[int, str]:
+    """Load the best snapshot and subscribe from it; tried again when the stream was purged
+    (or the shared snapshot replaced) while we loaded. (sequence, origin)"""
+    for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
+        try:
+            seq, origin = await bootstrap(f.js, spaces.index_for, directory, spaces.reset)
+            if role == "replica":
+                spaces.refresh_membership({space for space, _ in spaces.indexes()})
+            await f.start(seq)
+            return seq, origin
+        except Exception as exc:
+            if attempt == BOOTSTRAP_ATTEMPTS:
+                raise
+            log.warning("%s: starting from a snapshot failed (%s); trying again", role, exc)
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def lag_summary(lags: list[float]) -> dict:

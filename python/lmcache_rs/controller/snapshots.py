@@ -139,20 +139,28 @@ async def load_shared(js: Any, index_for: Callable[[str], Any]) -> int | None:
     return unbundle(data, index_for)
 
 
-async def bootstrap(js: Any, index_for: Callable[[str], Any], directory: str | None) -> tuple[int, str]:
-    """Load the best snapshot for following the stream; (its sequence, where it came from)."""
+async def bootstrap(js: Any, index_for: Callable[[str], Any], directory: str | None,
+                    reset: Callable[[], None] = lambda: None) -> tuple[int, str]:
+    """Load the best snapshot for following the stream; (its sequence, where it came from).
+
+    ``reset`` empties every key space: a snapshot replaces only the spaces it lists (empty
+    ones are left out), so what an earlier, failed load left must go before each load."""
     info = await js.stream_info(STREAM)
     first, last = info.state.first_seq, info.state.last_seq
 
-    def usable(seq: int) -> bool:  # the stream still holds everything after it
-        return seq + 1 >= first or seq >= last
+    def usable(seq: int) -> bool:
+        # the stream still holds everything after it, and it is not past the stream's end
+        # (a stream deleted and created again: its messages up to seq would never be read)
+        return first - 1 <= seq <= last
 
+    reset()
     mine = local_seq(directory)
     if mine is not None and usable(mine):
         try:
             return load_local(directory, index_for), "local"  # type: ignore[arg-type]
         except Exception as exc:  # a corrupt or foreign file: the shared one, or nothing
             log.warning("local snapshot %s not loaded (%s)", directory, exc)
+            reset()
     if first > 1 or mine is not None:
         meta = await shared_meta(js)
         if meta is not None and usable(int(meta["seq"])):
@@ -188,23 +196,60 @@ class SharedSnapshots:
         return self.revision is not None
 
     async def publish(self, directory: str) -> int:
-        """Upload the local snapshot, point the meta key at it, purge the stream below it."""
+        """Upload the local snapshot, point the meta key at it, purge the stream below it.
+
+        The pointer only moves forward: a replica behind the shared snapshot (restarted from
+        it, or a second leader while the lease changes hands) must not point it back at a
+        position the stream was already purged past, nor delete the newer snapshot."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
         seq, data = bundle(directory)
         if seq <= self.uploaded:
             return seq
         store = await _bucket(self.js, SNAP_BUCKET, "obj")
         meta_kv = await _bucket(self.js, META_BUCKET, "kv")
-        old = await shared_meta(self.js)
+        try:
+            entry = await meta_kv.get("latest")
+            old, revision = json.loads(entry.value), entry.revision
+        except KeyNotFoundError:
+            old, revision = None, None
+        if old is not None and int(old["seq"]) >= seq:
+            self.uploaded = seq
+            return seq
         name = f"snap-{seq}"
         await store.put(name, data)
-        await meta_kv.put("latest", json.dumps({"seq": seq, "object": name,
-                                                "sha256": hashlib.sha256(data).hexdigest()}).encode())
+        value = json.dumps({"seq": seq, "object": name, "sha256": hashlib.sha256(data).hexdigest()}).encode()
+        try:  # compare-and-set: another publisher moving it meanwhile wins
+            if revision is None:
+                await meta_kv.create("latest", value)
+            else:
+                await meta_kv.update("latest", value, last=revision)
+        except KeyWrongLastSequenceError:
+            log.warning("shared snapshot pointer moved while %s was uploaded; left to the other publisher", name)
+            await self._delete(store, name)
+            return seq
         self.uploaded = seq
-        await self.js.purge_stream(STREAM, seq=seq + 1)  # only after the snapshot is stored
+        # the lease may have lapsed during the upload: the purge is for its holder alone
+        if await self.leader():
+            await self.js.purge_stream(STREAM, seq=seq + 1)  # only after the snapshot is stored
         if old is not None and old["object"] != name:
-            try:
-                await store.delete(old["object"])
-            except Exception as exc:  # a leftover object costs space, nothing else
-                log.warning("old shared snapshot %s not deleted: %s", old["object"], exc)
+            await self._delete(store, old["object"])
         log.info("shared snapshot %s uploaded (%d bytes); stream purged below %d", name, len(data), seq + 1)
         return seq
+
+    async def _delete(self, store: Any, name: str) -> None:
+        try:
+            await store.delete(name)
+        except Exception as exc:  # a leftover object costs space, nothing else
+            log.warning("shared snapshot %s not deleted: %s", name, exc)
+
+    async def release(self) -> None:
+        """Give the lease up (a replica that stopped following must not publish)."""
+        if self.revision is None:
+            return
+        try:
+            kv = await _bucket(self.js, LEASE_BUCKET, "kv", ttl=self.lease_ttl)
+            await kv.delete(LEASE_KEY, last=self.revision)
+        except Exception as exc:  # it expires after lease_ttl anyway
+            log.warning("snapshot lease not released: %s", exc)
+        self.revision = None
