@@ -13,6 +13,8 @@ import pytest
 from lmcache_rs import Index
 from lmcache_rs.controller import snapshots
 from lmcache_rs.controller.follower import Follower
+from lmcache_rs.controller.ingest import Publisher
+from lmcache_rs.controller.oplog import apply_message
 from lmcache_rs.controller.jetstream import STREAM, connect, encode, ensure_stream
 from lmcache_rs.controller.replication import Spaces
 from test_replicas import NATS_SERVER, NatsServer
@@ -186,5 +188,31 @@ def test_a_snapshot_newer_than_the_stream_is_not_used(nats_url, tmp_path):
             assert all(len(ix) == 0 for ix in spaces.spaces.values())
         finally:
             await nc.close()
+
+    run(go())
+
+
+def test_long_instance_ids_never_make_a_message_the_server_refuses(nats_url):
+    async def go():
+        from test_replicas import log_messages
+
+        pub = Publisher(nats_url)
+        await pub.start()
+        try:
+            # register ops carry no keys: only their strings make the message large
+            for i in range(2000):
+                pub.record("rs", ["register", f"{i:04d}" + "x" * 1020, 0, None, None])
+            assert await pub.flushed(10) is not None
+            # an estimate that is still short: the message goes in parts
+            pub.nc._max_payload = 20_000
+            for i in range(30):
+                pub.record("rs", ["register", f"{i:04d}" + "y" * 1020, 0, None, None])
+            assert await pub.flushed(10) is not None
+        finally:
+            await pub.stop()
+        spaces = FakeSpaces()
+        for ops in await log_messages(nats_url):
+            apply_message(ops, spaces.index_for)
+        assert len(spaces.spaces["rs"].workers()) == 2030
 
     run(go())
