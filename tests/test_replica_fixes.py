@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lmcache_rs.controller.follower import Follower
 from lmcache_rs.controller.ingest import Publisher
 from lmcache_rs.controller.oplog import apply_message
 from lmcache_rs.controller.jetstream import STREAM, connect, encode, ensure_stream
-from lmcache_rs.controller.replication import Spaces
+from lmcache_rs.controller.replication import ReplicaRole, Spaces
 from test_replicas import NATS_SERVER, NatsServer
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="no nats-server on this machine")
@@ -216,3 +217,16 @@ def test_long_instance_ids_never_make_a_message_the_server_refuses(nats_url):
         assert len(spaces.spaces["rs"].workers()) == 2030
 
     run(go())
+
+
+def test_replica_state_computes_digests_once_per_applied_sequence_and_says_broken():
+    role = ReplicaRole(SimpleNamespace(settings=SimpleNamespace(nats_url="nats://127.0.0.1:1")))
+    calls = []
+    role.spaces.digests = lambda: calls.append(1) or {"rs": 5}
+    assert role.state()["digests"] == {"rs": "5"}
+    role.state()
+    assert len(calls) == 1
+    role.follower.applied = 3
+    assert role.state()["digests"] == {"rs": "5"} and len(calls) == 2
+    role.follower.broken = "message 4 could not be applied"
+    assert role.state()["status"] == "broken"
