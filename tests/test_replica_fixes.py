@@ -13,11 +13,11 @@ import pytest
 
 from lmcache_rs import Index
 from lmcache_rs.controller import snapshots
-from lmcache_rs.controller.follower import Follower
+from lmcache_rs.controller.follower import Follower, LogGone
 from lmcache_rs.controller.ingest import Publisher
 from lmcache_rs.controller.oplog import apply_message
 from lmcache_rs.controller.jetstream import STREAM, connect, encode, ensure_stream
-from lmcache_rs.controller.replication import ReplicaRole, Spaces
+from lmcache_rs.controller.replication import IngestRole, ReplicaRole, Spaces
 from test_replicas import NATS_SERVER, NatsServer
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="no nats-server on this machine")
@@ -230,3 +230,77 @@ def test_replica_state_computes_digests_once_per_applied_sequence_and_says_broke
     assert role.state()["digests"] == {"rs": "5"} and len(calls) == 2
     role.follower.broken = "message 4 could not be applied"
     assert role.state()["status"] == "broken"
+
+
+def fake_controller(url: str, role: str, snapshot: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(settings=SimpleNamespace(nats_url=url, role=role, snapshot=snapshot, snapshot_interval=0.1,
+                                                    ingest_resend_fraction=0.0),
+                           index=Index(chunk_size=4), lmcache=None, kv_events=None,
+                           registry=SimpleNamespace(restore=lambda: 0, by_source={}))
+
+
+def test_the_ingest_retries_a_bootstrap_the_purge_overtook(nats_url, monkeypatch):
+    real_start = Follower.start
+    failures = []
+
+    async def start_once_gone(self, applied=0):
+        if not failures:
+            failures.append(applied)
+            raise LogGone("the stream starts further on")
+        await real_start(self, applied)
+
+    monkeypatch.setattr(Follower, "start", start_once_gone)
+
+    async def go():
+        nc, js = await js_for(nats_url)
+        await publish(js, 3, [["rs", "admit", "inst", 0, "cpu", [1, 2]]])
+        await nc.close()
+        c = fake_controller(nats_url, "ingest")
+        ingest = IngestRole(c)
+        try:
+            await ingest.start()
+        finally:
+            await ingest.stop()
+        assert failures == [0] and len(c.index) == 2
+
+    run(go())
+
+
+def test_a_replica_started_from_the_shared_snapshot_rewrites_its_older_local_one(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 20)
+            local_snapshot(tmp_path / "shared", 15, {"rs": [1, 2, 3]})
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            assert await a.leader()
+            await a.publish(str(tmp_path / "shared"))
+            mine = tmp_path / "mine"
+            local_snapshot(mine, 5, {"rs": [1]})
+            role = ReplicaRole(fake_controller(nats_url, "replica", str(mine)))
+            try:
+                await role.start()  # the stream is idle: no message would make it write one
+                assert role.origin == "shared"
+                assert snapshots.local_seq(str(mine)) == 15
+            finally:
+                await role.stop()
+        finally:
+            await nc.close()
+
+    run(go())
+
+
+def test_a_broken_replica_stops_snapshotting_and_gives_the_lease_up(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            role = ReplicaRole(fake_controller(nats_url, "replica", str(tmp_path / "mine")))
+            role.shared = snapshots.SharedSnapshots(js, "broken", 1.0)
+            assert await role.shared.leader()
+            role.follower.broken = "message 4 could not be applied"
+            await asyncio.wait_for(role._snapshot_loop(), 5)
+            assert await snapshots.SharedSnapshots(js, "other", 1.0).leader()
+        finally:
+            await nc.close()
+
+    run(go())
