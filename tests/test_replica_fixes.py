@@ -16,7 +16,7 @@ from lmcache_rs.controller import snapshots
 from lmcache_rs.controller.follower import Follower, LogGone
 from lmcache_rs.controller.ingest import Publisher
 from lmcache_rs.controller.oplog import apply_message
-from lmcache_rs.controller.jetstream import STREAM, connect, encode, ensure_stream
+from lmcache_rs.controller.jetstream import STREAM, connect, encode, ensure_stream, stream_identity
 from lmcache_rs.controller.replication import IngestRole, ReplicaRole, Spaces
 from test_replicas import NATS_SERVER, NatsServer
 
@@ -69,11 +69,11 @@ class FakeSpaces:
         Spaces.reset(self)  # type: ignore[arg-type]
 
 
-def local_snapshot(directory: Path, seq: int, keys: dict[str, list[int]]) -> None:
+def local_snapshot(directory: Path, seq: int, keys: dict[str, list[int]], stream: str = "") -> None:
     spaces = FakeSpaces()
     for space, ks in keys.items():
         spaces.index_for(space).apply_batch([("admit", "inst", 0, "cpu", ks)])
-    snapshots.dump_local(str(directory), seq, spaces.indexes())
+    snapshots.dump_local(str(directory), seq, spaces.indexes(), stream)
 
 
 def test_a_stale_publisher_never_moves_the_shared_snapshot_back(nats_url, tmp_path):
@@ -301,6 +301,34 @@ def test_a_broken_replica_stops_snapshotting_and_gives_the_lease_up(nats_url, tm
             await asyncio.wait_for(role._snapshot_loop(), 5)
             assert await snapshots.SharedSnapshots(js, "other", 1.0).leader()
         finally:
+            await nc.close()
+
+    run(go())
+
+
+def test_a_snapshot_of_a_stream_created_again_is_not_used_even_when_it_fits(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        f = Follower(nats_url, "f", lambda m: None)
+        try:
+            await publish(js, 10)
+            old = stream_identity(await js.stream_info(STREAM))
+            local_snapshot(tmp_path / "mine", 10, {"rs": [1, 2]}, old)
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            assert await a.leader()
+            await a.publish(str(tmp_path / "mine"))
+            await f.start(10)
+            await js.delete_stream(STREAM)
+            await asyncio.sleep(0.01)  # a creation time of its own
+            await ensure_stream(js)
+            await publish(js, 12)  # past the snapshot's position
+            spaces = FakeSpaces()
+            assert await snapshots.bootstrap(js, spaces.index_for, str(tmp_path / "mine"), spaces.reset) == \
+                (0, "none")
+            await f._resubscribe(12)  # a follower of the old stream stops
+            assert f.broken is not None and "created again" in f.broken
+        finally:
+            await f.stop()
             await nc.close()
 
     run(go())

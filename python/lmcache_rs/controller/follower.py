@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from .jetstream import STREAM, SUBJECTS, connect, decode, ensure_stream
+from .jetstream import STREAM, SUBJECTS, connect, decode, ensure_stream, stream_identity
 
 log = logging.getLogger("lmcache_rs.controller")
 
@@ -36,6 +36,7 @@ class Follower:
         self.skipped = 0  # redelivered messages at or below applied
         self.gaps = 0  # resubscriptions after a message past applied + 1
         self.broken: str | None = None  # why following stopped, if it did
+        self.stream = ""  # identity of the stream we follow (jetstream.stream_identity)
         # publish -> applied, in s, of the messages published after we started
         self.lags: collections.deque[float] = collections.deque(maxlen=100_000)
         self.nc: Any = None
@@ -63,10 +64,13 @@ class Follower:
         await self.connect()
         info = await self.js.stream_info(STREAM)
         self.start_target = max(applied, info.state.last_seq)
+        self.stream = stream_identity(info)
         self._check_position(info)
         await self._subscribe()
 
     def _check_position(self, info: Any) -> None:
+        if self.stream and stream_identity(info) not in ("", self.stream):
+            raise LogGone("the stream was deleted and created again; our position is in the old one")
         need = self.applied + 1
         if need < info.state.first_seq and need <= info.state.last_seq:
             raise LogGone(f"the stream starts at {info.state.first_seq}; messages from {need} are gone")

@@ -264,7 +264,7 @@ class ReplicaRole:
         seq = self.follower.applied
         if seq == self.snapshot_seq or not self.c.settings.snapshot:
             return
-        dump_local(self.c.settings.snapshot, seq, self.spaces.indexes())
+        dump_local(self.c.settings.snapshot, seq, self.spaces.indexes(), self.follower.stream)
         self.snapshot_seq = seq
 
     async def stop(self) -> None:
