@@ -332,3 +332,23 @@ def test_a_snapshot_of_a_stream_created_again_is_not_used_even_when_it_fits(nats
             await nc.close()
 
     run(go())
+
+
+def test_two_publishers_of_the_same_sequence_leave_the_pointer_on_a_stored_object(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 20)
+            local_snapshot(tmp_path / "a", 15, {"rs": [1, 2, 3]})
+            local_snapshot(tmp_path / "b", 15, {"rs": [1, 2, 3]})
+            a = snapshots.SharedSnapshots(js, "a", 1.0)
+            b = snapshots.SharedSnapshots(js, "b", 1.0)
+            assert await a.leader()
+            # both read the pointer (none yet) before either moved it: two leaders at once
+            await asyncio.gather(a.publish(str(tmp_path / "a")), b.publish(str(tmp_path / "b")))
+            fresh = FakeSpaces()
+            assert await snapshots.bootstrap(js, fresh.index_for, None, fresh.reset) == (15, "shared")
+        finally:
+            await nc.close()
+
+    run(go())

@@ -11,7 +11,7 @@ the previous snapshot whole.
 
 Shared: one replica at a time (the holder of key ``snapshots`` in KV bucket ``lmc_lease``,
 whose entries expire after ``LEASE_TTL`` unless renewed) uploads a bundle of the files to
-object store ``lmc_snaps`` as ``snap-<seq>``, points KV ``lmc_snapmeta/latest`` at it
+object store ``lmc_snaps`` as ``snap-<seq>-<random>``, points KV ``lmc_snapmeta/latest`` at it
 (``{"seq", "stream", "object", "sha256"}``; only ever forward), and only then purges the
 stream below ``seq + 1``. Older bundles are deleted after the pointer moved.
 
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -228,7 +229,9 @@ class SharedSnapshots:
         if old is not None and int(old["seq"]) >= seq and old.get("stream", "") in ("", stream):
             self.uploaded = seq
             return seq
-        name = f"snap-{seq}"
+        # one name per upload: two publishers of one sequence must not replace (or delete,
+        # losing the race) the object the other's pointer names
+        name = f"snap-{seq}-{secrets.token_hex(6)}"
         await store.put(name, data)
         value = json.dumps({"seq": seq, "stream": stream, "object": name,
                             "sha256": hashlib.sha256(data).hexdigest()}).encode()
