@@ -352,3 +352,25 @@ def test_two_publishers_of_the_same_sequence_leave_the_pointer_on_a_stored_objec
             await nc.close()
 
     run(go())
+
+
+def test_a_replica_on_a_stream_created_again_rewrites_its_local_snapshot_at_once(nats_url, tmp_path):
+    async def go():
+        nc, js = await js_for(nats_url)
+        try:
+            await publish(js, 10)
+            mine = tmp_path / "mine"
+            local_snapshot(mine, 10, {"rs": [1]}, stream_identity(await js.stream_info(STREAM)))
+            await js.delete_stream(STREAM)
+            await ensure_stream(js)  # empty: nothing will make the replica write a snapshot
+            role = ReplicaRole(fake_controller(nats_url, "replica", str(mine)))
+            try:
+                await role.start()
+                assert role.origin == "none"
+                assert snapshots.local_seq(str(mine)) == 0
+            finally:
+                await role.stop()
+        finally:
+            await nc.close()
+
+    run(go())

@@ -212,9 +212,11 @@ class ReplicaRole:
         seq, self.origin = await start_following(f, self.spaces, s.snapshot, "replica")
         if self.origin == "local":
             self.snapshot_seq = seq
-        else:
-            # the local snapshot (if any) is older than what we loaded: rewrite it now, so
-            # that a snapshot publisher never offers the older one, even on an idle stream
+        elif s.snapshot:
+            # the local snapshot (if any) is not what we loaded (older, or of a stream created
+            # again): rewrite it now, so that a snapshot publisher never offers it, even on an
+            # idle stream
+            self.snapshot_seq = -1
             self.snapshot()
         self._digests = None  # computed during the bootstrap, perhaps
         log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
