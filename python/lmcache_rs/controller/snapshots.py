@@ -16,8 +16,8 @@ object store ``lmc_snaps`` as ``snap-<seq>-<random>``, points KV ``lmc_snapmeta/
 stream below ``seq + 1``. Older bundles are deleted after the pointer moved.
 
 Bootstrap (a replica starting, an ingest rebuilding): take the local snapshot when it is a
-position in this stream and the stream still holds what follows it, else the shared one, else start from nothing; then follow from
-``seq + 1``.
+position in this stream and the stream still holds what follows it, else the shared one, else
+start from nothing; then follow from ``seq + 1``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def bundle(directory: str) -> tuple[int, str, bytes]:
     root = Path(directory)
     manifest = json.loads((root / MANIFEST).read_text())
     files = {space: (root / name).read_bytes() for space, name in manifest["spaces"].items()}
-    return int(manifest["seq"]), str(manifest.get("stream", "")), msgpack.packb({"seq": manifest["seq"], "spaces": files}, use_bin_type=True)
+    blob = msgpack.packb({"seq": manifest["seq"], "spaces": files}, use_bin_type=True)
+    return int(manifest["seq"]), str(manifest.get("stream", "")), blob
 
 
 def unbundle(data: bytes, index_for: Callable[[str], Any]) -> int:
