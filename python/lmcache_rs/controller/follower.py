@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from .jetstream import STREAM, SUBJECTS, connect, decode, ensure_stream
+from .jetstream import STREAM, SUBJECTS, connect, decode, ensure_stream, stream_identity
 
 log = logging.getLogger("lmcache_rs.controller")
 
@@ -36,6 +36,7 @@ class Follower:
         self.skipped = 0  # redelivered messages at or below applied
         self.gaps = 0  # resubscriptions after a message past applied + 1
         self.broken: str | None = None  # why following stopped, if it did
+        self.stream = ""  # identity of the stream we follow (jetstream.stream_identity)
         # publish -> applied, in s, of the messages published after we started
         self.lags: collections.deque[float] = collections.deque(maxlen=100_000)
         self.nc: Any = None
@@ -46,7 +47,9 @@ class Follower:
 
     @property
     def ready(self) -> bool:
-        return self.broken is None and self.applied >= self.start_target
+        # a resubscription pending means we are not following: what we serve may be stale
+        return (self.broken is None and self._sub is not None and self.applied >= self.start_target
+                and (self._resubscribing is None or self._resubscribing.done()))
 
     async def connect(self) -> None:
         if self.nc is None:
@@ -61,10 +64,13 @@ class Follower:
         await self.connect()
         info = await self.js.stream_info(STREAM)
         self.start_target = max(applied, info.state.last_seq)
+        self.stream = stream_identity(info)
         self._check_position(info)
         await self._subscribe()
 
     def _check_position(self, info: Any) -> None:
+        if self.stream and stream_identity(info) not in ("", self.stream):
+            raise LogGone("the stream was deleted and created again; our position is in the old one")
         need = self.applied + 1
         if need < info.state.first_seq and need <= info.state.last_seq:
             raise LogGone(f"the stream starts at {info.state.first_seq}; messages from {need} are gone")
@@ -105,9 +111,13 @@ class Follower:
     async def _resubscribe(self, seen: int) -> None:
         log.warning("log follower: got message %d after %d; subscribing again from %d", seen, self.applied,
                     self.applied + 1)
+        sub, self._sub = self._sub, None
         try:
-            if self._sub is not None:
-                await self._sub.unsubscribe()
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # already closed (connection lost): it delivers nothing more
+                    log.debug("log follower: unsubscribe: %s", exc)
             self._check_position(await self.js.stream_info(STREAM))
             await self._subscribe()
         except LogGone as exc:

@@ -73,6 +73,7 @@ class Publisher:
         # message ids of a new incarnation apart from those in the duplicate window
         self.inc = max(await self._last_incarnation() + 1, int(time.time() * 1000))
         self._task = asyncio.get_running_loop().create_task(self._publish_loop())
+        self._task.add_done_callback(self._publish_loop_ended)
         log.info("ingest: publishing to %s stream %s as incarnation %d (stream at %d)", self.url, STREAM, self.inc,
                  self.last_seq)
 
@@ -112,7 +113,9 @@ class Publisher:
             self._sizes[src] = 0
         buf.append([space, *op])
         keys = op[4]
-        self._sizes[src] += 48 + (len(keys) if isinstance(keys, bytes) else 9 * len(keys) if keys else 0)
+        # the strings count too: instance ids may be 1 KiB, and a message must fit max_payload
+        self._sizes[src] += (48 + len(space) + len(op[1] or "") + len(op[3] or "")
+                             + (len(keys) if isinstance(keys, bytes) else 9 * len(keys) if keys else 0))
         if self._sizes[src] >= MAX_MESSAGE_BYTES:
             self._cut(src)
         elif self._timer is None:
@@ -164,22 +167,47 @@ class Publisher:
                 await self._wake.wait()
                 continue
             src, n, payload = self._outbox[0]
-            headers = {"Nats-Msg-Id": message_id(src, self.inc, n)}
-            await self._publish(src, payload, headers)
+            for msg_id, part in self._fitting(message_id(src, self.inc, n), payload):
+                headers = {"Nats-Msg-Id": msg_id}
+                await self._publish(src, part, headers)
+                if self.resend_fraction and self._rng.random() < self.resend_fraction:
+                    self.resent += 1
+                    await self._publish(src, part, headers)  # fault injection: a retried publish
             self._outbox.popleft()
             self._stored_count += 1
             self._progress.set()
-            if self.resend_fraction and self._rng.random() < self.resend_fraction:
-                self.resent += 1
-                await self._publish(src, payload, headers)  # fault injection: a retried publish
+
+    def _fitting(self, msg_id: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """The message, or its operations in halves (ids ``<id>.0``, ``<id>.1``, ...) when it is
+        larger than the server takes: the size estimate of ``_record`` is not exact, and a
+        publish that can never succeed would stall the log."""
+        limit = self.nc.max_payload - 1024  # headers and subject
+        if len(payload) <= limit:
+            return [(msg_id, payload)]
+        body = decode(payload)
+        ops = body["ops"]
+        if len(ops) < 2:
+            raise RuntimeError(f"ingest: one operation of {len(payload)} bytes is larger than the server's "
+                               f"max_payload ({self.nc.max_payload})")
+        half = len(ops) // 2
+        out = []
+        for k, part in enumerate((ops[:half], ops[half:])):
+            out += self._fitting(f"{msg_id}.{k}", encode(body["src"], body["inc"], body["n"], body["ts"], part))
+        return out
+
+    def _publish_loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("ingest: publishing stopped; nothing more reaches the log", exc_info=task.exception())
 
     async def _publish(self, src: str, payload: bytes, headers: dict) -> None:
+        from nats.errors import MaxPayloadError
+
         delay = 0.05
         while True:
             try:
                 ack = await self.js.publish(SUBJECT_PREFIX + src, payload, stream=STREAM, headers=headers, timeout=2)
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, MaxPayloadError):
+                raise  # too large is not a lost ack: retrying it would stall the log for ever
             except Exception as exc:  # no ack: it may or may not be stored; the same id makes it once
                 self.retries += 1
                 log.warning("ingest: publish of %s failed (%s); retrying", headers["Nats-Msg-Id"], exc)

@@ -61,6 +61,13 @@ async def ensure_stream(js: Any) -> Any:
         return await js.stream_info(STREAM)
 
 
+def stream_identity(info: Any) -> str:
+    """The stream's creation time: a stream deleted and created again (or a NATS store lost)
+    numbers its messages from 1 again, and a position in the old one means nothing in it.
+    Empty when the server does not say."""
+    return info.created.isoformat() if getattr(info, "created", None) else ""
+
+
 def encode(src: str, inc: int, n: int, ts: float, ops: list) -> bytes:
     return msgpack.packb({"v": ENVELOPE_VERSION, "src": src, "inc": inc, "n": n, "ts": ts, "ops": ops},
                          use_bin_type=True)

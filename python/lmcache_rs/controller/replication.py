@@ -97,6 +97,14 @@ class Spaces:
                        for ns in c.kv_events.namespaces.all())
         return out
 
+    def reset(self) -> None:
+        """Empty every key space (before a snapshot is loaded again)."""
+        for _, index in self.indexes():
+            for instance_id, worker_ids in index.workers().items():
+                index.clear(instance_id)
+                for worker_id in worker_ids:
+                    index.remove_worker(instance_id, worker_id)
+
     def digests(self) -> dict[str, int]:
         return {space: index.digest() for space, index in self.indexes()}
 
@@ -119,10 +127,9 @@ class IngestRole:
         follower = Follower(c.settings.nats_url, "lmcache-ingest-rebuild", self.spaces.apply)
         try:
             await follower.connect()
-            seq, origin = await bootstrap(follower.js, self.spaces.index_for, None)
+            seq, origin = await start_following(follower, self.spaces, None, "ingest")
             if seq:
                 log.info("ingest: rebuilding from the %s snapshot at %d", origin, seq)
-            await follower.start(seq)
             if not await follower.wait_applied(follower.start_target, CATCH_UP_TIMEOUT):
                 raise RuntimeError(f"could not read the log to its end ({follower.broken or 'timed out'})")
         finally:
@@ -193,24 +200,25 @@ class ReplicaRole:
         self.snapshot_seq = 0  # sequence of the last local snapshot written
         self.shared: SharedSnapshots | None = None
         self._snapshots: asyncio.Task | None = None
+        # (applied seq, digests): computing them costs ~13 ms per 1M keys, and /healthz is
+        # polled; the indexes change only with the applied sequence (and the bootstrap)
+        self._digests: tuple[int, dict[str, str]] | None = None
 
     async def start(self) -> None:
         """Load the best snapshot, follow the log from it; snapshot periodically when asked."""
         s = self.c.settings
         f = self.follower
         await f.connect()
-        for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
-            try:
-                seq, self.origin = await bootstrap(f.js, self.spaces.index_for, s.snapshot)
-                self.spaces.refresh_membership({space for space, _ in self.spaces.indexes()})
-                await f.start(seq)
-                break
-            except Exception as exc:  # e.g. purged, or the shared snapshot replaced, while we loaded
-                if attempt == BOOTSTRAP_ATTEMPTS:
-                    raise
-                log.warning("replica: starting from a snapshot failed (%s); trying again", exc)
-                await asyncio.sleep(1.0)
-        self.snapshot_seq = seq
+        seq, self.origin = await start_following(f, self.spaces, s.snapshot, "replica")
+        if self.origin == "local":
+            self.snapshot_seq = seq
+        elif s.snapshot:
+            # the local snapshot (if any) is not what we loaded (older, or of a stream created
+            # again): rewrite it now, so that a snapshot publisher never offers it, even on an
+            # idle stream
+            self.snapshot_seq = -1
+            self.snapshot()
+        self._digests = None  # computed during the bootstrap, perhaps
         log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
                  f.start_target)
         if s.snapshot:
@@ -218,11 +226,16 @@ class ReplicaRole:
             self._snapshots = asyncio.get_running_loop().create_task(self._snapshot_loop())
 
     async def _snapshot_loop(self) -> None:
+        assert self.shared is not None
         while True:
             await asyncio.sleep(self.c.settings.snapshot_interval)
+            if self.follower.broken is not None:
+                # our indexes no longer follow the log: never publish them, let another lead
+                await self.shared.release()
+                log.error("replica: following stopped; no more snapshots")
+                return
             try:
                 self.snapshot()
-                assert self.shared is not None
                 if await self.shared.leader():
                     await self.shared.publish(self.c.settings.snapshot)
             except Exception:  # a failed snapshot must never stop following
@@ -253,7 +266,7 @@ class ReplicaRole:
         seq = self.follower.applied
         if seq == self.snapshot_seq or not self.c.settings.snapshot:
             return
-        dump_local(self.c.settings.snapshot, seq, self.spaces.indexes())
+        dump_local(self.c.settings.snapshot, seq, self.spaces.indexes(), self.follower.stream)
         self.snapshot_seq = seq
 
     async def stop(self) -> None:
@@ -266,12 +279,33 @@ class ReplicaRole:
 
     def state(self) -> dict:
         f = self.follower
-        return {"status": "ok" if f.ready else "catching up", "role": "replica", "ready": f.ready,
+        if self._digests is None or self._digests[0] != f.applied:
+            self._digests = (f.applied, {k: str(v) for k, v in self.spaces.digests().items()})
+        status = "broken" if f.broken is not None else "ok" if f.ready else "catching up"
+        return {"status": status, "role": "replica", "ready": f.ready,
                 "applied_seq": f.applied, "start_target": f.start_target, "origin": self.origin,
                 "snapshot_seq": self.snapshot_seq, "snapshot_leader": self.shared is not None and
                 self.shared.revision is not None, "skipped": f.skipped, "gaps": f.gaps,
                 "broken": f.broken, "lag_ms": lag_summary(list(f.lags)),
-                "digests": {k: str(v) for k, v in self.spaces.digests().items()}}
+                "digests": self._digests[1]}
+
+
+async def start_following(f: Follower, spaces: Spaces, directory: str | None, role: str) -> tuple[int, str]:
+    """Load the best snapshot and subscribe from it; tried again when the stream was purged
+    (or the shared snapshot replaced) while we loaded. (sequence, origin)"""
+    for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
+        try:
+            seq, origin = await bootstrap(f.js, spaces.index_for, directory, spaces.reset)
+            if role == "replica":
+                spaces.refresh_membership({space for space, _ in spaces.indexes()})
+            await f.start(seq)
+            return seq, origin
+        except Exception as exc:
+            if attempt == BOOTSTRAP_ATTEMPTS:
+                raise
+            log.warning("%s: starting from a snapshot failed (%s); trying again", role, exc)
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def lag_summary(lags: list[float]) -> dict:
