@@ -132,10 +132,7 @@ class Controller:
                 await self.lmcache.stop()
             raise
         try:
-            for k in range(1, s.http_threads):
-                extra = HttpLoop(self, k)
-                extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
-                self.http_loops.append(extra)
+            self._start_http_loops()
         except BaseException:
             await self._stop_http_loops(0)
             self.http_server.close()
@@ -171,10 +168,7 @@ class Controller:
         self.http_server = await loop.create_server(
             lambda: HttpProtocol(self.http_state), s.host, s.port, backlog=4096, reuse_address=True, reuse_port=many)
         try:
-            for k in range(1, s.http_threads):
-                extra = HttpLoop(self, k)
-                extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
-                self.http_loops.append(extra)
+            self._start_http_loops()
         except BaseException:
             await self._stop_http_loops(0)
             self.http_server.close()
@@ -233,6 +227,14 @@ class Controller:
                 await server.wait_closed()
         self.stopped.set()
         log.info("lmcache_controller stopped")
+
+    def _start_http_loops(self) -> None:
+        """The extra event loops of --http-threads, on the HTTP server's addresses."""
+        assert self.http_server is not None
+        for k in range(1, self.settings.http_threads):
+            extra = HttpLoop(self, k)
+            extra.start([sock.getsockname()[:2] for sock in self.http_server.sockets])
+            self.http_loops.append(extra)
 
     async def _stop_http_loops(self, grace: float) -> None:
         loops, self.http_loops = self.http_loops, []
