@@ -10,7 +10,6 @@ own ``lookup`` of the same tokens.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import urllib.request
@@ -23,14 +22,11 @@ from lmcache_rs import lmcache_chunk_hashes
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_worker import ControllerProcess  # noqa: E402
-from lmcache_engines import INTEROP_PY, SEED, Engine, free_ports, wait_for  # noqa: E402
+from lmcache_engines import SEED, Engine, free_ports, require_interop_venv, wait_for  # noqa: E402
 
 CHUNK = 16
 
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
+require_interop_venv()
 
 
 class Setup:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import shutil
 import sys
 import time
 import urllib.error
@@ -25,21 +23,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_worker import ControllerProcess  # noqa: E402
-from lmcache_engines import INTEROP_PY, SEED, Engine, free_ports, wait_for  # noqa: E402
+from lmcache_engines import SEED, Engine, free_ports, require_interop_venv, wait_for  # noqa: E402
 
 CHUNK = 16
 LOCATION = "LocalCPUBackend"
 
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
-if shutil.which("nats-server") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI is set but nats-server is not installed: .ci/run should have installed it")
-    pytest.skip("no nats-server on this machine (apt-get install -y nats-server)", allow_module_level=True)
+require_interop_venv()
+from test_replicas import NATS_SERVER, NatsServer, stream_last  # noqa: E402
 
-from test_replicas import NatsServer, stream_last  # noqa: E402
+if NATS_SERVER is None:  # test_replicas raised at import under CI
+    pytest.skip("no nats-server on this machine (apt-get install -y nats-server)", allow_module_level=True)
 
 
 def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
@@ -163,15 +156,20 @@ def test_replicas_answer_as_the_engines_and_show_a_forwarded_clear(cluster):
         got = [lookup(port, tokens) for tokens in work]
         return [g[0] for g in got], {g[1] for g in got}
 
+    def agree(want: list[dict], what: str) -> None:
+        """Every replica answers ``want`` and, at the next quiet point, all at the stream's last
+        sequence, identically."""
+        for r in cluster.replicas:
+            wait_for(lambda r=r: answers(r.http_port)[0] == want, 60, f"{what} on a replica")
+        last = cluster.quiet()
+        seen = [answers(r.http_port) for r in cluster.replicas]
+        for got, seqs in seen:
+            assert got == want
+            assert seqs == {last}
+        assert seen[0] == seen[1]
+
     # the admits reach both replicas through the log
-    for r in cluster.replicas:
-        wait_for(lambda r=r: answers(r.http_port)[0] == want, 60, "the engines' admits on a replica")
-    last = cluster.quiet()
-    seen = [answers(r.http_port) for r in cluster.replicas]
-    for got, seqs in seen:
-        assert got == want
-        assert seqs == {last}
-    assert seen[0] == seen[1]
+    agree(want, "the engines' admits")
     # a prefix neither engine saw whole still matches chunk by chunk; unknown tokens match nothing
     probe = work[1][: 2 * CHUNK] + [7, 7, 7]
     for r in cluster.replicas:
@@ -187,12 +185,5 @@ def test_replicas_answer_as_the_engines_and_show_a_forwarded_clear(cluster):
     assert not any("lmc-a" in w for w in want) and sum("lmc-b" in w for w in want) == len(work[::2])
     # the replica that answered shows the clear already; the other one once it has applied it
     assert answers(cluster.replicas[1].http_port)[0] == want
-    for r in cluster.replicas:
-        wait_for(lambda r=r: answers(r.http_port)[0] == want, 60, "the clear's evictions on a replica")
-    last = cluster.quiet()
-    seen = [answers(r.http_port) for r in cluster.replicas]
-    for got, seqs in seen:
-        assert got == want
-        assert seqs == {last}
-    assert seen[0] == seen[1]
+    agree(want, "the clear's evictions")
     assert "decode_errors" not in cluster.ingest.log()

@@ -21,22 +21,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_worker import ControllerProcess  # noqa: E402
-from lmcache_engines import INTEROP_PY, SEED, Engine, free_ports, wait_for  # noqa: E402
+from lmcache_engines import INTEROP_PY, SEED, Engine, free_ports, require_interop_venv, wait_for  # noqa: E402
 
 # LMCache's controller hashes /lookup tokens with a default ChunkedTokenDatabase: 256-token
 # chunks whatever its workers use, so the engines use 256 here.
 CHUNK = 256
 LOCATION = "LocalCPUBackend"
 
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
+require_interop_venv()
 
 
 def _http(port: int, path: str, body: dict | None = None) -> dict:

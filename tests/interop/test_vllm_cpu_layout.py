@@ -9,17 +9,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from lmcache_rs.vllm.layout import CPU_ISAS, KINDS
+from lmcache_engines import INTEROP_PY, require_interop_venv
 
 REPO = Path(__file__).resolve().parents[2]
-INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
-
-if not INTEROP_PY.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-    pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
+require_interop_venv()
 
 
 def test_cpu_layout_matches_vllms_own_cache_writer():

@@ -9,19 +9,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
+from lmcache_engines import INTEROP_PY, REPO, require_interop_venv  # noqa: F401 (re-exported)
+
 ENGINE = REPO / "tools" / "vllm_engine.py"
-
-
-def require_interop_venv() -> None:
-    """At a test module's import: CI fails without the interop venv, elsewhere the module skips."""
-    if not INTEROP_PY.exists():
-        if os.environ.get("CI"):
-            raise RuntimeError(f"{INTEROP_PY} is missing: `make interop-venv` builds it")
-        pytest.skip("no interop venv (make interop-venv)", allow_module_level=True)
 
 
 def free_port() -> int:
