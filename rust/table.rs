@@ -7,6 +7,10 @@
 //! lives in a side slot, so no key is ever rehashed or refused. Deletion shifts the following
 //! entries back (no tombstones), so every probe chain stays gap-free. Large slot arrays ask
 //! for transparent huge pages (crate::memory).
+//!
+//! A large table resizes incrementally: the new array is allocated and every following write
+//! first moves a few whole runs of the old one into it (`Drain`), so no single write pays for
+//! rehashing millions of keys (a replica applying a batch would stall for tens of ms).
 
 use crate::memory;
 
@@ -47,15 +51,6 @@ fn empty_slots(cap: usize) -> Vec<Slot> {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct Table {
-    slots: Vec<Slot>,
-    /// Entries in `slots` (the side slot not counted).
-    len: usize,
-    /// Value of the real key 0, if present.
-    zero: Option<u32>,
-}
-
 #[inline]
 fn mix(key: u64) -> u64 {
     // Keys from chunk_hashes are already uniform; this spreads user-supplied small or
@@ -69,30 +64,24 @@ enum Probe {
     Vacant(usize),
 }
 
-impl Table {
-    pub fn new() -> Self {
-        Self::default()
+/// One open-addressing array: slots, how many hold a key, and the probing rules.
+#[derive(Clone, Debug, Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    len: usize,
+}
+
+impl Slots {
+    fn with_capacity(cap: usize) -> Self {
+        Slots {
+            slots: empty_slots(cap),
+            len: 0,
+        }
     }
 
-    /// Number of keys.
     #[inline]
-    pub fn len(&self) -> usize {
-        self.len + usize::from(self.zero.is_some())
-    }
-
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    #[inline]
-    pub fn capacity(&self) -> usize {
+    fn cap(&self) -> usize {
         self.slots.len()
-    }
-
-    /// Heap bytes held by this table.
-    pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
     }
 
     #[inline]
@@ -124,15 +113,14 @@ impl Table {
         self.slots[i] = Slot { key, val };
     }
 
-    /// Start loading `key`'s home slot, for a `get` or `update` of it a little later.
     #[inline]
-    pub fn prefetch(&self, key: u64) {
+    fn prefetch(&self, key: u64) {
         if !self.slots.is_empty() {
             memory::prefetch(self.slots.as_ptr().wrapping_add(self.home(key)));
         }
     }
 
-    /// Requires a nonzero key and a table with at least one empty slot.
+    /// Requires a nonzero key and at least one empty slot.
     #[inline]
     fn probe(&self, key: u64) -> Probe {
         let mut i = self.home(key);
@@ -149,10 +137,7 @@ impl Table {
     }
 
     #[inline]
-    pub fn get(&self, key: u64) -> Option<u32> {
-        if key == EMPTY {
-            return self.zero;
-        }
+    fn get(&self, key: u64) -> Option<u32> {
         if self.slots.is_empty() {
             return None;
         }
@@ -162,65 +147,13 @@ impl Table {
         }
     }
 
-    /// One probe that reads the current value (if any) and stores what `f` returns:
-    /// `Some(v)` inserts or overwrites, `None` removes. Returns the old value.
-    #[inline]
-    pub fn update(&mut self, key: u64, f: impl FnOnce(Option<u32>) -> Option<u32>) -> Option<u32> {
-        if key == EMPTY {
-            let old = self.zero;
-            self.zero = f(old);
-            return old;
-        }
-        if self.slots.is_empty() {
-            if let Some(v) = f(None) {
-                self.insert_new(key, v);
-            }
-            return None;
-        }
-        match self.probe(key) {
-            Probe::Found(i) => {
-                let old = self.val_at(i);
-                match f(Some(old)) {
-                    Some(v) => self.slots[i].val = v,
-                    None => self.remove_at(i),
-                }
-                Some(old)
-            }
-            Probe::Vacant(i) => {
-                if let Some(v) = f(None) {
-                    if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
-                        self.insert_new(key, v);
-                    } else {
-                        self.set(i, key, v);
-                        self.len += 1;
-                    }
-                }
-                None
-            }
-        }
-    }
-
-    pub fn insert(&mut self, key: u64, val: u32) -> Option<u32> {
-        self.update(key, |_| Some(val))
-    }
-
-    pub fn remove(&mut self, key: u64) -> Option<u32> {
-        self.update(key, |_| None)
-    }
-
-    /// Insert a key known to be absent, growing first if needed.
-    fn insert_new(&mut self, key: u64, val: u32) {
-        if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
-            let grown = (self.slots.len() + self.slots.len() / 2).max(MIN_CAPACITY);
-            self.resize(grown);
-        }
-        match self.probe(key) {
-            Probe::Vacant(i) => {
-                self.set(i, key, val);
-                self.len += 1;
-            }
-            Probe::Found(i) => self.slots[i].val = val,
-        }
+    /// Store a key known to be absent; the array must keep an empty slot afterwards.
+    fn put_new(&mut self, key: u64, val: u32) {
+        let Probe::Vacant(i) = self.probe(key) else {
+            unreachable!("key stored twice")
+        };
+        self.set(i, key, val);
+        self.len += 1;
     }
 
     /// Backward-shift deletion: pull later entries of the run into the hole when their home
@@ -245,97 +178,17 @@ impl Table {
         }
         self.slots[hole] = EMPTY_SLOT;
         self.len -= 1;
-        if self.len * 4 < cap && cap > MIN_CAPACITY {
-            self.resize((self.len * 2).max(MIN_CAPACITY));
-        }
     }
 
-    /// Put every live slot of `old` into this table's (empty) slots.
-    fn reinsert(&mut self, old: Vec<Slot>) {
-        for slot in old {
-            let (k, v) = (slot.key, slot.val);
-            if k != EMPTY {
-                let Probe::Vacant(i) = self.probe(k) else {
-                    unreachable!("duplicate key during rehash")
-                };
-                self.set(i, k, v);
-            }
-        }
+    fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.slots
+            .iter()
+            .map(|s| (s.key, s.val))
+            .filter(|(k, _)| *k != EMPTY)
     }
 
-    /// Rehash into exactly `cap` slots (`cap` must exceed `len`).
-    fn resize(&mut self, cap: usize) {
-        let old = std::mem::replace(&mut self.slots, empty_slots(cap));
-        self.reinsert(old);
-    }
-
-    /// Map every value through `f` (`None` removes the entry), rebuilding once at the end if
-    /// anything was removed. Iterative, O(capacity).
-    pub fn retain_map(&mut self, mut f: impl FnMut(u64, u32) -> Option<u32>) {
-        if let Some(v) = self.zero {
-            self.zero = f(EMPTY, v);
-        }
-        let mut removed = 0;
-        for slot in self.slots.iter_mut() {
-            let (k, v) = (slot.key, slot.val);
-            if k != EMPTY {
-                match f(k, v) {
-                    Some(v) => slot.val = v,
-                    None => {
-                        *slot = EMPTY_SLOT;
-                        removed += 1;
-                    }
-                }
-            }
-        }
-        if removed > 0 {
-            // emptied slots break probe chains: rebuild from what is left
-            let keep = self.len - removed;
-            self.len = keep;
-            let cap = if keep == 0 {
-                0
-            } else {
-                (keep * 2).max(MIN_CAPACITY)
-            };
-            let old = std::mem::replace(&mut self.slots, empty_slots(cap));
-            self.reinsert(old);
-        }
-    }
-
-    /// Every (key, value), in slot order (the side slot first).
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.zero.map(|v| (EMPTY, v)).into_iter().chain(
-            self.slots
-                .iter()
-                .map(|s| (s.key, s.val))
-                .filter(|(k, _)| *k != EMPTY),
-        )
-    }
-
-    /// Remove everything and free the arrays.
-    pub fn clear(&mut self) {
-        *self = Table::default();
-    }
-
-    /// Pre-size for `n` keys (used when loading a snapshot).
-    pub fn with_capacity_for(n: usize) -> Self {
-        let cap = if n == 0 {
-            0
-        } else {
-            (n * MAX_LOAD_DEN / MAX_LOAD_NUM + 1)
-                .max(n * 3 / 2)
-                .max(MIN_CAPACITY)
-        };
-        Table {
-            slots: empty_slots(cap),
-            len: 0,
-            zero: None,
-        }
-    }
-
-    /// Check the structure: the count, the load bound, and that every key is reachable from its
-    /// home slot without crossing an empty slot and appears once.
-    pub fn check(&self) -> Result<(), String> {
+    /// Every key reachable from its home without crossing an empty slot, once; the count.
+    fn check(&self) -> Result<(), String> {
         let cap = self.slots.len();
         let mut n = 0;
         for j in 0..cap {
@@ -360,6 +213,341 @@ impl Table {
         }
         if cap > 0 && n >= cap {
             return Err("table has no empty slot".into());
+        }
+        Ok(())
+    }
+}
+
+/// An array being emptied into a new one a little at every write (incremental resize).
+///
+/// Homes are monotone in `mix(key)` and runs never cross an empty slot, so the keys whose old
+/// home lies in the cyclic range `start ..= cursor` (with `cursor` on an empty slot) form
+/// whole runs: those are in the new array, every other key is still here. `start` is an empty
+/// slot when the drain begins, and the cursor walks once around the array.
+#[derive(Clone, Debug)]
+struct Drain {
+    from: Slots,
+    start: usize,
+    /// Slots the cursor has advanced from `start`.
+    advanced: usize,
+}
+
+impl Drain {
+    fn new(from: Slots) -> Self {
+        let start = (0..from.cap())
+            .find(|&i| from.key_at(i) == EMPTY)
+            .expect("a table keeps an empty slot");
+        Drain {
+            from,
+            start,
+            advanced: 0,
+        }
+    }
+
+    /// Whether `key` belongs in the new array already.
+    #[inline]
+    fn moved(&self, key: u64) -> bool {
+        let h = self.from.home(key);
+        let dist = if h >= self.start {
+            h - self.start
+        } else {
+            h + self.from.cap() - self.start
+        };
+        dist <= self.advanced
+    }
+
+    /// Move whole runs until at least `budget` slots were passed or the array is empty.
+    fn step(&mut self, into: &mut Slots, budget: usize) {
+        let cap = self.from.cap();
+        let mut passed = 0;
+        while passed < budget && self.from.len > 0 {
+            let cursor = (self.start + self.advanced) % cap;
+            let mut j = self.from.next(cursor);
+            while self.from.key_at(j) != EMPTY {
+                let slot = self.from.slots[j];
+                into.put_new(slot.key, slot.val);
+                self.from.slots[j] = EMPTY_SLOT;
+                self.from.len -= 1;
+                j = self.from.next(j);
+            }
+            let dist = if j > cursor {
+                j - cursor
+            } else {
+                j + cap - cursor
+            };
+            self.advanced += dist;
+            passed += dist;
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    cur: Slots,
+    /// The previous array while it drains into `cur` (incremental resize).
+    drain: Option<Box<Drain>>,
+    /// Value of the real key 0, if present.
+    zero: Option<u32>,
+}
+
+/// Arrays at least this large resize incrementally; smaller ones at once.
+const INCREMENTAL_MIN_CAPACITY: usize = 1 << 12;
+/// Slots drained per write: a drain ends within `capacity / DRAIN_STEP` writes, long before
+/// the old array (load ≤ 0.8 + 1/DRAIN_STEP) or the new one can fill.
+const DRAIN_STEP: usize = 32;
+
+impl Table {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.entries() + usize::from(self.zero.is_some())
+    }
+
+    /// Keys in the arrays (the side slot not counted).
+    #[inline]
+    fn entries(&self) -> usize {
+        self.cur.len + self.drain.as_ref().map_or(0, |d| d.from.len)
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slots in both arrays while a resize is under way.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.cur.cap() + self.drain.as_ref().map_or(0, |d| d.from.cap())
+    }
+
+    /// Heap bytes held by this table.
+    pub fn heap_bytes(&self) -> usize {
+        self.capacity() * std::mem::size_of::<Slot>()
+    }
+
+    /// The array that holds (or would hold) `key`.
+    #[inline]
+    fn array_of(&self, key: u64) -> &Slots {
+        match &self.drain {
+            Some(d) if !d.moved(key) => &d.from,
+            _ => &self.cur,
+        }
+    }
+
+    /// Start loading `key`'s home slot, for a `get` or `update` of it a little later.
+    #[inline]
+    pub fn prefetch(&self, key: u64) {
+        self.array_of(key).prefetch(key);
+    }
+
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<u32> {
+        if key == EMPTY {
+            return self.zero;
+        }
+        self.array_of(key).get(key)
+    }
+
+    /// One probe that reads the current value (if any) and stores what `f` returns:
+    /// `Some(v)` inserts or overwrites, `None` removes. Returns the old value.
+    #[inline]
+    pub fn update(&mut self, key: u64, f: impl FnOnce(Option<u32>) -> Option<u32>) -> Option<u32> {
+        if key == EMPTY {
+            let old = self.zero;
+            self.zero = f(old);
+            return old;
+        }
+        if let Some(d) = &mut self.drain {
+            d.step(&mut self.cur, DRAIN_STEP);
+            if d.from.len == 0 {
+                self.drain = None;
+            }
+        }
+        let in_old = matches!(&self.drain, Some(d) if !d.moved(key));
+        let arr = match &mut self.drain {
+            Some(d) if in_old => &mut d.from,
+            _ => &mut self.cur,
+        };
+        if arr.cap() == 0 {
+            if let Some(v) = f(None) {
+                self.insert_new(key, v);
+            }
+            return None;
+        }
+        match arr.probe(key) {
+            Probe::Found(i) => {
+                let old = arr.val_at(i);
+                match f(Some(old)) {
+                    Some(v) => arr.slots[i].val = v,
+                    None => {
+                        arr.remove_at(i);
+                        self.maybe_shrink();
+                    }
+                }
+                Some(old)
+            }
+            Probe::Vacant(i) => {
+                if let Some(v) = f(None) {
+                    // the old array takes keys of its undrained runs while it has room to spare
+                    let fits = if in_old {
+                        (arr.len + 2) * 20 <= arr.cap() * 19
+                    } else {
+                        (self.entries() + 1) * MAX_LOAD_DEN <= self.cur.cap() * MAX_LOAD_NUM
+                    };
+                    if fits {
+                        let arr = match &mut self.drain {
+                            Some(d) if in_old => &mut d.from,
+                            _ => &mut self.cur,
+                        };
+                        arr.set(i, key, v);
+                        arr.len += 1;
+                    } else {
+                        self.finish_drain();
+                        self.insert_new(key, v);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    pub fn insert(&mut self, key: u64, val: u32) -> Option<u32> {
+        self.update(key, |_| Some(val))
+    }
+
+    pub fn remove(&mut self, key: u64) -> Option<u32> {
+        self.update(key, |_| None)
+    }
+
+    /// Insert a key known to be absent, growing first if needed.
+    fn insert_new(&mut self, key: u64, val: u32) {
+        if (self.entries() + 1) * MAX_LOAD_DEN > self.cur.cap() * MAX_LOAD_NUM {
+            let grown = (self.cur.cap() + self.cur.cap() / 2).max(MIN_CAPACITY);
+            self.resize(grown);
+        }
+        match &mut self.drain {
+            Some(d) if !d.moved(key) => d.from.put_new(key, val),
+            _ => self.cur.put_new(key, val),
+        }
+    }
+
+    /// After a removal: shrink below load 0.25 (not while a resize is under way).
+    fn maybe_shrink(&mut self) {
+        let cap = self.cur.cap();
+        if self.drain.is_none() && self.cur.len * 4 < cap && cap > MIN_CAPACITY {
+            self.resize((self.cur.len * 2).max(MIN_CAPACITY));
+        }
+    }
+
+    /// Finish a resize under way at once.
+    fn finish_drain(&mut self) {
+        if let Some(mut d) = self.drain.take() {
+            d.step(&mut self.cur, usize::MAX);
+        }
+    }
+
+    /// Move to an array of `cap` slots (`cap` must exceed the entries): at once for a small
+    /// table, else a little at each following write.
+    fn resize(&mut self, cap: usize) {
+        self.finish_drain();
+        let old = std::mem::replace(&mut self.cur, Slots::with_capacity(cap));
+        if old.cap() < INCREMENTAL_MIN_CAPACITY || old.len == 0 {
+            for (k, v) in old.iter() {
+                self.cur.put_new(k, v);
+            }
+        } else {
+            // one step at once, so that keys the old array takes afterwards, which may spill
+            // past `start`, stay behind the cursor's empty slot
+            let mut d = Drain::new(old);
+            d.step(&mut self.cur, DRAIN_STEP);
+            self.drain = (d.from.len > 0).then_some(Box::new(d));
+        }
+    }
+
+    /// Map every value through `f` (`None` removes the entry), rebuilding once at the end if
+    /// anything was removed. Iterative, O(capacity).
+    pub fn retain_map(&mut self, mut f: impl FnMut(u64, u32) -> Option<u32>) {
+        self.finish_drain();
+        if let Some(v) = self.zero {
+            self.zero = f(EMPTY, v);
+        }
+        let mut removed = 0;
+        for slot in self.cur.slots.iter_mut() {
+            let (k, v) = (slot.key, slot.val);
+            if k != EMPTY {
+                match f(k, v) {
+                    Some(v) => slot.val = v,
+                    None => {
+                        *slot = EMPTY_SLOT;
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            // emptied slots break probe chains: rebuild from what is left
+            let keep = self.cur.len - removed;
+            let cap = if keep == 0 {
+                0
+            } else {
+                (keep * 2).max(MIN_CAPACITY)
+            };
+            let old = std::mem::replace(&mut self.cur, Slots::with_capacity(cap));
+            for (k, v) in old.iter() {
+                self.cur.put_new(k, v);
+            }
+        }
+    }
+
+    /// Every (key, value): the side slot, the new array, then what has not drained yet.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.zero
+            .map(|v| (EMPTY, v))
+            .into_iter()
+            .chain(self.cur.iter())
+            .chain(self.drain.iter().flat_map(|d| d.from.iter()))
+    }
+
+    /// Remove everything and free the arrays.
+    pub fn clear(&mut self) {
+        *self = Table::default();
+    }
+
+    /// Pre-size for `n` keys (used when loading a snapshot).
+    pub fn with_capacity_for(n: usize) -> Self {
+        let cap = if n == 0 {
+            0
+        } else {
+            (n * MAX_LOAD_DEN / MAX_LOAD_NUM + 1)
+                .max(n * 3 / 2)
+                .max(MIN_CAPACITY)
+        };
+        Table {
+            cur: Slots::with_capacity(cap),
+            drain: None,
+            zero: None,
+        }
+    }
+
+    /// Check the structure: each array's count and probe chains, and during a resize that each
+    /// key is in the array its old home says.
+    pub fn check(&self) -> Result<(), String> {
+        self.cur.check()?;
+        if let Some(d) = &self.drain {
+            d.from.check()?;
+            if d.from.len == 0 {
+                return Err("an empty array is still draining".into());
+            }
+            if let Some((k, _)) = self.cur.iter().find(|(k, _)| !d.moved(*k)) {
+                return Err(format!("key {k:#x} moved before its run"));
+            }
+            if let Some((k, _)) = d.from.iter().find(|(k, _)| d.moved(*k)) {
+                return Err(format!("key {k:#x} left behind by the drain"));
+            }
         }
         Ok(())
     }
@@ -433,6 +621,152 @@ mod tests {
         }
         t.check().unwrap();
         assert!(t.capacity() <= MIN_CAPACITY * 2);
+    }
+
+    /// xorshift64: reproducible keys for the tests below.
+    fn next_rand(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn incremental_resize_against_hashmap() {
+        // grow through several drains, then shrink through several, with reads, overwrites and
+        // removals in between; the structure is checked while drains are under way
+        let mut t = Table::new();
+        let mut m: HashMap<u64, u32> = HashMap::new();
+        let mut x: u64 = 99;
+        let mut drains_seen = 0;
+        for phase in 0..3u64 {
+            for step in 0..300_000u32 {
+                let r = next_rand(&mut x);
+                let k = r % 400_000 + 1;
+                // per phase: below `ins` inserts, below `rem` removes, else reads (of 10)
+                let (ins, rem) = [(6, 8), (4, 8), (2, 9)][phase as usize];
+                let was_draining = t.drain.is_some();
+                let pick = (r >> 40) % 10;
+                if pick < ins {
+                    assert_eq!(t.insert(k, step), m.insert(k, step));
+                } else if pick < rem {
+                    assert_eq!(t.remove(k), m.remove(&k));
+                } else {
+                    assert_eq!(t.get(k), m.get(&k).copied());
+                }
+                if t.drain.is_some() && !was_draining {
+                    drains_seen += 1;
+                }
+                if t.drain.is_some() != was_draining || step % 4_999 == 0 {
+                    t.check().unwrap();
+                    assert_eq!(t.len(), m.len());
+                }
+            }
+        }
+        assert!(
+            drains_seen >= 4,
+            "only {drains_seen} incremental resizes ran"
+        );
+        t.check().unwrap();
+        for (k, v) in &m {
+            assert_eq!(t.get(*k), Some(*v));
+        }
+        let mut seen: Vec<u64> = t.iter().map(|(k, _)| k).collect();
+        seen.sort_unstable();
+        let mut want: Vec<u64> = m.keys().copied().collect();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn a_drain_ends_within_its_budget() {
+        // the resize's work is spread: each write drains DRAIN_STEP slots or more, so the old
+        // array is gone after at most old capacity / DRAIN_STEP writes, and no write before
+        // that finished it at once
+        let mut t = Table::new();
+        let mut x: u64 = 7;
+        let mut k = 0;
+        while t.drain.is_none() || t.cur.cap() < 4 * INCREMENTAL_MIN_CAPACITY {
+            k = next_rand(&mut x);
+            t.insert(k, 1);
+        }
+        let old = &t.drain.as_ref().unwrap().from;
+        let old_cap = old.cap();
+        // a step ends at the end of a run, so it may pass one run beyond its budget
+        let mut longest_run = 0;
+        let mut run = 0;
+        for i in 0..2 * old_cap {
+            run = if old.key_at(i % old_cap) == EMPTY {
+                0
+            } else {
+                run + 1
+            };
+            longest_run = longest_run.max(run);
+        }
+        let mut writes = 0;
+        while t.drain.is_some() {
+            let left = t.drain.as_ref().unwrap().from.len;
+            t.insert(next_rand(&mut x), 2);
+            writes += 1;
+            if let Some(d) = &t.drain {
+                assert!(d.from.len < left, "a write drained nothing");
+                assert!(
+                    left - d.from.len <= DRAIN_STEP + longest_run,
+                    "a write drained too much"
+                );
+            }
+            t.check().unwrap();
+        }
+        assert!(
+            writes <= old_cap / DRAIN_STEP + 1,
+            "{writes} writes for {old_cap} slots"
+        );
+        assert_eq!(t.get(k), Some(1));
+    }
+
+    #[test]
+    fn keys_at_the_drain_boundaries() {
+        // during a drain, insert keys whose old home is exactly the cursor's slot, the slot
+        // after it, or just before the start (these spill over the start): each must stay
+        // findable and in the array the boundary rule names
+        let mut t = Table::new();
+        let mut x: u64 = 3;
+        let mut inserted = Vec::new();
+        while t.drain.is_none() || t.cur.cap() < 4 * INCREMENTAL_MIN_CAPACITY {
+            let k = next_rand(&mut x);
+            t.insert(k, 1);
+            inserted.push(k);
+        }
+        let mut rounds = 0;
+        while let Some(d) = &t.drain {
+            // the insert drains first: aim at where its step leaves the cursor
+            let (mut ahead, mut into) = ((**d).clone(), t.cur.clone());
+            ahead.step(&mut into, DRAIN_STEP);
+            let cap = d.from.cap();
+            let cursor = (ahead.start + ahead.advanced) % cap;
+            let targets = [cursor, (cursor + 1) % cap, (d.start + cap - 1) % cap];
+            for (n, target) in targets.into_iter().enumerate() {
+                if n > 0 && t.drain.is_none() {
+                    break;
+                }
+                let home_of = |k: u64| t.drain.as_ref().map_or(usize::MAX, |d| d.from.home(k));
+                let k = loop {
+                    let k = next_rand(&mut x);
+                    if home_of(k) == target {
+                        break k;
+                    }
+                };
+                t.insert(k, 3);
+                inserted.push(k);
+                t.check().unwrap();
+            }
+            rounds += 1;
+        }
+        assert!(rounds > 10);
+        t.check().unwrap();
+        for k in &inserted {
+            assert!(t.get(*k).is_some(), "key {k:#x} lost");
+        }
     }
 
     #[test]

@@ -274,3 +274,46 @@ def test_remove_unknown_and_clear_unknown() -> None:
     assert ix.remove_worker("A", 0) == 1
     assert ix.workers() == {}
     ix.check_invariants()
+
+
+def test_large_index_resizes_incrementally_with_right_answers() -> None:
+    # Large tables resize a little at every write (rust/table.rs, Drain): grow through several
+    # resizes, then shrink through several, checking both copies' structure and membership
+    # answers against a dict at points that fall inside resizes as well as between them.
+    import random
+
+    rng = random.Random(5)
+    ix = Index(chunk_size=16)
+    held: dict[int, set[str]] = {}
+    keys = list({rng.getrandbits(64) | 1 for _ in range(150_000)})
+
+    def check() -> None:
+        ix.check_invariants()
+        assert len(ix) == len(held)
+        for k in rng.sample(keys, 1_500):
+            want = {inst: (CPU, 1) for inst in held.get(k, ())}
+            assert ix.lookup_keys([k]) == want
+
+    for start in range(0, len(keys), 5_000):
+        batch = keys[start:start + 5_000]
+        inst = "A" if start % 10_000 == 0 else "B"
+        ix.admit(inst, 0, CPU, hashes=batch)
+        for k in batch:
+            held.setdefault(k, set()).add(inst)
+        gone = rng.sample(batch, 1_000)
+        ix.evict(inst, 0, CPU, hashes=gone)
+        for k in gone:
+            held[k].discard(inst)
+            if not held[k]:
+                del held[k]
+        if start % 20_000 == 0:
+            check()
+    check()
+    for start in range(0, len(keys), 7_000):
+        batch = keys[start:start + 7_000]
+        for inst in ("A", "B"):
+            ix.evict(inst, 0, CPU, hashes=batch)
+        for k in batch:
+            held.pop(k, None)
+        check()
+    assert len(ix) == 0
