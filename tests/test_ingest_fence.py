@@ -183,3 +183,28 @@ def test_a_publish_retried_after_a_lost_ack_is_not_another_writer(nats_url):  # 
             await nc.close()
 
     run(go())
+
+
+def test_a_stream_created_again_fences_the_ingest(nats_url):  # noqa: F811
+    """Its position means nothing in a new stream: it stops and says so (a restart rebuilds)."""
+    async def go():
+        from lmcache_rs.controller.jetstream import ensure_stream
+
+        pub = Publisher(nats_url)
+        await pub.start()
+        nc = await connect(nats_url, "test")
+        try:
+            pub.record("rs", ["admit", "inst", 0, "cpu", [1]])
+            assert await pub.flushed(10) is not None
+            js = nc.jetstream()
+            await js.delete_stream(STREAM)
+            await ensure_stream(js)  # a replica creates it again
+            pub.record("rs", ["admit", "inst", 0, "cpu", [2]])
+            assert await pub.flushed(30) is None
+            assert pub.fenced is not None and "deleted and created again" in pub.fenced
+            assert (await js.stream_info(STREAM)).state.messages == 0
+        finally:
+            await pub.stop()
+            await nc.close()
+
+    run(go())
