@@ -121,7 +121,7 @@ def test_a_fenced_ingest_stops_publishing_and_reports_it(nats_url):  # noqa: F81
             reason = old.publisher.fenced
             assert reason is not None and f"another ingest writes to stream {STREAM}" in reason
             assert f"ingest:{new.inc}:0" in reason
-            assert exits == [(EXIT_FENCED, f"fenced: {reason}")]
+            assert exits == [(EXIT_FENCED, "this ingest is fenced")]
             state = old.state()
             assert state["status"] == "fenced" and not state["ready"] and state["fenced"] == reason
             old.publisher.record("rs", ["admit", "inst", 0, "cpu", [4]])  # dropped: nothing more is sent

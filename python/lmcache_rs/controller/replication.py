@@ -187,7 +187,7 @@ class IngestRole:
         task = asyncio.get_running_loop().create_task(self._stop_commands())
         self.c.ops.tasks.add(task)
         task.add_done_callback(self.c.ops.tasks.discard)
-        self.c.request_exit(EXIT_FENCED, f"fenced: {reason}")
+        self.c.request_exit(EXIT_FENCED, "this ingest is fenced")  # the reason is logged
 
     async def _stop_commands(self) -> None:
         commands, self._commands = self._commands, None
