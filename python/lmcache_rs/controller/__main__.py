@@ -10,7 +10,9 @@ import sys
 from .settings import Settings, settings_from_args
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> int:
+    """Run until a signal (0) or until the controller asks to end (its exit status: an ingest
+    fenced by another one, 3)."""
     from .server import Controller
 
     controller = Controller(settings)
@@ -19,13 +21,18 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    waits = [loop.create_task(stop.wait()), loop.create_task(controller.exit_requested.wait())]
     try:
-        await stop.wait()
-        logging.getLogger("lmcache_rs.controller").info("shutting down")
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            logging.getLogger("lmcache_rs.controller").info("shutting down")
     finally:
+        for task in waits:
+            task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await controller.stop()
+    return controller.exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(serve(settings))
+        return runner(serve(settings))
     except OSError as exc:  # e.g. the port is taken
         print(f"lmcache_controller: error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 Stream ``LMC_OPS`` (subjects ``lmc.ops.>``, file storage, 2 min duplicate window) holds one
 message per batch of index operations (oplog.py). Each key space's operations go to one subject,
-written by the ingest alone. A message is a msgpack map:
+written by the ingest alone; ``lmc.ops.ingest`` holds each ingest's claim on the log (no
+operations; ingest.py). A message is a msgpack map:
 
     {"v": 1, "src": <subject tail>, "inc": <ingest incarnation>, "n": <message number of the
      incarnation on that subject>, "ts": <publish wall time>, "ops": [[space, op, instance_id,
      worker_id, location, keys], ...]}
 
 and carries ``Nats-Msg-Id: <src>:<inc>:<n>``, so a publish retried after a lost ack is stored
-once.
+once, and (every message after a claim) ``Nats-Expected-Last-Sequence``, so that only one
+ingest writes at a time.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ BOOTSTRAP_ATTEMPTS = 5
 # commands replicas forward to the ingest (NATS request/reply; a queue group for a standby)
 COMMAND_SUBJECT = "lmc.cmd"
 COMMAND_QUEUE = "lmc-cmd"
+EXIT_FENCED = 3  # the process's exit status when another ingest took the log over
 
 
 def _inner(index: Any) -> Any:
@@ -113,7 +114,7 @@ class IngestRole:
     def __init__(self, controller: Any):
         self.c = controller
         s = controller.settings
-        self.publisher = Publisher(s.nats_url, s.ingest_resend_fraction)
+        self.publisher = Publisher(s.nats_url, s.ingest_resend_fraction, on_fenced=self._fenced)
         self.spaces = Spaces(controller)
         self._commands: Any = None
 
@@ -130,7 +131,9 @@ class IngestRole:
             seq, origin = await start_following(follower, self.spaces, None, "ingest")
             if seq:
                 log.info("ingest: rebuilding from the %s snapshot at %d", origin, seq)
-            if not await follower.wait_applied(follower.start_target, CATCH_UP_TIMEOUT):
+            # up to our claim: what an ingest we replace published before it is ours now
+            target = max(follower.start_target, self.publisher.claim_seq)
+            if not await follower.wait_applied(target, CATCH_UP_TIMEOUT):
                 raise RuntimeError(f"could not read the log to its end ({follower.broken or 'timed out'})")
         finally:
             await follower.stop()
@@ -178,17 +181,30 @@ class IngestRole:
             reply = {"status": 500, "body": json.dumps({"error": f"the ingest failed: {exc}"}), "log_seq": None}
         await msg.respond(json.dumps(reply).encode())
 
-    async def stop(self) -> None:
-        if self._commands is not None:
+    def _fenced(self, reason: str) -> None:
+        """Another ingest took the log over: nothing this one applies reaches the log any more,
+        and its sources must report to the other. Stop taking commands and exit (status 3)."""
+        task = asyncio.get_running_loop().create_task(self._stop_commands())
+        self.c.ops.tasks.add(task)
+        task.add_done_callback(self.c.ops.tasks.discard)
+        self.c.request_exit(EXIT_FENCED, "this ingest is fenced")  # the reason is logged
+
+    async def _stop_commands(self) -> None:
+        commands, self._commands = self._commands, None
+        if commands is not None:
             try:
-                await self._commands.unsubscribe()
+                await commands.unsubscribe()
             except Exception:  # the connection is already gone
                 pass
+
+    async def stop(self) -> None:
+        await self._stop_commands()
         await self.publisher.stop()
 
     def state(self) -> dict:
-        return {"status": "ok", "role": "ingest", "ready": True, "workers": len(self.c.registry.workers),
-                **self.publisher.stats()}
+        fenced = self.publisher.fenced is not None
+        return {"status": "fenced" if fenced else "ok", "role": "ingest", "ready": not fenced,
+                "workers": len(self.c.registry.workers), **self.publisher.stats()}
 
 
 class ReplicaRole:

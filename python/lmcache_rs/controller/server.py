@@ -85,6 +85,9 @@ class Controller:
         self._dumping: asyncio.Future | None = None  # the dump running in a thread, if any
         self.http_loops: list[HttpLoop] = []
         self.stopped = asyncio.Event()
+        # set when the controller must end on its own (an ingest fenced): the process's exit status
+        self.exit_requested = asyncio.Event()
+        self.exit_status = 0
         if settings.role == "replica":
             self.replication = replica = ReplicaRole(self)
             self.api.lookup.applied_seq = lambda: replica.follower.applied
@@ -177,6 +180,13 @@ class Controller:
         self._housekeeping = asyncio.get_running_loop().create_task(self._tick())
         log.info("lmcache_controller listening: http=%s monitor=none (replica of %s; chunk_size=%d hash_seed=%d)",
                  _addresses(self.http_server), s.nats_url, s.chunk_size, s.hash_seed)
+
+    def request_exit(self, status: int, reason: str) -> None:
+        """Ask the process to shut down as on SIGTERM, then exit with ``status``."""
+        if not self.exit_requested.is_set():
+            log.critical("shutting down (exit status %d): %s", status, reason)
+            self.exit_status = status
+            self.exit_requested.set()
 
     @property
     def http_port(self) -> int:
