@@ -17,7 +17,10 @@ to the stream (the ingest's message format, jetstream.py) and runs replicas as p
 5. lag: a fresh replica C follows alone while ``--rate`` messages/s (16 keys each) are
    published for 5 s: publish-to-applied p50/p99 as C measures it;
 6. lookups per CPU-second of C: pipelined /lookup on two connections for 5 s, without and then
-   with a follow load of 2,000 messages/s.
+   with a follow load of 2,000 messages/s;
+7. write latency, in process: an Index holding ``--holdings`` keys takes 50,000 ``apply_batch``
+   calls of 16 new keys each (the lag phase's writes, which cross a resize of the table):
+   p50/p99/p99.9/max per call. A replica's lag tail is its slowest writes.
 """
 
 from __future__ import annotations
@@ -146,6 +149,27 @@ async def follow_rate(url: str, holdings: int) -> dict:
             "keys_per_cpu_s": round(n / max(cpu, 1e-9))}
 
 
+def write_latency(holdings: int, calls: int = 50_000, keys_per_call: int = 16) -> dict:
+    rng = random.Random(9)
+    index = Index(CHUNK)
+    for start in range(0, holdings, 100_000):
+        keys = [rng.getrandbits(64) | 1 for _ in range(min(100_000, holdings - start))]
+        index.apply_batch([("admit", "inst0", 0, "LocalCPUBackend", keys)])
+    batches = [[rng.getrandbits(64) | 1 for _ in range(keys_per_call)] for _ in range(calls)]
+    times = []
+    for keys in batches:
+        t = time.perf_counter()
+        index.apply_batch([("admit", "inst0", 0, "LocalCPUBackend", keys)])
+        times.append(time.perf_counter() - t)
+    times.sort()
+
+    def ms(q: float) -> float:
+        return round(times[min(len(times) - 1, int(len(times) * q))] * 1e3, 3)
+
+    return {"calls": calls, "keys_per_call": keys_per_call, "holdings_before": holdings,
+            "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": round(times[-1] * 1e3, 3)}
+
+
 async def lookups_for(port: int, seconds: float, prompts: list[list[int]]) -> int:
     bodies = [("POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(b)).encode() + b
               for b in (json.dumps({"tokens": p}).encode() for p in prompts)]
@@ -236,6 +260,9 @@ def main() -> None:
             res["lookups_following"] = asyncio.run(lookup_cost(c, nats.url, 2000.0, start_n))
             res["lookups_following_ratio"] = round(res["lookups_following"]["lookups_per_cpu_s"]
                                                    / res["lookups_idle"]["lookups_per_cpu_s"], 3)
+            log("write latency (in process)")
+            res["write_latency"] = write_latency(args.holdings)
+            log(str(res["write_latency"]))
         finally:
             for r in replicas:
                 r.stop()
