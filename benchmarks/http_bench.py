@@ -132,10 +132,10 @@ def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str) -> f
 
 
 def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: Path,
-            server_pid: int | None = None) -> dict:
+            server_pid: int | None = None, pin_core: int | None = None) -> dict:
     cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
            "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(bodies)]
-    cmd = CLIENT_PIN + cmd
+    cmd = (CLIENT_PIN if pin_core is None else ["taskset", "-c", str(pin_core)]) + cmd
     cpu0 = cpu_seconds(server_pid) if server_pid else None
     load0 = loadavg()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)

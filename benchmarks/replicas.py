@@ -20,7 +20,13 @@ to the stream (the ingest's message format, jetstream.py) and runs replicas as p
    with a follow load of 2,000 messages/s;
 7. write latency, in process: an Index holding ``--holdings`` keys takes 50,000 ``apply_batch``
    calls of 16 new keys each (the lag phase's writes, which cross a resize of the table):
-   p50/p99/p99.9/max per call. A replica's lag tail is its slowest writes.
+   p50/p99/p99.9/max per call. A replica's lag tail is its slowest writes;
+8. with ``--curve N``: the N-replica curve. For n = 1..N, n fresh replicas follow 2,000
+   messages/s while one wrk per replica (``benchmarks/lookup.lua``, 8 connections) posts
+   /lookup for 5 s: total requests/s, each replica's CPU cores and its lag p99. With
+   ``--pin``, replica i runs on core i and its wrk on core N + i, so the curve shows how
+   replicas add up rather than how they share cores; that needs 2N cores beside the ones
+   nats-server and the publisher use.
 """
 
 from __future__ import annotations
@@ -64,10 +70,11 @@ class Nats:
 
 
 class Replica:
-    def __init__(self, root: Path, name: str, url: str, *args: str):
+    def __init__(self, root: Path, name: str, url: str, *args: str, pin_core: int | None = None):
         self.port = free_port()
         self.log = root / f"{name}.log"
-        self.cmd = [sys.executable, "-m", "lmcache_rs.controller", "--role", "replica", "--nats-url", url,
+        pin = [] if pin_core is None else ["taskset", "-c", str(pin_core)]
+        self.cmd = [*pin, sys.executable, "-m", "lmcache_rs.controller", "--role", "replica", "--nats-url", url,
                     "--port", str(self.port), "--chunk-size", str(CHUNK), "--log-level", "WARNING", *args]
         self.proc: subprocess.Popen | None = None
 
@@ -149,6 +156,46 @@ async def follow_rate(url: str, holdings: int) -> dict:
             "keys_per_cpu_s": round(n / max(cpu, 1e-9))}
 
 
+def replica_curve(root: Path, url: str, most: int, pin: bool, start_n: int) -> list[dict]:
+    import threading
+
+    from http_bench import run_wrk
+
+    rng = random.Random(4)
+    bodies = root / "curve-bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"tokens": [rng.randrange(50000) for _ in range(CHUNK * 8)]}) + "\n"
+                              for _ in range(256)))
+    points = []
+    for n in range(1, most + 1):
+        group = [Replica(root, f"curve{n}-{i}", url, pin_core=i if pin else None) for i in range(n)]
+        try:
+            for r in group:
+                r.start()
+            results: list[dict] = [{} for _ in group]
+
+            def drive(i: int, r: Replica) -> None:
+                assert r.proc is not None
+                results[i] = run_wrk(r.port, 8, 5, 1, bodies, server_pid=r.proc.pid, pin_core=most + i if pin else None)
+
+            threads = [threading.Thread(target=drive, args=(i, r)) for i, r in enumerate(group)]
+            for t in threads:
+                t.start()
+            asyncio.run(publish(url, 2000 * 5, 16, 2000.0, 20 + n, start_n))
+            start_n += 2000 * 5
+            for t in threads:
+                t.join()
+            lags = [(r.healthz() or {}).get("lag_ms", {}).get("p99") for r in group]
+            points.append({"replicas": n, "requests_per_s": round(sum(x["rps"] for x in results)),
+                           "per_replica_requests_per_s": [round(x["rps"]) for x in results],
+                           "replica_cpu_cores": [round(x["server_cpu_cores"], 2) for x in results],
+                           "lag_p99_ms": lags, "errors": sum(x["errors"] for x in results)})
+            log(str(points[-1]))
+        finally:
+            for r in group:
+                r.stop()
+    return points
+
+
 def write_latency(holdings: int, calls: int = 50_000, keys_per_call: int = 16) -> dict:
     rng = random.Random(9)
     index = Index(CHUNK)
@@ -209,6 +256,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--holdings", type=int, default=2_000_000)
     ap.add_argument("--rate", type=float, default=10_000.0, help="messages/s for the lag measurement")
+    ap.add_argument("--curve", type=int, default=0, metavar="N", help="measure the 1..N-replica lookup curve")
+    ap.add_argument("--pin", action="store_true", help="with --curve: pin each replica and its wrk to cores")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "replicas.json"))
     args = ap.parse_args()
     res: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": loadavg(),
@@ -263,6 +312,9 @@ def main() -> None:
             log("write latency (in process)")
             res["write_latency"] = write_latency(args.holdings)
             log(str(res["write_latency"]))
+            if args.curve:
+                log(f"replica curve, 1..{args.curve} replicas")
+                res["curve"] = replica_curve(root, nats.url, args.curve, args.pin, start_n + 10_000)
         finally:
             for r in replicas:
                 r.stop()
