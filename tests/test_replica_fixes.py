@@ -374,3 +374,50 @@ def test_a_replica_on_a_stream_created_again_rewrites_its_local_snapshot_at_once
             await nc.close()
 
     run(go())
+
+
+def test_a_replica_overtaken_by_a_purge_recovers_from_the_shared_snapshot(nats_url, tmp_path):
+    # the replica stops receiving (as if paused), the log moves on, a shared snapshot is stored
+    # and the stream purged below it: the replica finds its next messages gone, says
+    # "recovering", loads the shared snapshot again and follows from it to the log's end
+    admit = [["rs", "admit", "inst", 0, "cpu", [1, 2]]]
+
+    async def go():
+        nc, js = await js_for(nats_url)
+        role = ReplicaRole(fake_controller(nats_url, "replica"))
+        try:
+            await publish(js, 5, admit)
+            await role.start()
+            f = role.follower
+            assert await f.wait_applied(5, 10) and role.state()["status"] == "ok"
+            await f._sub.unsubscribe()  # nothing more arrives
+            await publish(js, 10, [["rs", "admit", "inst", 0, "cpu", [3]]])  # 6..15, not applied
+            local_snapshot(tmp_path / "shared", 15, {"rs": [1, 2, 3]})
+            lead = snapshots.SharedSnapshots(js, "other", 1.0)
+            assert await lead.leader()
+            await lead.publish(str(tmp_path / "shared"))
+            await js.purge_stream(STREAM, seq=16)  # keeps 16 on: 6..15 are gone
+            last = await publish(js, 2, [["rs", "admit", "inst", 0, "cpu", [4]]])
+            assert last == 17
+            await f._resubscribe(16)  # what the follower does when a message skips ahead
+            assert f.broken is not None and f.recoverable
+            assert role.state()["status"] == "recovering" and not role.state()["ready"]
+            for _ in range(100):
+                if role.state()["status"] == "ok":
+                    break
+                await asyncio.sleep(0.1)
+            state = role.state()
+            assert state["status"] == "ok" and state["ready"] and state["recoveries"] == 1, state
+            assert state["origin"] == "shared" and state["applied_seq"] == 17
+            assert sorted(role.c.index.lookup_keys([k])["inst"][1] for k in (1, 2, 3, 4)) == [1, 1, 1, 1]
+        finally:
+            await role.stop()
+            await nc.close()
+
+    run(go())
+
+
+def test_a_replica_that_cannot_apply_a_message_stays_broken():
+    role = ReplicaRole(fake_controller("nats://127.0.0.1:1", "replica"))
+    role.follower.broken = "message 4 could not be applied: bad op"
+    assert role.state()["status"] == "broken" and not role.follower.recoverable

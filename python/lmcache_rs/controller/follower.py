@@ -36,6 +36,9 @@ class Follower:
         self.skipped = 0  # redelivered messages at or below applied
         self.gaps = 0  # resubscriptions after a message past applied + 1
         self.broken: str | None = None  # why following stopped, if it did
+        # stopped because our next messages are gone (purged, or a stream created again): a
+        # snapshot can bring us back; a message we could not apply cannot
+        self.recoverable = False
         self.stream = ""  # identity of the stream we follow (jetstream.stream_identity)
         # publish -> applied, in s, of the messages published after we started
         self.lags: collections.deque[float] = collections.deque(maxlen=100_000)
@@ -122,12 +125,28 @@ class Follower:
             await self._subscribe()
         except LogGone as exc:
             self.broken = str(exc)
+            self.recoverable = True
             log.error("log follower: %s; following stopped", exc)
             self._advanced.set()
         except Exception as exc:
             log.warning("log follower: subscribing again failed (%s); retrying", exc)
             await asyncio.sleep(0.5)
             self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe(seen))
+
+    async def reset(self) -> None:
+        """Stop following and forget why it stopped, before ``start`` from another position."""
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
+            self._resubscribing = None
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # already closed: it delivers nothing more
+                log.debug("log follower: unsubscribe: %s", exc)
+        self.broken = None
+        self.recoverable = False
+        self.lags.clear()
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """Wait until the message ``seq`` is applied (True) or ``timeout`` passes (False)."""

@@ -39,7 +39,9 @@ BOOTSTRAP_ATTEMPTS = 5
 # commands replicas forward to the ingest (NATS request/reply; a queue group for a standby)
 COMMAND_SUBJECT = "lmc.cmd"
 COMMAND_QUEUE = "lmc-cmd"
-EXIT_FENCED = 3  # the process's exit status when another ingest took the log over
+EXIT_FENCED = 3
+RECOVERY_CHECK = 1.0  # s between looks at whether a replica's follower stopped for good
+RECOVERY_MAX_DELAY = 30.0  # s, the longest wait between failed recoveries  # the process's exit status when another ingest took the log over
 
 
 def _inner(index: Any) -> Any:
@@ -216,6 +218,9 @@ class ReplicaRole:
         self.snapshot_seq = 0  # sequence of the last local snapshot written
         self.shared: SharedSnapshots | None = None
         self._snapshots: asyncio.Task | None = None
+        self._recovery: asyncio.Task | None = None
+        self.recovering = False  # loading a snapshot again after our next messages were purged
+        self.recoveries = 0
         # (applied seq, digests): computing them costs ~13 ms per 1M keys, and /healthz is
         # polled; the indexes change only with the applied sequence (and the bootstrap)
         self._digests: tuple[int, dict[str, str]] | None = None
@@ -225,7 +230,18 @@ class ReplicaRole:
         s = self.c.settings
         f = self.follower
         await f.connect()
-        seq, self.origin = await start_following(f, self.spaces, s.snapshot, "replica")
+        seq = await self._bootstrap()
+        log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
+                 f.start_target)
+        if s.snapshot:
+            self.shared = SharedSnapshots(f.js, f"{socket.gethostname()}:{os.getpid()}", s.snapshot_interval)
+            self._snapshots = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        self._recovery = asyncio.get_running_loop().create_task(self._recovery_loop())
+
+    async def _bootstrap(self) -> int:
+        """Load the best snapshot and follow the log from it; the sequence it reflects."""
+        s = self.c.settings
+        seq, self.origin = await start_following(self.follower, self.spaces, s.snapshot, "replica")
         if self.origin == "local":
             self.snapshot_seq = seq
         elif s.snapshot:
@@ -235,19 +251,46 @@ class ReplicaRole:
             self.snapshot_seq = -1
             self.snapshot()
         self._digests = None  # computed during the bootstrap, perhaps
-        log.info("replica: following the log from %d (%s snapshot; ready at %d)", seq + 1, self.origin,
-                 f.start_target)
-        if s.snapshot:
-            self.shared = SharedSnapshots(f.js, f"{socket.gethostname()}:{os.getpid()}", s.snapshot_interval)
-            self._snapshots = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        return seq
+
+    async def _recovery_loop(self) -> None:
+        """When the messages after our position are gone (a purge overtook us, the stream was
+        created again), load a snapshot again and follow from it, as a new replica would.
+        Until then /healthz says ``recovering`` (not ready); while a snapshot loads, lookups
+        may miss what the log holds, never report what it does not."""
+        delay = RECOVERY_CHECK
+        while True:
+            await asyncio.sleep(delay)
+            f = self.follower
+            if f.broken is None or not f.recoverable:
+                delay = RECOVERY_CHECK
+                continue
+            log.warning("replica: %s; loading a snapshot again", f.broken)
+            self.recovering = True
+            try:
+                await f.reset()
+                seq = await self._bootstrap()
+            except Exception as exc:  # no usable snapshot yet, NATS away: try again later
+                f.broken, f.recoverable = f"recovery failed ({exc})", True
+                delay = min(RECOVERY_MAX_DELAY, delay * 2)
+                log.error("replica: %s; trying again in %.0f s", f.broken, delay)
+            else:
+                self.recoveries += 1
+                delay = RECOVERY_CHECK
+                log.warning("replica: recovered from the %s snapshot at %d; following from %d", self.origin, seq,
+                            seq + 1)
+            finally:
+                self.recovering = False
 
     async def _snapshot_loop(self) -> None:
         assert self.shared is not None
         while True:
             await asyncio.sleep(self.c.settings.snapshot_interval)
-            if self.follower.broken is not None:
+            if self.follower.broken is not None or self.recovering:
                 # our indexes no longer follow the log: never publish them, let another lead
                 await self.shared.release()
+                if self.follower.recoverable or self.recovering:
+                    continue  # until the recovery loop has loaded a snapshot again
                 log.error("replica: following stopped; no more snapshots")
                 return
             try:
@@ -286,9 +329,10 @@ class ReplicaRole:
         self.snapshot_seq = seq
 
     async def stop(self) -> None:
-        if self._snapshots is not None:
-            self._snapshots.cancel()
-            await asyncio.gather(self._snapshots, return_exceptions=True)
+        for task in (self._snapshots, self._recovery):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.follower.ready:
             self.snapshot()
         await self.follower.stop()
@@ -297,8 +341,12 @@ class ReplicaRole:
         f = self.follower
         if self._digests is None or self._digests[0] != f.applied:
             self._digests = (f.applied, {k: str(v) for k, v in self.spaces.digests().items()})
-        status = "broken" if f.broken is not None else "ok" if f.ready else "catching up"
-        return {"status": status, "role": "replica", "ready": f.ready,
+        if self.recovering or (f.broken is not None and f.recoverable):
+            status = "recovering"
+        else:
+            status = "broken" if f.broken is not None else "ok" if f.ready else "catching up"
+        return {"status": status, "role": "replica", "ready": f.ready and not self.recovering,
+                "recoveries": self.recoveries,
                 "applied_seq": f.applied, "start_target": f.start_target, "origin": self.origin,
                 "snapshot_seq": self.snapshot_seq, "snapshot_leader": self.shared is not None and
                 self.shared.revision is not None, "skipped": f.skipped, "gaps": f.gaps,
