@@ -259,9 +259,9 @@ impl Drain {
     /// Move whole runs until at least `budget` slots were passed or the array is empty.
     fn step(&mut self, into: &mut Slots, budget: usize) {
         let cap = self.from.cap();
+        let mut cursor = (self.start + self.advanced) % cap;
         let mut passed = 0;
         while passed < budget && self.from.len > 0 {
-            let cursor = (self.start + self.advanced) % cap;
             let mut j = self.from.next(cursor);
             while self.from.key_at(j) != EMPTY {
                 let slot = self.from.slots[j];
@@ -277,6 +277,7 @@ impl Drain {
             };
             self.advanced += dist;
             passed += dist;
+            cursor = j;
         }
     }
 }
