@@ -141,6 +141,12 @@ impl Core {
     // ---- writes ------------------------------------------------------------------------
 
     pub fn apply(&mut self, op: &Op) -> OpResult {
+        // a resize under way moves its share for the op's keys in one pass, before them
+        match op {
+            Op::Admit(_, keys) | Op::Evict(_, keys) => self.table.prepay(keys.len()),
+            Op::Batch(b) => self.table.prepay(b.keys.len()),
+            _ => {}
+        }
         let r = match op {
             Op::RegisterWorker(inst, w) => {
                 self.reg.register_worker(inst, *w);
