@@ -35,11 +35,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
 ENGINE = REPO / "tools" / "vllm_engine.py"
 RESULTS = REPO / "benchmarks" / "results" / "vllm_connector.json"
+
+sys.path.insert(0, str(REPO / "python"))
+from lmcache_rs.vllm.timing import summary as timing_summary  # noqa: E402
 
 MODELS = {
     "tiny": {"shape": None, "prompt_tokens": 960, "max_model_len": 1024},
@@ -59,7 +63,7 @@ CONNECTORS = {
 
 
 class Engine:
-    def __init__(self, workdir: Path, model: str, connector: str):
+    def __init__(self, workdir: Path, model: str, connector: str, timing: Optional[Path] = None):
         spec = MODELS[model]
         config = {"model_dir": str(workdir / model), "model_shape": spec["shape"], "max_tokens": 1,
                   "max_model_len": spec["max_model_len"], "num_blocks": 2 * spec["max_model_len"] // 32 + 8,
@@ -70,6 +74,8 @@ class Engine:
         settings.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2\n"
                             "lmcache_instance_id: bench\n")
         env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "LMCACHE_CONFIG_FILE": str(settings)}
+        if timing is not None:
+            env["LMCACHE_RS_CONNECTOR_TIMING"] = str(timing)
         self.log_path = workdir / f"{model}-{connector}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
@@ -97,10 +103,13 @@ class Engine:
         self.log.close()
 
 
-def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]]) -> dict:
+def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]], timing: bool = False) -> dict:
     started = time.monotonic()
+    timing_path = workdir / f"{model}-{connector}.timing" if timing else None
+    if timing_path is not None and timing_path.exists():
+        timing_path.unlink()
     try:
-        engine = Engine(workdir, model, connector)
+        engine = Engine(workdir, model, connector, timing_path)
     except RuntimeError as exc:
         return {"error": str(exc)[:300]}
     try:
@@ -120,12 +129,15 @@ def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]])
             reference = local if second["cached"] else first
             same &= second["tokens"] == reference["tokens"] and second["logprobs"] == reference["logprobs"]
             same_tokens &= second["tokens"] == first["tokens"]
-        return {"miss_s": statistics.median(miss), "repeat_s": statistics.median(repeat),
-                "repeat_cached_tokens": statistics.median(cached), "repeat_output_identical": same,
-                "repeat_tokens_as_computed": same_tokens,
-                "miss_all_s": miss, "repeat_all_s": repeat, "engine_seconds": time.monotonic() - started}
     finally:
         engine.close()
+    result = {"miss_s": statistics.median(miss), "repeat_s": statistics.median(repeat),
+              "repeat_cached_tokens": statistics.median(cached), "repeat_output_identical": same,
+              "repeat_tokens_as_computed": same_tokens,
+              "miss_all_s": miss, "repeat_all_s": repeat, "engine_seconds": time.monotonic() - started}
+    if timing_path is not None and timing_path.exists():
+        result["connector_timing"] = timing_summary(str(timing_path))
+    return result
 
 
 def main() -> int:
@@ -134,6 +146,8 @@ def main() -> int:
     parser.add_argument("--connectors", default=",".join(CONNECTORS))
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 prompts, the tiny model only")
+    parser.add_argument("--timing", action="store_true",
+                        help="time lmcache_rs's own calls inside vLLM (LMCACHE_RS_CONNECTOR_TIMING)")
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     count = 2 if args.quick else args.prompts
@@ -150,7 +164,7 @@ def main() -> int:
         prompts = [[rng.randrange(3, 500) for _ in range(n)] for _ in range(count)]
         per = results["models"][model] = {"prompt_tokens": n}
         for connector in args.connectors.split(","):
-            per[connector] = run_one(workdir, model, connector, prompts)
+            per[connector] = run_one(workdir, model, connector, prompts, args.timing and connector == "lmcache_rs")
             print(model, connector, json.dumps({k: v for k, v in per[connector].items() if not k.endswith("all_s")}),
                   flush=True)
         if "miss_s" in per.get("none", {}) and "miss_s" in per.get("lmcache_rs", {}):
