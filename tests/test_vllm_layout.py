@@ -79,6 +79,23 @@ def test_gather_and_scatter_follow_the_layout_definition(kind, data):
         assert torch.equal(empty[name], t), name
 
 
+@pytest.mark.parametrize("kind", layout.KINDS)
+def test_blocks_copied_out_whole_read_back_as_the_tokens_they_hold(kind):
+    # the connector's save path: whole blocks out during the forward, tokens from them later
+    table = [4, 0, 5, 2]
+    kv = reference_kv(len(table) * N, seed=3)
+    tensors = place(kind, kv, [table[p // N] for p in range(len(table) * N)], [p % N for p in range(len(table) * N)])
+    staged_ids = torch.tensor(table[1:])  # tokens N.. of the request
+    for layer, t in enumerate(tensors):
+        shape = list(t.shape)
+        shape[layout.block_dim(kind)] = len(staged_ids)
+        out = torch.empty(shape)
+        layout.copy_blocks(t, kind, staged_ids, out)
+        blocks, offsets = layout.slot_indices(range(len(staged_ids)), N, 1, 2 * N + 2, torch.device("cpu"))
+        got = layout.gather([layout.layer_views(out, kind)], blocks, offsets)
+        assert torch.equal(got[0], kv[layer, :, N + 1: 3 * N + 2]), kind
+
+
 def test_scatter_touches_only_the_given_tokens():
     tensors = {"l0": torch.full((NB, H, N, 2 * D), 7.0), "l1": torch.full((NB, H, N, 2 * D), 7.0)}
     _, _, views = layout.describe(tensors, N, H, D)

@@ -93,6 +93,18 @@ def layer_views(tensor: torch.Tensor, kind: str) -> LayerViews:
     return LayerViews(key, value)
 
 
+def block_dim(kind: str) -> int:
+    """The dimension of a layer tensor of layout ``kind`` that indexes its blocks."""
+    return 1 if kind == "kv_first" else 0
+
+
+def copy_blocks(tensor: torch.Tensor, kind: str, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy the whole blocks ``block_ids`` of one layer tensor into ``out`` (the tensor's shape
+    with ``len(block_ids)`` blocks), keeping its layout: one contiguous copy per block, the
+    cheapest way to take KV out while the forward waits; ``layer_views(out, kind)`` reads it."""
+    torch.index_select(tensor, block_dim(kind), block_ids, out=out)
+
+
 def slot_indices(block_ids: Sequence[int], block_size: int, start: int, end: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(block, offset) index tensors of tokens ``start..end`` of a request whose KV lives in
