@@ -42,6 +42,7 @@ def run_step(rank: RankStore, plan: StepPlan, names) -> None:
     for name in names:  # vLLM calls save_kv_layer after each layer's attention
         rank.copy_layer(name, plan)
     rank.finish_step()
+    rank.flush_saves()  # saves are stored on the saver thread
 
 
 @pytest.fixture
@@ -137,6 +138,7 @@ def test_a_step_in_which_a_layer_was_not_copied_saves_nothing(pair):
     a.start_step(plan)
     a.copy_layer("model.layers.0.self_attn.attn", plan)  # the other layers never come
     a.finish_step()
+    a.flush_saves()
     assert a.worker.lookup(prompt) == 0 and a.stats["save_failures"] == 1
     run_step(a, plan, list(computed))  # the next complete step saves
     assert a.worker.lookup(prompt) == 16
@@ -185,3 +187,30 @@ def test_caches_it_cannot_read_are_refused():
         RankStore(config(), 0, N, caches(), H, D, cpu_isa="amx")
     with pytest.raises(layout.UnsupportedLayout, match="none of the known"):
         RankStore(config(), 0, N, {"mla": torch.zeros((NB, N, 64))}, H, D, cpu_isa="vec")
+
+
+def test_the_presence_table_tells_the_scheduler_of_misses_without_asking(tmp_path):
+    from lmcache_rs.vllm.presence import PresenceReader
+
+    path = str(tmp_path / "rank0.keys")
+    computed = caches(seed=4)
+    a = RankStore(config(), 0, N, computed, H, D, cpu_isa="vec", presence_path=path)
+    try:
+        reader = PresenceReader([path], CHUNK, a.worker.kvstore.seed)
+        saved, other = list(range(800, 820)), list(range(900, 920))
+        assert reader.surely_missing(saved) and reader.surely_missing(other)
+        plan = StepPlan(saves=[SaveSpec("w", saved, [0, 1, 2, 3, 4], 0)])
+        a.start_step(plan)
+        for name in computed:
+            a.copy_layer(name, plan)
+        a._saver.submit(time.sleep, 0.3)  # hold the saver back: the save is still in flight
+        a.finish_step()
+        assert not reader.surely_missing(saved)  # about to be stored: the scheduler must ask
+        assert a.answer({"op": "hold", "req": "r", "tokens": saved})["tokens"] == 20  # asking waits for it
+        assert not reader.surely_missing(saved + [1, 2]) and reader.surely_missing(other)
+        a.start_step(StepPlan(releases=["r"]))
+        a.worker.clear()
+        assert reader.surely_missing(saved)
+    finally:
+        a.close()
+    assert not (tmp_path / "rank0.keys").exists()

@@ -102,6 +102,7 @@ class KVStore:
         self._events: list[tuple[str, str, list[int]]] = []
         self._reporting = False
         self._waker: Optional[Callable[[], None]] = None
+        self._watcher: Optional[Callable[[str, str, list[int]], None]] = None
         self.cpu = LocalCPUBackend(int(config.max_local_cpu_size * GB), self.slot_bytes)
         self.disk: Optional[LocalDiskBackend] = None
         if config.disk_enabled:
@@ -158,6 +159,8 @@ class KVStore:
     def _emit(self, op: str, location: str, keys: list[int]) -> None:
         """Record admits/evictions (lock held). Dropped while nobody reports: the next
         ``start_reporting`` returns the whole state."""
+        if keys and self._watcher is not None:
+            self._watcher(op, location, keys)
         if not keys or not self._reporting or (location == CPU and not self.report_cpu):
             return
         first = not self._events
@@ -174,6 +177,16 @@ class KVStore:
             self._reporting = True
             self._events = []
             return self._holdings()
+
+    def watch(self, watcher: Callable[[str, str, list[int]], None]) -> None:
+        """Call ``watcher(op, location, keys)`` on every admit and eviction at every location
+        (reported or not, with the store's lock held: it must be quick), after one "admit"
+        per location of what is held now. One watcher per store."""
+        with self._lock:
+            self._watcher = watcher
+            watcher("admit", CPU, list(self.cpu.entries))
+            if self.disk is not None:
+                watcher("admit", DISK, list(self.disk.entries))
 
     def stop_reporting(self) -> None:
         with self._lock:
@@ -364,6 +377,7 @@ class KVStore:
             self._emit("admit", DISK, [key])
             if not self.report_cpu and key in self.cpu.entries:
                 self.cpu.remove(key)  # the pool was only a staging area
+                self._emit("evict", CPU, [key])  # for the watcher: CPU events are not reported here
 
     def _raw_bytes(self, chunk: CpuChunk) -> memoryview | bytes:
         """The uncompressed bytes of a chunk the caller holds a reader on."""
