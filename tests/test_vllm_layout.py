@@ -80,20 +80,17 @@ def test_gather_and_scatter_follow_the_layout_definition(kind, data):
 
 
 @pytest.mark.parametrize("kind", layout.KINDS)
-def test_blocks_copied_out_whole_read_back_as_the_tokens_they_hold(kind):
-    # the connector's save path: whole blocks out during the forward, tokens from them later
+@pytest.mark.parametrize(("begin", "end"), [(N, 4 * N), (0, 3 * N + 1), (N, N + 2), (1, 2 * N + 3), (2, 3)])
+def test_a_run_of_tokens_copied_layer_by_layer_equals_its_tokens_gathered_one_by_one(kind, begin, end):
     table = [4, 0, 5, 2]
     kv = reference_kv(len(table) * N, seed=3)
     tensors = place(kind, kv, [table[p // N] for p in range(len(table) * N)], [p % N for p in range(len(table) * N)])
-    staged_ids = torch.tensor(table[1:])  # tokens N.. of the request
-    for layer, t in enumerate(tensors):
-        shape = list(t.shape)
-        shape[layout.block_dim(kind)] = len(staged_ids)
-        out = torch.empty(shape)
-        layout.copy_blocks(t, kind, staged_ids, out)
-        blocks, offsets = layout.slot_indices(range(len(staged_ids)), N, 1, 2 * N + 2, torch.device("cpu"))
-        got = layout.gather([layout.layer_views(out, kind)], blocks, offsets)
-        assert torch.equal(got[0], kv[layer, :, N + 1: 3 * N + 2]), kind
+    _, _, views = layout.describe({f"l{i}": t for i, t in enumerate(tensors)}, N, H, D, hint=kind)
+    run = layout.token_run(table, N, begin, end, torch.device("cpu"))
+    for layer, layer_views in enumerate(views):
+        out = torch.empty((2, end - begin, H, D))
+        layout.copy_run(layer_views, run, out)
+        assert torch.equal(out, kv[layer, :, begin:end]), kind
 
 
 def test_scatter_touches_only_the_given_tokens():

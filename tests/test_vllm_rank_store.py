@@ -42,7 +42,6 @@ def run_step(rank: RankStore, plan: StepPlan, names) -> None:
     for name in names:  # vLLM calls save_kv_layer after each layer's attention
         rank.copy_layer(name, plan)
     rank.finish_step()
-    rank.flush_saves()  # saves are stored on the saver thread
 
 
 @pytest.fixture
@@ -135,11 +134,12 @@ def test_a_step_in_which_a_layer_was_not_copied_saves_nothing(pair):
     a, computed, _ = pair
     prompt = list(range(500, 516))
     plan = StepPlan(saves=[SaveSpec("r", prompt, [0, 1, 2, 3], 0)])
+    free = a.worker.kvstore.cpu.free_slots
     a.start_step(plan)
     a.copy_layer("model.layers.0.self_attn.attn", plan)  # the other layers never come
     a.finish_step()
-    a.flush_saves()
     assert a.worker.lookup(prompt) == 0 and a.stats["save_failures"] == 1
+    assert a.worker.kvstore.cpu.free_slots == free  # the slots it had reserved are given back
     run_step(a, plan, list(computed))  # the next complete step saves
     assert a.worker.lookup(prompt) == 16
 
@@ -199,15 +199,10 @@ def test_the_presence_table_tells_the_scheduler_of_misses_without_asking(tmp_pat
         reader = PresenceReader([path], CHUNK, a.worker.kvstore.seed)
         saved, other = list(range(800, 820)), list(range(900, 920))
         assert reader.surely_missing(saved) and reader.surely_missing(other)
-        plan = StepPlan(saves=[SaveSpec("w", saved, [0, 1, 2, 3, 4], 0)])
-        a.start_step(plan)
-        for name in computed:
-            a.copy_layer(name, plan)
-        a._saver.submit(time.sleep, 0.3)  # hold the saver back: the save is still in flight
-        a.finish_step()
-        assert not reader.surely_missing(saved)  # about to be stored: the scheduler must ask
-        assert a.answer({"op": "hold", "req": "r", "tokens": saved})["tokens"] == 20  # asking waits for it
-        assert not reader.surely_missing(saved + [1, 2]) and reader.surely_missing(other)
+        run_step(a, StepPlan(saves=[SaveSpec("w", saved, [0, 1, 2, 3, 4], 0)]), list(computed))
+        assert not reader.surely_missing(saved) and not reader.surely_missing(saved + [1, 2])
+        assert reader.surely_missing(other)
+        assert a.answer({"op": "hold", "req": "r", "tokens": saved})["tokens"] == 20
         a.start_step(StepPlan(releases=["r"]))
         a.worker.clear()
         assert reader.surely_missing(saved)

@@ -18,8 +18,8 @@ of it (presence.py: a miss then costs no round trip); when the local store has l
 another instance per the controller's ``/lookup`` (``controller_lookup_url``), it has the
 ranks fetch that prefix from the other instance's P2P ports first (the request waits a step
 or more meanwhile, then loads locally). Worker side (rank_store.py): loads planned tokens
-into vLLM's blocks before the forward, copies the blocks of newly computed prompt tokens out
-per layer during it, and from ``wait_for_save`` on stores them on a thread of its own.
+into vLLM's blocks before the forward, copies newly computed prompt tokens out per layer
+during it and stores them in ``wait_for_save``.
 
 Nothing here raises into vLLM: a failed lookup, fetch or save is logged and counted, and
 planned no load means vLLM computes. Requests with a LoRA adapter, a cache salt,

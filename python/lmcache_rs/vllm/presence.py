@@ -3,14 +3,15 @@
 Asking a rank over the rank channel costs a round trip between processes on every new
 request, most of the connector's cost on a miss. Each rank therefore keeps a counting filter
 in shared memory: ``SLOTS`` counters, ``counter[key % SLOTS]`` the number of held (chunk,
-location) copies whose key falls there, plus one for each first chunk a save is about to
-store. The scheduler reads the counter of a prompt's first chunk key: zero on any rank means
-that rank holds no prefix of the prompt, a miss known without a round trip; otherwise it asks
-as before (a shared counter only costs that round trip).
+location) copies whose key falls there. The scheduler reads the counter of a prompt's first
+chunk key: zero on any rank means that rank holds no prefix of the prompt, a miss known
+without a round trip; otherwise it asks as before (a shared counter only costs that round
+trip). Saves are stored within the step that computed them, so a prompt saved by one
+request is in the table before the next request is looked up.
 
-Only the rank writes its table (under the table's lock); the scheduler reads aligned 32-bit counters. A counter read while it
-changes is the old or the new value; either is an answer the store could have given a moment
-earlier or later.
+Only the rank writes its table, from its store's watcher (under the store's lock); the
+scheduler reads aligned 32-bit counters. A counter read while it changes is the old or the
+new value; either is an answer the store could have given a moment earlier or later.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-import threading
 import time
 from typing import Optional
 
@@ -38,12 +38,11 @@ def table_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
 
 class PresenceTable:
     """A rank's table, written by the rank: ``change`` is its store's watcher (see
-    ``KVStore.watch``), ``mark`` counts a save in flight. Built under another name and
-    ``publish``-ed once filled, so that a reader never sees it half filled."""
+    ``KVStore.watch``). Built under another name and ``publish``-ed once filled, so that a
+    reader never sees it half filled."""
 
     def __init__(self, path: str):
         self.path = path
-        self._lock = threading.Lock()
         self._partial: Optional[str] = f"{path}.{os.getpid()}.tmp"
         with open(self._partial, "w+b") as f:
             f.truncate(SLOTS * 4)
@@ -62,13 +61,7 @@ class PresenceTable:
     def change(self, op: str, location: str, keys: list[int]) -> None:
         """The store admitted (``op`` "admit") or evicted copies of ``keys`` at ``location``."""
         delta = 1 if op == "admit" else -1
-        with self._lock:  # the saver's marks change the same counters from another thread
-            for key in keys:
-                self._add(key, delta)
-
-    def mark(self, key: int, delta: int) -> None:
-        """A save of first chunk ``key`` starts (+1) or ended (-1)."""
-        with self._lock:
+        for key in keys:
             self._add(key, delta)
 
     def close(self) -> None:

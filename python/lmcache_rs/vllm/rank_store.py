@@ -4,20 +4,17 @@ cache, what the scheduler asks it over the rank channel, and each step's loads a
 The connector (connector.py) hands it what vLLM hands the connector; this module never
 imports vLLM, so it runs and is tested on plain torch tensors laid out as vLLM lays them out.
 Threads: the rank channel's thread calls ``answer``; vLLM's forward thread calls the step
-methods; P2P fetches run on threads of their own; one saver thread stores what the steps
-copied out, off the forward's path (a lookup waits for the saves before it, so a prompt saved
-in one step is found by the next request). They share holds, failed loads and the stats,
-each under a lock.
+methods; P2P fetches run on threads of their own. Holds are the only state they share (a lock).
+The store's admits and evictions also update the rank's presence table (presence.py), which
+the scheduler reads to know a miss without asking.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping, Optional
 
 import torch
@@ -25,11 +22,11 @@ import torch
 from lmcache_rs.config import LMCacheConfig
 from lmcache_rs.log_limit import RateLimitedLog
 from lmcache_rs.worker import KVWorker
-from lmcache_rs.worker.store import dtype_name
+from lmcache_rs.worker.store import PendingStore, dtype_name
 
 from . import layout, timing
 from .plan import LoadSpec, SaveSpec, StepPlan
-from .presence import PresenceTable, first_key
+from .presence import PresenceTable
 from .rank_channel import RankClient
 
 log = logging.getLogger("lmcache_rs.vllm")
@@ -38,22 +35,18 @@ log = logging.getLogger("lmcache_rs.vllm")
 HOLD_SECONDS = 120.0
 # Outcomes of P2P fetches kept for the scheduler to read; past this, unread ended ones are dropped.
 MAX_FETCH_STATES = 4096
-# CPU staging buffers kept for reuse once their save is stored: a fresh one costs a page fault
-# per page on its first copy, during the forward (CUDA's caching allocator reuses memory itself).
-SPARE_BUFFERS = 2
-SPARE_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass
 class Staged:
-    """One request's part of a step's saves: its blocks copied out whole, per layer."""
+    """One request's part of a step's saves: runs of tokens, each copied layer by layer into
+    its ``[num_layers, 2, T, H, D]`` out. On CPU the outs are the store's own reserved slots,
+    one run per chunk (one copy in all); on GPU one run into a device tensor, stored after."""
 
     spec: SaveSpec
-    first_block: int  # index in spec.block_ids of the first staged block
-    block_ids: torch.Tensor  # the staged blocks' ids, on the cache's device
-    blocks: torch.Tensor  # [num_layers, *layer tensor with len(block_ids) blocks], a view of buffer
-    buffer: torch.Tensor  # flat, reused for later steps once stored
-    marked: Optional[int] = None  # the first chunk's key, marked in the presence table until stored
+    runs: list[layout.TokenRun]
+    outs: list[torch.Tensor]
+    pending: Optional[PendingStore] = None  # CPU: the reserved slots, committed at the step's end
 
 
 class RankStore:
@@ -78,14 +71,14 @@ class RankStore:
                                      kv_dtype=dtype_name(first.dtype))
         self._side_stream = torch.cuda.Stream(device=first.device) if first.device.type == "cuda" else None
         self.worker = KVWorker(config, worker_id=rank)  # last: nothing after it can fail
-        self.presence = self._publish_presence(presence_path) if presence_path else None
+        # saves write straight into the pool during vLLM's step: fault its pages in now, not then
+        if not self.worker.kvstore.cpu.populate():
+            log.info("lmcache_rs connector on rank %d: the CPU pool's pages fault in as it fills", rank)
         self.peers = peers
         self.rank = rank
         self.block_size = block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.layer_index = {name: i for i, name in enumerate(names)}
-        self.kind = kind
-        self.layers = [kv_caches[name] for name in names]
         self.views = views
         self.stats = {"loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0, "save_failures": 0}
         self._warn = RateLimitedLog(log, burst=5, period=30.0)
@@ -93,18 +86,15 @@ class RankStore:
         self._holds_lock = threading.Lock()
         self._fetch_states: dict[str, str] = {}
         self._load_errors: set[int] = set()
-        self._stats_lock = threading.Lock()
         self._staging: list[Staged] = []
         self._layers_copied: set[int] = set()  # this step's layers copied out for saving
         self._copy_failed = False
-        self._copy_ns = 0  # this step's time in copy_layer, for timing
         # requests whose load failed here or on a peer rank: never saved again (their later
         # tokens were computed on top of the missing KV); forgotten when the request is released
         self._failed_loads: set[str] = set()
         self._failed_lock = threading.Lock()
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="lmcache-save")
-        self._last_save: Optional[Future] = None  # one thread: when it is done, all saves are
-        self._spare: list[torch.Tensor] = []  # staging buffers free for reuse (the saver returns them)
+        self._copy_ns = 0  # this step's time in copy_layer, for timing
+        self.presence = self._publish_presence(presence_path) if presence_path else None
         log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
                  rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
                  config.lmcache_instance_id)
@@ -120,11 +110,9 @@ class RankStore:
         return table
 
     def close(self) -> None:
-        self.flush_saves()
-        self._saver.shutdown(wait=True)
+        log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
         if self.presence is not None:
             self.presence.close()
-        log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
         if self.peers is not None:
             self.peers.close()
         self.worker.close()
@@ -134,7 +122,6 @@ class RankStore:
         """A request from the scheduler (hold, fetch, fetch_state) or a peer rank (load_failed)."""
         op = request.get("op")
         if op == "hold":
-            self.flush_saves()  # the prompts of earlier steps are in the store before it is asked
             started = timing.now()
             matched = self._hold(str(request["req"]), list(request["tokens"]))
             timing.add("hold", timing.now() - started)
@@ -217,7 +204,7 @@ class RankStore:
                 ok = self._load(spec)
             except Exception:
                 ok = False
-                self._count("load_failures")
+                self.stats["load_failures"] += 1
                 log.exception("loading %d tokens of request %s failed; its blocks are reported to vLLM",
                               spec.end - spec.start, spec.request_id)
                 self._load_errors.update(self._blocks_of(spec.block_ids, spec.start, spec.end))
@@ -238,9 +225,9 @@ class RankStore:
             device = self.views[0].key.device
             blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
             layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
-            self._count("loaded_tokens", end - spec.start)
+            self.stats["loaded_tokens"] += end - spec.start
         if end < spec.end:
-            self._count("load_failures")
+            self.stats["load_failures"] += 1
             self._warn("request %s: the store held %d of %d promised tokens; the rest is reported to vLLM",
                        spec.request_id, end, spec.end)
             self._load_errors.update(self._blocks_of(spec.block_ids, max(end, spec.start), spec.end))
@@ -276,113 +263,74 @@ class RankStore:
             self._layers_copied.add(index)
             self._copy_ns += timing.now() - started
         except Exception:
-            self._count("save_failures")
+            self.stats["save_failures"] += 1
             log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
-            self._staging = []
+            self._drop_staging()
             self._copy_failed = True
 
     def _stage(self, saves: list[SaveSpec]) -> None:
-        first = self.layers[0]
-        dim = layout.block_dim(self.kind)
+        device = self.views[0].key.device
         for spec in saves:
-            begin, end = spec.start // self.block_size, -(-len(spec.tokens) // self.block_size)
-            block_ids = torch.as_tensor(spec.block_ids[begin:end], dtype=torch.long).to(first.device)
-            shape = [len(self.layers), *first.shape]
-            shape[1 + dim] = end - begin
-            buffer = self._buffer(math.prod(shape))
-            self._staging.append(Staged(spec, begin, block_ids, buffer[: math.prod(shape)].view(shape), buffer))
-
-    def _buffer(self, numel: int) -> torch.Tensor:
-        """A flat staging buffer of at least ``numel`` elements: a spare one when it fits."""
-        for i, buffer in enumerate(self._spare):
-            if buffer.numel() >= numel:
-                return self._spare.pop(i)
-        first = self.layers[0]
-        return torch.empty(numel, dtype=first.dtype, device=first.device)
+            if device.type == "cpu":  # straight into the store's slots: no second copy
+                pending = self.worker.kvstore.reserve(spec.tokens, spec.start)
+                runs = [layout.token_run(spec.block_ids, self.block_size, begin, end, device)
+                        for begin, end, _view in pending.writes]
+                self._staging.append(Staged(spec, runs, [view for _b, _e, view in pending.writes], pending))
+            else:
+                end = len(spec.tokens)
+                kv = torch.empty((len(self.views), 2, end - spec.start, self.num_kv_heads, self.head_dim),
+                                 dtype=self.views[0].key.dtype, device=device)
+                self._staging.append(Staged(spec, [layout.token_run(spec.block_ids, self.block_size, spec.start,
+                                                                    end, device)], [kv]))
 
     def _copy_layer(self, index: int) -> None:
-        # whole blocks as vLLM lays them out: reordering them into tokens waits for the saver
+        views = self.views[index]
         for staged in self._staging:
-            layout.copy_blocks(self.layers[index], self.kind, staged.block_ids, staged.blocks[index])
+            for run, out in zip(staged.runs, staged.outs):
+                layout.copy_run(views, run, out[index])
+
+    def _drop_staging(self) -> None:
+        for staged in self._staging:
+            if staged.pending is not None:
+                self.worker.kvstore.cancel(staged.pending)
+        self._staging = []
 
     def finish_step(self) -> None:
-        """After the forward: hand what every layer copied out to the saver thread."""
-        staged, self._staging = self._staging, []
+        """After the forward: store what every layer copied out."""
         copied, self._layers_copied = len(self._layers_copied), set()
         self._copy_failed = False
         copy_ns, self._copy_ns = self._copy_ns, 0
-        if not staged:
+        if not self._staging:
             return
         timing.add("copy_out", copy_ns)
         started = timing.now()
         if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
-            self._count("save_failures")
+            self._drop_staging()
+            self.stats["save_failures"] += 1
             self._warn("only %d of %d layers were copied out this step; nothing is saved", copied, len(self.views))
             return
-        with self._failed_lock:  # a peer's load may have failed after staging
-            staged = [s for s in staged if s.spec.request_id not in self._failed_loads]
-        if not staged:
-            return
-        copied_out = None
-        if self._side_stream is not None:  # the saver waits for the copies, not the forward
-            copied_out = torch.cuda.Event()
-            copied_out.record(self._side_stream)
-        if self.presence is not None:  # until stored, the scheduler must ask rather than call it a miss
-            store = self.worker.kvstore
-            for item in staged:
-                if item.spec.start == 0:
-                    item.marked = first_key(item.spec.tokens, store.chunk_size, store.seed)
-                    self.presence.mark(item.marked, 1)
-        self._last_save = self._saver.submit(self._save, staged, copied_out)
-        timing.add("store", timing.now() - started)
-
-    def _save(self, staged: list[Staged], copied_out: Optional[torch.cuda.Event]) -> None:
-        """The saver thread: reorder the staged blocks into the store's layout and store them."""
-        started = timing.now()
-        try:
-            if copied_out is not None:
-                copied_out.synchronize()
-            ready = True
-        except Exception:
-            self._count("save_failures")
-            log.exception("waiting for a step's copies out failed; its saves are dropped")
-            ready = False
+        if self._side_stream is not None:
+            self._side_stream.synchronize()
+        staged, self._staging = self._staging, []
         for item in staged:
             spec = item.spec
+            with self._failed_lock:
+                failed = spec.request_id in self._failed_loads  # a peer's load failed after staging
             try:
-                if ready:
-                    self.worker.store(spec.tokens, self._unstage(item), start=spec.start)
-                    self._count("saved_tokens", len(spec.tokens) - spec.start)
+                if failed:
+                    if item.pending is not None:
+                        self.worker.kvstore.cancel(item.pending)
+                    continue
+                if item.pending is not None:
+                    self.worker.kvstore.commit(item.pending)
+                else:
+                    self.worker.store(spec.tokens, item.outs[0], start=spec.start)
+                self.stats["saved_tokens"] += len(spec.tokens) - spec.start
             except Exception:
-                self._count("save_failures")
+                self.stats["save_failures"] += 1
                 log.exception("saving %d tokens of request %s failed", len(spec.tokens) - spec.start,
                               spec.request_id)
-            finally:
-                if item.marked is not None and self.presence is not None:
-                    self.presence.mark(item.marked, -1)
-                buffer = item.buffer
-                if buffer.device.type == "cpu" and buffer.numel() * buffer.element_size() <= SPARE_MAX_BYTES \
-                        and len(self._spare) < SPARE_BUFFERS:
-                    self._spare.append(buffer)  # the forward thread only pops: no lock needed
-        timing.add("store_side", timing.now() - started)
-
-    def _unstage(self, item: Staged) -> torch.Tensor:
-        """The staged tokens ``spec.start..`` as ``[num_layers, 2, T, H, D]``."""
-        spec = item.spec
-        offset = item.first_block * self.block_size  # the staged blocks' first token
-        blocks, offsets = layout.slot_indices(range(item.block_ids.numel()), self.block_size, spec.start - offset,
-                                              len(spec.tokens) - offset, item.blocks.device)
-        return layout.gather([layout.layer_views(layer, self.kind) for layer in item.blocks], blocks, offsets)
-
-    def flush_saves(self) -> None:
-        """Wait until the saves of every finished step are in the store."""
-        last = self._last_save
-        if last is not None:
-            last.result()
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._stats_lock:  # the saver thread counts too
-            self.stats[name] += n
+        timing.add("store", timing.now() - started)
 
     def take_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes or fails them)."""
