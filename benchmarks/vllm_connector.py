@@ -1,7 +1,7 @@
 """Time to first token on a real vLLM (CPU) with lmcache_rs's KV connector, beside recompute
 and vLLM's own CPU-offloading connectors, in one run.
 
-    .venv/bin/python benchmarks/vllm_connector.py [--quick] [--models tiny,prefill8]
+    .venv/bin/python benchmarks/vllm_connector.py [--quick] [--models tiny,prefill8] [--timing]
 
 For each model and each connector, one engine (tools/vllm_engine.py, from .venv-interop) runs
 ``--prompts`` distinct prompts of ``--prompt-tokens`` tokens, each twice: a *miss* (vLLM's
@@ -19,7 +19,10 @@ prompts. Connectors: ``none`` (recompute), ``lmcache_rs`` (LMCacheRsConnector, C
 connector that fails to start on this CPU build is reported with its error).
 
 The connector's cost on a miss is ``miss(lmcache_rs) / miss(none) - 1``; the target is at
-most 5 %. Results: benchmarks/results/vllm_connector.json.
+most 5 %. A small model's step is too short and too noisy for that ratio to resolve a few
+percent, so ``--timing`` also times lmcache_rs's own calls inside vLLM
+(lmcache_rs/vllm/timing.py): per phase, the calls and their median and mean microseconds
+(``connector_timing``). Results: benchmarks/results/vllm_connector.json.
 """
 
 from __future__ import annotations
