@@ -14,7 +14,8 @@ vLLM's own prefix cache for the prompt (``repeat_output_identical``). Medians ar
 
 Models (random weights, built locally): ``tiny`` is the tests' 2-layer Llama (hidden 128);
 ``prefill8`` makes prefill expensive: 8 layers, hidden 512, 8 heads, 2 KV heads, 4,096-token
-prompts. Connectors: ``none`` (recompute), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
+prompts. Connectors: ``none`` (recompute), ``noop`` (benchmarks/noop_connector.py, which does
+nothing: vLLM's own cost of running a connector), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
 2 GB, chunk 256), and vLLM's ``OffloadingConnector`` and ``SimpleCPUOffloadConnector`` (a
 connector that fails to start on this CPU build is reported with its error).
 
@@ -56,6 +57,7 @@ MODELS = {
 }
 CONNECTORS = {
     "none": None,
+    "noop": {"kv_connector": "NoopConnector", "kv_connector_module_path": "noop_connector", "kv_role": "kv_both"},
     "lmcache_rs": {"kv_connector": "LMCacheRsConnector", "kv_connector_module_path": "lmcache_rs.vllm",
                    "kv_role": "kv_both"},
     "OffloadingConnector": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -76,7 +78,8 @@ class Engine:
         settings = workdir / "lmcache.yaml"
         settings.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2\n"
                             "lmcache_instance_id: bench\n")
-        env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "LMCACHE_CONFIG_FILE": str(settings)}
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{REPO / 'benchmarks' / 'anchors'}",
+               "LMCACHE_CONFIG_FILE": str(settings)}
         if timing is not None:
             env["LMCACHE_RS_CONNECTOR_TIMING"] = str(timing)
         self.log_path = workdir / f"{model}-{connector}.log"
@@ -175,6 +178,10 @@ def main() -> int:
             per["lmcache_rs_repeat_speedup"] = per["none"]["repeat_s"] / per["lmcache_rs"]["repeat_s"]
             print(model, "overhead on a miss %+.1f%%, repeat %.1fx faster than recompute"
                   % (100 * per["lmcache_rs_miss_overhead"], per["lmcache_rs_repeat_speedup"]), flush=True)
+        if "miss_s" in per.get("noop", {}) and "miss_s" in per.get("lmcache_rs", {}):
+            per["lmcache_rs_miss_over_noop"] = per["lmcache_rs"]["miss_s"] / per["noop"]["miss_s"] - 1
+            print(model, "miss against a connector that does nothing %+.1f%%" % (100 * per["lmcache_rs_miss_over_noop"]),
+                  flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     return 0
