@@ -56,7 +56,7 @@ class PresenceTable:
 
     def _add(self, key: int, delta: int) -> None:
         slot = key % SLOTS
-        self._counts[slot] = max(0, self._counts[slot] + delta)
+        self._counts[slot] = max(0, self._counts[slot] + delta)  # never wraps to a huge count
 
     def change(self, op: str, location: str, keys: list[int]) -> None:
         """The store admitted (``op`` "admit") or evicted copies of ``keys`` at ``location``."""

@@ -100,13 +100,16 @@ class RankStore:
                  config.lmcache_instance_id)
 
     def _publish_presence(self, path: str) -> Optional[PresenceTable]:
+        table = None
         try:
             table = PresenceTable(path)
+            self.worker.kvstore.watch(table.change)
+            table.publish()
         except OSError as exc:  # the scheduler then asks about every request
             log.warning("lmcache_rs connector on rank %d: no presence table at %s (%s)", self.rank, path, exc)
+            if table is not None:
+                table.close()
             return None
-        self.worker.kvstore.watch(table.change)
-        table.publish()
         return table
 
     def close(self) -> None:
