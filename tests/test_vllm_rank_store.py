@@ -209,3 +209,22 @@ def test_the_presence_table_tells_the_scheduler_of_misses_without_asking(tmp_pat
     finally:
         a.close()
     assert not (tmp_path / "rank0.keys").exists()
+
+
+def test_a_table_whose_rank_is_gone_is_removed_by_the_next_rank_and_a_live_one_is_kept(tmp_path):
+    import os
+
+    from lmcache_rs.vllm.presence import PresenceTable
+
+    def name(engine: str) -> str:
+        return str(tmp_path / f"lmcache_rs-{os.getuid()}-{engine}-dp0-r0.keys")
+
+    live = PresenceTable(name("live"))
+    live.publish()
+    (tmp_path / os.path.basename(name("dead"))).write_bytes(b"\0" * 16)  # left by a killed rank: unlocked
+    new = PresenceTable(name("new"))
+    try:
+        assert os.path.exists(name("live")) and not os.path.exists(name("dead"))
+    finally:
+        new.close()
+        live.close()

@@ -12,10 +12,17 @@ request is in the table before the next request is looked up.
 Only the rank writes its table, from its store's watcher (under the store's lock); the
 scheduler reads aligned 32-bit counters. A counter read while it changes is the old or the
 new value; either is an answer the store could have given a moment earlier or later.
+
+A table is shared memory until unlinked, and vLLM does not always shut connectors down. So a
+rank holds a shared lock on its table for as long as it lives (the kernel drops it when the
+process dies, however it dies), and a rank creating its table removes the tables nobody
+holds any more.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import mmap
 import os
 import tempfile
@@ -36,6 +43,22 @@ def table_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
     return os.path.join(directory, f"lmcache_rs-{os.getuid()}-{safe}-dp{data_parallel_rank}-r{rank}.keys")
 
 
+def remove_orphans(directory: str) -> None:
+    """Unlink this user's tables whose rank is gone: nobody holds their lock."""
+    for path in glob.glob(os.path.join(directory, f"lmcache_rs-{os.getuid()}-*.keys")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:
+            pass  # held: its rank lives (or someone removed it first)
+        finally:
+            os.close(fd)
+
+
 class PresenceTable:
     """A rank's table, written by the rank: ``change`` is its store's watcher (see
     ``KVStore.watch``). Built under another name and ``publish``-ed once filled, so that a
@@ -43,10 +66,12 @@ class PresenceTable:
 
     def __init__(self, path: str):
         self.path = path
+        remove_orphans(os.path.dirname(path) or ".")
         self._partial: Optional[str] = f"{path}.{os.getpid()}.tmp"
-        with open(self._partial, "w+b") as f:
-            f.truncate(SLOTS * 4)
-            self._map = mmap.mmap(f.fileno(), SLOTS * 4)
+        self._file = open(self._partial, "w+b")
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_SH)  # held while this rank lives (the rename keeps it)
+        self._file.truncate(SLOTS * 4)
+        self._map = mmap.mmap(self._file.fileno(), SLOTS * 4)
         self._counts = memoryview(self._map).cast("I")
 
     def publish(self) -> None:
@@ -71,6 +96,7 @@ class PresenceTable:
             pass
         self._counts.release()
         self._map.close()
+        self._file.close()
 
 
 class PresenceReader:
