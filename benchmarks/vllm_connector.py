@@ -1,7 +1,7 @@
 """Time to first token on a real vLLM (CPU) with lmcache_rs's KV connector, beside recompute
 and vLLM's own CPU-offloading connectors, in one run.
 
-    .venv/bin/python benchmarks/vllm_connector.py [--quick] [--models tiny,prefill8]
+    .venv/bin/python benchmarks/vllm_connector.py [--quick] [--models tiny,prefill8] [--timing]
 
 For each model and each connector, one engine (tools/vllm_engine.py, from .venv-interop) runs
 ``--prompts`` distinct prompts of ``--prompt-tokens`` tokens, each twice: a *miss* (vLLM's
@@ -14,12 +14,16 @@ vLLM's own prefix cache for the prompt (``repeat_output_identical``). Medians ar
 
 Models (random weights, built locally): ``tiny`` is the tests' 2-layer Llama (hidden 128);
 ``prefill8`` makes prefill expensive: 8 layers, hidden 512, 8 heads, 2 KV heads, 4,096-token
-prompts. Connectors: ``none`` (recompute), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
+prompts. Connectors: ``none`` (recompute), ``noop`` (benchmarks/noop_connector.py, which does
+nothing: vLLM's own cost of running a connector), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
 2 GB, chunk 256), and vLLM's ``OffloadingConnector`` and ``SimpleCPUOffloadConnector`` (a
 connector that fails to start on this CPU build is reported with its error).
 
 The connector's cost on a miss is ``miss(lmcache_rs) / miss(none) - 1``; the target is at
-most 5 %. Results: benchmarks/results/vllm_connector.json.
+most 5 %. A small model's step is too short and too noisy for that ratio to resolve a few
+percent, so ``--timing`` also times lmcache_rs's own calls inside vLLM
+(lmcache_rs/vllm/timing.py): per phase, the calls and their median and mean microseconds
+(``connector_timing``). Results: benchmarks/results/vllm_connector.json.
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 INTEROP_PY = REPO / ".venv-interop" / "bin" / "python"
 ENGINE = REPO / "tools" / "vllm_engine.py"
 RESULTS = REPO / "benchmarks" / "results" / "vllm_connector.json"
+
+sys.path.insert(0, str(REPO / "python"))
+from lmcache_rs.vllm.timing import summary as timing_summary  # noqa: E402
 
 MODELS = {
     "tiny": {"shape": None, "prompt_tokens": 960, "max_model_len": 1024},
@@ -49,6 +57,7 @@ MODELS = {
 }
 CONNECTORS = {
     "none": None,
+    "noop": {"kv_connector": "NoopConnector", "kv_connector_module_path": "noop_connector", "kv_role": "kv_both"},
     "lmcache_rs": {"kv_connector": "LMCacheRsConnector", "kv_connector_module_path": "lmcache_rs.vllm",
                    "kv_role": "kv_both"},
     "OffloadingConnector": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -59,7 +68,7 @@ CONNECTORS = {
 
 
 class Engine:
-    def __init__(self, workdir: Path, model: str, connector: str):
+    def __init__(self, workdir: Path, model: str, connector: str, timing: Optional[Path] = None):
         spec = MODELS[model]
         config = {"model_dir": str(workdir / model), "model_shape": spec["shape"], "max_tokens": 1,
                   "max_model_len": spec["max_model_len"], "num_blocks": 2 * spec["max_model_len"] // 32 + 8,
@@ -69,7 +78,10 @@ class Engine:
         settings = workdir / "lmcache.yaml"
         settings.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2\n"
                             "lmcache_instance_id: bench\n")
-        env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "LMCACHE_CONFIG_FILE": str(settings)}
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{REPO / 'benchmarks' / 'anchors'}",
+               "LMCACHE_CONFIG_FILE": str(settings)}
+        if timing is not None:
+            env["LMCACHE_RS_CONNECTOR_TIMING"] = str(timing)
         self.log_path = workdir / f"{model}-{connector}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([str(INTEROP_PY), str(ENGINE), json.dumps(config)], stdin=subprocess.PIPE,
@@ -97,10 +109,13 @@ class Engine:
         self.log.close()
 
 
-def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]]) -> dict:
+def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]], timing: bool = False) -> dict:
     started = time.monotonic()
+    timing_path = workdir / f"{model}-{connector}.timing" if timing else None
+    if timing_path is not None and timing_path.exists():
+        timing_path.unlink()
     try:
-        engine = Engine(workdir, model, connector)
+        engine = Engine(workdir, model, connector, timing_path)
     except RuntimeError as exc:
         return {"error": str(exc)[:300]}
     try:
@@ -120,12 +135,15 @@ def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]])
             reference = local if second["cached"] else first
             same &= second["tokens"] == reference["tokens"] and second["logprobs"] == reference["logprobs"]
             same_tokens &= second["tokens"] == first["tokens"]
-        return {"miss_s": statistics.median(miss), "repeat_s": statistics.median(repeat),
-                "repeat_cached_tokens": statistics.median(cached), "repeat_output_identical": same,
-                "repeat_tokens_as_computed": same_tokens,
-                "miss_all_s": miss, "repeat_all_s": repeat, "engine_seconds": time.monotonic() - started}
     finally:
         engine.close()
+    result = {"miss_s": statistics.median(miss), "repeat_s": statistics.median(repeat),
+              "repeat_cached_tokens": statistics.median(cached), "repeat_output_identical": same,
+              "repeat_tokens_as_computed": same_tokens,
+              "miss_all_s": miss, "repeat_all_s": repeat, "engine_seconds": time.monotonic() - started}
+    if timing_path is not None and timing_path.exists():
+        result["connector_timing"] = timing_summary(str(timing_path))
+    return result
 
 
 def main() -> int:
@@ -134,6 +152,8 @@ def main() -> int:
     parser.add_argument("--connectors", default=",".join(CONNECTORS))
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 prompts, the tiny model only")
+    parser.add_argument("--timing", action="store_true",
+                        help="time lmcache_rs's own calls inside vLLM (LMCACHE_RS_CONNECTOR_TIMING)")
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     count = 2 if args.quick else args.prompts
@@ -150,7 +170,7 @@ def main() -> int:
         prompts = [[rng.randrange(3, 500) for _ in range(n)] for _ in range(count)]
         per = results["models"][model] = {"prompt_tokens": n}
         for connector in args.connectors.split(","):
-            per[connector] = run_one(workdir, model, connector, prompts)
+            per[connector] = run_one(workdir, model, connector, prompts, args.timing and connector == "lmcache_rs")
             print(model, connector, json.dumps({k: v for k, v in per[connector].items() if not k.endswith("all_s")}),
                   flush=True)
         if "miss_s" in per.get("none", {}) and "miss_s" in per.get("lmcache_rs", {}):
@@ -158,6 +178,10 @@ def main() -> int:
             per["lmcache_rs_repeat_speedup"] = per["none"]["repeat_s"] / per["lmcache_rs"]["repeat_s"]
             print(model, "overhead on a miss %+.1f%%, repeat %.1fx faster than recompute"
                   % (100 * per["lmcache_rs_miss_overhead"], per["lmcache_rs_repeat_speedup"]), flush=True)
+        if "miss_s" in per.get("noop", {}) and "miss_s" in per.get("lmcache_rs", {}):
+            per["lmcache_rs_miss_over_noop"] = per["lmcache_rs"]["miss_s"] / per["noop"]["miss_s"] - 1
+            print(model, "miss against a connector that does nothing %+.1f%%" % (100 * per["lmcache_rs_miss_over_noop"]),
+                  flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     return 0

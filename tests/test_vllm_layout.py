@@ -79,6 +79,20 @@ def test_gather_and_scatter_follow_the_layout_definition(kind, data):
         assert torch.equal(empty[name], t), name
 
 
+@pytest.mark.parametrize("kind", layout.KINDS)
+@pytest.mark.parametrize(("begin", "end"), [(N, 4 * N), (0, 3 * N + 1), (N, N + 2), (1, 2 * N + 3), (2, 3)])
+def test_a_run_of_tokens_copied_layer_by_layer_equals_its_tokens_gathered_one_by_one(kind, begin, end):
+    table = [4, 0, 5, 2]
+    kv = reference_kv(len(table) * N, seed=3)
+    tensors = place(kind, kv, [table[p // N] for p in range(len(table) * N)], [p % N for p in range(len(table) * N)])
+    _, _, views = layout.describe({f"l{i}": t for i, t in enumerate(tensors)}, N, H, D, hint=kind)
+    run = layout.token_run(table, N, begin, end, torch.device("cpu"))
+    for layer, layer_views in enumerate(views):
+        out = torch.empty((2, end - begin, H, D))
+        layout.copy_run(layer_views, run, out)
+        assert torch.equal(out, kv[layer, :, begin:end]), kind
+
+
 def test_scatter_touches_only_the_given_tokens():
     tensors = {"l0": torch.full((NB, H, N, 2 * D), 7.0), "l1": torch.full((NB, H, N, 2 * D), 7.0)}
     _, _, views = layout.describe(tensors, N, H, D)

@@ -134,10 +134,12 @@ def test_a_step_in_which_a_layer_was_not_copied_saves_nothing(pair):
     a, computed, _ = pair
     prompt = list(range(500, 516))
     plan = StepPlan(saves=[SaveSpec("r", prompt, [0, 1, 2, 3], 0)])
+    free = a.worker.kvstore.cpu.free_slots
     a.start_step(plan)
     a.copy_layer("model.layers.0.self_attn.attn", plan)  # the other layers never come
     a.finish_step()
     assert a.worker.lookup(prompt) == 0 and a.stats["save_failures"] == 1
+    assert a.worker.kvstore.cpu.free_slots == free  # the slots it had reserved are given back
     run_step(a, plan, list(computed))  # the next complete step saves
     assert a.worker.lookup(prompt) == 16
 
@@ -185,3 +187,44 @@ def test_caches_it_cannot_read_are_refused():
         RankStore(config(), 0, N, caches(), H, D, cpu_isa="amx")
     with pytest.raises(layout.UnsupportedLayout, match="none of the known"):
         RankStore(config(), 0, N, {"mla": torch.zeros((NB, N, 64))}, H, D, cpu_isa="vec")
+
+
+def test_the_presence_table_tells_the_scheduler_of_misses_without_asking(tmp_path):
+    from lmcache_rs.vllm.presence import PresenceReader
+
+    path = str(tmp_path / "rank0.keys")
+    computed = caches(seed=4)
+    a = RankStore(config(), 0, N, computed, H, D, cpu_isa="vec", presence_path=path)
+    try:
+        reader = PresenceReader([path], CHUNK, a.worker.kvstore.seed)
+        saved, other = list(range(800, 820)), list(range(900, 920))
+        assert reader.surely_missing(saved) and reader.surely_missing(other)
+        run_step(a, StepPlan(saves=[SaveSpec("w", saved, [0, 1, 2, 3, 4], 0)]), list(computed))
+        assert not reader.surely_missing(saved) and not reader.surely_missing(saved + [1, 2])
+        assert reader.surely_missing(other)
+        assert a.answer({"op": "hold", "req": "r", "tokens": saved})["tokens"] == 20
+        a.start_step(StepPlan(releases=["r"]))
+        a.worker.clear()
+        assert reader.surely_missing(saved)
+    finally:
+        a.close()
+    assert not (tmp_path / "rank0.keys").exists()
+
+
+def test_a_table_whose_rank_is_gone_is_removed_by_the_next_rank_and_a_live_one_is_kept(tmp_path):
+    import os
+
+    from lmcache_rs.vllm.presence import PresenceTable
+
+    def name(engine: str) -> str:
+        return str(tmp_path / f"lmcache_rs-{os.getuid()}-{engine}-dp0-r0.keys")
+
+    live = PresenceTable(name("live"))
+    live.publish()
+    (tmp_path / os.path.basename(name("dead"))).write_bytes(b"\0" * 16)  # left by a killed rank: unlocked
+    new = PresenceTable(name("new"))
+    try:
+        assert os.path.exists(name("live")) and not os.path.exists(name("dead"))
+    finally:
+        new.close()
+        live.close()

@@ -46,6 +46,26 @@ def test_store_then_retrieve_is_bit_exact(worker):
     assert worker.lookup(tokens) == 18
 
 
+def test_a_caller_writes_reserved_slots_itself_then_commits_or_cancels(worker):
+    store = worker.kvstore
+    tokens = list(range(2000, 2010))  # two full chunks and a partial one
+    kv = random_kv(len(tokens))
+    assert worker.store(tokens[:4], kv[:, :, :4]) == 4
+    free = store.cpu.free_slots
+    pending = store.reserve(tokens, 0)
+    assert [(b, e) for b, e, _view in pending.writes] == [(4, 8), (8, 10)]  # the held chunk is not asked for
+    assert store.cpu.free_slots == free - 2 and worker.lookup(tokens) == 4  # invisible until committed
+    store.cancel(pending)
+    assert store.cpu.free_slots == free and worker.lookup(tokens) == 4
+    pending = store.reserve(tokens, 4)
+    for begin, end, view in pending.writes:
+        view.copy_(kv[:, :, begin:end])
+    assert store.commit(pending) == 10
+    assert torch.equal(worker.retrieve(tokens)[1], kv)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        store.reserve(tokens, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dtypes_and_non_contiguous_input(dtype):
     tokens = list(range(9))

@@ -13,11 +13,13 @@ heads, head size, dtype) and ``world_size`` come from vLLM.
 
 Scheduler side (EngineCore process): for each new request it asks the ranks over the rank
 channel how much of the prompt they hold (rank_channel.py), which also holds those chunks
-until they are loaded; when the local store has less than another instance per the
-controller's ``/lookup`` (``controller_lookup_url``), it has the ranks fetch that prefix from
-the other instance's P2P ports first (the request waits a step or more meanwhile, then loads
-locally). Worker side (rank_store.py): loads planned tokens into vLLM's blocks before the forward, copies
-newly computed prompt tokens out per layer during it and stores them in ``wait_for_save``.
+until they are loaded, unless the ranks' presence tables already say that a rank holds none
+of it (presence.py: a miss then costs no round trip); when the local store has less than
+another instance per the controller's ``/lookup`` (``controller_lookup_url``), it has the
+ranks fetch that prefix from the other instance's P2P ports first (the request waits a step
+or more meanwhile, then loads locally). Worker side (rank_store.py): loads planned tokens
+into vLLM's blocks before the forward, copies newly computed prompt tokens out per layer
+during it and stores them in ``wait_for_save``.
 
 Nothing here raises into vLLM: a failed lookup, fetch or save is logged and counted, and
 planned no load means vLLM computes. Requests with a LoRA adapter, a cache salt,
@@ -43,9 +45,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache_rs.config import LMCacheConfig, load_config
 from lmcache_rs.log_limit import RateLimitedLog
 
-from . import layout
+from . import layout, timing
 from .controller_client import ControllerClient
 from .plan import Planner, StepPlan
+from .presence import PresenceReader, table_path
 from .rank_channel import RankClient, RankServer, channel_path
 
 if TYPE_CHECKING:
@@ -108,12 +111,14 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         # a drafter's layers are registered too but never run under a plan: no step would be complete
         self.speculative = vllm_config.speculative_config is not None
         self.stats: dict[str, int] = {  # the scheduler side's; each rank's are in its RankStore
-            "lookups": 0, "hit_tokens": 0, "lookup_failures": 0, "fetches": 0, "fetch_failures": 0, "skipped": 0,
+            "lookups": 0, "known_misses": 0, "hit_tokens": 0, "lookup_failures": 0, "fetches": 0,
+            "fetch_failures": 0, "skipped": 0,
         }
         self._warn = RateLimitedLog(log, burst=5, period=30.0)
         engine, dp_rank = _engine_id(vllm_config)
         world = self.config.world_size
         self._endpoints = [channel_path(engine, dp_rank, rank) for rank in range(world)]
+        self._tables = [table_path(engine, dp_rank, rank) for rank in range(world)]
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler()
         else:
@@ -132,18 +137,22 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self._quiet_until = 0.0  # after a rank timed out, no lookups until then
         self.planner = Planner(self.config.chunk_size)
         self.ranks = RankClient(self._endpoints)
+        self.presence = PresenceReader(self._tables, self.config.chunk_size, self.config.hash_seed)
         url = self.config.controller_lookup_url
         self.controller = ControllerClient(url, self.config.controller_api_key) if url else None
         self._fetching: dict[str, float] = {}  # request id -> deadline of its P2P fetch
         self._fetched: set[str] = set()  # requests whose fetch ended (not tried again)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        started = timing.now()
         try:
-            return self._matched(request, num_computed_tokens)
+            matched = self._matched(request, num_computed_tokens)
         except Exception:
             self.stats["lookup_failures"] += 1
             log.exception("lookup of request %s failed; it is computed", request.request_id)
-            return 0, False
+            matched = 0, False
+        timing.add("lookup_hit" if matched[0] else "lookup_miss", timing.now() - started)
+        return matched
 
     def _matched(self, request: Any, num_computed: int) -> tuple[Optional[int], bool]:
         request_id = request.request_id
@@ -160,6 +169,23 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             if not self._fetch_done(request_id):
                 return None, False  # vLLM asks again next step
         self.stats["lookups"] += 1
+        if self.presence.surely_missing(tokens):
+            self.stats["known_misses"] += 1
+            hit = 0
+        else:
+            hit = self._hold(request_id, tokens)
+            if hit is None:
+                return 0, False
+        if max(hit, num_computed) < len(tokens) - 1 and request_id not in self._fetched \
+                and self._start_fetch(request_id, tokens, max(hit, num_computed)):
+            return None, False
+        self._fetched.discard(request_id)
+        self.stats["hit_tokens"] += hit
+        return self.planner.matched(request_id, tokens, num_computed, hit), False
+
+    def _hold(self, request_id: str, tokens: list[int]) -> Optional[int]:
+        """The prefix every rank holds (and now holds for this request), or None when a rank
+        did not answer or is off (the request is then computed)."""
         replies = self.ranks.ask({"op": "hold", "req": request_id, "tokens": tokens})
         if replies is None or any(r.get("off") for r in replies):
             self.planner.skipped(request_id)
@@ -170,14 +196,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             else:
                 self.off = True
                 log.error("lmcache_rs connector off: a rank's store did not start (see that worker's log)")
-            return 0, False
-        hit = min(int(r.get("tokens", 0)) for r in replies)
-        if max(hit, num_computed) < len(tokens) - 1 and request_id not in self._fetched \
-                and self._start_fetch(request_id, tokens, max(hit, num_computed)):
-            return None, False
-        self._fetched.discard(request_id)
-        self.stats["hit_tokens"] += hit
-        return self.planner.matched(request_id, tokens, num_computed, hit), False
+            return None
+        return min(int(r.get("tokens", 0)) for r in replies)
 
     def _start_fetch(self, request_id: str, tokens: list[int], local: int) -> bool:
         """Ask the ranks to fetch a longer prefix from another instance; whether one started."""
@@ -221,6 +241,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self.planner.allocated(request.request_id, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        started = timing.now()
         try:
             new = [(r.req_id, r.prompt_token_ids, r.block_ids[0] if r.block_ids else [], r.num_computed_tokens,
                     scheduler_output.num_scheduled_tokens.get(r.req_id, 0))
@@ -231,10 +252,12 @@ class LMCacheRsConnector(KVConnectorBase_V1):
                 blocks = c.new_block_ids[i]
                 cached.append((req_id, blocks[0] if blocks else None, req_id in c.resumed_req_ids,
                                c.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0)))
-            return ConnectorPlan(self.planner.step(new, cached))
+            plan = ConnectorPlan(self.planner.step(new, cached))
         except Exception:
             log.exception("building the connector's step plan failed; nothing is loaded or saved this step")
-            return ConnectorPlan()
+            plan = ConnectorPlan()
+        timing.add("plan", timing.now() - started)
+        return plan
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         self.planner.finished(request.request_id)
@@ -290,7 +313,8 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         others = [endpoint for rank, endpoint in enumerate(self._endpoints) if rank != self.rank]
         self.rank_store = RankStore(self.config, self.rank, self.block_size, kv_caches, self.num_kv_heads,
                                     self.head_dim, self._cpu_isa(list(kv_caches)),
-                                    peers=RankClient(others) if others else None)
+                                    peers=RankClient(others) if others else None,
+                                    presence_path=self._tables[self.rank])
 
     def _answer(self, request: dict) -> dict:
         """The rank channel's requests (its own thread)."""
@@ -305,21 +329,27 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         return meta.step if isinstance(meta, ConnectorPlan) else None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        started = timing.now()
         plan = self._plan()
         if plan is not None and self.rank_store is not None:
             self.rank_store.start_step(plan)
+        timing.add("start_step", timing.now() - started)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish in start_load_kv, before the forward
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        started = timing.now()
         plan = self._plan()
         if plan is not None and self.rank_store is not None:
             self.rank_store.copy_layer(layer_name, plan)
+        timing.add("save_layer", timing.now() - started)
 
     def wait_for_save(self) -> None:
+        started = timing.now()
         if self.rank_store is not None:
             self.rank_store.finish_step()
+        timing.add("finish_step", timing.now() - started)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.rank_store.take_load_errors() if self.rank_store is not None else set()

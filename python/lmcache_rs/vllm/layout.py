@@ -93,6 +93,48 @@ def layer_views(tensor: torch.Tensor, kind: str) -> LayerViews:
     return LayerViews(key, value)
 
 
+@dataclass(frozen=True)
+class TokenRun:
+    """Where tokens ``begin..end`` of a request sit in the paged cache, worked out once per
+    step for copying them out layer after layer (see ``copy_run``)."""
+
+    whole: torch.Tensor  # the blocks the run fills, in order (when it starts at a block's start)
+    tail_block: int  # the block of the run's last tokens when they do not fill it, else -1
+    tail: int  # how many tokens of tail_block
+    blocks: Optional[torch.Tensor] = None  # a run starting mid-block: (block, offset) per token
+    offsets: Optional[torch.Tensor] = None
+
+
+def token_run(block_ids: Sequence[int], block_size: int, begin: int, end: int, device: torch.device) -> TokenRun:
+    """The TokenRun of tokens ``begin..end`` of a request whose KV lives in ``block_ids``."""
+    if begin % block_size:
+        blocks, offsets = slot_indices(block_ids, block_size, begin, end, device)
+        return TokenRun(torch.empty(0, dtype=torch.long), -1, 0, blocks, offsets)
+    first, full, tail = begin // block_size, (end - begin) // block_size, (end - begin) % block_size
+    whole = torch.as_tensor(list(block_ids[first: first + full]), dtype=torch.long).to(device)
+    return TokenRun(whole, int(block_ids[first + full]) if tail else -1, tail)
+
+
+def copy_run(views: LayerViews, run: TokenRun, out: torch.Tensor) -> None:
+    """The K and V of one layer's tokens of ``run`` into ``out`` (``[2, T, H, D]``,
+    contiguous, any dtype of the cache's device). Whole blocks go by one index_select per K
+    and V, which reorders each block's tokens as it copies: several times cheaper than
+    indexing (block, offset) pairs one token at a time, which only a run starting mid-block
+    needs."""
+    if run.blocks is not None:
+        out[0] = views.key[run.blocks, run.offsets]
+        out[1] = views.value[run.blocks, run.offsets]
+        return
+    n = run.whole.numel() * views.key.shape[1]
+    if n:
+        shape = (run.whole.numel(), *views.key.shape[1:])
+        torch.index_select(views.key, 0, run.whole, out=out[0, :n].view(shape))
+        torch.index_select(views.value, 0, run.whole, out=out[1, :n].view(shape))
+    if run.tail:
+        out[0, n:] = views.key[run.tail_block, : run.tail]
+        out[1, n:] = views.value[run.tail_block, : run.tail]
+
+
 def slot_indices(block_ids: Sequence[int], block_size: int, start: int, end: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(block, offset) index tensors of tokens ``start..end`` of a request whose KV lives in

@@ -5,6 +5,8 @@ The connector (connector.py) hands it what vLLM hands the connector; this module
 imports vLLM, so it runs and is tested on plain torch tensors laid out as vLLM lays them out.
 Threads: the rank channel's thread calls ``answer``; vLLM's forward thread calls the step
 methods; P2P fetches run on threads of their own. Holds are the only state they share (a lock).
+The store's admits and evictions also update the rank's presence table (presence.py), which
+the scheduler reads to know a miss without asking.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 from lmcache_rs.config import LMCacheConfig
 from lmcache_rs.log_limit import RateLimitedLog
 from lmcache_rs.worker import KVWorker
-from lmcache_rs.worker.store import dtype_name
+from lmcache_rs.worker.store import PendingStore, dtype_name
 
-from . import layout
+from . import layout, timing
 from .plan import LoadSpec, SaveSpec, StepPlan
+from .presence import PresenceTable
 from .rank_channel import RankClient
 
 log = logging.getLogger("lmcache_rs.vllm")
@@ -34,17 +37,30 @@ HOLD_SECONDS = 120.0
 MAX_FETCH_STATES = 4096
 
 
+@dataclasses.dataclass
+class Staged:
+    """One request's part of a step's saves: runs of tokens, each copied layer by layer into
+    its ``[num_layers, 2, T, H, D]`` out. On CPU the outs are the store's own reserved slots,
+    one run per chunk (one copy in all); on GPU one run into a device tensor, stored after."""
+
+    spec: SaveSpec
+    runs: list[layout.TokenRun]
+    outs: list[torch.Tensor]
+    pending: Optional[PendingStore] = None  # CPU: the reserved slots, committed at the step's end
+
+
 class RankStore:
     """The store of TP rank ``rank`` on its layers ``kv_caches`` (layer name -> vLLM's tensor).
     ``cpu_isa``: vLLM's CPU attention kernel, for the ``cpu`` layout. ``peers``: the other TP
     ranks' channels, told of a failed load before this rank's forward (their tokens of this
-    step depend on it through the all-reduce, so none of them may save the request). Raises
+    step depend on it through the all-reduce, so none of them may save the request).
+    ``presence_path``: where to publish the store's presence table (presence.py). Raises
     layout.UnsupportedLayout for caches it cannot read, OSError/ValueError when the worker
     cannot start (a port taken, a bad config)."""
 
     def __init__(self, config: LMCacheConfig, rank: int, block_size: int, kv_caches: Mapping[str, torch.Tensor],
                  num_kv_heads: int, head_dim: int, cpu_isa: Optional[str] = None,
-                 peers: Optional[RankClient] = None):
+                 peers: Optional[RankClient] = None, presence_path: Optional[str] = None):
         kind, names, views = layout.describe(kv_caches, block_size, num_kv_heads, head_dim)
         if kind == "cpu" and cpu_isa not in layout.CPU_ISAS:
             raise layout.UnsupportedLayout(
@@ -55,6 +71,9 @@ class RankStore:
                                      kv_dtype=dtype_name(first.dtype))
         self._side_stream = torch.cuda.Stream(device=first.device) if first.device.type == "cuda" else None
         self.worker = KVWorker(config, worker_id=rank)  # last: nothing after it can fail
+        # saves write straight into the pool during vLLM's step: fault its pages in now, not then
+        if not self.worker.kvstore.cpu.populate():
+            log.info("lmcache_rs connector on rank %d: the CPU pool's pages fault in as it fills", rank)
         self.peers = peers
         self.rank = rank
         self.block_size = block_size
@@ -67,19 +86,36 @@ class RankStore:
         self._holds_lock = threading.Lock()
         self._fetch_states: dict[str, str] = {}
         self._load_errors: set[int] = set()
-        self._staging: list[tuple[SaveSpec, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._staging: list[Staged] = []
         self._layers_copied: set[int] = set()  # this step's layers copied out for saving
         self._copy_failed = False
         # requests whose load failed here or on a peer rank: never saved again (their later
         # tokens were computed on top of the missing KV); forgotten when the request is released
         self._failed_loads: set[str] = set()
         self._failed_lock = threading.Lock()
+        self._copy_ns = 0  # this step's time in copy_layer, for timing
+        self.presence = self._publish_presence(presence_path) if presence_path else None
         log.info("lmcache_rs connector on rank %d: %d layers, layout %s, %s %s, chunk_size %d, instance %s",
                  rank, len(names), kind, dtype_name(first.dtype), first.device, config.chunk_size,
                  config.lmcache_instance_id)
 
+    def _publish_presence(self, path: str) -> Optional[PresenceTable]:
+        table = None
+        try:
+            table = PresenceTable(path)
+            self.worker.kvstore.watch(table.change)
+            table.publish()
+        except OSError as exc:  # the scheduler then asks about every request
+            log.warning("lmcache_rs connector on rank %d: no presence table at %s (%s)", self.rank, path, exc)
+            if table is not None:
+                table.close()
+            return None
+        return table
+
     def close(self) -> None:
         log.info("lmcache_rs connector (rank %d): %s", self.rank, self.stats)
+        if self.presence is not None:
+            self.presence.close()
         if self.peers is not None:
             self.peers.close()
         self.worker.close()
@@ -89,7 +125,10 @@ class RankStore:
         """A request from the scheduler (hold, fetch, fetch_state) or a peer rank (load_failed)."""
         op = request.get("op")
         if op == "hold":
-            return {"tokens": self._hold(str(request["req"]), list(request["tokens"]))}
+            started = timing.now()
+            matched = self._hold(str(request["req"]), list(request["tokens"]))
+            timing.add("hold", timing.now() - started)
+            return {"tokens": matched}
         if op == "fetch":
             self._fetch(str(request["req"]), list(request["tokens"]), request["sources"])
             return {}
@@ -211,6 +250,7 @@ class RankStore:
             return
         if self._copy_failed:
             return
+        started = timing.now()
         try:
             if not self._layers_copied and not self._staging:
                 with self._failed_lock:
@@ -224,51 +264,76 @@ class RankStore:
             else:
                 self._copy_layer(index)
             self._layers_copied.add(index)
+            self._copy_ns += timing.now() - started
         except Exception:
             self.stats["save_failures"] += 1
             log.exception("copying layer %s out for saving failed; this step saves nothing", layer_name)
-            self._staging = []
+            self._drop_staging()
             self._copy_failed = True
 
     def _stage(self, saves: list[SaveSpec]) -> None:
-        first = self.views[0].key
+        device = self.views[0].key.device
         for spec in saves:
-            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, len(spec.tokens),
-                                                  first.device)
-            out = torch.empty((len(self.views), 2, blocks.numel(), self.num_kv_heads, self.head_dim),
-                              dtype=first.dtype, device=first.device)
-            self._staging.append((spec, blocks, offsets, out))
+            if device.type == "cpu":  # straight into the store's slots: no second copy
+                pending = self.worker.kvstore.reserve(spec.tokens, spec.start)
+                runs = [layout.token_run(spec.block_ids, self.block_size, begin, end, device)
+                        for begin, end, _view in pending.writes]
+                self._staging.append(Staged(spec, runs, [view for _b, _e, view in pending.writes], pending))
+            else:
+                end = len(spec.tokens)
+                kv = torch.empty((len(self.views), 2, end - spec.start, self.num_kv_heads, self.head_dim),
+                                 dtype=self.views[0].key.dtype, device=device)
+                self._staging.append(Staged(spec, [layout.token_run(spec.block_ids, self.block_size, spec.start,
+                                                                    end, device)], [kv]))
 
     def _copy_layer(self, index: int) -> None:
         views = self.views[index]
-        for _spec, blocks, offsets, out in self._staging:
-            out[index, 0] = views.key[blocks, offsets]
-            out[index, 1] = views.value[blocks, offsets]
+        for staged in self._staging:
+            for run, out in zip(staged.runs, staged.outs):
+                layout.copy_run(views, run, out[index])
+
+    def _drop_staging(self) -> None:
+        for staged in self._staging:
+            if staged.pending is not None:
+                self.worker.kvstore.cancel(staged.pending)
+        self._staging = []
 
     def finish_step(self) -> None:
         """After the forward: store what every layer copied out."""
-        staged, self._staging = self._staging, []
         copied, self._layers_copied = len(self._layers_copied), set()
         self._copy_failed = False
-        if not staged:
+        copy_ns, self._copy_ns = self._copy_ns, 0
+        if not self._staging:
             return
+        timing.add("copy_out", copy_ns)
+        started = timing.now()
         if copied != len(self.views):  # a layer never came by: the staged KV is incomplete
+            self._drop_staging()
             self.stats["save_failures"] += 1
             self._warn("only %d of %d layers were copied out this step; nothing is saved", copied, len(self.views))
             return
         if self._side_stream is not None:
             self._side_stream.synchronize()
-        for spec, _blocks, _offsets, out in staged:
+        staged, self._staging = self._staging, []
+        for item in staged:
+            spec = item.spec
             with self._failed_lock:
-                if spec.request_id in self._failed_loads:  # a peer's load failed after staging
-                    continue
+                failed = spec.request_id in self._failed_loads  # a peer's load failed after staging
             try:
-                self.worker.store(spec.tokens, out, start=spec.start)
+                if failed:
+                    if item.pending is not None:
+                        self.worker.kvstore.cancel(item.pending)
+                    continue
+                if item.pending is not None:
+                    self.worker.kvstore.commit(item.pending)
+                else:
+                    self.worker.store(spec.tokens, item.outs[0], start=spec.start)
                 self.stats["saved_tokens"] += len(spec.tokens) - spec.start
             except Exception:
                 self.stats["save_failures"] += 1
                 log.exception("saving %d tokens of request %s failed", len(spec.tokens) - spec.start,
                               spec.request_id)
+        timing.add("store", timing.now() - started)
 
     def take_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes or fails them)."""

@@ -3,8 +3,10 @@
 ``store(tokens, kv)`` cuts ``kv`` ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` into
 chunks of ``chunk_size`` tokens keyed by ``lmcache_rs.chunk_hashes(tokens, chunk_size,
 hash_seed)`` and keeps them in the CPU pool (LocalCPUBackend) and, written behind by a
-background thread, on disk (LocalDiskBackend). ``retrieve(tokens)`` returns the longest stored
-prefix bit for bit; ``lookup(tokens)`` only measures it.
+background thread, on disk (LocalDiskBackend); ``reserve``/``commit`` are the same in two
+halves, for a caller that copies its KV into the reserved slots itself (one copy, not two).
+``retrieve(tokens)`` returns the longest stored prefix bit for bit; ``lookup(tokens)`` only
+measures it.
 
 While someone reports (``start_reporting``), every admit and eviction at every location is
 recorded in an event log that they read with ``take_events``; nothing here waits on them. The
@@ -79,6 +81,16 @@ class ChunkExport:
     disk: Optional[DiskChunk] = None  # index entry of a file export, to drop it if the file is damaged
 
 
+@dataclass
+class PendingStore:
+    """Slots reserved by ``KVStore.reserve``, to write and then commit or cancel."""
+
+    keys: list[int]  # the chunk keys of all the tokens
+    bounds: list[tuple[int, int]]  # their token ranges
+    reserved: list[tuple[int, int, int]]  # (chunk index, key, slot) of the chunks to write
+    writes: list[tuple[int, int, torch.Tensor]]  # (begin, end, slot view) of the same chunks
+
+
 class KVStore:
     """KV-cache chunks of one worker (tensor-parallel rank ``worker_id`` of an instance)."""
 
@@ -102,6 +114,7 @@ class KVStore:
         self._events: list[tuple[str, str, list[int]]] = []
         self._reporting = False
         self._waker: Optional[Callable[[], None]] = None
+        self._watcher: Optional[Callable[[str, str, list[int]], None]] = None
         self.cpu = LocalCPUBackend(int(config.max_local_cpu_size * GB), self.slot_bytes)
         self.disk: Optional[LocalDiskBackend] = None
         if config.disk_enabled:
@@ -158,6 +171,8 @@ class KVStore:
     def _emit(self, op: str, location: str, keys: list[int]) -> None:
         """Record admits/evictions (lock held). Dropped while nobody reports: the next
         ``start_reporting`` returns the whole state."""
+        if keys and self._watcher is not None:
+            self._watcher(op, location, keys)
         if not keys or not self._reporting or (location == CPU and not self.report_cpu):
             return
         first = not self._events
@@ -174,6 +189,16 @@ class KVStore:
             self._reporting = True
             self._events = []
             return self._holdings()
+
+    def watch(self, watcher: Callable[[str, str, list[int]], None]) -> None:
+        """Call ``watcher(op, location, keys)`` on every admit and eviction at every location
+        (reported or not, with the store's lock held: it must be quick), after one "admit"
+        per location of what is held now. One watcher per store."""
+        with self._lock:
+            self._watcher = watcher
+            watcher("admit", CPU, list(self.cpu.entries))
+            if self.disk is not None:
+                watcher("admit", DISK, list(self.disk.entries))
 
     def stop_reporting(self) -> None:
         with self._lock:
@@ -213,14 +238,26 @@ class KVStore:
         the tokens.
         """
         tokens = token_list(tokens)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start % self.chunk_size \
-                or start > len(tokens):
-            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size} within the "
-                             f"{len(tokens)} tokens, got {start!r}")
+        self._check_start(tokens, start)
         self._check_kv(kv, len(tokens) - start)
-        if not tokens:
-            return 0
-        keys = self.chunk_keys(tokens)
+        pending = self.reserve(tokens, start)
+        try:
+            self._copier.gather(kv, [(begin - start, end - start, view) for begin, end, view in pending.writes])
+        except BaseException:
+            self.cancel(pending)
+            raise
+        return self.commit(pending)
+
+    def reserve(self, tokens: Any, start: int = 0) -> "PendingStore":
+        """The first half of ``store``, for a caller that writes the KV into the pool itself
+        (one copy instead of two): slots for the chunks of ``tokens`` from ``start`` that the
+        store does not hold yet. Write each of ``pending.writes`` (tokens ``begin..end`` into a
+        ``[num_layers, 2, end - begin, num_kv_heads, head_dim]`` view of the store's
+        ``kv_dtype``), then ``commit(pending)``, or ``cancel(pending)`` to write nothing. The
+        slots stay invisible to readers until committed. Raises ValueError as ``store``."""
+        tokens = token_list(tokens)
+        self._check_start(tokens, start)
+        keys = self.chunk_keys(tokens) if tokens else []
         bounds = self._bounds(len(tokens))
         first = start // self.chunk_size
         reserved: list[tuple[int, int, int]] = []  # (chunk index, key, slot)
@@ -239,31 +276,43 @@ class KVStore:
                     break
                 reserved.append((i, key, slot))
             self._after_cpu_evictions(evicted)
-        try:
-            spans = []
-            for i, _key, slot in reserved:
-                begin, end = bounds[i]
-                view = self.cpu.slot_tensor(slot, self.chunk_nbytes(end - begin, kv.dtype), kv.dtype, self.chunk_shape(end - begin))
-                spans.append((begin - start, end - start, view))
-            self._copier.gather(kv, spans)
-        except BaseException:
-            with self._lock:
-                for _i, _key, slot in reserved:
-                    self.cpu.release(slot)
-            raise
+        writes = []
+        for i, _key, slot in reserved:
+            begin, end = bounds[i]
+            nbytes = self.chunk_nbytes(end - begin, self.dtype)
+            writes.append((begin, end, self.cpu.slot_tensor(slot, nbytes, self.dtype, self.chunk_shape(end - begin))))
+        return PendingStore(keys, bounds, reserved, writes)
+
+    def cancel(self, pending: "PendingStore") -> None:
+        """Give back the slots of a ``reserve`` whose KV will not be written."""
+        with self._lock:
+            for _i, _key, slot in pending.reserved:
+                self.cpu.release(slot)
+        pending.reserved = []
+
+    def commit(self, pending: "PendingStore") -> int:
+        """Make the written chunks of a ``reserve`` visible; returns how many leading tokens of
+        its tokens are now stored (as ``store``)."""
         admitted: list[int] = []
         with self._lock:
-            for i, key, slot in reserved:
+            for i, key, slot in pending.reserved:
                 if key in self.cpu.entries:  # stored meanwhile by another thread
                     self.cpu.release(slot)
                     continue
-                begin, end = bounds[i]
-                chunk = CpuChunk(key, end - begin, kv.dtype, self.chunk_nbytes(end - begin, kv.dtype), slot=slot)
+                begin, end = pending.bounds[i]
+                chunk = CpuChunk(key, end - begin, self.dtype, self.chunk_nbytes(end - begin, self.dtype), slot=slot)
                 self.cpu.commit(chunk, self._kept(key))
                 admitted.append(key)
+            pending.reserved = []
             self._emit("admit", CPU, admitted)
             self._write_behind(admitted)
-            return self._stored_prefix(keys, bounds)
+            return self._stored_prefix(pending.keys, pending.bounds)
+
+    def _check_start(self, tokens: list[int], start: Any) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start % self.chunk_size \
+                or start > len(tokens):
+            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size} within the "
+                             f"{len(tokens)} tokens, got {start!r}")
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         if not isinstance(kv, torch.Tensor):
@@ -364,6 +413,7 @@ class KVStore:
             self._emit("admit", DISK, [key])
             if not self.report_cpu and key in self.cpu.entries:
                 self.cpu.remove(key)  # the pool was only a staging area
+                self._emit("evict", CPU, [key])  # for the watcher: CPU events are not reported here
 
     def _raw_bytes(self, chunk: CpuChunk) -> memoryview | bytes:
         """The uncompressed bytes of a chunk the caller holds a reader on."""
