@@ -391,76 +391,14 @@ impl Table {
             self.zero = f(old);
             return old;
         }
-        if self.drain.is_none() {
-            return self.update_cur(key, f);
-        }
-        self.update_draining(key, f)
-    }
-
-    /// `update` with no resize under way: one array.
-    #[inline]
-    fn update_cur(&mut self, key: u64, f: impl FnOnce(Option<u32>) -> Option<u32>) -> Option<u32> {
-        let arr = &mut self.cur;
-        if arr.cap() == 0 {
+        if self.cur.cap() == 0 {
             if let Some(v) = f(None) {
                 self.insert_new(key, v);
             }
             return None;
         }
-        match arr.probe(key) {
-            Probe::Found(i) => {
-                let old = arr.val_at(i);
-                match f(Some(old)) {
-                    Some(v) => arr.slots[i].val = v,
-                    None => {
-                        arr.remove_at(i);
-                        self.maybe_shrink();
-                    }
-                }
-                Some(old)
-            }
-            Probe::Vacant(i) => {
-                if let Some(v) = f(None) {
-                    if (arr.len + 1) * MAX_LOAD_DEN <= arr.cap() * MAX_LOAD_NUM {
-                        arr.set(i, key, v);
-                        arr.len += 1;
-                    } else {
-                        self.insert_new(key, v);
-                    }
-                }
-                None
-            }
-        }
-    }
-
-    /// `update` while a resize is under way: drain a little, then the array the key belongs in.
-    #[inline(never)]
-    fn update_draining(
-        &mut self,
-        key: u64,
-        f: impl FnOnce(Option<u32>) -> Option<u32>,
-    ) -> Option<u32> {
-        if let Some(d) = &mut self.drain {
-            if self.prepaid > 0 {
-                self.prepaid -= 1;
-            } else {
-                d.step(&mut self.cur, self.drain_step);
-                if d.from.len == 0 {
-                    self.drain = None;
-                }
-            }
-        }
-        let in_old = matches!(&self.drain, Some(d) if !d.moved(key));
-        let arr = match &mut self.drain {
-            Some(d) if in_old => &mut d.from,
-            _ => &mut self.cur,
-        };
-        if arr.cap() == 0 {
-            if let Some(v) = f(None) {
-                self.insert_new(key, v);
-            }
-            return None;
-        }
+        let in_old = self.drain.is_some() && self.drain_before_write(key);
+        let arr = self.array_mut(in_old);
         match arr.probe(key) {
             Probe::Found(i) => {
                 let old = arr.val_at(i);
@@ -486,10 +424,7 @@ impl Table {
                         (self.entries() + 1) * MAX_LOAD_DEN <= self.cur.cap() * MAX_LOAD_NUM
                     };
                     if fits {
-                        let arr = match &mut self.drain {
-                            Some(d) if in_old => &mut d.from,
-                            _ => &mut self.cur,
-                        };
+                        let arr = self.array_mut(in_old);
                         arr.set(i, key, v);
                         arr.len += 1;
                     } else {
@@ -499,6 +434,32 @@ impl Table {
                 }
                 None
             }
+        }
+    }
+
+    /// A write's share of the resize under way (unless prepaid); then whether `key` belongs in
+    /// the old array.
+    #[inline(never)]
+    fn drain_before_write(&mut self, key: u64) -> bool {
+        if let Some(d) = &mut self.drain {
+            if self.prepaid > 0 {
+                self.prepaid -= 1;
+            } else {
+                d.step(&mut self.cur, self.drain_step);
+                if d.from.len == 0 {
+                    self.drain = None;
+                }
+            }
+        }
+        matches!(&self.drain, Some(d) if !d.moved(key))
+    }
+
+    /// The old array (`in_old`, a resize under way) or the current one.
+    #[inline]
+    fn array_mut(&mut self, in_old: bool) -> &mut Slots {
+        match &mut self.drain {
+            Some(d) if in_old => &mut d.from,
+            _ => &mut self.cur,
         }
     }
 
