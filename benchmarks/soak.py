@@ -204,7 +204,10 @@ class Worker(LoggedProcess):
         while time.monotonic() - t0 < timeout:
             for line in self.log().splitlines():
                 if line.startswith("soak-worker ready "):
-                    return json.loads(line[len("soak-worker ready "):])
+                    try:  # the JSON, whatever another thread's output may have put after it
+                        return json.JSONDecoder().raw_decode(line[len("soak-worker ready "):])[0]
+                    except ValueError:
+                        break  # not all written yet: read the log again
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             time.sleep(0.05)
@@ -322,8 +325,11 @@ def worker_main(argv: list[str]) -> int:
             for prompt in pool[: args.capacity_chunks // 8]:
                 worker.store(prompt, synthetic_kv(prompt, **_shape()))
                 stores += 1
-        print("soak-worker ready " + json.dumps({"instance": args.instance, "worker_id": args.worker_id,
-                                                  "chunks": worker.health()["chunks"]}), flush=True)
+        # one write: unbuffered, print() writes the text and its newline apart, and a log line
+        # from the reporting thread can land between them
+        sys.stdout.write("soak-worker ready " + json.dumps({"instance": args.instance, "worker_id": args.worker_id,
+                                                            "chunks": worker.health()["chunks"]}) + "\n")
+        sys.stdout.flush()
         period = 1.0 / args.store_rate if args.store_rate > 0 else 1.0
         next_at = time.monotonic()
         while not stop:
