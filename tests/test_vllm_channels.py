@@ -41,6 +41,51 @@ def test_every_rank_answers_in_rank_order():
     assert not any(os.path.exists(p[len("ipc://"):]) for p in paths)  # sockets removed
 
 
+def test_channels_of_a_killed_engine_are_removed_by_the_next_and_live_ones_kept():
+    # a killed engine never closes its channel: its socket and lock file stay in the temp dir
+    # until another engine's channel starts and finds the lock held by nobody
+    import signal
+    import subprocess
+    import sys
+
+    dead = endpoints(1)[0]
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from lmcache_rs.vllm.rank_channel import RankServer\n"
+        f"s = RankServer({dead!r}, lambda req: {{}})\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "up"
+        live_path = endpoints(1)[0]
+        live = RankServer(live_path, lambda req: {"ok": 1})
+        try:
+            dead_files = [dead[len("ipc://"):], dead[len("ipc://"):] + ".lock"]
+            assert all(os.path.exists(f) for f in dead_files)  # its engine still runs: kept
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            assert all(os.path.exists(f) for f in dead_files)  # left behind by the kill
+            other = RankServer(endpoints(1)[0], lambda req: {})
+            other.close()
+            assert not any(os.path.exists(f) for f in dead_files)  # removed: nobody held the lock
+            client = RankClient([live_path], timeout=5)
+            try:
+                replies = client.ask({"op": "hold", "tokens": [1]})
+                assert replies is not None and replies[0]["ok"] == 1  # the live one still answers
+            finally:
+                client.close()
+            assert os.path.exists(live_path[len("ipc://"):] + ".lock")
+        finally:
+            live.close()
+        assert not os.path.exists(live_path[len("ipc://"):] + ".lock")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
 def test_a_silent_or_failing_rank_makes_the_answer_none_and_late_replies_are_dropped():
     paths = endpoints(2)
     release = threading.Event()

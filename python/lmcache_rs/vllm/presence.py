@@ -21,8 +21,6 @@ holds any more.
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import mmap
 import os
 import tempfile
@@ -30,6 +28,8 @@ import time
 from typing import Optional
 
 from lmcache_rs import chunk_hashes
+
+from .leftovers import hold, remove_unheld
 
 SLOTS = 1 << 20  # 4 MiB of counters per rank: a store of 10,000 chunks shares a counter 1 % of the time
 # How long the scheduler waits before looking again for a rank's table that was not there.
@@ -44,19 +44,9 @@ def table_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
 
 
 def remove_orphans(directory: str) -> None:
-    """Unlink this user's tables whose rank is gone: nobody holds their lock."""
-    for path in glob.glob(os.path.join(directory, f"lmcache_rs-{os.getuid()}-*.keys")):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-        except OSError:
-            pass  # held: its rank lives (or someone removed it first)
-        finally:
-            os.close(fd)
+    """Unlink this user's tables whose rank is gone: nobody holds their lock (leftovers.py;
+    a table is its own lock file)."""
+    remove_unheld(os.path.join(directory, f"lmcache_rs-{os.getuid()}-*.keys"))
 
 
 class PresenceTable:
@@ -68,8 +58,7 @@ class PresenceTable:
         self.path = path
         remove_orphans(os.path.dirname(path) or ".")
         self._partial: Optional[str] = f"{path}.{os.getpid()}.tmp"
-        self._file = open(self._partial, "w+b")
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_SH)  # held while this rank lives (the rename keeps it)
+        self._file = hold(self._partial, "w+b")  # while this rank lives (the rename keeps the lock)
         self._file.truncate(SLOTS * 4)
         self._map = mmap.mmap(self._file.fileno(), SLOTS * 4)
         self._counts = memoryview(self._map).cast("I")

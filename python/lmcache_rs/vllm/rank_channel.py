@@ -18,12 +18,14 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 import msgpack
 import zmq
 
 from lmcache_rs.log_limit import RateLimitedLog
+
+from .leftovers import hold, remove_unheld
 
 log = logging.getLogger("lmcache_rs.vllm")
 
@@ -50,8 +52,14 @@ class RankServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
-        if path is not None and os.path.exists(path):
-            os.unlink(path)  # left by an engine that died; the name is this engine's
+        self._lock: Optional[IO[bytes]] = None
+        if path is not None:
+            # sockets of engines that died (a killed engine never closes its channels)
+            remove_unheld(os.path.join(os.path.dirname(path), f"lmcache_rs-{os.getuid()}-*.sock.lock"),
+                          lambda lock_path: [lock_path[:-len(".lock")]])
+            self._lock = hold(path + ".lock")
+            if os.path.exists(path):
+                os.unlink(path)  # left by an engine of the same name that died
         self._socket.bind(endpoint)
         self._stop = threading.Event()
         self._bad = RateLimitedLog(log)
@@ -94,10 +102,15 @@ class RankServer:
         self._thread.join(timeout=5)
         self._socket.close(0)
         if self.endpoint.startswith("ipc://"):
-            try:
-                os.unlink(self.endpoint[len("ipc://"):])
-            except OSError:
-                pass
+            path = self.endpoint[len("ipc://"):]
+            for leftover in (path, path + ".lock"):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 class RankClient:
