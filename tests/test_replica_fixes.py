@@ -417,6 +417,52 @@ def test_a_replica_overtaken_by_a_purge_recovers_from_the_shared_snapshot(nats_u
     run(go())
 
 
+def test_a_failed_recovery_is_tried_again(nats_url, monkeypatch):
+    # the first reload finds no usable snapshot (it raises): the replica stays "recovering",
+    # not ready, and tries again later, which then succeeds
+    from lmcache_rs.controller import replication
+
+    real = replication.start_following
+    calls = []
+
+    async def fail_once(f, spaces, directory, role):
+        calls.append(role)
+        if len(calls) == 2:  # the first call is the replica's start; the second, its first reload
+            raise LogGone("no usable snapshot yet")
+        return await real(f, spaces, directory, role)
+
+    monkeypatch.setattr(replication, "start_following", fail_once)
+
+    async def go():
+        nc, js = await js_for(nats_url)
+        role = ReplicaRole(fake_controller(nats_url, "replica"))
+        try:
+            await publish(js, 3, [["rs", "admit", "inst", 0, "cpu", [1]]])
+            await role.start()
+            f = role.follower
+            assert await f.wait_applied(3, 10)
+            f.broken, f.recoverable = "the stream starts further on", True  # as _resubscribe sets them
+            for _ in range(100):
+                if len(calls) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            state = role.state()
+            assert state["status"] == "recovering" and not state["ready"] and state["recoveries"] == 0
+            assert "recovery failed" in state["broken"]
+            for _ in range(100):  # the next attempt, 2 s later
+                if role.state()["status"] == "ok":
+                    break
+                await asyncio.sleep(0.1)
+            state = role.state()
+            assert state["status"] == "ok" and state["recoveries"] == 1 and len(calls) == 3, state
+            assert state["applied_seq"] == 3 and role.c.index.lookup_keys([1]) == {"inst": ("cpu", 1)}
+        finally:
+            await role.stop()
+            await nc.close()
+
+    run(go())
+
+
 def test_a_replica_that_cannot_apply_a_message_stays_broken():
     role = ReplicaRole(fake_controller("nats://127.0.0.1:1", "replica"))
     role.follower.broken = "message 4 could not be applied: bad op"

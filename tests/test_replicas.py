@@ -489,6 +489,15 @@ async def check(cluster: Cluster, work: Workload, n_lookups: int, replicas: list
     return last
 
 
+async def resynced(work: Workload, timeout: float = 30) -> None:
+    """Wait until every worker has reconnected to a restarted ingest and full-synced again."""
+    for fw in work.workers.values():
+        deadline = time.monotonic() + timeout
+        while fw.report is None or fw.report.closed or fw.sync_count < 2:
+            assert time.monotonic() < deadline, f"worker {fw} did not full-sync again"
+            await asyncio.sleep(0.05)
+
+
 def run(coro):
     return run_with_workers(coro)
 
@@ -556,11 +565,7 @@ def test_ingest_killed_mid_stream_restarts_and_loses_nothing(tmp_path):
             work.lmcache_paused = False
             _, _, state = await http(http_port, "GET", "/healthz")
             assert state["incarnation"] > before["incarnation"]
-            for fw in work.workers.values():  # each reconnects and full-syncs
-                deadline = time.monotonic() + 30
-                while fw.report is None or fw.report.closed or fw.sync_count < 2:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+            await resynced(work)
             await work.run(20)
             assert await check(cluster, work, LOOKUPS) > first
             await work.close()
@@ -687,11 +692,7 @@ def test_snapshots_purge_the_stream_and_bootstrap_late_and_restarted_replicas(tm
             cluster.kill9(cluster.ingest)
             cluster.ingest.start(http_port, monitor_port)
             assert "rebuilding from the shared snapshot" in cluster.ingest.log()
-            for fw in work.workers.values():  # each reconnects and full-syncs
-                deadline = time.monotonic() + 30
-                while fw.report is None or fw.report.closed or fw.sync_count < 2:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+            await resynced(work)
             await work.run(10)
             await check(cluster, work, LOOKUPS)
             await work.close()
