@@ -10,6 +10,7 @@ pub mod http_fast;
 pub mod index;
 pub mod json;
 pub mod keyspace;
+pub mod kv_copy;
 pub mod kv_payload;
 pub mod lmcache_push;
 pub mod memory;
@@ -37,6 +38,8 @@ mod _core {
     use crate::py::engine_map::{parse_kv_batch, PyEngineMap, PyEngineOps, PyParsedBatch};
     #[pymodule_export]
     use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
+    #[pymodule_export]
+    use crate::py::kv_copy::copy_cpu_blocks;
     #[pymodule_export]
     use crate::py::lmcache_push::read_lmcache_push;
     #[pymodule_export]

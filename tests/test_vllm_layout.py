@@ -128,3 +128,58 @@ def test_views_share_storage_with_a_cache_that_is_a_view_into_a_larger_buffer():
     layout.scatter(views, blocks, offsets, kv)
     assert torch.equal(buffer[: NB * H * N * 2 * D], torch.zeros(NB * H * N * 2 * D))
     assert torch.equal(layout.gather(views, blocks, offsets), kv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("begin", "end"), [(0, 4 * N), (N, 3 * N + 1), (0, 1), (2 * N, 2 * N + N - 1)])
+def test_packed_cpu_layers_copy_out_natively_as_the_strided_views_read_them(dtype, begin, end):
+    # a packed `cpu` layer goes through copy_cpu_blocks (rust/kv_copy.rs); what it writes must
+    # be what the strided K and V views say, for 2- and 4-byte elements and partial last blocks
+    table = [4, 0, 5, 2]
+    kv = reference_kv(len(table) * N, seed=11).to(dtype)
+    tensors = place("cpu", kv.float(), [table[p // N] for p in range(len(table) * N)],
+                    [p % N for p in range(len(table) * N)])
+    tensors = [t.to(dtype) for t in tensors]
+    _, _, views = layout.describe({f"l{i}": t for i, t in enumerate(tensors)}, N, H, D, hint="cpu")
+    run = layout.token_run(table, N, begin, end, torch.device("cpu"))
+    for layer, layer_views in enumerate(views):
+        assert layer_views.packed is not None
+        out = torch.full((2, end - begin, H, D), -1.0, dtype=dtype)
+        layout.copy_run(layer_views, run, out)
+        assert torch.equal(out, kv[layer, :, begin:end]), (dtype, layer)
+
+
+def test_unpacked_cpu_layers_keep_the_torch_copy():
+    table = [1, 3]
+    kv = reference_kv(2 * N, seed=5)
+    (layer0, _) = place("cpu", kv, [table[p // N] for p in range(2 * N)], [p % N for p in range(2 * N)])
+    # every other block of a larger tensor: not contiguous, so no packed view
+    spaced = torch.zeros((2 * NB, H, N, 2 * D))
+    spaced[::2] = layer0
+    views = layout.layer_views(spaced[::2], "cpu")
+    assert views.packed is None
+    run = layout.token_run(table, N, 0, 2 * N, torch.device("cpu"))
+    out = torch.empty((2, 2 * N, H, D))
+    layout.copy_run(views, run, out)
+    assert torch.equal(out, kv[0])
+
+
+def test_copy_cpu_blocks_refuses_what_does_not_fit():
+    from lmcache_rs import InvalidArgumentError, copy_cpu_blocks
+
+    src = torch.zeros((NB, H, N, 2 * D)).reshape(-1).numpy()
+    dst = torch.zeros((2, N, H, D)).reshape(-1).numpy()
+    args = (1, H, N, D, H * N * 2 * D)
+    copy_cpu_blocks(src, dst, [NB - 1], N, *args[1:])
+    with pytest.raises(InvalidArgumentError, match="outside the cache"):
+        copy_cpu_blocks(src, dst, [NB], N, *args[1:])
+    with pytest.raises(InvalidArgumentError, match="destination holds"):
+        copy_cpu_blocks(src, dst[:-1], [0], N, *args[1:])
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        copy_cpu_blocks(src, src[: dst.size], [1], N, *args[1:])
+    with pytest.raises(InvalidArgumentError, match="item size"):
+        copy_cpu_blocks(src, torch.zeros(dst.size, dtype=torch.float64).numpy(), [0], N, *args[1:])
+    readonly = dst.copy()
+    readonly.setflags(write=False)
+    with pytest.raises(InvalidArgumentError, match="writable"):
+        copy_cpu_blocks(src, readonly, [0], N, *args[1:])

@@ -2,7 +2,9 @@
 
 ``Index`` is the chunked-prefix radix index (implemented in Rust); ``chunk_hashes`` computes
 the chunk keys every component agrees on; ``lmcache_chunk_hashes`` and
-``python_str_hash`` reproduce the keys LMCache's own workers compute with Python's ``hash()``. See rust/README.md for the design.
+``python_str_hash`` reproduce the keys LMCache's own workers compute with Python's ``hash()``;
+``copy_cpu_blocks`` copies KV blocks out of vLLM's CPU paged cache for the vLLM connector.
+See rust/README.md for the design.
 """
 
 from ._core import (
@@ -16,6 +18,7 @@ from ._core import (
     SnapshotError,
     __version__,
     chunk_hashes,
+    copy_cpu_blocks,
     lmcache_chunk_hashes,
     parse_kv_batch,
     python_str_hash,
@@ -34,6 +37,7 @@ __all__ = [
     "SnapshotError",
     "__version__",
     "chunk_hashes",
+    "copy_cpu_blocks",
     "lmcache_chunk_hashes",
     "parse_kv_batch",
     "python_str_hash",

@@ -6,6 +6,7 @@ from typing import Any, Iterable, Sequence, Union, final
 __version__: str
 __all__ = [
     "chunk_hashes",
+    "copy_cpu_blocks",
     "lmcache_chunk_hashes",
     "python_str_hash",
     "runtime_info",
@@ -247,6 +248,23 @@ def read_lmcache_push(frames: list[bytes]) -> list[tuple[int, int, list[_PushHol
     ``[("admit" | "evict", keys as native 64-bit words)]`` in order. Frames outside every
     segment (other messages, other shapes, malformed bytes, objects that are not bytes) are
     left to the caller."""
+
+def copy_cpu_blocks(
+    src: Any,
+    dst: Any,
+    blocks: Sequence[int],
+    tokens: int,
+    heads: int,
+    block_size: int,
+    head_dim: int,
+    block_stride: int,
+) -> None:
+    """Copy the first ``tokens`` tokens of ``blocks`` out of ``src``, one layer of vLLM's CPU
+    paged cache (``[num_blocks, heads, block_size, 2 * head_dim]``, ``block_stride`` elements
+    from one block to the next; per block and head K transposed, then V), into ``dst``,
+    ``[2, tokens, heads, head_dim]``. Both are C-contiguous buffers of one item size (2 or 4
+    bytes), ``dst`` writable and apart from ``src``; bytes are moved, never converted. Raises
+    InvalidArgumentError for sizes, blocks or buffers that do not fit."""
 
 @final
 class EngineOps:

@@ -4,5 +4,6 @@ pub mod convert;
 pub mod engine_map;
 pub mod errors;
 pub mod index;
+pub mod kv_copy;
 pub mod lmcache_push;
 pub mod pyhash;

@@ -24,9 +24,12 @@ The NHD/HND choice of CUDA backends only changes strides, which the views keep.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from functools import cached_property
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+
+from lmcache_rs import copy_cpu_blocks
 
 KINDS = ("cpu", "split", "kv_first", "blocks_first")
 # vLLM's CPU attention kernels (ISAs) whose blocks the ``cpu`` kind describes, as checked
@@ -44,6 +47,12 @@ class LayerViews:
 
     key: torch.Tensor
     value: torch.Tensor
+    # the layer tensor itself when it is a contiguous ``cpu`` layout of 2- or 4-byte elements:
+    # whole blocks are then copied out by ``copy_cpu_blocks`` (rust/kv_copy.rs), several times
+    # faster than torch's strided gathers of the transposed K; ``packed_bytes`` is its memory
+    # as the numpy array that function takes (made once: it costs a few microseconds)
+    packed: Optional[torch.Tensor] = None
+    packed_bytes: Any = None
 
 
 def detect_kind(tensor: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int,
@@ -90,6 +99,8 @@ def layer_views(tensor: torch.Tensor, kind: str) -> LayerViews:
     shape = (num_blocks, n, heads, d)
     key = torch.as_strided(tensor, shape, (block_stride, 1, head_stride, n), base)
     value = torch.as_strided(tensor, shape, (block_stride, d, head_stride, 1), base + n * d)
+    if tensor.is_contiguous() and tensor.element_size() in (2, 4):
+        return LayerViews(key, value, tensor, bytes_view(tensor))
     return LayerViews(key, value)
 
 
@@ -98,32 +109,54 @@ class TokenRun:
     """Where tokens ``begin..end`` of a request sit in the paged cache, worked out once per
     step for copying them out layer after layer (see ``copy_run``)."""
 
-    whole: torch.Tensor  # the blocks the run fills, in order (when it starts at a block's start)
-    tail_block: int  # the block of the run's last tokens when they do not fill it, else -1
-    tail: int  # how many tokens of tail_block
+    ids: tuple[int, ...]  # the blocks the run fills, then the partly filled last one (if any)
+    tail: int  # how many tokens of the partly filled last block (0: none)
+    device: torch.device
     blocks: Optional[torch.Tensor] = None  # a run starting mid-block: (block, offset) per token
     offsets: Optional[torch.Tensor] = None
+
+    @property
+    def full(self) -> int:
+        """How many blocks the run fills."""
+        return len(self.ids) - (1 if self.tail else 0)
+
+    @property
+    def tail_block(self) -> int:
+        """The partly filled last block, or -1."""
+        return self.ids[-1] if self.tail else -1
+
+    @cached_property
+    def whole(self) -> torch.Tensor:
+        """The blocks the run fills, as an index tensor on the cache's device (made only when
+        a copy needs it: the native CPU copy takes ``ids``)."""
+        return torch.as_tensor(self.ids[: self.full], dtype=torch.long).to(self.device)
 
 
 def token_run(block_ids: Sequence[int], block_size: int, begin: int, end: int, device: torch.device) -> TokenRun:
     """The TokenRun of tokens ``begin..end`` of a request whose KV lives in ``block_ids``."""
     if begin % block_size:
         blocks, offsets = slot_indices(block_ids, block_size, begin, end, device)
-        return TokenRun(torch.empty(0, dtype=torch.long), -1, 0, blocks, offsets)
+        return TokenRun((), 0, device, blocks, offsets)
     first, full, tail = begin // block_size, (end - begin) // block_size, (end - begin) % block_size
-    whole = torch.as_tensor(list(block_ids[first: first + full]), dtype=torch.long).to(device)
-    return TokenRun(whole, int(block_ids[first + full]) if tail else -1, tail)
+    return TokenRun(tuple(int(b) for b in block_ids[first: first + full + (1 if tail else 0)]), tail, device)
 
 
-def copy_run(views: LayerViews, run: TokenRun, out: torch.Tensor) -> None:
+def copy_run(views: LayerViews, run: TokenRun, out: torch.Tensor, out_bytes: Any = None) -> None:
     """The K and V of one layer's tokens of ``run`` into ``out`` (``[2, T, H, D]``,
-    contiguous, any dtype of the cache's device). Whole blocks go by one index_select per K
-    and V, which reorders each block's tokens as it copies: several times cheaper than
-    indexing (block, offset) pairs one token at a time, which only a run starting mid-block
-    needs."""
+    contiguous, of the cache's dtype and device). From a packed ``cpu`` layer, whole blocks go
+    by ``copy_cpu_blocks`` (``out_bytes``, when given, is ``bytes_view(out)``, made once by a
+    caller that copies into the same slots layer after layer); otherwise by one index_select
+    per K and V, which reorders each block's tokens as it copies: several times cheaper than indexing
+    (block, offset) pairs one token at a time, which only a run starting mid-block needs."""
     if run.blocks is not None:
         out[0] = views.key[run.blocks, run.offsets]
         out[1] = views.value[run.blocks, run.offsets]
+        return
+    packed = views.packed
+    if packed is not None and run.ids and out.dtype == packed.dtype and out.is_contiguous():
+        _, heads, block_size, two_d = packed.shape
+        copy_cpu_blocks(views.packed_bytes, out_bytes if out_bytes is not None else bytes_view(out), run.ids,
+                        run.full * block_size + run.tail, heads, block_size, two_d // 2, packed.stride(0))
         return
     n = run.whole.numel() * views.key.shape[1]
     if n:
@@ -133,6 +166,12 @@ def copy_run(views: LayerViews, run: TokenRun, out: torch.Tensor) -> None:
     if run.tail:
         out[0, n:] = views.key[run.tail_block, : run.tail]
         out[1, n:] = views.value[run.tail_block, : run.tail]
+
+
+def bytes_view(tensor: torch.Tensor):
+    """A contiguous CPU tensor of 2- or 4-byte elements as a numpy array of integers of that
+    size, sharing its memory (numpy has no bfloat16; the copy moves bytes only)."""
+    return tensor.view(torch.int16 if tensor.element_size() == 2 else torch.int32).numpy()
 
 
 def slot_indices(block_ids: Sequence[int], block_size: int, start: int, end: int,

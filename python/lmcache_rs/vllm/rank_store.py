@@ -47,6 +47,7 @@ class Staged:
     runs: list[layout.TokenRun]
     outs: list[torch.Tensor]
     pending: Optional[PendingStore] = None  # CPU: the reserved slots, committed at the step's end
+    outs_bytes: Optional[list] = None  # CPU, packed layers: each out as layout.bytes_view makes it
 
 
 class RankStore:
@@ -278,7 +279,9 @@ class RankStore:
                 pending = self.worker.kvstore.reserve(spec.tokens, spec.start)
                 runs = [layout.token_run(spec.block_ids, self.block_size, begin, end, device)
                         for begin, end, _view in pending.writes]
-                self._staging.append(Staged(spec, runs, [view for _b, _e, view in pending.writes], pending))
+                outs = [view for _b, _e, view in pending.writes]
+                outs_bytes = [layout.bytes_view(out) for out in outs] if self.views[0].packed is not None else None
+                self._staging.append(Staged(spec, runs, outs, pending, outs_bytes))
             else:
                 end = len(spec.tokens)
                 kv = torch.empty((len(self.views), 2, end - spec.start, self.num_kv_heads, self.head_dim),
@@ -289,8 +292,12 @@ class RankStore:
     def _copy_layer(self, index: int) -> None:
         views = self.views[index]
         for staged in self._staging:
-            for run, out in zip(staged.runs, staged.outs):
-                layout.copy_run(views, run, out[index])
+            if staged.outs_bytes is not None:
+                for run, out, out_bytes in zip(staged.runs, staged.outs, staged.outs_bytes):
+                    layout.copy_run(views, run, out[index], out_bytes[index])
+            else:
+                for run, out in zip(staged.runs, staged.outs):
+                    layout.copy_run(views, run, out[index])
 
     def _drop_staging(self) -> None:
         for staged in self._staging:
