@@ -1,11 +1,12 @@
-//! Copying KV blocks out of vLLM's CPU paged cache into the store's token-major layout.
+//! Copying KV blocks between vLLM's CPU paged cache and the store's token-major layout.
 //!
 //! vLLM's CPU attention keeps a layer as `[num_blocks, H, N, 2D]`: per block and head, first K
 //! transposed (`K[n][d]` at `d*N + n`), then V row-major (`V[n][d]` at `N*D + n*D + d`). The
 //! store keeps a layer's tokens as `[2, T, H, D]`: K of every token, then V. Torch does this
-//! reordering with one strided gather per block, element by element (1.5-2 GB/s on the CPUs
-//! measured); here K is transposed in small tiles and V copied row by row, which runs at
-//! memory speed and is most of what a save costs on a prefill miss.
+//! reordering with one strided gather (or scatter) per block, element by element (1.5-2 GB/s
+//! on the CPUs measured); here K is transposed in small tiles and V copied row by row, which
+//! runs at about memory speed. Saves (`copy_out`) run on every prefill miss, loads (`copy_in`)
+//! on every hit.
 
 use crate::error::{Error, Result};
 
@@ -28,16 +29,16 @@ impl CpuPaged {
     }
 }
 
-/// Copy the first `tokens` tokens of `blocks` (a request's blocks in token order; the last may
-/// be partly filled) from `src`, one layer in vLLM's CPU layout, into `dst`, `[2, tokens, H, D]`.
-/// Every size and block index is checked against the slices before anything is copied.
-pub fn copy_out<T: Copy>(
+/// Check the sizes for copying `tokens` tokens of `blocks` between a cache of `cache_len`
+/// elements and tokens `kv_first..kv_first + tokens` of a `[2, kv_tokens, H, D]` tensor of
+/// `kv_len` elements; returns a block's length.
+fn check(
     layout: &CpuPaged,
-    src: &[T],
+    cache_len: usize,
     blocks: &[u64],
     tokens: usize,
-    dst: &mut [T],
-) -> Result<()> {
+    (kv_len, kv_tokens, kv_first): (usize, usize, usize),
+) -> Result<usize> {
     let CpuPaged {
         heads,
         block_size: n,
@@ -48,18 +49,17 @@ pub fn copy_out<T: Copy>(
         .block_len()
         .filter(|&len| len > 0 && block_stride >= len)
         .ok_or_else(|| Error::arg(format!("bad CPU cache layout {layout:?}")))?;
-    let row = heads * d; // one token of K (or V) in dst
     if tokens > blocks.len() * n || tokens + n <= blocks.len() * n {
         return Err(Error::arg(format!(
             "{tokens} tokens do not fill {} blocks of {n} (the last may be partial)",
             blocks.len()
         )));
     }
-    if dst.len() != 2 * tokens * row {
+    if kv_len != 2 * kv_tokens * heads * d || kv_first + tokens > kv_tokens {
         return Err(Error::arg(format!(
-            "destination holds {} elements, {tokens} tokens need {}",
-            dst.len(),
-            2 * tokens * row
+            "the token-major side holds {kv_len} elements, not [2, {kv_tokens}, {heads}, {d}] \
+             with tokens {kv_first}..{} in it",
+            kv_first + tokens
         )));
     }
     for &b in blocks {
@@ -67,99 +67,171 @@ pub fn copy_out<T: Copy>(
             .ok()
             .and_then(|b| b.checked_mul(block_stride))
             .and_then(|start| start.checked_add(block_len));
-        if end.is_none_or(|end| end > src.len()) {
+        if end.is_none_or(|end| end > cache_len) {
             return Err(Error::arg(format!(
-                "block {b} is outside the cache ({} elements, {block_stride} a block)",
-                src.len()
+                "block {b} is outside the cache ({cache_len} elements, {block_stride} a block)"
             )));
         }
     }
-    let (dst_k, dst_v) = dst.split_at_mut(tokens * row);
+    Ok(block_len)
+}
+
+/// Copy the first `tokens` tokens of `blocks` (a request's blocks in token order; the last may
+/// be partly filled) from `cache`, one layer in vLLM's CPU layout, into `kv`,
+/// `[2, tokens, H, D]`. Every size and block index is checked before anything is copied.
+pub fn copy_out<T: Copy>(
+    layout: &CpuPaged,
+    cache: &[T],
+    blocks: &[u64],
+    tokens: usize,
+    kv: &mut [T],
+) -> Result<()> {
+    let block_len = check(layout, cache.len(), blocks, tokens, (kv.len(), tokens, 0))?;
+    let CpuPaged {
+        heads,
+        block_size: n,
+        head_dim: d,
+        block_stride,
+    } = *layout;
+    let row = heads * d; // one token of K (or V) in kv
+    let (kv_k, kv_v) = kv.split_at_mut(tokens * row);
     for (i, &b) in blocks.iter().enumerate() {
-        let first = i * n; // the block's first token in dst
+        let first = i * n; // the block's first token in kv
         let count = n.min(tokens - first);
-        let block = &src[b as usize * block_stride..][..block_len];
+        let block = &cache[b as usize * block_stride..][..block_len];
         for h in 0..heads {
             let k = &block[h * n * 2 * d..][..n * d]; // [d][n]
             let v = &block[h * n * 2 * d + n * d..][..n * d]; // [n][d]
-            transpose_into(k, n, d, count, &mut dst_k[first * row + h * d..], row);
+                                                              // token t's K: column t of the block's [d][n]
+            transpose(k, n, count, d, &mut kv_k[first * row + h * d..], row);
             for t in 0..count {
-                dst_v[(first + t) * row + h * d..][..d].copy_from_slice(&v[t * d..][..d]);
+                kv_v[(first + t) * row + h * d..][..d].copy_from_slice(&v[t * d..][..d]);
             }
         }
     }
     Ok(())
 }
 
-/// `out[t * out_stride + j] = k[j * n + t]` for t < count, j < d: a `[d][n]` matrix's first
-/// `count` columns as rows. 4-byte elements go 4x4 at a time through SSE2 registers (four
-/// loads of a row's 4 neighbours, four unpacks, four stores); the edges, and 2-byte elements,
-/// one at a time.
+/// The inverse of `copy_out`, from tokens `kv_first..kv_first + tokens` of `kv`
+/// (`[2, T, H, D]`, T of any size that holds them) into the first `tokens` tokens of `blocks`
+/// in `cache`. The rest of a partly filled last block is left as it is.
+pub fn copy_in<T: Copy>(
+    layout: &CpuPaged,
+    kv: &[T],
+    kv_first: usize,
+    blocks: &[u64],
+    tokens: usize,
+    cache: &mut [T],
+) -> Result<()> {
+    let CpuPaged {
+        heads,
+        block_size: n,
+        head_dim: d,
+        block_stride,
+    } = *layout;
+    let row = heads * d;
+    let kv_tokens = if row == 0 { 0 } else { kv.len() / (2 * row) };
+    let block_len = check(
+        layout,
+        cache.len(),
+        blocks,
+        tokens,
+        (kv.len(), kv_tokens, kv_first),
+    )?;
+    let (kv_k, kv_v) = kv.split_at(kv_tokens * row);
+    for (i, &b) in blocks.iter().enumerate() {
+        let first = kv_first + i * n; // the block's first token in kv
+        let count = n.min(tokens - i * n);
+        let block = &mut cache[b as usize * block_stride..][..block_len];
+        for h in 0..heads {
+            let (k, v) = block[h * n * 2 * d..][..2 * n * d].split_at_mut(n * d);
+            // row j of the block's [d][n] K: dimension j of the block's tokens
+            transpose(&kv_k[first * row + h * d..], row, d, count, k, n);
+            for t in 0..count {
+                v[t * d..][..d].copy_from_slice(&kv_v[(first + t) * row + h * d..][..d]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `output[r * out_stride + c] = input[c * in_stride + r]` for r < rows, c < cols. 4-byte
+/// elements go 4x4 at a time through SSE2 registers (four loads of 4 neighbours, four unpacks
+/// of each kind, four stores); the edges, and 2-byte elements, one at a time.
 #[inline]
-fn transpose_into<T: Copy>(
-    k: &[T],
-    n: usize,
-    d: usize,
-    count: usize,
-    out: &mut [T],
+fn transpose<T: Copy>(
+    input: &[T],
+    in_stride: usize,
+    rows: usize,
+    cols: usize,
+    output: &mut [T],
     out_stride: usize,
 ) {
-    if count == 0 || d == 0 {
+    if rows == 0 || cols == 0 {
         return;
     }
     // every index below is within these bounds (checked once here, not per element)
-    assert!(count <= n && k.len() >= d * n && out.len() > (count - 1) * out_stride + d - 1);
-    let (mut t_done, mut j_done) = (0, 0);
+    assert!(
+        rows <= in_stride
+            && input.len() >= (cols - 1) * in_stride + rows
+            && cols <= out_stride
+            && output.len() >= (rows - 1) * out_stride + cols
+    );
+    let (mut rows_done, mut cols_done) = (0, 0);
     #[cfg(target_arch = "x86_64")]
     if std::mem::size_of::<T>() == 4 {
-        (t_done, j_done) = (count / 4 * 4, d / 4 * 4);
-        // SAFETY: the tiles lie within t < t_done <= count, j < j_done <= d (bounds above)
+        (rows_done, cols_done) = (rows / 4 * 4, cols / 4 * 4);
+        // SAFETY: the tiles lie within r < rows_done <= rows, c < cols_done <= cols (above)
         unsafe {
             transpose_4x4_tiles(
-                k.as_ptr() as *const u32,
-                n,
-                t_done,
-                j_done,
-                out.as_mut_ptr() as *mut u32,
+                input.as_ptr() as *const u32,
+                in_stride,
+                rows_done,
+                cols_done,
+                output.as_mut_ptr() as *mut u32,
                 out_stride,
             )
         };
     }
-    for t in 0..count {
-        // what the tiles left: columns past j_done of their rows, and whole rows past t_done
-        let from = if t < t_done { j_done } else { 0 };
-        for j in from..d {
-            // SAFETY: j * n + t < d * n <= k.len() and
-            // t * out_stride + j <= (count - 1) * out_stride + d - 1 < out.len()
-            unsafe { *out.get_unchecked_mut(t * out_stride + j) = *k.get_unchecked(j * n + t) };
+    for r in 0..rows {
+        // what the tiles left: columns past cols_done of their rows, and rows past rows_done
+        let from = if r < rows_done { cols_done } else { 0 };
+        for c in from..cols {
+            // SAFETY: c * in_stride + r <= (cols - 1) * in_stride + rows - 1 < input.len() and
+            // r * out_stride + c <= (rows - 1) * out_stride + cols - 1 < output.len()
+            unsafe {
+                *output.get_unchecked_mut(r * out_stride + c) =
+                    *input.get_unchecked(c * in_stride + r)
+            };
         }
     }
 }
 
-/// The 4x4 tiles of `transpose_into` for t < rows, j < cols (both multiples of 4).
+/// The 4x4 tiles of `transpose` for r < rows, c < cols (both multiples of 4).
 ///
 /// # Safety
-/// `k` holds `cols * n` elements from its start and `out` holds
-/// `(rows - 1) * out_stride + cols` (callers check more than that).
+/// `input` holds `(cols - 1) * in_stride + rows` elements and `output` holds
+/// `(rows - 1) * out_stride + cols` (as `transpose` checks).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn transpose_4x4_tiles(
-    k: *const u32,
-    n: usize,
+    input: *const u32,
+    in_stride: usize,
     rows: usize,
     cols: usize,
-    out: *mut u32,
+    output: *mut u32,
     out_stride: usize,
 ) {
     use core::arch::x86_64::*;
-    for t0 in (0..rows).step_by(4) {
-        for j0 in (0..cols).step_by(4) {
-            let load = |j: usize| _mm_loadu_si128(k.add((j0 + j) * n + t0) as *const __m128i);
-            let (r0, r1, r2, r3) = (load(0), load(1), load(2), load(3));
-            let (a, b) = (_mm_unpacklo_epi32(r0, r1), _mm_unpackhi_epi32(r0, r1));
-            let (c, e) = (_mm_unpacklo_epi32(r2, r3), _mm_unpackhi_epi32(r2, r3));
-            let store = |t: usize, v: __m128i| {
-                _mm_storeu_si128(out.add((t0 + t) * out_stride + j0) as *mut __m128i, v)
+    for r0 in (0..rows).step_by(4) {
+        for c0 in (0..cols).step_by(4) {
+            let load =
+                |c: usize| _mm_loadu_si128(input.add((c0 + c) * in_stride + r0) as *const __m128i);
+            let (x0, x1, x2, x3) = (load(0), load(1), load(2), load(3));
+            let (a, b) = (_mm_unpacklo_epi32(x0, x1), _mm_unpackhi_epi32(x0, x1));
+            let (c, e) = (_mm_unpacklo_epi32(x2, x3), _mm_unpackhi_epi32(x2, x3));
+            let store = |r: usize, v: __m128i| {
+                _mm_storeu_si128(output.add((r0 + r) * out_stride + c0) as *mut __m128i, v)
             };
             store(0, _mm_unpacklo_epi64(a, c));
             store(1, _mm_unpackhi_epi64(a, c));
@@ -172,6 +244,7 @@ unsafe fn transpose_4x4_tiles(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     /// The definition: element by element, as the module's first paragraph states it.
     fn reference(l: &CpuPaged, src: &[u32], blocks: &[u64], tokens: usize) -> Vec<u32> {
@@ -216,6 +289,52 @@ mod tests {
             copy_out(&l, &src16, &blocks, tokens, &mut dst16).unwrap();
             let want16: Vec<u16> = want.iter().map(|&x| x as u16).collect();
             proptest::prop_assert_eq!(dst16, want16);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn copy_in_writes_exactly_the_tokens_copy_out_reads(
+            heads in 1usize..4,
+            n in proptest::sample::select(vec![1usize, 3, 8, 16, 32]),
+            d in proptest::sample::select(vec![1usize, 5, 8, 64]),
+            pad in 0usize..3,
+            order in proptest::sample::subsequence((0..7u64).collect::<Vec<_>>(), 1..5).prop_shuffle(),
+            short in 0usize..32,
+        ) {
+            let l = CpuPaged { heads, block_size: n, head_dim: d, block_stride: heads * n * 2 * d + pad };
+            let tokens = order.len() * n - short % n;
+            let kv: Vec<u32> = (0..2 * tokens * heads * d).map(|x| 1_000_000 + x as u32).collect();
+            let before: Vec<u32> = (0..7 * l.block_stride).map(|x| x as u32).collect();
+            let mut cache = before.clone();
+            copy_in(&l, &kv, 0, &order, tokens, &mut cache).unwrap();
+            // read back, the tokens are kv
+            let mut back = vec![0u32; kv.len()];
+            copy_out(&l, &cache, &order, tokens, &mut back).unwrap();
+            proptest::prop_assert_eq!(&back, &kv);
+            // and nothing else changed: write the old tokens back, get the old cache
+            let mut old = vec![0u32; kv.len()];
+            copy_out(&l, &before, &order, tokens, &mut old).unwrap();
+            copy_in(&l, &old, 0, &order, tokens, &mut cache).unwrap();
+            proptest::prop_assert_eq!(&cache, &before);
+            // from tokens `skip..` of a longer kv: what copy_in of those tokens alone writes
+            let skip = short % 3;
+            let row = heads * d;
+            let longer: Vec<u32> = (0..2 * (tokens + skip) * row).map(|x| 7 + x as u32).collect();
+            let mut part = longer[skip * row..(skip + tokens) * row].to_vec();
+            part.extend_from_slice(&longer[(tokens + skip + skip) * row..(2 * (tokens + skip)) * row]);
+            let (mut c1, mut c2) = (before.clone(), before.clone());
+            copy_in(&l, &longer, skip, &order, tokens, &mut c1).unwrap();
+            copy_in(&l, &part, 0, &order, tokens, &mut c2).unwrap();
+            proptest::prop_assert_eq!(c1, c2);
+            // 2-byte elements the same way
+            let kv16: Vec<u16> = kv.iter().map(|&x| x as u16).collect();
+            let before16: Vec<u16> = before.iter().map(|&x| x as u16).collect();
+            let mut cache16 = before16.clone();
+            copy_in(&l, &kv16, 0, &order, tokens, &mut cache16).unwrap();
+            let mut back16 = vec![0u16; kv16.len()];
+            copy_out(&l, &cache16, &order, tokens, &mut back16).unwrap();
+            proptest::prop_assert_eq!(back16, kv16);
         }
     }
 

@@ -169,11 +169,14 @@ def test_copy_cpu_blocks_refuses_what_does_not_fit():
 
     src = torch.zeros((NB, H, N, 2 * D)).reshape(-1).numpy()
     dst = torch.zeros((2, N, H, D)).reshape(-1).numpy()
+    with pytest.raises(InvalidArgumentError, match="kv_first"):
+        copy_cpu_blocks(src, dst, [0], N, H, N, D, H * N * 2 * D, kv_first=1)
+    copy_cpu_blocks(src, dst, [1], N, H, N, D, H * N * 2 * D, to_cache=True)
     args = (1, H, N, D, H * N * 2 * D)
     copy_cpu_blocks(src, dst, [NB - 1], N, *args[1:])
     with pytest.raises(InvalidArgumentError, match="outside the cache"):
         copy_cpu_blocks(src, dst, [NB], N, *args[1:])
-    with pytest.raises(InvalidArgumentError, match="destination holds"):
+    with pytest.raises(InvalidArgumentError, match="token-major side holds"):
         copy_cpu_blocks(src, dst[:-1], [0], N, *args[1:])
     with pytest.raises(InvalidArgumentError, match="overlap"):
         copy_cpu_blocks(src, src[: dst.size], [1], N, *args[1:])
@@ -183,3 +186,37 @@ def test_copy_cpu_blocks_refuses_what_does_not_fit():
     readonly.setflags(write=False)
     with pytest.raises(InvalidArgumentError, match="writable"):
         copy_cpu_blocks(src, readonly, [0], N, *args[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_load_into_packed_cpu_layers_writes_what_scatter_writes(dtype, data):
+    # copy_run_in (copy_cpu_blocks into the cache) against scatter, element for element, for
+    # runs starting at a block's start, from any first token of the retrieved KV
+    num_tokens = data.draw(st.integers(1, NB * N))
+    start = data.draw(st.integers(0, (num_tokens - 1) // N)) * N
+    table = data.draw(st.permutations(range(NB)))
+    kv = reference_kv(num_tokens, data.draw(st.integers(0, 2**16))).to(dtype)
+    fast = {f"l{i}": torch.randn((NB, H, N, 2 * D)).to(dtype) for i in range(L)}
+    slow = {name: t.clone() for name, t in fast.items()}
+    _, _, fast_views = layout.describe(fast, N, H, D)
+    _, _, slow_views = layout.describe(slow, N, H, D)
+    run = layout.token_run(table, N, start, num_tokens, torch.device("cpu"))
+    assert layout.copy_run_in(fast_views, run, kv, start)
+    blocks, offsets = layout.slot_indices(table, N, start, num_tokens, torch.device("cpu"))
+    layout.scatter(slow_views, blocks, offsets, kv[:, :, start:num_tokens])
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
+
+
+def test_a_load_copy_run_in_declines_what_it_does_not_take():
+    tensors = {"l0": torch.zeros((NB, H, N, 2 * D))}
+    _, _, views = layout.describe(tensors, N, H, D)
+    kv = torch.ones((1, 2, 2 * N, H, D))
+    mid = layout.token_run([0, 1, 2], N, 1, 2 * N, torch.device("cpu"))
+    assert not layout.copy_run_in(views, mid, kv, 1)  # starts mid-block
+    whole = layout.token_run([0, 1], N, 0, 2 * N, torch.device("cpu"))
+    assert not layout.copy_run_in(views, whole, kv.double(), 0)  # another dtype
+    assert not layout.copy_run_in(views, whole, kv.transpose(2, 3).contiguous().transpose(2, 3), 0)
+    assert int(tensors["l0"].count_nonzero()) == 0  # nothing written by any of them

@@ -250,21 +250,26 @@ def read_lmcache_push(frames: list[bytes]) -> list[tuple[int, int, list[_PushHol
     left to the caller."""
 
 def copy_cpu_blocks(
-    src: Any,
-    dst: Any,
+    cache: Any,
+    kv: Any,
     blocks: Sequence[int],
     tokens: int,
     heads: int,
     block_size: int,
     head_dim: int,
     block_stride: int,
+    to_cache: bool = False,
+    kv_first: int = 0,
 ) -> None:
-    """Copy the first ``tokens`` tokens of ``blocks`` out of ``src``, one layer of vLLM's CPU
-    paged cache (``[num_blocks, heads, block_size, 2 * head_dim]``, ``block_stride`` elements
-    from one block to the next; per block and head K transposed, then V), into ``dst``,
-    ``[2, tokens, heads, head_dim]``. Both are C-contiguous buffers of one item size (2 or 4
-    bytes), ``dst`` writable and apart from ``src``; bytes are moved, never converted. Raises
-    InvalidArgumentError for sizes, blocks or buffers that do not fit."""
+    """Copy the first ``tokens`` tokens of ``blocks`` between ``cache``, one layer of vLLM's
+    CPU paged cache (``[num_blocks, heads, block_size, 2 * head_dim]``, ``block_stride``
+    elements from one block to the next; per block and head K transposed, then V), and ``kv``,
+    ``[2, tokens, heads, head_dim]``: out of the cache into ``kv``, or with ``to_cache`` from
+    tokens ``kv_first..kv_first + tokens`` of ``kv`` (``[2, T, heads, head_dim]``) into the
+    cache, leaving the rest of a partly filled last block as it is. Both are C-contiguous
+    buffers of one item size (2 or 4 bytes), the one written writable and apart from the
+    other; bytes are moved, never converted. Raises InvalidArgumentError for sizes, blocks or
+    buffers that do not fit."""
 
 @final
 class EngineOps:

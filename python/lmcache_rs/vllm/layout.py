@@ -199,6 +199,24 @@ def gather(layers: Sequence[LayerViews], blocks: torch.Tensor, offsets: torch.Te
     return out
 
 
+def copy_run_in(layers: Sequence[LayerViews], run: TokenRun, kv: torch.Tensor, first: int) -> bool:
+    """Tokens ``first..`` of ``kv`` (``[num_layers, 2, T, H, D]``, as the store retrieves them)
+    into ``run``'s blocks of every layer by ``copy_cpu_blocks``, when the layers are packed
+    ``cpu`` ones of ``kv``'s dtype, ``kv`` is contiguous and the run starts at a block's start:
+    True. False (nothing written) otherwise: ``scatter`` does it."""
+    packed = layers[0].packed
+    if (packed is None or not run.ids or kv.dtype != packed.dtype or kv.device != packed.device
+            or not kv.is_contiguous() or any(views.packed is None for views in layers)):
+        return False
+    _, heads, block_size, two_d = packed.shape
+    tokens = run.full * block_size + run.tail
+    kv_bytes = bytes_view(kv)
+    for i, views in enumerate(layers):
+        copy_cpu_blocks(views.packed_bytes, kv_bytes[i], run.ids, tokens, heads, block_size, two_d // 2,
+                        views.packed.stride(0), to_cache=True, kv_first=first)
+    return True
+
+
 def scatter(layers: Sequence[LayerViews], blocks: torch.Tensor, offsets: torch.Tensor, kv: torch.Tensor) -> None:
     """Write ``kv`` (``[num_layers, 2, T, H, D]``, any device) into the tokens at (blocks, offsets)."""
     device = layers[0].key.device

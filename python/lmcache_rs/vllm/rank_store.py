@@ -227,8 +227,10 @@ class RankStore:
         end = min(matched, spec.end)
         if end > spec.start:
             device = self.views[0].key.device
-            blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
-            layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
+            run = layout.token_run(spec.block_ids, self.block_size, spec.start, end, device)
+            if not layout.copy_run_in(self.views, run, kv, spec.start):
+                blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
+                layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
             self.stats["loaded_tokens"] += end - spec.start
         if end < spec.end:
             self.stats["load_failures"] += 1
