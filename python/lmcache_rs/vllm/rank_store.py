@@ -228,7 +228,10 @@ class RankStore:
         if end > spec.start:
             device = self.views[0].key.device
             run = layout.token_run(spec.block_ids, self.block_size, spec.start, end, device)
-            if not layout.copy_run_in(self.views, run, kv, spec.start):
+            copy_started = timing.now()
+            copied = layout.copy_run_in(self.views, run, kv, spec.start)
+            timing.add("load_copy", timing.now() - copy_started)
+            if not copied:
                 blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
                 layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
             self.stats["loaded_tokens"] += end - spec.start
@@ -259,6 +262,7 @@ class RankStore:
                 with self._failed_lock:
                     saves = [spec for spec in plan.saves if spec.request_id not in self._failed_loads]
                 self._stage(saves)
+                timing.add("stage", timing.now() - started)
             stream = self._side_stream
             if stream is not None:  # wait for the layer's kernels, copy without holding up the next
                 stream.wait_stream(torch.cuda.current_stream(stream.device))
