@@ -10,6 +10,19 @@
 
 use crate::error::{Error, Result};
 
+/// The element types copied: 2- and 4-byte words (bfloat16, float16, float32 moved as bits).
+/// Sealed: the 4-byte path reads whole words through SIMD registers, which a type with
+/// padding bytes must not be.
+pub trait Element: Copy + sealed::Sealed {}
+impl Element for u16 {}
+impl Element for u32 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+}
+
 /// The shape of one layer of vLLM's CPU paged cache, in elements.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuPaged {
@@ -49,17 +62,21 @@ fn check(
         .block_len()
         .filter(|&len| len > 0 && block_stride >= len)
         .ok_or_else(|| Error::arg(format!("bad CPU cache layout {layout:?}")))?;
-    if tokens > blocks.len() * n || tokens + n <= blocks.len() * n {
+    // a block has at least one element per (head, token, dim) pair, so these fit in usize
+    let row = heads * d;
+    let span = blocks.len().checked_mul(n);
+    if span.is_none_or(|span| tokens > span || tokens.saturating_add(n) <= span) {
         return Err(Error::arg(format!(
             "{tokens} tokens do not fill {} blocks of {n} (the last may be partial)",
             blocks.len()
         )));
     }
-    if kv_len != 2 * kv_tokens * heads * d || kv_first + tokens > kv_tokens {
+    let kv_size = kv_tokens.checked_mul(2 * row);
+    if kv_size != Some(kv_len) || kv_first.saturating_add(tokens) > kv_tokens {
         return Err(Error::arg(format!(
             "the token-major side holds {kv_len} elements, not [2, {kv_tokens}, {heads}, {d}] \
              with tokens {kv_first}..{} in it",
-            kv_first + tokens
+            kv_first.saturating_add(tokens)
         )));
     }
     for &b in blocks {
@@ -79,7 +96,7 @@ fn check(
 /// Copy the first `tokens` tokens of `blocks` (a request's blocks in token order; the last may
 /// be partly filled) from `cache`, one layer in vLLM's CPU layout, into `kv`,
 /// `[2, tokens, H, D]`. Every size and block index is checked before anything is copied.
-pub fn copy_out<T: Copy>(
+pub fn copy_out<T: Element>(
     layout: &CpuPaged,
     cache: &[T],
     blocks: &[u64],
@@ -115,7 +132,7 @@ pub fn copy_out<T: Copy>(
 /// The inverse of `copy_out`, from tokens `kv_first..kv_first + tokens` of `kv`
 /// (`[2, T, H, D]`, T of any size that holds them) into the first `tokens` tokens of `blocks`
 /// in `cache`. The rest of a partly filled last block is left as it is.
-pub fn copy_in<T: Copy>(
+pub fn copy_in<T: Element>(
     layout: &CpuPaged,
     kv: &[T],
     kv_first: usize,
@@ -129,8 +146,11 @@ pub fn copy_in<T: Copy>(
         head_dim: d,
         block_stride,
     } = *layout;
-    let row = heads * d;
-    let kv_tokens = if row == 0 { 0 } else { kv.len() / (2 * row) };
+    // (what overflows here is refused by `check`, which sees the true sizes)
+    let kv_tokens = match heads.checked_mul(d).and_then(|r| r.checked_mul(2)) {
+        Some(per_token) if per_token > 0 => kv.len() / per_token,
+        _ => 0,
+    };
     let block_len = check(
         layout,
         cache.len(),
@@ -138,6 +158,7 @@ pub fn copy_in<T: Copy>(
         tokens,
         (kv.len(), kv_tokens, kv_first),
     )?;
+    let row = heads * d;
     let (kv_k, kv_v) = kv.split_at(kv_tokens * row);
     for (i, &b) in blocks.iter().enumerate() {
         let first = kv_first + i * n; // the block's first token in kv
@@ -159,7 +180,7 @@ pub fn copy_in<T: Copy>(
 /// elements go 4x4 at a time through SSE2 registers (four loads of 4 neighbours, four unpacks
 /// of each kind, four stores); the edges, and 2-byte elements, one at a time.
 #[inline]
-fn transpose<T: Copy>(
+fn transpose<T: Element>(
     input: &[T],
     in_stride: usize,
     rows: usize,
@@ -264,18 +285,31 @@ mod tests {
         out
     }
 
+    /// Layouts with and without whole 4x4 tiles, blocks packed or a little apart.
+    fn layouts() -> impl Strategy<Value = CpuPaged> {
+        (
+            1usize..4,
+            proptest::sample::select(vec![1usize, 3, 8, 16, 32]),
+            proptest::sample::select(vec![1usize, 5, 8, 64]),
+            0usize..3,
+        )
+            .prop_map(|(heads, n, d, pad)| CpuPaged {
+                heads,
+                block_size: n,
+                head_dim: d,
+                block_stride: heads * n * 2 * d + pad,
+            })
+    }
+
     proptest::proptest! {
         #[test]
         fn matches_the_definition(
-            heads in 1usize..4,
-            n in proptest::sample::select(vec![1usize, 3, 8, 16, 32]),
-            d in proptest::sample::select(vec![1usize, 5, 8, 64]),
-            pad in 0usize..3,
+            l in layouts(),
             num_blocks in 1usize..7,
             picks in proptest::collection::vec(0usize..7, 1..5),
             short in 0usize..32,
         ) {
-            let l = CpuPaged { heads, block_size: n, head_dim: d, block_stride: heads * n * 2 * d + pad };
+            let (heads, n, d) = (l.heads, l.block_size, l.head_dim);
             let src: Vec<u32> = (0..num_blocks * l.block_stride).map(|x| x as u32).collect();
             let blocks: Vec<u64> = picks.iter().map(|&p| (p % num_blocks) as u64).collect();
             let tokens = blocks.len() * n - short % n;
@@ -295,14 +329,11 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn copy_in_writes_exactly_the_tokens_copy_out_reads(
-            heads in 1usize..4,
-            n in proptest::sample::select(vec![1usize, 3, 8, 16, 32]),
-            d in proptest::sample::select(vec![1usize, 5, 8, 64]),
-            pad in 0usize..3,
+            l in layouts(),
             order in proptest::sample::subsequence((0..7u64).collect::<Vec<_>>(), 1..5).prop_shuffle(),
             short in 0usize..32,
         ) {
-            let l = CpuPaged { heads, block_size: n, head_dim: d, block_stride: heads * n * 2 * d + pad };
+            let (heads, n, d) = (l.heads, l.block_size, l.head_dim);
             let tokens = order.len() * n - short % n;
             let kv: Vec<u32> = (0..2 * tokens * heads * d).map(|x| 1_000_000 + x as u32).collect();
             let before: Vec<u32> = (0..7 * l.block_stride).map(|x| x as u32).collect();

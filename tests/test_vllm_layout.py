@@ -180,8 +180,10 @@ def test_copy_cpu_blocks_refuses_what_does_not_fit():
         copy_cpu_blocks(src, dst[:-1], [0], N, *args[1:])
     with pytest.raises(InvalidArgumentError, match="overlap"):
         copy_cpu_blocks(src, src[: dst.size], [1], N, *args[1:])
-    with pytest.raises(InvalidArgumentError, match="item size"):
+    with pytest.raises(InvalidArgumentError, match="items of 2 or 4 bytes"):
         copy_cpu_blocks(src, torch.zeros(dst.size, dtype=torch.float64).numpy(), [0], N, *args[1:])
+    with pytest.raises(InvalidArgumentError, match="one item size"):
+        copy_cpu_blocks(src, torch.zeros(2 * dst.size, dtype=torch.float16).numpy(), [0], N, *args[1:])
     readonly = dst.copy()
     readonly.setflags(write=False)
     with pytest.raises(InvalidArgumentError, match="writable"):
@@ -220,3 +222,52 @@ def test_a_load_copy_run_in_declines_what_it_does_not_take():
     assert not layout.copy_run_in(views, whole, kv.double(), 0)  # another dtype
     assert not layout.copy_run_in(views, whole, kv.transpose(2, 3).contiguous().transpose(2, 3), 0)
     assert int(tensors["l0"].count_nonzero()) == 0  # nothing written by any of them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_cpu_blocks_both_ways_on_shapes_with_whole_simd_tiles(dtype):
+    # block 32, head_dim 64 (as vLLM's CPU caches): the 4-byte path transposes in 4x4 tiles
+    nb, h, n, d = 5, 2, 32, 64
+    from lmcache_rs import copy_cpu_blocks
+
+    cache = torch.randn((nb, h, n, 2 * d)).to(dtype)
+    views = layout.layer_views(cache, "cpu")
+    table, tokens = [3, 0, 4], 2 * n + 5
+    blocks, offsets = layout.slot_indices(table, n, 0, tokens, torch.device("cpu"))
+    want = torch.stack([views.key[blocks, offsets], views.value[blocks, offsets]])
+    out = torch.empty((2, tokens, h, d), dtype=dtype)
+    copy_cpu_blocks(layout.bytes_view(cache), layout.bytes_view(out), table, tokens, h, n, d, h * n * 2 * d)
+    assert torch.equal(out, want)
+    # and back, into a cache of zeros: exactly those tokens, nothing else
+    empty = torch.zeros_like(cache)
+    copy_cpu_blocks(layout.bytes_view(empty), layout.bytes_view(out), table, tokens, h, n, d, h * n * 2 * d,
+                    to_cache=True)
+    back = layout.layer_views(empty, "cpu")
+    assert torch.equal(back.key[blocks, offsets], want[0]) and torch.equal(back.value[blocks, offsets], want[1])
+    written = 2 * tokens * h * d
+    assert int(empty.count_nonzero()) == int(want.count_nonzero()) and int(want.count_nonzero()) > written * 0.99
+
+
+def test_copy_cpu_blocks_refuses_buffers_it_cannot_take():
+    import numpy as np
+
+    from lmcache_rs import InvalidArgumentError, copy_cpu_blocks
+
+    args = ([0], N, H, N, D, H * N * 2 * D)
+    cache = np.zeros(NB * H * N * 2 * D, dtype=np.float32)
+    kv = np.zeros(2 * N * H * D, dtype=np.float32)
+    readonly = cache.copy()
+    readonly.setflags(write=False)
+    with pytest.raises(InvalidArgumentError, match="cache must be writable"):
+        copy_cpu_blocks(readonly, kv, *args, to_cache=True)
+    copy_cpu_blocks(readonly, kv, *args)  # reading a read-only cache is fine
+    misaligned = np.frombuffer(bytearray(kv.nbytes + 1), dtype=np.float32, offset=1)
+    with pytest.raises(InvalidArgumentError, match="aligned"):
+        copy_cpu_blocks(cache, misaligned, *args)
+    with pytest.raises(InvalidArgumentError, match="items of 2 or 4 bytes"):
+        copy_cpu_blocks(cache, np.zeros(3, dtype="V0"), *args)
+    with pytest.raises(InvalidArgumentError, match="items of 2 or 4 bytes"):
+        copy_cpu_blocks(cache.view(np.uint8), kv.view(np.uint8), *args)
+    # two halves of one array, side by side but not overlapping, are accepted
+    both = np.zeros(cache.size + kv.size, dtype=np.float32)
+    copy_cpu_blocks(both[: cache.size], both[cache.size:], *args)

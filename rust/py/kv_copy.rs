@@ -6,18 +6,31 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
 
 use crate::error::Error;
-use crate::kv_copy::{self, CpuPaged};
+use crate::kv_copy::{self, CpuPaged, Element};
 use crate::py::convert::{bool_arg, int_arg, IntsArg};
 
-/// A C-contiguous buffer's address and size in items; `writable` ones are refused if read-only.
+/// A buffer's address and size in items: C-contiguous, of 2- or 4-byte items, aligned to its
+/// item size (slices of words must be); `writable` ones are refused if read-only.
 fn raw(buf: &PyUntypedBuffer, name: &str, writable: bool) -> Result<(usize, usize), Error> {
+    let size = buf.item_size();
+    if !matches!(size, 2 | 4) {
+        return Err(Error::arg(format!(
+            "{name} must have items of 2 or 4 bytes, got {size}"
+        )));
+    }
     if !buf.is_c_contiguous() {
         return Err(Error::arg(format!("{name} must be C-contiguous")));
     }
     if writable && buf.readonly() {
         return Err(Error::arg(format!("{name} must be writable")));
     }
-    Ok((buf.buf_ptr() as usize, buf.item_count()))
+    let at = buf.buf_ptr() as usize;
+    if !at.is_multiple_of(size) {
+        return Err(Error::arg(format!(
+            "{name} must be aligned to its {size}-byte items"
+        )));
+    }
+    Ok((at, buf.item_count()))
 }
 
 /// Copy the first `tokens` tokens of `blocks` between `cache`, one layer of vLLM's CPU paged
@@ -69,58 +82,77 @@ pub fn copy_cpu_blocks(
     let (cache_at, cache_items) = raw(&cache_buf, "cache", to_cache)?;
     let (kv_at, kv_items) = raw(&kv_buf, "kv", !to_cache)?;
     let size = cache_buf.item_size();
-    if kv_buf.item_size() != size || !matches!(size, 2 | 4) {
+    if kv_buf.item_size() != size {
         return Err(Error::arg(format!(
-            "cache and kv must have one item size of 2 or 4 bytes, got {size} and {}",
+            "cache and kv must have one item size, got {size} and {}",
             kv_buf.item_size()
         ))
         .into());
     }
+    // owned: a read-only buffer of block ids is read in place, and could share memory with
+    // the buffer written
+    let blocks: Vec<u64> = blocks.view()?.into_owned();
     let (cache_end, kv_end) = (cache_at + cache_items * size, kv_at + kv_items * size);
     if cache_at < kv_end && kv_at < cache_end {
         return Err(Error::arg("cache and kv overlap").into());
     }
     py.detach(|| {
-        let blocks = blocks.view()?;
         // SAFETY: both buffers are exported (held by cache_buf/kv_buf until the end of this
-        // function), C-contiguous, of the checked item counts and size, and do not overlap;
-        // the one written is writable. As with torch's own kernels, a caller that changes them
-        // from another thread meanwhile gets unspecified values, never an access outside them.
+        // function), C-contiguous, aligned, of the checked item counts and size, and do not
+        // overlap; the one written is writable. Like torch's own kernels, this relies on no
+        // other thread freeing or resizing the memory behind them meanwhile (the exports keep
+        // numpy's arrays alive, not a torch tensor's storage).
+        let copy = CheckedCopy {
+            layout,
+            cache: (cache_at, cache_items),
+            kv: (kv_at, kv_items),
+            kv_first,
+            to_cache,
+        };
         unsafe {
-            match (size, to_cache) {
-                (2, false) => kv_copy::copy_out(
-                    &layout,
-                    std::slice::from_raw_parts(cache_at as *const u16, cache_items),
-                    &blocks,
-                    tokens,
-                    std::slice::from_raw_parts_mut(kv_at as *mut u16, kv_items),
-                ),
-                (2, true) => kv_copy::copy_in(
-                    &layout,
-                    std::slice::from_raw_parts(kv_at as *const u16, kv_items),
-                    kv_first,
-                    &blocks,
-                    tokens,
-                    std::slice::from_raw_parts_mut(cache_at as *mut u16, cache_items),
-                ),
-                (_, false) => kv_copy::copy_out(
-                    &layout,
-                    std::slice::from_raw_parts(cache_at as *const u32, cache_items),
-                    &blocks,
-                    tokens,
-                    std::slice::from_raw_parts_mut(kv_at as *mut u32, kv_items),
-                ),
-                (_, true) => kv_copy::copy_in(
-                    &layout,
-                    std::slice::from_raw_parts(kv_at as *const u32, kv_items),
-                    kv_first,
-                    &blocks,
-                    tokens,
-                    std::slice::from_raw_parts_mut(cache_at as *mut u32, cache_items),
-                ),
+            if size == 2 {
+                copy.run::<u16>(&blocks, tokens)
+            } else {
+                copy.run::<u32>(&blocks, tokens)
             }
         }
     })?;
     drop((cache_buf, kv_buf));
     Ok(())
+}
+
+/// One checked copy: the buffers as (address, items).
+struct CheckedCopy {
+    layout: CpuPaged,
+    cache: (usize, usize),
+    kv: (usize, usize),
+    kv_first: usize,
+    to_cache: bool,
+}
+
+impl CheckedCopy {
+    /// # Safety
+    /// As at the call site: both buffers hold `T`s (aligned, of those item counts), apart from
+    /// each other, the one written writable, and alive and unchanged in size meanwhile.
+    unsafe fn run<T: Element>(&self, blocks: &[u64], tokens: usize) -> Result<(), Error> {
+        let (cache, kv) = (self.cache, self.kv);
+        if self.to_cache {
+            kv_copy::copy_in(
+                &self.layout,
+                std::slice::from_raw_parts(kv.0 as *const T, kv.1),
+                self.kv_first,
+                blocks,
+                tokens,
+                std::slice::from_raw_parts_mut(cache.0 as *mut T, cache.1),
+            )
+        } else {
+            kv_copy::copy_out(
+                &self.layout,
+                std::slice::from_raw_parts(cache.0 as *const T, cache.1),
+                blocks,
+                tokens,
+                std::slice::from_raw_parts_mut(kv.0 as *mut T, kv.1),
+            )
+        }
+    }
 }

@@ -47,7 +47,8 @@ class LayerViews:
 
     key: torch.Tensor
     value: torch.Tensor
-    # the layer tensor itself when it is a contiguous ``cpu`` layout of 2- or 4-byte elements:
+    # the layer tensor itself when it is a contiguous ``cpu`` layout of 2- or 4-byte elements
+    # (blocks ``heads * block_size * 2 * head_dim`` elements apart):
     # whole blocks are then copied out by ``copy_cpu_blocks`` (rust/kv_copy.rs), several times
     # faster than torch's strided gathers of the transposed K; ``packed_bytes`` is its memory
     # as the numpy array that function takes (made once: it costs a few microseconds)
@@ -153,10 +154,11 @@ def copy_run(views: LayerViews, run: TokenRun, out: torch.Tensor, out_bytes: Any
         out[1] = views.value[run.blocks, run.offsets]
         return
     packed = views.packed
-    if packed is not None and run.ids and out.dtype == packed.dtype and out.is_contiguous():
+    if (packed is not None and run.ids and out.dtype == packed.dtype and out.device == packed.device
+            and out.is_contiguous()):
         _, heads, block_size, two_d = packed.shape
         copy_cpu_blocks(views.packed_bytes, out_bytes if out_bytes is not None else bytes_view(out), run.ids,
-                        run.full * block_size + run.tail, heads, block_size, two_d // 2, packed.stride(0))
+                        run.full * block_size + run.tail, heads, block_size, two_d // 2, heads * block_size * two_d)
         return
     n = run.whole.numel() * views.key.shape[1]
     if n:
@@ -213,7 +215,7 @@ def copy_run_in(layers: Sequence[LayerViews], run: TokenRun, kv: torch.Tensor, f
     kv_bytes = bytes_view(kv)
     for i, views in enumerate(layers):
         copy_cpu_blocks(views.packed_bytes, kv_bytes[i], run.ids, tokens, heads, block_size, two_d // 2,
-                        views.packed.stride(0), to_cache=True, kv_first=first)
+                        heads * block_size * two_d, to_cache=True, kv_first=first)
     return True
 
 

@@ -227,10 +227,12 @@ class RankStore:
         end = min(matched, spec.end)
         if end > spec.start:
             device = self.views[0].key.device
-            run = layout.token_run(spec.block_ids, self.block_size, spec.start, end, device)
-            copy_started = timing.now()
-            copied = layout.copy_run_in(self.views, run, kv, spec.start)
-            timing.add("load_copy", timing.now() - copy_started)
+            copied = False
+            if self.views[0].packed is not None and spec.start % self.block_size == 0:
+                copy_started = timing.now()
+                run = layout.token_run(spec.block_ids, self.block_size, spec.start, end, device)
+                copied = layout.copy_run_in(self.views, run, kv, spec.start)
+                timing.add("load_copy", timing.now() - copy_started)
             if not copied:
                 blocks, offsets = layout.slot_indices(spec.block_ids, self.block_size, spec.start, end, device)
                 layout.scatter(self.views, blocks, offsets, kv[:, :, spec.start:end])
