@@ -117,9 +117,9 @@ pub fn copy_out<T: Element>(
         let count = n.min(tokens - first);
         let block = &cache[b as usize * block_stride..][..block_len];
         for h in 0..heads {
-            let k = &block[h * n * 2 * d..][..n * d]; // [d][n]
-            let v = &block[h * n * 2 * d + n * d..][..n * d]; // [n][d]
-                                                              // token t's K: column t of the block's [d][n]
+            // K is [d][n] (token t's K is its column t), V is [n][d]
+            let k = &block[h * n * 2 * d..][..n * d];
+            let v = &block[h * n * 2 * d + n * d..][..n * d];
             transpose(k, n, count, d, &mut kv_k[first * row + h * d..], row);
             for t in 0..count {
                 kv_v[(first + t) * row + h * d..][..d].copy_from_slice(&v[t * d..][..d]);

@@ -300,12 +300,9 @@ class RankStore:
     def _copy_layer(self, index: int) -> None:
         views = self.views[index]
         for staged in self._staging:
-            if staged.outs_bytes is not None:
-                for run, out, out_bytes in zip(staged.runs, staged.outs, staged.outs_bytes):
-                    layout.copy_run(views, run, out[index], out_bytes[index])
-            else:
-                for run, out in zip(staged.runs, staged.outs):
-                    layout.copy_run(views, run, out[index])
+            outs_bytes = staged.outs_bytes or [None] * len(staged.outs)
+            for run, out, out_bytes in zip(staged.runs, staged.outs, outs_bytes):
+                layout.copy_run(views, run, out[index], None if out_bytes is None else out_bytes[index])
 
     def _drop_staging(self) -> None:
         for staged in self._staging:
