@@ -14,7 +14,7 @@ vLLM's own prefix cache for the prompt (``repeat_output_identical``). Medians ar
 
 Models (random weights, built locally): ``tiny`` is the tests' 2-layer Llama (hidden 128);
 ``prefill8`` makes prefill expensive: 8 layers, hidden 512, 8 heads, 2 KV heads, 4,096-token
-prompts. Connectors: ``none`` (recompute), ``noop`` (benchmarks/noop_connector.py, which does
+prompts. Connectors: ``none`` (recompute), ``noop`` (benchmarks/anchors/noop_connector.py, which does
 nothing: vLLM's own cost of running a connector), ``lmcache_rs`` (LMCacheRsConnector, CPU pool of
 2 GB, chunk 256), and vLLM's ``OffloadingConnector`` and ``SimpleCPUOffloadConnector`` (a
 connector that fails to start on this CPU build is reported with its error).
