@@ -26,11 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its waited-for children) in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its waited-for children: the process's own
+    code, and the kernel's work for it (system calls, the TCP stack, page faults)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return sum(int(x) for x in fields[11:15]) / ticks
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + cutime) / ticks, (stime + cstime) / ticks
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its waited-for children) in seconds."""
+    return sum(cpu_times(pid))
 
 
 def stop(proc: subprocess.Popen | None, what: str) -> None:

@@ -53,7 +53,7 @@ from common import (  # noqa: E402
     OUR_PY,
     RESULTS_DIR,
     ROOT,
-    cpu_seconds,
+    cpu_times,
     fmt,
     free_port,
     loadavg,
@@ -136,7 +136,7 @@ def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: 
     cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
            "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(bodies)]
     cmd = (CLIENT_PIN if pin_core is None else ["taskset", "-c", str(pin_core)]) + cmd
-    cpu0 = cpu_seconds(server_pid) if server_pid else None
+    cpu0 = cpu_times(server_pid) if server_pid else None
     load0 = loadavg()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -148,7 +148,9 @@ def run_wrk(port: int, connections: int, duration: float, threads: int, bodies: 
     res["cmd"] = " ".join(cmd)
     res["loadavg_before"] = load0
     if server_pid:
-        res["server_cpu_cores"] = (cpu_seconds(server_pid) - cpu0) / res["duration_s"]
+        user, system = (after - before for after, before in zip(cpu_times(server_pid), cpu0))
+        res["server_cpu_cores"] = (user + system) / res["duration_s"]
+        res["server_user_cores"], res["server_system_cores"] = user / res["duration_s"], system / res["duration_s"]
     wrk_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
     res["wrk_cpu_cores"] = wrk_cpu / res["duration_s"]
     res["errors"] = sum(res[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
@@ -171,7 +173,8 @@ def load_phase(name: str, port: int, server_pid: int, args, bodies: Path) -> dic
                 f"wrk {x['wrk_cpu_cores']:.2f} cores, errors {x['errors']}")
             runs.append(x)
         best = dict(max(runs, key=lambda x: x["rps"]))
-        best["runs"] = [{k: x[k] for k in ("rps", "p50_us", "p99_us", "server_cpu_cores", "wrk_cpu_cores", "loadavg_before", "errors")
+        best["runs"] = [{k: x[k] for k in ("rps", "p50_us", "p99_us", "server_cpu_cores", "server_user_cores", "server_system_cores",
+                                           "wrk_cpu_cores", "loadavg_before", "errors")
                          if k in x} for x in runs]
         best["errors_all_runs"] = sum(x["errors"] for x in runs)
         out[f"c{c}"] = best
@@ -296,32 +299,69 @@ def bench_nginx(args, bodies: Path) -> dict:
 
 
 def inproc_breakdown(wl, bodies: Path) -> dict:
-    """Index.lookup_json on the same bodies, in this process: the share of a request's
-    server time that is parsing + hashing + the tree walk (the rest is HTTP and Python)."""
+    """Where a request's in-process time goes, on the same bodies, in this process (µs per
+    body, best of 5 passes):
+
+    - ``lookup_json_us``: ``Index.lookup_json`` on the benchmark's index, all of it;
+    - ``parse_us``: ``lookup_json`` on an empty index: the body parsed, then the walk stops at
+      the first chunk (two chunks hashed, ``{}`` rendered), so this is the parse within a
+      fraction of a µs;
+    - ``hash_walk_render_us``: ``lookup_json_us - parse_us``, the rest;
+    - and for scale, each timed on its own through its Python binding: ``hash_us``,
+      ``chunk_hashes`` of every chunk of the body's tokens from numpy (an upper bound: a walk
+      that stops at a miss hashes one chunk past it), and ``walk_us``, ``lookup_keys`` on
+      those keys computed beforehand (the walk and its answer as a dict, no hashing).
+
+    The server-side rest (HTTP and Python, and the kernel's system calls and TCP) comes from
+    the server's CPU time during the wrk runs (``per_request_breakdown``)."""
+    import numpy as np
+
     import lmcache_rs
 
     idx = lmcache_rs.Index(chunk_size=256, seed=0)
     for i, a in enumerate(wl.stored):
         for p in range(a.shape[0]):
             idx.admit(wlmod.instance_name(i), 0, wlmod.LOCATION, tokens=a[p])
+    empty = lmcache_rs.Index(chunk_size=256, seed=0)
     raw = [line for line in bodies.read_bytes().splitlines() if line]
-    # the same bodies with another key ahead of "tokens" (as a client adding "model" sends)
+    tokens = [np.asarray(json.loads(b)["tokens"], dtype=np.uint32) for b in raw]
+    keys = [np.asarray(lmcache_rs.chunk_hashes(t, 256, 0), dtype=np.uint64) for t in tokens]
+    # the same bodies with another key ahead of "tokens" or after it (a client adding "model")
     other = [b'{"model": "m", ' + b[1:] for b in raw]
+    after = [b[:-1] + b', "model": "m"}' for b in raw]
 
-    def best_us(batch: list[bytes]) -> float:
-        for b in batch:
-            idx.lookup_json(b, "warm")
+    def best_us(call, items) -> float:
+        for x in items:
+            call(x)
         best = float("inf")
         for _ in range(5):
             t = time.perf_counter_ns()
-            for b in batch:
-                idx.lookup_json(b, "x")
-            best = min(best, (time.perf_counter_ns() - t) / len(batch) / 1e3)
+            for x in items:
+                call(x)
+            best = min(best, (time.perf_counter_ns() - t) / len(items) / 1e3)
         return best
 
-    best = best_us(raw)
-    return {"lookup_json_us": best, "lookup_json_other_keys_us": best_us(other), "bodies": len(raw),
-            "body_bytes_mean": sum(map(len, raw)) / len(raw), "single_core_ceiling_rps": 1e6 / best}
+    full = best_us(lambda b: idx.lookup_json(b, "x"), raw)
+    parse = best_us(lambda b: empty.lookup_json(b, "x"), raw)
+    parts = {"parse_us": parse, "hash_walk_render_us": full - parse,
+             "hash_us": best_us(lambda t: lmcache_rs.chunk_hashes(t, 256, 0), tokens),
+             "walk_us": best_us(idx.lookup_keys, keys)}
+    return {"lookup_json_us": full, **parts, "lookup_json_other_keys_us": best_us(lambda b: idx.lookup_json(b, "x"), other),
+            "lookup_json_keys_after_us": best_us(lambda b: idx.lookup_json(b, "x"), after),
+            "bodies": len(raw), "body_bytes_mean": sum(map(len, raw)) / len(raw), "single_core_ceiling_rps": 1e6 / full}
+
+
+def per_request_breakdown(ours: dict) -> dict:
+    """µs of server CPU per request at 8 connections, split: the in-process parts of
+    ``inproc_breakdown``, the rest of the server's user time (HTTP parsing and writing, Python,
+    the event loop) and its system time (system calls, the kernel's TCP work). CPU time, not
+    latency: with the core saturated, 1e6 / (user + system) is the request rate."""
+    run, ip = ours["load"]["c8"], ours["inproc"]
+    user = run["server_user_cores"] * 1e6 / run["rps"]
+    system = run["server_system_cores"] * 1e6 / run["rps"]
+    return {"parse_us": ip["parse_us"], "hash_walk_render_us": ip["hash_walk_render_us"],
+            "http_and_python_us": user - ip["lookup_json_us"], "system_us": system, "total_us": user + system,
+            "hash_alone_us": ip["hash_us"], "walk_alone_us": ip["walk_us"]}
 
 
 def ours_available() -> str | None:
@@ -420,7 +460,18 @@ def report(res: dict) -> str:
         lines.append(f"breakdown: Index.lookup_json alone takes {ip['lookup_json_us']:.1f} us per body "
                      f"({ip['body_bytes_mean'] / 1e3:.1f} kB of JSON) in-process, a ceiling of "
                      f"{ip['single_core_ceiling_rps'] / 1e3:.1f} k req/s per core before any HTTP work; "
-                     f"{ip['lookup_json_other_keys_us']:.1f} us with a \"model\" key ahead of \"tokens\"")
+                     f"{ip['lookup_json_other_keys_us']:.1f} us with a \"model\" key ahead of \"tokens\", "
+                     f"{ip['lookup_json_keys_after_us']:.1f} us with it after")
+    if ours and "per_request" in ours:
+        pr = ours["per_request"]
+        names = [("parse the body", "parse_us"), ("hash, walk, render", "hash_walk_render_us"),
+                 ("HTTP and Python (user CPU)", "http_and_python_us"),
+                 ("system calls and TCP (system CPU)", "system_us")]
+        rows = [[name, f"{pr[k]:.1f}", f"{100 * pr[k] / pr['total_us']:.0f} %"] for name, k in names]
+        rows.append(["server CPU per request, 8 conn", f"{pr['total_us']:.1f}", "100 %"])
+        rows.append(["(alone: hash every chunk / walk from keys)",
+                     f"{pr['hash_alone_us']:.1f} / {pr['walk_alone_us']:.1f}", ""])
+        lines.append(table(["part of a /lookup", "us per request", "share"], rows))
     if "verdict" in res:
         lines.append("targets: " + "; ".join(res["verdict"]))
     if "ours_pending" in res:
@@ -459,6 +510,7 @@ def driver(args) -> int:
         log("=== our controller ===")
         res["ours"] = bench_ours(args, bodies)
         res["ours"]["inproc"] = inproc_breakdown(wl, bodies)
+        res["ours"]["per_request"] = per_request_breakdown(res["ours"])
     if args.nginx:
         if shutil.which("nginx") is None:
             log("nginx not found: apt-get install -y nginx-light")

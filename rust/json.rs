@@ -15,12 +15,9 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
         return Ok(tokens);
     }
     // serde_json skips ignored values without checking their UTF-8; a body that is not UTF-8
-    // is not JSON, so check it whole (the fast path above takes ASCII only).
+    // is not JSON, so check it whole.
     let text = std::str::from_utf8(body)
         .map_err(|e| Error::arg(format!("bad /lookup body: not UTF-8 ({e})")))?;
-    if let Some(tokens) = tokens_among_other_keys(text) {
-        return Ok(tokens);
-    }
     let mut de = serde_json::Deserializer::from_str(text);
     let tokens = de
         .deserialize_any(BodyVisitor)
@@ -29,31 +26,13 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
     tokens.ok_or_else(|| Error::arg("bad /lookup body: missing \"tokens\""))
 }
 
-/// The common body exactly: `{"tokens": [d, d, ...]}` with plain non-negative integers and any
-/// whitespace. Anything else (other keys, escapes, signs, fractions, out-of-range values) returns
-/// None and goes through the full parser, which also produces the error messages.
+/// A valid body `{"k": v, "tokens": [d, d, ...], ...}`, keys in any order, read in one pass:
+/// the list by `fast_list` (plain non-negative integers, any whitespace), each other key and
+/// value by serde_json on its own, with the UTF-8 of every byte it skips checked (serde_json
+/// does not check what it ignores; `fast_list` takes ASCII only). None for anything else (a
+/// duplicate or missing `tokens`, any error, a list `fast_list` does not take): the full parser
+/// then gives the answer or the error.
 fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
-    let mut i = ws(b, 0);
-    for expect in [&b"{"[..], b"\"tokens\"", b":"] {
-        if !b[i..].starts_with(expect) {
-            return None;
-        }
-        i = ws(b, i + expect.len());
-    }
-    let (out, end) = fast_list(b, i)?;
-    i = ws(b, end);
-    if b.get(i) != Some(&b'}') {
-        return None;
-    }
-    (ws(b, i + 1) == b.len()).then_some(out)
-}
-
-/// A valid body with other keys too, `{"k": v, "tokens": [d, d, ...], ...}` in any order: the
-/// list read by `fast_list`, each other key and value by serde_json on its own (so the list is
-/// not scanned twice). None for anything else (a duplicate or missing `tokens`, any error, a
-/// list `fast_list` does not take): the full parser then gives the answer or the error.
-fn tokens_among_other_keys(text: &str) -> Option<Vec<u32>> {
-    let b = text.as_bytes();
     let mut i = ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -61,13 +40,21 @@ fn tokens_among_other_keys(text: &str) -> Option<Vec<u32>> {
     i = ws(b, i + 1);
     let mut tokens = None;
     loop {
-        let (key, n) = one_value::<std::borrow::Cow<'_, str>>(&text[i..])?;
-        i = ws(b, i + n);
+        // the usual spelling of the key is matched as bytes; any other is decoded
+        let is_tokens = if b[i..].starts_with(b"\"tokens\"") {
+            i += b"\"tokens\"".len();
+            true
+        } else {
+            let (key, n) = one_value::<std::borrow::Cow<'_, str>>(&b[i..])?;
+            i += n;
+            key == "tokens"
+        };
+        i = ws(b, i);
         if b.get(i) != Some(&b':') {
             return None;
         }
         i = ws(b, i + 1);
-        if key == "tokens" {
+        if is_tokens {
             if tokens.is_some() {
                 return None;
             }
@@ -75,7 +62,9 @@ fn tokens_among_other_keys(text: &str) -> Option<Vec<u32>> {
             tokens = Some(list);
             i = end;
         } else {
-            i += one_value::<IgnoredAny>(&text[i..])?.1;
+            let n = one_value::<IgnoredAny>(&b[i..])?.1;
+            std::str::from_utf8(&b[i..i + n]).ok()?;
+            i += n;
         }
         i = ws(b, i);
         match b.get(i) {
@@ -90,9 +79,9 @@ fn tokens_among_other_keys(text: &str) -> Option<Vec<u32>> {
     tokens
 }
 
-/// The JSON value at the start of `text` and the bytes it takes.
-fn one_value<'a, T: Deserialize<'a>>(text: &'a str) -> Option<(T, usize)> {
-    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<T>();
+/// The JSON value at the start of `b` and the bytes it takes.
+fn one_value<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Option<(T, usize)> {
+    let mut stream = serde_json::Deserializer::from_slice(b).into_iter::<T>();
     let value = stream.next()?.ok()?;
     Some((value, stream.byte_offset()))
 }
@@ -606,21 +595,17 @@ mod tests {
             let body = format!("{sp}{{{sp}{}{sp}}}{sp}", members.join(&format!("{sp},{sp}")));
             let mut bytes = body.into_bytes();
             let check = |bytes: &[u8]| -> Result<(), proptest::test_runner::TestCaseError> {
-                let full = full_parse(bytes);
-                if let Ok(text) = std::str::from_utf8(bytes) {
-                    if let Some(t) = tokens_among_other_keys(text) {
-                        proptest::prop_assert_eq!(Some(t), full);
-                    }
+                if let Some(t) = fast_tokens(bytes) {
+                    proptest::prop_assert_eq!(Some(t), full_parse(bytes));
                 }
                 Ok(())
             };
             // well formed: taken whenever it has one "tokens" (as the decoded key) of plain values
-            let text = std::str::from_utf8(&bytes).unwrap();
             let full = full_parse(&bytes);
             let tokens_keys = keys.iter().filter(|&&(k, _)| k == 1 || k == 2).count();
             if tokens_keys == 0 && vals.iter().all(|&v| v <= u32::MAX as u64) && !keys.iter().any(|&(k, _)| k == 7) {
                 proptest::prop_assert!(full.is_some());
-                proptest::prop_assert_eq!(tokens_among_other_keys(text), full);
+                proptest::prop_assert_eq!(fast_tokens(&bytes), full);
             }
             check(&bytes)?;
             // damaged: whatever it takes, the full parser reads the same
