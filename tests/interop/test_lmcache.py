@@ -144,6 +144,57 @@ def test_evictions_clear_and_p2p_reach_the_engine(setup):
     assert status == 200 and [w["instance_id"] for w in body["worker_infos"]] == ["lmc-a"]
 
 
+def test_pin_compress_and_query_instance_reach_the_engine(setup):
+    """/pin, /compress, /decompress and /query_instance for an LMCache worker: each command goes
+    to the engine's own worker socket and its answer comes back."""
+    setup.start_controller()
+    engine = setup.engine("lmc-a")
+    work = prompts(4, seed=5)
+    for tokens in work:
+        engine.store(tokens)
+    wait_for(lambda: setup.lookup(work[0]) == {"lmc-a": ["LocalCPUBackend", len(work[0])]}, 30, "the admits")
+    # pinning is the engine's own lookup with pin=True: it answers how many tokens it pinned
+    status, body = setup.post("/pin", {"instance_id": "lmc-a", "location": "LocalCPUBackend",
+                                       "tokens": work[0]})
+    assert status == 200, body
+    assert body["num_tokens"] == engine.hit(work[0]) == len(work[0])
+    status, body = setup.post("/pin", {"instance_id": "lmc-a", "location": "LocalCPUBackend",
+                                       "tokens": [5] * 40})
+    assert status == 200 and body["num_tokens"] == 0, body
+    # LMCache's compress knows only "cachegen" (CUDA); any other method is the engine's 0
+    for path in ("/compress", "/decompress"):
+        status, body = setup.post(path, {"instance_id": "lmc-a", "location": "LocalCPUBackend",
+                                         "method": "no-such-method", "tokens": work[1]})
+        assert status == 200 and body["num_tokens"] == 0, (path, body)
+    # the engine's answers are unchanged by all of that
+    assert setup.lookup(work[1]) == {"lmc-a": ["LocalCPUBackend", len(work[1])]}
+    status, body = setup.post("/query_worker_info", {"instance_id": "lmc-a"})
+    assert status == 200, body
+    ip = body["worker_infos"][0]["ip"]
+    status, body = setup.post("/query_instance", {"ip": ip})
+    assert status == 200 and body["res"] == "lmc-a", body
+    status, body = setup.post("/query_instance", {"ip": "192.0.2.1"})
+    assert status == 404, body
+
+
+def test_engine_without_heartbeats_is_found_dead_by_failed_commands(setup):
+    """With heartbeats off, the controller probes the worker's command socket; a worker that
+    stops answering is removed with its entries after a few failures in a row."""
+    setup.start_controller()  # probes every 0.5 s; 3 failures in a row (the default) remove a worker
+    quiet = setup.engine("lmc-quiet", heartbeat=None)
+    alive = setup.engine("lmc-alive", heartbeat=None)
+    work = prompts(2, seed=6)
+    quiet.store(work[0])
+    alive.store(work[0])
+    wait_for(lambda: setup.lookup(work[0]).keys() == {"lmc-quiet", "lmc-alive"}, 30, "both instances")
+    quiet.kill()
+    wait_for(lambda: "lmc-quiet" not in setup.lookup(work[0]), 60, "the silent engine's entries to go")
+    assert setup.lookup(work[0]) == {"lmc-alive": ["LocalCPUBackend", len(work[0])]}
+    status, body = setup.post("/query_worker_info", {"instance_id": "all"})
+    assert status == 200 and [w["instance_id"] for w in body["worker_infos"]] == ["lmc-alive"], body
+    assert "LMCache worker lmc-quiet/0 did not answer" in setup.controller.log()
+
+
 def test_kill_engine_then_restart_controller(setup):
     """kill -9 of an engine removes its entries; a restarted controller gets the survivors
     back by heartbeat and full sync."""
