@@ -61,9 +61,14 @@ pub fn location_of(medium: Option<&str>) -> Arc<str> {
         return DEFAULT_LOCATION.into();
     };
     debug_assert!(m.is_ascii());
+    // a device with its index ("cuda:0", as torch names one) is that device's tier
+    let kind = match m.rsplit_once(':') {
+        Some((kind, ix)) if !ix.is_empty() && ix.bytes().all(|b| b.is_ascii_digit()) => kind,
+        _ => m,
+    };
     if let Some((_, loc)) = MEDIUM_LOCATIONS[..14]
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(m))
+        .find(|(k, _)| k.eq_ignore_ascii_case(kind))
     {
         return (*loc).into();
     }

@@ -204,7 +204,8 @@ def test_the_common_shape_is_taken_natively():
 
 
 def test_media_name_the_same_locations():
-    media = [*MEDIUM_LOCATIONS, *(m.lower() for m in MEDIUM_LOCATIONS), "x" * 64, "x" * 65, " ", "a~", "ÿ"]
+    media = [*MEDIUM_LOCATIONS, *(m.lower() for m in MEDIUM_LOCATIONS), "x" * 64, "x" * 65, " ", "a~", "ÿ",
+             "cuda:0", "CUDA:12", "cpu:1", "cuda:", "cuda:x", "cuda:0:1", "lmcache-l2-disk", "cuda:١"]
     stream = [(TOPICS[0], msgspec.msgpack.encode([1.0, [{
         "type": "BlockStored", "block_hashes": [i], "parent_block_hash": None, "token_ids": [i, i, i, i],
         "block_size": 4, "medium": m}], 0])) for i, m in enumerate(media)]
@@ -214,6 +215,8 @@ def test_media_name_the_same_locations():
     assert state(native) == state(python)
     locations = {loc for _, _, locs in native.publishers["pod-a"].engine.holdings().values() for loc in locs}
     assert locations == {location_of(m) for m in media}
+    assert [location_of(m) for m in ("cuda:0", "CUDA:12", "cpu:1", "cuda:", "cuda:x", "cuda:0:1", "cuda:١")] == [
+        "GPU", "GPU", "LocalCPUBackend", "cuda:", "cuda:x", "cuda:0:1", "cuda:١"]
 
 
 def test_bad_payloads_change_nothing():

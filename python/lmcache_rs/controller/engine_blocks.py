@@ -52,7 +52,9 @@ def location_of(medium: str | None) -> str:
 
 
 def _location_of(medium: str) -> str:
-    known = MEDIUM_LOCATIONS.get(medium.upper())
+    kind, colon, index = medium.rpartition(":")
+    # a device with its index ("cuda:0", as torch names one) is that device's tier
+    known = MEDIUM_LOCATIONS.get((kind if colon and index.isascii() and index.isdigit() else medium).upper())
     if known is not None:
         return known
     if 0 < len(medium) <= MAX_LOCATION_CHARS and medium.isprintable():
