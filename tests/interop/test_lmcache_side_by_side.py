@@ -190,3 +190,72 @@ def test_same_engines_against_lmcache_controller_and_ours():
     # the scenario exercises both the agreement and the documented difference
     assert differ == ["both hold all of it", "the first instance holds more", "both hold the same prefix, then a miss"]
     assert len(ours["the later instance holds more"]) == 2 and ours["nobody"] == {}
+
+
+# What an LMCache worker with P2P on asks the controller before fetching from a peer: the
+# holder of a run of its chunk keys and that holder's P2P URL. Sent with LMCache's own message
+# classes (in the interop venv) to each controller's reply socket, after admits on its pull socket.
+P2P_CLIENT = r'''
+import json, sys, time, zmq, msgspec
+from lmcache.v1.cache_controller.message import (BatchedKVOperationMsg, BatchedP2PLookupMsg, KVOpEvent, Msg,
+                                                 OpType, RegisterMsg)
+pull, reply = int(sys.argv[1]), int(sys.argv[2])
+ctx = zmq.Context()
+dealer = ctx.socket(zmq.DEALER); dealer.connect(f"tcp://127.0.0.1:{reply}")
+def ask(msg):
+    dealer.send_multipart([b"", msgspec.msgpack.encode(msg)])
+    return msgspec.msgpack.decode(dealer.recv_multipart()[-1], type=Msg)
+peers = {"p2p-a": "127.0.0.1:18201", "p2p-b": "127.0.0.1:18202", "p2p-nourl": None}
+for i, (instance_id, url) in enumerate(peers.items()):
+    ask(RegisterMsg(instance_id=instance_id, worker_id=0, ip="127.0.0.1", port=18100 + i, peer_init_url=url))
+# one PUSH connection keeps the order: once b's admits show, the others' are in too
+held = {"p2p-nourl": list(range(1, 9)), "p2p-a": list(range(1, 5)), "p2p-b": list(range(1, 7))}
+push = ctx.socket(zmq.PUSH); push.connect(f"tcp://127.0.0.1:{pull}")
+for instance_id, keys in held.items():
+    ops = [KVOpEvent(op_type=OpType.ADMIT, key=k, seq_num=s) for s, k in enumerate(keys)]
+    push.send(msgspec.msgpack.encode(BatchedKVOperationMsg(instance_id=instance_id, worker_id=0,
+                                                           location="LocalCPUBackend", operations=ops)))
+def lookup(asker, keys):
+    return [list(x) for x in ask(BatchedP2PLookupMsg(hashes=keys, instance_id=asker, worker_id=0)).layout_info]
+deadline = time.time() + 60
+while lookup("p2p-c", [6])[0][2] == 0 and time.time() < deadline:
+    time.sleep(0.05)
+cases = {"from a third instance": ("p2p-c", list(range(1, 9))), "the asker is excluded": ("p2p-a", list(range(1, 9))),
+         "only b holds the first key": ("p2p-c", [5, 6, 1, 7]), "only a holder without a P2P URL": ("p2p-c", [7, 8]),
+         "nobody": ("p2p-c", [99]), "no keys": ("p2p-c", [])}
+print(json.dumps({name: lookup(*args) for name, args in cases.items()}))
+'''
+
+
+def _p2p_answers(controller_class) -> dict:
+    pull, reply = free_ports(2)
+    controller = controller_class(pull, reply)
+    try:
+        env = dict(os.environ, PYTHONHASHSEED=SEED)
+        env.pop("PYTHONPATH", None)
+        run = subprocess.run([str(INTEROP_PY), "-c", P2P_CLIENT, str(pull), str(reply)], capture_output=True,
+                             text=True, timeout=180, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        controller.close()
+
+
+def test_p2p_lookup_against_lmcache_controller_and_ours():
+    """BatchedP2PLookupMsg: ours names the instance (other than the asker, with a P2P URL)
+    holding the longest run of the keys; LMCache's names the first registered holder of the
+    first key and counts that one's run. Where only one instance qualifies, both agree."""
+    theirs, ours = _p2p_answers(TheirController), _p2p_answers(OurController)
+    b_url = "127.0.0.1:18202"
+    assert ours == {
+        "from a third instance": [["p2p-b", "LocalCPUBackend", 6, b_url]],
+        "the asker is excluded": [["p2p-b", "LocalCPUBackend", 6, b_url]],
+        "only b holds the first key": [["p2p-b", "LocalCPUBackend", 3, b_url]],
+        "only a holder without a P2P URL": [["", "", 0, ""]],
+        "nobody": [["", "", 0, ""]],
+        "no keys": [["", "", 0, ""]],
+    }
+    # LMCache's: the first registered holder of the first key, here the one with the shorter run
+    assert theirs["from a third instance"] == [["p2p-a", "LocalCPUBackend", 4, "127.0.0.1:18201"]]
+    for name in ("the asker is excluded", "only b holds the first key", "nobody", "no keys"):
+        assert theirs[name] == ours[name], (name, theirs[name])
