@@ -150,3 +150,51 @@ def test_dashboard_in_headless_chromium(tmp_path):
         rect = tuple(int(m.group(i)) for i in range(3, 7))
         assert points >= 2 * len(colours) and page_ink > 0, (name, points, page_ink)
         assert ink(shot_bytes, rect, colours) > 0, f"chart {name} is blank in the screenshot"
+
+
+def test_dashboard_shows_kv_event_publishers_in_headless_chromium(controller):
+    """A vLLM-protocol publisher feeding the controller: the page's publishers table shows its
+    sequence, batches, events and events/s, and the skipped-reasons line counts a bad payload."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    from kv_event_publisher import Publisher, stored
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ctl = controller("--kv-events", json.dumps({"bind": endpoint}))
+    publisher = Publisher(endpoint, None)
+    base = f"http://127.0.0.1:{ctl.http_port}"
+
+    def publishers() -> list:
+        with urllib.request.urlopen(base + "/dashboard.json", timeout=10) as r:
+            return json.loads(r.read())["kv_event_publishers"]
+
+    try:
+        deadline = time.monotonic() + 30
+        while not publishers():  # PUB drops what it sends before the connection is up
+            assert time.monotonic() < deadline, "the publisher never connected"
+            publisher.publish([])
+            time.sleep(0.1)
+        publisher.publish([stored(list(range(64)), 16), stored(list(range(100, 132)), 16)])
+        publisher.pub.send_multipart([publisher.topic, publisher.seq.to_bytes(8, "big"), b"\xc1garbage"])
+        deadline = time.monotonic() + 30
+        while (pub := publishers()[0])["events"] < 2 or pub["blocks"] != 6:
+            assert time.monotonic() < deadline, pub
+            time.sleep(0.05)
+        dom = asyncio.run(chromium("--window-size=1200,1000", "--dump-dom", base + "/")).decode()
+    finally:
+        publisher.close()
+    rows = re.findall(r'<tr class="publisher">(.*?)</tr>', dom)
+    assert len(rows) == 1, dom[-3000:]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[0])
+    # instance, topic, dp rank, next seq, batches, events, events/s, gaps, replays, restarts, blocks, state
+    assert cells[:3] == ["pod-a", "kv@pod-a@tiny", "0"]
+    assert int(cells[3]) == publisher.seq  # the garbage payload under that number applied nothing
+    assert int(cells[5]) == pub["events"] >= 2 and cells[10] == "6" and cells[11] == "live"
+    assert re.fullmatch(r"\d+", cells[6]), cells  # a rate once two refreshes saw the publisher
+    assert re.search(r'<p class="skipped">not applied: [^<]*decode_errors 1', dom), dom[-2000:]

@@ -572,6 +572,7 @@ class Api:
             "uptime_s": round(time.time() - m.started, 1),
             "chunk_size": self.chunk_size,
             "kv_event_publishers": self.c.kv_events.describe() if self.c.kv_events is not None else [],
+            "kv_events_skipped": self.c.kv_events.skipped() if self.c.kv_events is not None else {},
         })
 
 

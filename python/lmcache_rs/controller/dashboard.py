@@ -164,20 +164,29 @@ function render(d) {
     html += '</table>';
   });
   if (!d.instances.length) html = "<p>No workers registered.</p>";
-  var pubs = d.kv_event_publishers || [], ph = "";
+  var pubs = d.kv_event_publishers || [], ph = "", now = Date.now(), seen = {};
   if (pubs.length) {
     ph = '<h2>KV-event publishers</h2><table><tr><th>instance</th><th>topic</th><th>dp rank</th>' +
-         '<th>next seq</th><th>batches</th><th>gaps</th><th>replays</th><th>restarts</th><th>blocks</th>' +
-         '<th>state</th></tr>';
+         '<th>next seq</th><th>batches</th><th>events</th><th>events/s</th><th>gaps</th><th>replays</th>' +
+         '<th>restarts</th><th>blocks</th><th>state</th></tr>';
     pubs.forEach(function (p) {
+      // events/s between this refresh and the last one that saw the publisher
+      var last = eventsSeen[p.instance_id], rate = "-";
+      if (last && now > last.at) rate = Math.max(0, Math.round((p.events - last.events) * 1000 / (now - last.at)));
+      seen[p.instance_id] = {events: p.events, at: now};
       ph += '<tr class="publisher"><td>' + esc(p.instance_id) + '</td><td>' + esc(p.topic) + '</td><td>' +
-            p.dp_rank + '</td><td>' + p.next_seq + '</td><td>' + p.batches + '</td><td>' + p.gaps +
-            '</td><td>' + p.replays + '</td><td>' + p.restarts + '</td><td>' + p.blocks + '</td><td class="' +
+            p.dp_rank + '</td><td>' + p.next_seq + '</td><td>' + p.batches + '</td><td>' + p.events +
+            '</td><td class="rate">' + rate + '</td><td>' + p.gaps + '</td><td>' + p.replays + '</td><td>' +
+            p.restarts + '</td><td>' + p.blocks + '</td><td class="' +
             (p.stale ? 'disconnected">stale: ' + esc(p.stale) : (p.replaying ? 'syncing">replaying' : 'live">live')) +
             '</td></tr>';
     });
     ph += '</table>';
+    var skipped = d.kv_events_skipped || {}, reasons = Object.keys(skipped).sort();
+    ph += '<p class="skipped">not applied: ' + (reasons.length ? reasons.map(function (r) {
+      return esc(r) + ' ' + skipped[r]; }).join(", ") : "nothing") + '</p>';
   }
+  eventsSeen = seen;
   CHARTS.forEach(function (c) { drawChart(c, d.history || {}); });
   document.getElementById("publishers").innerHTML = ph;
   document.getElementById("instances").innerHTML = html;
@@ -190,6 +199,7 @@ function render(d) {
   document.getElementById("status").textContent =
       "updated " + new Date().toLocaleTimeString() + " - up " + d.uptime_s + " s - chunk size " + d.chunk_size;
 }
+var eventsSeen = {};  // instance -> {events, at}: the last refresh's counts, for events/s
 function refresh() {
   fetch("/dashboard.json", {cache: "no-store"})
     .then(function (r) { return r.json(); })

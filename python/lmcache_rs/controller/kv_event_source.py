@@ -63,7 +63,7 @@ class Publisher:
     """One engine's stream (one data-parallel rank): where it is, what it holds."""
 
     __slots__ = ("subscription", "topic", "rank", "instance_id", "engine", "record", "expected", "replaying",
-                 "held", "stale", "batches", "gaps", "replays", "restarts", "last_message", "checked",
+                 "held", "stale", "batches", "events", "gaps", "replays", "restarts", "last_message", "checked",
                  "recent", "probing")
 
     def __init__(self, subscription: Subscription, topic: bytes, rank: int, instance_id: str, engine: EngineBlocks,
@@ -79,6 +79,7 @@ class Publisher:
         self.held: list[tuple[int, Batch]] = []  # live messages waiting for a replay
         self.stale: str | None = None
         self.batches = 0
+        self.events = 0  # events of the batches applied
         self.gaps = 0
         self.replays = 0
         self.restarts = 0
@@ -90,7 +91,7 @@ class Publisher:
     def describe(self) -> dict:
         return {"instance_id": self.instance_id, "topic": self.topic.decode(errors="replace"),
                 "dp_rank": self.rank, "next_seq": self.expected, "replaying": self.replaying,
-                "stale": self.stale, "batches": self.batches, "gaps": self.gaps, "replays": self.replays,
+                "stale": self.stale, "batches": self.batches, "events": self.events, "gaps": self.gaps, "replays": self.replays,
                 "restarts": self.restarts, "blocks": len(self.engine)}
 
 
@@ -194,6 +195,13 @@ class KVEventSource:
 
     def describe(self) -> list[dict]:
         return [p.describe() for p in self.publishers.values()]
+
+    def skipped(self) -> dict[str, int]:
+        """Events and messages not applied, by reason: the decoder's and this source's counts."""
+        out = dict(self.decoder.counts)  # the decoder and the source count some reasons both
+        for reason, n in self.counts.items():
+            out[reason] = out.get(reason, 0) + n
+        return out
 
     def register_worker(self, instance_id: str, worker_id: int) -> None:
         """Registry hook: namespaces register the engine when its first block arrives."""
@@ -375,6 +383,7 @@ class KVEventSource:
         if len(recent) > RECENT_SEQS:
             del recent[next(iter(recent))]  # the oldest applied (dicts keep insertion order)
         pub.batches += 1
+        pub.events += len(batch.parsed) if batch.parsed is not None else len(batch.events)
         self._write(pub.engine)
         self.registry.touch(pub.record)
 

@@ -170,9 +170,7 @@ class ControllerCollector:
             yield _labelled(CounterMetricFamily(f"lmcache_kv_event_{name}", f"{what}, by instance.",
                                                 labels=["instance"]),
                             (([p["instance_id"]], p[name]) for p in publishers))
-        skipped = dict(kv.decoder.counts)  # the decoder and the source count some reasons both
-        for reason, n in kv.counts.items():
-            skipped[reason] = skipped.get(reason, 0) + n
+        skipped = kv.skipped()
         yield _labelled(CounterMetricFamily("lmcache_kv_events_skipped", "KV events or messages not applied, "
                                             "by reason.", labels=["reason"]),
                         (([reason], n) for reason, n in sorted(skipped.items())))
