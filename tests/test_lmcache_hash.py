@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -123,10 +124,44 @@ SEEDS = [0, 1, 123, 4294967295]
 
 
 def interpreters() -> list[str]:
+    """This interpreter and every CPython from 3.8 (where the tuple hash became today's) found
+    under pyenv or on PATH."""
     found = {os.path.realpath(sys.executable): sys.executable}
-    for path in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-4]*/bin/python3"))):
+    candidates = glob.glob(os.path.expanduser("~/.pyenv/versions/3.[89].*/bin/python3"))
+    candidates += glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-9]*/bin/python3"))
+    # (pyenv's shims on PATH name versions that may not be selected: the versions are globbed above)
+    candidates += [p for minor in range(8, 20) if (p := shutil.which(f"python3.{minor}")) and "/shims/" not in p]
+    for path in sorted(candidates):
         found.setdefault(os.path.realpath(path), path)
     return list(found.values())
+
+
+_CHAIN_CHILD = (
+    "import json, sys; cases = json.load(sys.stdin); out = []\n"
+    "for tokens, size, prev in cases:\n"
+    "    keys = []\n"
+    "    for i in range(0, len(tokens), size):\n"
+    "        prev = hash((prev, tuple(tokens[i:i + size]), ()))\n"
+    "        keys.append(prev)\n"
+    "    out.append(keys)\n"
+    "print(json.dumps([list(sys.version_info[:2]), out]))"
+)
+
+
+@pytest.mark.parametrize("python", interpreters())
+def test_chain_matches_each_interpreter(python: str) -> None:
+    """LMCache's chunk keys computed by each interpreter itself (int and tuple hashes do not
+    depend on PYTHONHASHSEED, so one run covers every seed)."""
+    rng = random.Random(7)
+    cases = [([rng.randrange(0, 2**17) for _ in range(rng.randrange(0, 600))], rng.choice([1, 16, 256]),
+              rng.choice([0, -1, 2**63 - 1, -2**63, rng.randrange(-2**63, 2**63)])) for _ in range(40)]
+    cases.append(([2**31 - 1, 2**32 - 1, 0, 1] * 70, 16, -6197052367682486848))
+    out = subprocess.run([python, "-c", _CHAIN_CHILD], input=json.dumps(cases), capture_output=True, text=True,
+                         check=True)
+    version, want = json.loads(out.stdout)
+    assert tuple(version) >= (3, 8)
+    for (tokens, size, none_hash), keys in zip(cases, want):
+        assert lmcache_chunk_hashes(tokens, size, none_hash) == keys, (python, size, none_hash)
 
 
 _CHILD = (
