@@ -178,6 +178,54 @@ DEFAULT_MONITOR_PORTS = {"pull": 8300, "reply": 8400}  # LMCache's controller's 
 CONTROLLER_ENV_PREFIX = "LMCACHE_CONTROLLER_"  # LMCache's controller reads its keys from these
 
 
+# LMCache's controller's own config: a YAML file named by $LMCACHE_CONTROLLER_CONFIG_FILE (its
+# --config), and $LMCACHE_CONTROLLER_<KEY> variables, key -> our setting.
+LMCACHE_CONTROLLER_CONFIG_ENV = "LMCACHE_CONTROLLER_CONFIG_FILE"
+LMCACHE_CONTROLLER_KEYS = {"controller_monitor_ports": "monitor_ports", "controller_host": "host",
+                           "controller_port": "port", "lmcache_worker_timeout": "lmcache_worker_timeout",
+                           "health_check_interval": "lmcache_probe_interval"}
+
+
+def lmcache_controller_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """Our settings from LMCache's controller config: its file, then its variables (as LMCache
+    reads them). ``health_check_interval`` (-1: off) is our probe interval of LMCache workers
+    without heartbeats, which stays on. Raises ValueError naming the key and value."""
+    raw: dict[str, Any] = {}
+    path = env.get(LMCACHE_CONTROLLER_CONFIG_ENV)
+    if path:
+        import yaml
+
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"${LMCACHE_CONTROLLER_CONFIG_ENV}: cannot read {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"${LMCACHE_CONTROLLER_CONFIG_ENV}: {path} is not a mapping of keys to values")
+        raw.update((k, v) for k, v in loaded.items() if k in LMCACHE_CONTROLLER_KEYS)
+    for key in LMCACHE_CONTROLLER_KEYS:
+        if CONTROLLER_ENV_PREFIX + key.upper() in env:
+            raw[key] = env[CONTROLLER_ENV_PREFIX + key.upper()]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            if key == "controller_monitor_ports":
+                ports = json.loads(value) if isinstance(value, str) else value
+                if ports is not None:  # (LMCache then falls back to its deprecated single port)
+                    out["monitor_ports"] = check_monitor_ports(ports)
+            elif key == "controller_host":
+                out["host"] = str(value)
+            elif key == "controller_port":
+                out["port"] = int(value)
+            elif key == "lmcache_worker_timeout":
+                out["lmcache_worker_timeout"] = float(value)
+            elif float(value) > 0:  # health_check_interval
+                out["lmcache_probe_interval"] = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"LMCache controller config {key}: bad value {value!r} ({exc})") from None
+    return out
+
+
 def check_monitor_ports(ports: Any) -> dict[str, int]:
     if not isinstance(ports, dict) or not ports:
         raise ValueError(f"monitor_ports must be a JSON object like {json.dumps(DEFAULT_MONITOR_PORTS)}, got {ports!r}")
@@ -260,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag is described with its unit and default in docs/controller.md.",
     )
     p.add_argument("--version", action="version", version=_version())
-    p.add_argument("--host", default=d.host,
-                   help="address to listen on, for every socket (default %(default)s: this machine only; "
-                   "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=d.port, help="HTTP port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--host",
+                   help="address to listen on, for every socket (default %s: this machine only; "
+                   "0.0.0.0 for every interface; or LMCache's controller_host)" % d.host)
+    p.add_argument("--port", type=int,
+                   help="HTTP port; 0 picks a free one (default %s, or LMCache's controller_port)" % d.port)
     p.add_argument("--monitor-port", type=int, default=d.monitor_port,
                    help="port our workers report on; 0 picks a free one (default %(default)s)")
     p.add_argument("--config", help="the workers' YAML config, for chunk_size, hash_seed, controller_api_key and "
@@ -339,12 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dial LMCache workers' command ports at this host instead of the IP they report "
                    "(e.g. 127.0.0.1 on one host; default: the reported IP, or "
                    "$LMCACHE_CONTROLLER_WORKER_HOST_OVERRIDE)")
-    g.add_argument("--lmcache-worker-timeout", type=float, default=d.lmcache_worker_timeout,
+    g.add_argument("--lmcache-worker-timeout", type=float,
                    help="seconds without a heartbeat after which a heartbeating LMCache worker is removed "
-                   "(default %(default)s)")
-    g.add_argument("--lmcache-probe-interval", type=float, default=d.lmcache_probe_interval,
+                   "(default %s, or LMCache's lmcache_worker_timeout)" % d.lmcache_worker_timeout)
+    g.add_argument("--lmcache-probe-interval", type=float,
                    help="seconds between health probes of LMCache workers that send no heartbeats; "
-                   f"{d.lmcache_max_command_failures} failed in a row remove the worker (default %(default)s)")
+                   f"{d.lmcache_max_command_failures} failed in a row remove the worker (default "
+                   f"{d.lmcache_probe_interval:g}, or LMCache's health_check_interval when above 0)")
     e = p.add_argument_group("engine KV-cache events", "vLLM and SGLang engines' KV-cache event streams "
                              "(--kv-events-config on the engine); see docs/kv-events.md")
     e.add_argument("--kv-events", action="append", default=None, metavar="JSON",
@@ -376,9 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(argv: list[str] | None = None) -> Settings:
     """Parse flags (and the config file they name). Raises ValueError on a bad value."""
     args = build_parser().parse_args(argv)
+    d = Settings()
+    # LMCache's controller config where a flag does not say otherwise
+    lmc = lmcache_controller_values(os.environ)
+
+    def pick(flag: Any, name: str) -> Any:
+        return flag if flag is not None else lmc.get(name, getattr(d, name))
+
     s = Settings(
-        host=args.host,
-        port=args.port,
+        host=pick(args.host, "host"),
+        port=pick(args.port, "port"),
         monitor_port=args.monitor_port,
         max_body_bytes=args.max_body_bytes,
         max_buffered_body_bytes=args.max_buffered_body_bytes,
@@ -421,15 +478,18 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         s.api_key = None
     env = os.environ
     ports = args.monitor_ports if args.monitor_ports is not None else env.get(CONTROLLER_ENV_PREFIX + "MONITOR_PORTS")
-    s.monitor_ports = dict(DEFAULT_MONITOR_PORTS) if ports is None else parse_monitor_ports(ports)
+    if ports is not None:
+        s.monitor_ports = parse_monitor_ports(ports)
+    else:
+        s.monitor_ports = lmc["monitor_ports"] if "monitor_ports" in lmc else dict(DEFAULT_MONITOR_PORTS)
     none_hash = args.none_hash if args.none_hash is not None else env.get(CONTROLLER_ENV_PREFIX + "NONE_HASH", "auto")
     # a replica answers for the LMCache key space whenever the log has it
     if s.monitor_ports is not None or args.none_hash is not None or args.role == "replica":
         s.none_hash, s.none_hash_origin = resolve_none_hash(
             none_hash, env, "siphash24" if args.worker_python == "3.10" else "siphash13")
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
-    s.lmcache_worker_timeout = args.lmcache_worker_timeout
-    s.lmcache_probe_interval = args.lmcache_probe_interval
+    s.lmcache_worker_timeout = pick(args.lmcache_worker_timeout, "lmcache_worker_timeout")
+    s.lmcache_probe_interval = pick(args.lmcache_probe_interval, "lmcache_probe_interval")
     if args.kv_events is not None:
         s.kv_events = [spec for text in args.kv_events for spec in parse_kv_events(text)]
     elif env.get(CONTROLLER_ENV_PREFIX + "KV_EVENTS"):
