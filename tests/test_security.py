@@ -185,9 +185,9 @@ def test_the_controller_source_opens_no_client_named_file_and_runs_no_code():
 
 # -- where it listens -----------------------------------------------------------------------
 def test_default_bind_is_loopback_only(tmp_path):
-    from lmcache_rs.controller.settings import Settings, build_parser
+    from lmcache_rs.controller.settings import Settings, settings_from_args
 
-    assert Settings().host == "127.0.0.1" and build_parser().parse_args([]).host == "127.0.0.1"
+    assert Settings().host == "127.0.0.1" and settings_from_args([]).host == "127.0.0.1"
     c = Controller(tmp_path, host=None)  # no --host
     try:
         c.start()
