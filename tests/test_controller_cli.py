@@ -77,3 +77,19 @@ def test_lmcache_controller_config_file_and_variables(tmp_path, monkeypatch):
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="not a mapping"):
         settings_from_args([])
+
+
+def test_worker_python_from_the_environment(monkeypatch):
+    from lmcache_rs import python_str_hash
+    from lmcache_rs.controller.settings import settings_from_args
+
+    monkeypatch.setenv("PYTHONHASHSEED", "123")
+    monkeypatch.setenv("LMCACHE_CONTROLLER_MONITOR_PORTS", '{"pull": 8300}')  # (the tests' default is none)
+    monkeypatch.delenv("LMCACHE_CONTROLLER_WORKER_PYTHON", raising=False)
+    assert settings_from_args([]).none_hash == python_str_hash("123", 123, "siphash13")
+    monkeypatch.setenv("LMCACHE_CONTROLLER_WORKER_PYTHON", "3.10")
+    assert settings_from_args([]).none_hash == python_str_hash("123", 123, "siphash24")
+    assert settings_from_args(["--worker-python", "3.11+"]).none_hash == python_str_hash("123", 123, "siphash13")
+    monkeypatch.setenv("LMCACHE_CONTROLLER_WORKER_PYTHON", "3.9")
+    with pytest.raises(ValueError, match="worker_python"):
+        settings_from_args([])

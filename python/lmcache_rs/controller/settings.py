@@ -381,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NONE_HASH of LMCache's key space: 'auto' (Python's hash of $PYTHONHASHSEED, as LMCache "
                    "inside vLLM derives it; 0 without the variable) or an integer (0 for LMCache without vLLM); "
                    "default auto, or $LMCACHE_CONTROLLER_NONE_HASH")
-    g.add_argument("--worker-python", default="3.11+", choices=["3.10", "3.11+"],
+    g.add_argument("--worker-python", choices=["3.10", "3.11+"],
                    help="Python version of the LMCache workers, for 'auto' (3.10 hashes str with SipHash-2-4, "
-                   "3.11+ with SipHash-1-3; default %(default)s)")
+                   "3.11+ with SipHash-1-3; default 3.11+, or $LMCACHE_CONTROLLER_WORKER_PYTHON)")
     g.add_argument("--worker-host-override", default=None,
                    help="dial LMCache workers' command ports at this host instead of the IP they report "
                    "(e.g. 127.0.0.1 on one host; default: the reported IP, or "
@@ -483,10 +483,13 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     else:
         s.monitor_ports = lmc["monitor_ports"] if "monitor_ports" in lmc else dict(DEFAULT_MONITOR_PORTS)
     none_hash = args.none_hash if args.none_hash is not None else env.get(CONTROLLER_ENV_PREFIX + "NONE_HASH", "auto")
+    worker_python = args.worker_python or env.get(CONTROLLER_ENV_PREFIX + "WORKER_PYTHON", "3.11+")
+    if worker_python not in ("3.10", "3.11+"):
+        raise ValueError(f"worker_python must be 3.10 or 3.11+, got {worker_python!r}")
     # a replica answers for the LMCache key space whenever the log has it
     if s.monitor_ports is not None or args.none_hash is not None or args.role == "replica":
         s.none_hash, s.none_hash_origin = resolve_none_hash(
-            none_hash, env, "siphash24" if args.worker_python == "3.10" else "siphash13")
+            none_hash, env, "siphash24" if worker_python == "3.10" else "siphash13")
     s.worker_host_override = args.worker_host_override or env.get(CONTROLLER_ENV_PREFIX + "WORKER_HOST_OVERRIDE")
     s.lmcache_worker_timeout = pick(args.lmcache_worker_timeout, "lmcache_worker_timeout")
     s.lmcache_probe_interval = pick(args.lmcache_probe_interval, "lmcache_probe_interval")
