@@ -23,7 +23,9 @@ The connector's cost on a miss is ``miss(lmcache_rs) / miss(none) - 1``; the tar
 most 5 %. A small model's step is too short and too noisy for that ratio to resolve a few
 percent, so ``--timing`` also times lmcache_rs's own calls inside vLLM
 (lmcache_rs/vllm/timing.py): per phase, the calls and their median and mean microseconds
-(``connector_timing``). Results: benchmarks/results/vllm_connector.json.
+(``connector_timing``). ``--paired N`` measures a miss's save end to end inside one engine
+instead: N pairs of misses, one request of each with LMCache's ``lmcache.skip_save``.
+Results: benchmarks/results/vllm_connector.json (``--paired``: vllm_connector_paired.json).
 """
 
 from __future__ import annotations
@@ -146,6 +148,40 @@ def run_one(workdir: Path, model: str, connector: str, prompts: list[list[int]],
     return result
 
 
+def run_paired(workdir: Path, model: str, pairs: int, timing: bool) -> dict:
+    """The cost of a miss's save inside one engine, where two engines' noise does not enter:
+    pairs of fresh prompts, one request of each pair with ``lmcache.skip_save`` (looked up,
+    nothing saved) and one without (looked up and saved), in alternating order. The lookup is
+    in both; its cost is in the timed calls."""
+    timing_path = workdir / f"{model}-paired.timing" if timing else None
+    if timing_path is not None and timing_path.exists():
+        timing_path.unlink()
+    engine = Engine(workdir, model, "lmcache_rs", timing_path)
+    rng = random.Random(9)
+    n = MODELS[model]["prompt_tokens"]
+    saving, skipping = [], []
+    try:
+        engine.call(op="generate", tokens=[7] * 64)  # warm-up
+        for i in range(pairs):
+            for save in ((True, False) if i % 2 else (False, True)):
+                engine.call(op="reset")
+                tokens = [rng.randrange(3, 500) for _ in range(n)]
+                params = {} if save else {"lmcache.skip_save": True}
+                out = engine.call(op="generate", tokens=tokens, kv_transfer_params=params)
+                assert out["cached"] == 0, out
+                (saving if save else skipping).append(out["seconds"])
+    finally:
+        engine.close()
+    diffs = [a - b for a, b in zip(saving, skipping)]
+    result = {"pairs": pairs, "miss_saving_s": statistics.median(saving), "miss_skipping_s": statistics.median(skipping),
+              "save_cost_median_s": statistics.median(diffs),
+              "save_cost_share": statistics.median(diffs) / statistics.median(skipping),
+              "saving_all_s": saving, "skipping_all_s": skipping}
+    if timing_path is not None and timing_path.exists():
+        result["connector_timing"] = timing_summary(str(timing_path))
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,prefill8")
@@ -154,6 +190,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 prompts, the tiny model only")
     parser.add_argument("--timing", action="store_true",
                         help="time lmcache_rs's own calls inside vLLM (LMCACHE_RS_CONNECTOR_TIMING)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="instead: N pairs of misses in one lmcache_rs engine, saving and not saving")
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     count = 2 if args.quick else args.prompts
@@ -164,6 +202,12 @@ def main() -> int:
     workdir.mkdir(exist_ok=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                      "command": " ".join([Path(sys.executable).name, *sys.argv]), "models": {}}
+    if args.paired:
+        for model in models:
+            res = results["models"][model] = {"paired": run_paired(workdir, model, args.paired, args.timing)}
+            print(model, json.dumps({k: v for k, v in res["paired"].items() if not k.endswith("all_s")}), flush=True)
+        RESULTS.with_name("vllm_connector_paired.json").write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     for model in models:
         rng = random.Random(5)
         n = MODELS[model]["prompt_tokens"]

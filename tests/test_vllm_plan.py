@@ -129,6 +129,22 @@ def test_skipped_requests_are_neither_loaded_nor_saved():
     assert plan.loads == [] and plan.saves == [] and plan.releases == ["r"]
 
 
+def test_a_request_that_skips_saving_loads_but_saves_nothing():
+    planner = Planner(8)
+    prompt = list(range(30))
+    assert planner.matched("quiet", prompt, 0, 16, save=False) == 16
+    planner.allocated("quiet", 16)
+    plans = [planner.step([("quiet", prompt, [1, 2, 3, 4, 5, 6, 7, 8], 0, 20)], []),
+             planner.step([], [("quiet", None, False, 20, 10)])]
+    assert [(x.start, x.end) for x in plans[0].loads] == [(0, 16)]
+    assert all(x.saves == [] for x in plans)
+    # the same prompt from a request that saves: its chunks past the hit are saved
+    planner.matched("loud", prompt, 0, 16)
+    planner.allocated("loud", 16)
+    plan = planner.step([("loud", prompt, [1, 2, 3, 4, 5, 6, 7, 8], 0, 30)], [])
+    assert [(x.start, len(x.tokens)) for x in plan.saves] == [(16, 30)]
+
+
 def test_vllm_granting_fewer_tokens_than_offered_loads_exactly_those():
     planner = Planner(8)
     prompt = list(range(50))

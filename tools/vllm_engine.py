@@ -103,7 +103,11 @@ def main() -> int:
         op = cmd["op"]
         if op == "generate":
             started = time.perf_counter()
-            (out,) = llm.generate([TokensPrompt(prompt_token_ids=cmd["tokens"])], params, use_tqdm=False)
+            # per-request connector settings, as a client sends them (e.g. LMCache's lmcache.skip_save)
+            request_params = params if not cmd.get("kv_transfer_params") else params.clone()
+            if request_params is not params:
+                request_params.extra_args = {"kv_transfer_params": cmd["kv_transfer_params"]}
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=cmd["tokens"])], request_params, use_tqdm=False)
             seconds = time.perf_counter() - started
             completion = out.outputs[0]
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], completion.token_ids)]

@@ -63,12 +63,14 @@ class Engine(VllmEngine):
         env["PYTHONPATH"] = str(REPO / "python")
         super().__init__(workdir, config, name, env)
 
-    def generate(self, tokens: list[int], reset: bool = True) -> dict:
+    def generate(self, tokens: list[int], reset: bool = True, **kv_transfer_params) -> dict:
         """One request; with ``reset`` vLLM's own prefix cache is emptied first, so whatever is
-        not computed came through the connector."""
+        not computed came through the connector. Keyword arguments: the request's
+        ``kv_transfer_params`` (with dots written as ``__``)."""
         if reset:
             assert self.call(op="reset") == {"ok": True}
-        return self.call(op="generate", tokens=tokens)
+        params = {k.replace("__", "."): v for k, v in kv_transfer_params.items()}
+        return self.call(op="generate", tokens=tokens, kv_transfer_params=params)
 
 
 def engine_settings(name: str, controller: ControllerProcess, pool_chunks: int) -> dict:
@@ -164,6 +166,23 @@ def test_evictions_from_the_pool_show_in_lookup(cluster):
     assert got == {}, got
     assert a.generate(p)["cached"] == 0  # gone from the store: computed again
     assert cluster.lookup_until(p, {"vllm_a": ("LocalCPUBackend", 100)}) == {"vllm_a": ("LocalCPUBackend", 100)}
+
+
+def test_a_request_that_skips_saving_stores_nothing(cluster):
+    """LMCache's per-request ``lmcache.skip_save``: the prompt is computed and answered, and
+    nothing of it reaches the store; the same prompt without it is saved as usual."""
+    a = cluster.engines["vllm_a"]
+    p = prompt(50)
+    quiet = a.generate(p, lmcache__skip_save=True)
+    assert quiet["cached"] == 0
+    assert a.generate(p, lmcache__skip_save=True)["cached"] == 0  # not stored: computed again
+    assert cluster.lookup(p) == {}
+    saved = a.generate(p)
+    assert saved["cached"] == 0 and same_output(saved, quiet)
+    assert cluster.lookup_until(p, {"vllm_a": ("LocalCPUBackend", 100)}) == {"vllm_a": ("LocalCPUBackend", 100)}
+    # a request that skips saving still loads what the store holds
+    again = a.generate(p, lmcache__skip_save=True)
+    assert again["cached"] == 99 and same_output(again, saved)
 
 
 def test_a_second_instance_fetches_the_prefix_from_the_first_over_p2p(cluster):

@@ -99,6 +99,14 @@ def _skips(request: Any) -> Optional[str]:
     return None
 
 
+def _saves(request: Any) -> bool:
+    """Whether the request lets its prompt be saved: LMCache's per-request ``lmcache.skip_save``
+    in ``SamplingParams(extra_args={"kv_transfer_params": {...}})`` says no."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    params = extra.get("kv_transfer_params") if isinstance(extra, dict) else None
+    return not (isinstance(params, dict) and params.get("lmcache.skip_save") is True)
+
+
 class LMCacheRsConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -112,7 +120,7 @@ class LMCacheRsConnector(KVConnectorBase_V1):
         self.speculative = vllm_config.speculative_config is not None
         self.stats: dict[str, int] = {  # the scheduler side's; each rank's are in its RankStore
             "lookups": 0, "known_misses": 0, "hit_tokens": 0, "lookup_failures": 0, "fetches": 0,
-            "fetch_failures": 0, "skipped": 0,
+            "fetch_failures": 0, "skipped": 0, "skip_save": 0,
         }
         self._warn = RateLimitedLog(log, burst=5, period=30.0)
         engine, dp_rank = _engine_id(vllm_config)
@@ -181,7 +189,9 @@ class LMCacheRsConnector(KVConnectorBase_V1):
             return None, False
         self._fetched.discard(request_id)
         self.stats["hit_tokens"] += hit
-        return self.planner.matched(request_id, tokens, num_computed, hit), False
+        save = _saves(request)
+        self.stats["skip_save"] += not save
+        return self.planner.matched(request_id, tokens, num_computed, hit, save), False
 
     def _hold(self, request_id: str, tokens: list[int]) -> Optional[int]:
         """The prefix every rank holds (and now holds for this request), or None when a rank

@@ -59,6 +59,7 @@ class RequestState:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # tokens [0, saved) need no saving (held, or saved already)
     done: bool = False  # prefill finished and saved
+    save: bool = True  # the request's own choice (LMCache's ``lmcache.skip_save``)
 
 
 class Planner:
@@ -72,10 +73,11 @@ class Planner:
         self._releases: list[str] = []
 
     # -- lookup time ------------------------------------------------------------------------
-    def matched(self, request_id: str, tokens: Sequence[int], num_computed: int, hit: int) -> int:
+    def matched(self, request_id: str, tokens: Sequence[int], num_computed: int, hit: int,
+                save: bool = True) -> int:
         """Record the store's ``hit`` for a request; the tokens vLLM should load beyond its
-        own ``num_computed``."""
-        state = RequestState(list(tokens), hit=hit)
+        own ``num_computed``. ``save=False``: the request may load but saves nothing."""
+        state = RequestState(list(tokens), hit=hit, save=save)
         state.saved = hit - hit % self.chunk_size if hit < len(tokens) else hit
         load_end = min(hit, len(tokens) - 1) if self.load else 0
         if load_end > num_computed:
@@ -148,7 +150,7 @@ class Planner:
             state.load_pending = False
 
     def _plan_save(self, plan: StepPlan, request_id: str, state: RequestState, computed: int) -> None:
-        if not self.save or state.done:
+        if not (self.save and state.save) or state.done:
             return
         prompt_len = len(state.tokens)
         end = prompt_len if computed >= prompt_len else computed - computed % self.chunk_size
