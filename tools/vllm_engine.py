@@ -94,7 +94,7 @@ def main() -> int:
     llm = LLM(model=str(model), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
               max_model_len=config.get("max_model_len", 256), block_size=32, enable_prefix_caching=True,
               num_gpu_blocks_override=config.get("num_blocks", 16), max_num_seqs=config.get("max_num_seqs", 2),
-              **options)
+              tensor_parallel_size=config.get("tensor_parallel_size", 1), **options)
     params = SamplingParams(max_tokens=config.get("max_tokens", 1), temperature=0.0, ignore_eos=True,
                             detokenize=False, logprobs=1)
     reply({"ready": True})

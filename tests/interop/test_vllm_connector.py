@@ -52,12 +52,12 @@ def prompt(seed: int, n: int = 100) -> list[int]:
 class Engine(VllmEngine):
     """A vLLM engine with the connector, configured by its own LMCache YAML."""
 
-    def __init__(self, workdir: Path, model_dir: Path, name: str, settings: dict):
+    def __init__(self, workdir: Path, model_dir: Path, name: str, settings: dict, tensor_parallel: int = 1):
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(settings))
         transfer = {**CONNECTOR, "kv_connector_extra_config": {"config_file": str(self.config_path)}}
         config = {"model_dir": str(model_dir), "max_tokens": 4, "max_model_len": 512, "num_blocks": 32,
-                  "kv_transfer_config": transfer}
+                  "kv_transfer_config": transfer, "tensor_parallel_size": tensor_parallel}
         env = dict(os.environ)
         env.pop("LMCACHE_CONFIG_FILE", None)
         env["PYTHONPATH"] = str(REPO / "python")
@@ -251,6 +251,42 @@ def test_a_store_that_cannot_start_leaves_vllm_serving_without_waiting(cluster):
     log = engine.log_path.read_text(errors="replace")
     assert "store did not start" in log and log.count("lmcache_rs connector off: a rank's store") == 1
     assert "did not answer" not in log
+
+
+def test_tensor_parallel_ranks_each_store_and_report(tmp_path):
+    """vLLM with two tensor-parallel workers (CPU, gloo): each worker process is one rank of
+    the instance, with a store of its own reporting to the controller with world size 2; a
+    repeat loads from both ranks with vLLM's own output, and /lookup answers the instance."""
+    with ControllerProcess(config={"chunk_size": CHUNK}) as controller:
+        settings = engine_settings("vllm_tp", controller, pool_chunks=8)
+        settings["lmcache_worker_ports"] = [free_port(), free_port()]
+        settings["p2p_init_ports"] = [free_port(), free_port()]
+        engine = Engine(tmp_path, tmp_path / "tiny-llama", "vllm_tp", settings, tensor_parallel=2)
+        try:
+            engine.wait_ready()
+            p = prompt(60)
+            first = engine.generate(p)
+            again = engine.generate(p)
+            base = f"http://127.0.0.1:{controller.http_port}"
+
+            def post(path: str, body: dict) -> dict:
+                req = urllib.request.Request(base + path, data=json.dumps(body).encode())
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read())
+
+            deadline = time.monotonic() + 30
+            while (answer := post("/lookup", {"tokens": p})["layout_info"]) != {"vllm_tp": ["LocalCPUBackend", 100]}:
+                assert time.monotonic() < deadline, answer
+                time.sleep(0.1)
+            infos = post("/query_worker_info", {"instance_id": "vllm_tp"})["worker_infos"]
+        finally:
+            engine.close()
+    assert first["cached"] == 0 and again["cached"] == 99 and same_output(again, first), (first, again)
+    assert sorted(w["worker_id"] for w in infos) == [0, 1]
+    # each rank holds the prompt's 2 chunks: 100 tokens x 2 layers x (K, V) x 64 dims of float32
+    # (the model's one KV head is replicated on both ranks)
+    held = [w["locations"]["LocalCPUBackend"] for w in infos]
+    assert [(h["chunks"], h["bytes"]) for h in held] == [(2, 100 * 2 * 2 * 64 * 4)] * 2, held
 
 
 def test_make_demo_vllm_runs_the_spec_flow_on_its_ports():
