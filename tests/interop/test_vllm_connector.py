@@ -220,6 +220,28 @@ def test_the_loaded_kv_is_what_vllm_attends_to(cluster):
     assert poisoned["tokens"] != honest["tokens"] or poisoned["logprobs"] != honest["logprobs"]
 
 
+def test_a_fetch_from_a_peer_that_stopped_serving_is_computed_instead(cluster):
+    """The controller names a holder whose P2P port no longer answers: B's fetch fails, is
+    counted and logged, and B computes the prompt (its output is its own, not the holder's)."""
+    b = cluster.engines["vllm_b"]
+    p = prompt(70)
+    settings = engine_settings("ghost", cluster.controller, pool_chunks=4)
+    settings.update(num_layers=2, num_kv_heads=1, head_dim=64, kv_dtype="float32")
+    ghost = KVWorker(config_from_dict(settings))
+    try:
+        assert ghost.store(p, torch.zeros((2, 2, len(p), 1, 64))) == 100
+        assert cluster.lookup_until(p, {"ghost": ("LocalCPUBackend", 100)}) == {"ghost": ("LocalCPUBackend", 100)}
+        ghost.p2p_server.close()  # still registered and reporting, no longer serving its chunks
+        computed = b.generate(p)
+    finally:
+        ghost.close()
+    assert computed["cached"] == 0, computed
+    again = b.generate(p)  # B saved what it computed: its own store serves it now
+    assert again["cached"] == 99 and same_output(again, computed)
+    log = b.log_path.read_text(errors="replace")
+    assert "P2P fetch for request" in log and "the local store's prefix is used" in log
+
+
 def test_vllm_keeps_serving_when_the_controller_dies(cluster):
     a, b = cluster.engines["vllm_a"], cluster.engines["vllm_b"]
     cluster.controller.proc.kill()
