@@ -65,10 +65,13 @@ def test_lmcache_controller_config_file_and_variables(tmp_path, monkeypatch):
     assert (s.port, s.monitor_ports, s.lmcache_worker_timeout) == (19200, {"pull": 18302}, 7.0)
     monkeypatch.setenv("LMCACHE_CONTROLLER_MONITOR_PORTS", '{"pull": 18303}')  # ours over LMCache's
     assert settings_from_args([]).monitor_ports == {"pull": 18303}
-    # bad values name the key
+    # bad values name the key; a key a flag sets is not read; an empty variable is unset
     monkeypatch.setenv("LMCACHE_CONTROLLER_CONTROLLER_PORT", "nine")
     with pytest.raises(ValueError, match="controller_port"):
         settings_from_args([])
+    assert settings_from_args(["--port", "19300"]).port == 19300
+    monkeypatch.setenv("LMCACHE_CONTROLLER_CONTROLLER_PORT", "")
+    assert settings_from_args([]).port == 19000  # the file's
     monkeypatch.delenv("LMCACHE_CONTROLLER_CONTROLLER_PORT")
     monkeypatch.delenv("LMCACHE_CONTROLLER_CONTROLLER_MONITOR_PORTS")  # else it stands for the file's
     path.write_text('controller_monitor_ports: {"pul": 1}\n')

@@ -162,17 +162,23 @@ def test_dashboard_shows_kv_event_publishers_in_headless_chromium(controller):
 
     from kv_event_publisher import Publisher, stored
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
-    ctl = controller("--kv-events", json.dumps({"bind": endpoint}))
-    publisher = Publisher(endpoint, None)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    endpoint, replay = (f"tcp://127.0.0.1:{port}" for port in ports)
+    ctl = controller("--kv-events", json.dumps({"bind": endpoint, "replay_endpoint": replay}))
+    # (what PUB drops before the connection is up comes back by replay: the stream ends up live)
+    publisher = Publisher(endpoint, replay)
     base = f"http://127.0.0.1:{ctl.http_port}"
 
-    def publishers() -> list:
+    def dashboard() -> dict:
         with urllib.request.urlopen(base + "/dashboard.json", timeout=10) as r:
-            return json.loads(r.read())["kv_event_publishers"]
+            return json.loads(r.read())
+
+    def publishers() -> list:
+        return dashboard()["kv_event_publishers"]
 
     try:
         deadline = time.monotonic() + 30
@@ -183,7 +189,8 @@ def test_dashboard_shows_kv_event_publishers_in_headless_chromium(controller):
         publisher.publish([stored(list(range(64)), 16), stored(list(range(100, 132)), 16)])
         publisher.pub.send_multipart([publisher.topic, publisher.seq.to_bytes(8, "big"), b"\xc1garbage"])
         deadline = time.monotonic() + 30
-        while (pub := publishers()[0])["events"] < 2 or pub["blocks"] != 6:
+        while ((pub := publishers()[0])["events"] < 2 or pub["blocks"] != 6 or pub["stale"] or pub["replaying"]
+               or dashboard()["kv_events_skipped"].get("decode_errors") != 1):
             assert time.monotonic() < deadline, pub
             time.sleep(0.05)
         dom = asyncio.run(chromium("--window-size=1200,1000", "--dump-dom", base + "/")).decode()

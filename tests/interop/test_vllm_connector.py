@@ -199,20 +199,39 @@ def test_a_second_instance_fetches_the_prefix_from_the_first_over_p2p(cluster):
     assert cluster.lookup_until(p, both) == both
 
 
+def zeros_holder(cluster: Cluster, name: str, tokens: list[int]) -> KVWorker:
+    """A worker of another instance holding zeros as the KV of ``tokens``, known to the
+    controller (its P2P port serves them)."""
+    settings = engine_settings(name, cluster.controller, pool_chunks=4)
+    settings.update(num_layers=2, num_kv_heads=1, head_dim=64, kv_dtype="float32")
+    worker = KVWorker(config_from_dict(settings))
+    try:
+        assert worker.store(tokens, torch.zeros((2, 2, len(tokens), 1, 64))) == len(tokens)
+        want = {name: ("LocalCPUBackend", len(tokens))}
+        assert cluster.lookup_until(tokens, want) == want
+    except BaseException:
+        worker.close()
+        raise
+    return worker
+
+
+def engine_b(cluster: Cluster) -> Engine:
+    """The second instance (started by the P2P test when the module runs whole)."""
+    if "vllm_b" not in cluster.engines:
+        cluster.start("vllm_b")
+    return cluster.engines["vllm_b"]
+
+
 def test_the_loaded_kv_is_what_vllm_attends_to(cluster):
-    a, b = cluster.engines["vllm_a"], cluster.engines["vllm_b"]
+    a, b = cluster.engines["vllm_a"], engine_b(cluster)
     p = prompt(30)
     honest = a.generate(p)
     cleared = cluster.post("/clear", {"instance_id": "vllm_a", "location": "LocalCPUBackend"})
     assert cleared["num_tokens"] > 0
     assert cluster.lookup_until(p, {}) == {}
     # another instance holds zeros as the KV of p; B, which never saw p, fetches and loads them
-    settings = engine_settings("zeros", cluster.controller, pool_chunks=4)
-    settings.update(num_layers=2, num_kv_heads=1, head_dim=64, kv_dtype="float32")
-    zeros = KVWorker(config_from_dict(settings))
+    zeros = zeros_holder(cluster, "zeros", p)
     try:
-        assert zeros.store(p, torch.zeros((2, 2, len(p), 1, 64))) == 100
-        assert cluster.lookup_until(p, {"zeros": ("LocalCPUBackend", 100)}) == {"zeros": ("LocalCPUBackend", 100)}
         poisoned = b.generate(p)
     finally:
         zeros.close()
@@ -223,14 +242,10 @@ def test_the_loaded_kv_is_what_vllm_attends_to(cluster):
 def test_a_fetch_from_a_peer_that_stopped_serving_is_computed_instead(cluster):
     """The controller names a holder whose P2P port no longer answers: B's fetch fails, is
     counted and logged, and B computes the prompt (its output is its own, not the holder's)."""
-    b = cluster.engines["vllm_b"]
+    b = engine_b(cluster)
     p = prompt(70)
-    settings = engine_settings("ghost", cluster.controller, pool_chunks=4)
-    settings.update(num_layers=2, num_kv_heads=1, head_dim=64, kv_dtype="float32")
-    ghost = KVWorker(config_from_dict(settings))
+    ghost = zeros_holder(cluster, "ghost", p)
     try:
-        assert ghost.store(p, torch.zeros((2, 2, len(p), 1, 64))) == 100
-        assert cluster.lookup_until(p, {"ghost": ("LocalCPUBackend", 100)}) == {"ghost": ("LocalCPUBackend", 100)}
         ghost.p2p_server.close()  # still registered and reporting, no longer serving its chunks
         computed = b.generate(p)
     finally:

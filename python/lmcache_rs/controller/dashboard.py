@@ -164,7 +164,7 @@ function render(d) {
     html += '</table>';
   });
   if (!d.instances.length) html = "<p>No workers registered.</p>";
-  var pubs = d.kv_event_publishers || [], ph = "", now = Date.now(), seen = {};
+  var pubs = d.kv_event_publishers || [], ph = "", now = Date.now(), seen = Object.create(null);
   if (pubs.length) {
     ph = '<h2>KV-event publishers</h2><table><tr><th>instance</th><th>topic</th><th>dp rank</th>' +
          '<th>next seq</th><th>batches</th><th>events</th><th>events/s</th><th>gaps</th><th>replays</th>' +
@@ -199,7 +199,9 @@ function render(d) {
   document.getElementById("status").textContent =
       "updated " + new Date().toLocaleTimeString() + " - up " + d.uptime_s + " s - chunk size " + d.chunk_size;
 }
-var eventsSeen = {};  // instance -> {events, at}: the last refresh's counts, for events/s
+// instance -> {events, at}: the last refresh's counts, for events/s (ids come from the wire:
+// no prototype to collide with)
+var eventsSeen = Object.create(null);
 function refresh() {
   fetch("/dashboard.json", {cache: "no-store"})
     .then(function (r) { return r.json(); })

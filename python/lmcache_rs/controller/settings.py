@@ -186,10 +186,11 @@ LMCACHE_CONTROLLER_KEYS = {"controller_monitor_ports": "monitor_ports", "control
                            "health_check_interval": "lmcache_probe_interval"}
 
 
-def lmcache_controller_values(env: Mapping[str, str]) -> dict[str, Any]:
+def lmcache_controller_values(env: Mapping[str, str], given: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Our settings from LMCache's controller config: its file, then its variables (as LMCache
-    reads them). ``health_check_interval`` (-1: off) is our probe interval of LMCache workers
-    without heartbeats, which stays on. Raises ValueError naming the key and value."""
+    reads them), except those of ``given`` (set by flags). ``health_check_interval`` (-1: off)
+    is our probe interval of LMCache workers without heartbeats, which stays on. Raises
+    ValueError naming the key and value."""
     raw: dict[str, Any] = {}
     path = env.get(LMCACHE_CONTROLLER_CONFIG_ENV)
     if path:
@@ -204,10 +205,12 @@ def lmcache_controller_values(env: Mapping[str, str]) -> dict[str, Any]:
             raise ValueError(f"${LMCACHE_CONTROLLER_CONFIG_ENV}: {path} is not a mapping of keys to values")
         raw.update((k, v) for k, v in loaded.items() if k in LMCACHE_CONTROLLER_KEYS)
     for key in LMCACHE_CONTROLLER_KEYS:
-        if CONTROLLER_ENV_PREFIX + key.upper() in env:
+        if env.get(CONTROLLER_ENV_PREFIX + key.upper()):  # (an empty variable is unset)
             raw[key] = env[CONTROLLER_ENV_PREFIX + key.upper()]
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if LMCACHE_CONTROLLER_KEYS[key] in given or value is None:
+            continue
         try:
             if key == "controller_monitor_ports":
                 ports = json.loads(value) if isinstance(value, str) else value
@@ -428,7 +431,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     d = Settings()
     # LMCache's controller config where a flag does not say otherwise
-    lmc = lmcache_controller_values(os.environ)
+    flags = {"host": args.host, "port": args.port, "monitor_ports": args.monitor_ports,
+             "lmcache_worker_timeout": args.lmcache_worker_timeout, "lmcache_probe_interval": args.lmcache_probe_interval}
+    lmc = lmcache_controller_values(os.environ, frozenset(k for k, v in flags.items() if v is not None))
 
     def pick(flag: Any, name: str) -> Any:
         return flag if flag is not None else lmc.get(name, getattr(d, name))

@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -103,8 +104,8 @@ def _saves(request: Any) -> bool:
     """Whether the request lets its prompt be saved: LMCache's per-request ``lmcache.skip_save``
     in ``SamplingParams(extra_args={"kv_transfer_params": {...}})`` says no."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-    params = extra.get("kv_transfer_params") if isinstance(extra, dict) else None
-    return not (isinstance(params, dict) and params.get("lmcache.skip_save") is True)
+    params = extra.get("kv_transfer_params") if isinstance(extra, Mapping) else None
+    return not (isinstance(params, Mapping) and params.get("lmcache.skip_save"))  # any true value, as LMCache
 
 
 class LMCacheRsConnector(KVConnectorBase_V1):
