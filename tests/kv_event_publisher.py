@@ -6,6 +6,7 @@ covered by the fixture corpus (tests/fixtures/kv_events) and tests/interop."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 
@@ -13,6 +14,13 @@ import msgspec
 import zmq
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, for a publisher's or a controller's socket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def engine_hashes(tokens: list[int], block_size: int, parent: int | None = None, salt: str = "") -> list[int]:

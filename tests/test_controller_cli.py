@@ -65,6 +65,10 @@ def test_lmcache_controller_config_file_and_variables(tmp_path, monkeypatch):
     assert (s.port, s.monitor_ports, s.lmcache_worker_timeout) == (19200, {"pull": 18302}, 7.0)
     monkeypatch.setenv("LMCACHE_CONTROLLER_MONITOR_PORTS", '{"pull": 18303}')  # ours over LMCache's
     assert settings_from_args([]).monitor_ports == {"pull": 18303}
+    monkeypatch.delenv("LMCACHE_CONTROLLER_MONITOR_PORTS")
+    monkeypatch.setenv("LMCACHE_CONTROLLER_CONTROLLER_MONITOR_PORTS", "none")  # as the flag's "none"
+    assert settings_from_args([]).monitor_ports is None
+    monkeypatch.setenv("LMCACHE_CONTROLLER_MONITOR_PORTS", '{"pull": 18303}')
     # bad values name the key; a key a flag sets is not read; an empty variable is unset
     monkeypatch.setenv("LMCACHE_CONTROLLER_CONTROLLER_PORT", "nine")
     with pytest.raises(ValueError, match="controller_port"):

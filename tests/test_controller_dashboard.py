@@ -156,18 +156,12 @@ def test_dashboard_shows_kv_event_publishers_in_headless_chromium(controller):
     """A vLLM-protocol publisher feeding the controller: the page's publishers table shows its
     sequence, batches, events and events/s, and the skipped-reasons line counts a bad payload."""
     import json
-    import socket
     import time
     import urllib.request
 
-    from kv_event_publisher import Publisher, stored
+    from kv_event_publisher import Publisher, free_port, stored
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    endpoint, replay = (f"tcp://127.0.0.1:{port}" for port in ports)
+    endpoint, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     ctl = controller("--kv-events", json.dumps({"bind": endpoint, "replay_endpoint": replay}))
     # (what PUB drops before the connection is up comes back by replay: the stream ends up live)
     publisher = Publisher(endpoint, replay)

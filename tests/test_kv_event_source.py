@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from kv_event_publisher import CLEARED, Publisher, removed, stored
+from kv_event_publisher import CLEARED, Publisher, free_port, removed, stored
 
 BS = 16
 A = list(range(1000, 1064))  # 4 blocks
 B = A[:32] + list(range(2000, 2032))  # shares A's first 2 blocks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Setup:

@@ -213,9 +213,8 @@ def lmcache_controller_values(env: Mapping[str, str], given: frozenset[str] = fr
             continue
         try:
             if key == "controller_monitor_ports":
-                ports = json.loads(value) if isinstance(value, str) else value
-                if ports is not None:  # (LMCache then falls back to its deprecated single port)
-                    out["monitor_ports"] = check_monitor_ports(ports)
+                # a string as the flag reads it ("none": no LMCache sockets)
+                out["monitor_ports"] = parse_monitor_ports(value) if isinstance(value, str) else check_monitor_ports(value)
             elif key == "controller_host":
                 out["host"] = str(value)
             elif key == "controller_port":
