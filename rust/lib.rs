@@ -19,6 +19,7 @@ pub mod pyhash;
 pub mod shared;
 pub mod snapshot;
 pub mod table;
+pub mod write_behind;
 
 #[cfg(test)]
 mod fuzz_corpus_tests;

@@ -3,10 +3,12 @@
 //! Readers never wait for writers: each reading thread has its own `ReadHandle` (created lazily
 //! from a factory) and reads whichever copy is published. Writers serialize on a mutex around
 //! the `WriteHandle`, append one op per call and publish once, so every call is atomic for
-//! readers. Nothing here starts a thread.
+//! readers. Nothing here starts a thread, except `start_write_behind`, on request: from then on
+//! `write_later` queues writes for one thread that applies them in order (`write_behind.rs`),
+//! and every other write, snapshot and invariant check first waits for that queue.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use left_right::{ReadHandle, ReadHandleFactory, WriteHandle};
 use thread_local::ThreadLocal;
@@ -16,6 +18,27 @@ use crate::index::{Core, Op, OpResult};
 use crate::json;
 use crate::keyspace::KeySpace;
 use crate::snapshot;
+use crate::write_behind::{Counts, WriteBehind};
+
+/// Ops the write-behind queue holds before `write_later` waits: enough to keep its thread busy
+/// while the caller parses the next batch, few enough to bound the memory they hold.
+pub const WRITE_BEHIND_DEPTH: usize = 16;
+
+type Writer = Arc<Mutex<WriteHandle<Core, Op>>>;
+
+fn lock(writer: &Writer) -> MutexGuard<'_, WriteHandle<Core, Op>> {
+    // absorbing never panics on input; if it ever did, the copies are still consistent
+    // up to the last publish, so keep going rather than poisoning every later call
+    writer.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Apply one op and publish it; returns its counts.
+fn publish(writer: &Writer, op: Op) -> OpResult {
+    let mut w = lock(writer);
+    w.append(op);
+    w.publish();
+    w.enter().map(|c| c.last).unwrap_or((0, 0))
+}
 
 /// A `/lookup` response body and what the lookup matched.
 #[derive(Debug)]
@@ -30,7 +53,8 @@ pub struct LookupAnswer {
 pub struct SharedIndex {
     chunk_size: usize,
     key_space: KeySpace,
-    writer: Mutex<WriteHandle<Core, Op>>,
+    writer: Writer,
+    behind: OnceLock<WriteBehind<Op>>,
     factory: ReadHandleFactory<Core>,
     readers: ThreadLocal<ReadHandle<Core>>,
 }
@@ -46,7 +70,8 @@ impl SharedIndex {
         Ok(SharedIndex {
             chunk_size,
             key_space,
-            writer: Mutex::new(w),
+            writer: Arc::new(Mutex::new(w)),
+            behind: OnceLock::new(),
             factory: r.factory(),
             readers: ThreadLocal::new(),
         })
@@ -96,18 +121,49 @@ impl SharedIndex {
         }))
     }
 
+    /// The writer, once every write queued behind is applied.
     fn lock(&self) -> MutexGuard<'_, WriteHandle<Core, Op>> {
-        // absorbing never panics on input; if it ever did, the copies are still consistent
-        // up to the last publish, so keep going rather than poisoning every later call
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+        if let Some(b) = self.behind.get() {
+            b.wait();
+        }
+        lock(&self.writer)
     }
 
-    /// Apply one op and publish it; returns its counts.
+    /// Apply one op (after every write queued behind) and publish it; returns its counts.
     pub fn write(&self, op: Op) -> OpResult {
-        let mut w = self.lock();
-        w.append(op);
-        w.publish();
-        w.enter().map(|c| c.last).unwrap_or((0, 0))
+        if let Some(b) = self.behind.get() {
+            b.wait();
+        }
+        publish(&self.writer, op)
+    }
+
+    /// Start the thread that applies `write_later`'s ops (once; later calls do nothing).
+    pub fn start_write_behind(&self) {
+        self.behind.get_or_init(|| {
+            let writer = self.writer.clone();
+            WriteBehind::start(WRITE_BEHIND_DEPTH, move |op| publish(&writer, op))
+        });
+    }
+
+    pub fn writes_behind(&self) -> bool {
+        self.behind.get().is_some()
+    }
+
+    /// Queue `op` for the write-behind thread (waits while its queue is full). Readers see it
+    /// once that thread applied it; `settle` waits for that.
+    pub fn write_later(&self, op: Op) -> Result<()> {
+        match self.behind.get() {
+            Some(b) => b.submit(op),
+            None => Err(Error::arg(
+                "this index writes nothing behind: call start_write_behind() first",
+            )),
+        }
+    }
+
+    /// Wait until every op queued behind is applied; their admitted and evicted holdings since
+    /// the last settle. (0, 0) when nothing writes behind.
+    pub fn settle(&self) -> Result<Counts> {
+        self.behind.get().map_or(Ok((0, 0)), |b| b.settle())
     }
 
     /// Check every invariant of the published copy, then that both copies are identical.
@@ -128,8 +184,12 @@ impl SharedIndex {
         Ok(())
     }
 
-    /// Write a snapshot atomically. Readers continue; writers wait until it is written.
+    /// Write a snapshot atomically (after the writes queued behind). Readers continue; writers
+    /// wait until it is written.
     pub fn dump(&self, path: &Path, log_seq: u64) -> Result<()> {
+        if let Some(b) = self.behind.get() {
+            b.wait(); // the snapshot holds every write queued before it
+        }
         self.read(|core| snapshot::dump(core, path, log_seq))
     }
 

@@ -12,11 +12,13 @@ import hashlib
 import msgspec
 import pytest
 import zmq
+import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcache_rs import EngineMap, Index, parse_kv_batch
 from lmcache_rs.controller.engine_blocks import MEDIUM_LOCATIONS, Namespaces, location_of
+from lmcache_rs.controller import kv_event_source
 from lmcache_rs.controller.kv_event_source import KVEventSource
 from lmcache_rs.controller.kv_events import BatchError, EventDecoder
 from lmcache_rs.controller.metrics import Metrics
@@ -257,21 +259,6 @@ class _Done(Exception):
     pass
 
 
-class _QueuedSocket:
-    """A SUB socket with ``messages`` already queued: the live loop takes them in bursts."""
-
-    def __init__(self, messages: list[list[bytes]]):
-        self.messages = messages
-
-    def recv_multipart(self, flags: int = 0, copy: bool = True):
-        fut = asyncio.get_running_loop().create_future()
-        if self.messages:
-            fut.set_result(self.messages.pop(0))
-        else:
-            fut.set_exception(zmq.Again() if flags & zmq.NOBLOCK else _Done())
-        return fut
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), st.integers(0, 3))
 def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
@@ -288,13 +275,44 @@ def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
     for topic, seq, payload in messages:
         one_by_one.receive(0, one_by_one.subscriptions[0], topic, int.from_bytes(seq, "big"), payload)
     burst = source(True)
-    burst.subscriptions[0].sub = _QueuedSocket(list(messages))
+    end = b"end-of-test"
+    live_message = burst._live_message
+
+    def until_end(position, sub, frames):
+        if frames[0] == end:
+            raise _Done
+        live_message(position, sub, frames)
+
+    burst._live_message = until_end
 
     async def run() -> None:
-        with pytest.raises(_Done):
-            await burst._live_loop(0, burst.subscriptions[0])
+        # the messages wait in a real socket's queue: the loop reads them in bursts, its index
+        # writes going behind it (the write-behind thread) while it reads on
+        ctx = zmq.asyncio.Context()
+        try:
+            pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+            for sock in (pull, push):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.setsockopt(zmq.RCVHWM, 0)
+            pull.bind("inproc://bursts")
+            push.connect("inproc://bursts")
+            for frames in messages + [[end, bytes(8), b""]]:
+                await push.send_multipart(frames)
+            burst.subscriptions[0].sub = pull
+            with pytest.raises(_Done):
+                await burst._live_loop(0, burst.subscriptions[0])
+            burst.settle()  # the loop settles before it awaits; this one ended mid-burst
+        finally:
+            ctx.destroy(linger=0)
 
-    asyncio.run(run())
+    # short bursts and few of them between the loop's turns, so a stream here spans several
+    saved = kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND
+    kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND = 3, 2
+    try:
+        asyncio.run(run())
+    finally:
+        kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND = saved
     assert state(burst) == state(one_by_one)
 
 

@@ -153,6 +153,23 @@ class Index:
         that location (None: anywhere), keeping it registered. Validated as a whole first (a bad
         event raises and nothing is applied), then applied in order and published at once:
         readers see all of it or none. Returns (admitted, evicted), drops counted as evicted."""
+    def start_write_behind(self) -> None:
+        """Start a thread that applies ``apply_batch_later``'s batches in order, behind the caller
+        (once; a second call does nothing). From then on every other write, ``dump`` and
+        ``check_invariants`` first wait until the batches queued are applied."""
+    def apply_batch_later(
+        self, events: Iterable[tuple[str, str, int, str | None, _HashesLike | None]]
+    ) -> None:
+        """``apply_batch``, validated now and applied by the write-behind thread after the batches
+        queued before it: readers see it a little later, all of it or none. Waits while that
+        thread is a few batches behind. ``settle()`` waits for it and returns its counts."""
+    def settle(self) -> tuple[int, int]:
+        """Wait until every batch queued by ``apply_batch_later`` (or ``EngineOps.apply_later``) is
+        applied; returns their (admitted, evicted) since the last ``settle`` ((0, 0) when
+        nothing writes behind)."""
+    @property
+    def writes_behind(self) -> bool:
+        """Whether ``start_write_behind`` was called."""
     def clear(self, instance_id: str, location: str | None = None) -> int:
         """Drop the instance's holdings (at one location, or all); returns holdings dropped."""
     def lookup(self, tokens: _TokensLike) -> dict[str, tuple[str, int]]:
@@ -278,6 +295,10 @@ class EngineOps:
         """Apply to ``index`` as one ``apply_batch``; returns (admitted, evicted). An ``Index`` takes
         the operations as they are; any other object with an ``apply_batch`` (an index that also
         records what it applies) is handed them in ``apply_batch``'s form."""
+    def apply_later(self, index: Index) -> None:
+        """Queue for ``index``'s write-behind thread (``Index.apply_batch_later``); the counts come
+        from ``index.settle()``. Only an ``Index`` that writes behind takes this: an index that
+        records what it applies takes ``apply_to``."""
     def as_tuples(self) -> list[tuple[str, str, int, str | None, list[int]]]:
         """The operations in ``Index.apply_batch``'s form."""
     def __len__(self) -> int: ...

@@ -106,6 +106,20 @@ impl PyEngineOps {
             .extract()
     }
 
+    /// Queue for ``index``'s write-behind thread (``Index.apply_batch_later``); the counts come
+    /// from ``index.settle()``. Only an ``Index`` that writes behind takes this: an index that
+    /// records what it applies takes ``apply_to``.
+    fn apply_later(&self, index: &Bound<'_, PyAny>) -> PyResult<()> {
+        let index = index.cast::<PyIndex>().map_err(|_| {
+            crate::error::Error::ty(
+                "apply_later takes an lmcache_rs.Index (use apply_to for others)",
+            )
+        })?;
+        index
+            .borrow()
+            .write_batch_later(index.py(), self.batch.clone())
+    }
+
     /// The operations in ``Index.apply_batch``'s form.
     fn as_tuples<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         self.batch

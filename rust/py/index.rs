@@ -130,6 +130,79 @@ impl PyIndex {
         detached(py, || Ok(self.inner.write(Op::Batch(batch))))
     }
 
+    /// `apply_batch`'s events, validated as a whole, as one batch.
+    fn batch_arg(&self, py: Python<'_>, events: &Bound<'_, PyAny>) -> PyResult<Arc<Batch>> {
+        let mut batch = Batch::default();
+        let it = events.try_iter().map_err(|_| {
+            Error::ty(
+                "events must be an iterable of (op, instance_id, worker_id, location, hashes)",
+            )
+        })?;
+        for (n, item) in it.enumerate() {
+            let item = item?;
+            let tuple = item.cast::<PyTuple>().map_err(|_| {
+                Error::ty(format!(
+                    "events[{n}] must be a tuple (op, instance_id, worker_id, location, hashes)"
+                ))
+            })?;
+            if tuple.len() != 5 {
+                return Err(Error::arg(format!(
+                    "events[{n}] has {} items; expected (op, instance_id, worker_id, location, hashes)",
+                    tuple.len()
+                ))
+                .into());
+            }
+            let op = str_arg(&tuple.get_item(0)?, "op").map_err(|e| prefix_err(n, e))?;
+            let location = tuple.get_item(3)?;
+            let kind = match &*op {
+                "admit" => EventKind::Admit,
+                "evict" => EventKind::Evict,
+                "drop" if location.is_none() => EventKind::DropAll,
+                "drop" => EventKind::Drop,
+                other => {
+                    return Err(Error::arg(format!(
+                    "events[{n}]: unknown op {other:?} (expected \"admit\", \"evict\" or \"drop\")"
+                ))
+                    .into())
+                }
+            };
+            let location = if kind == EventKind::DropAll {
+                pyo3::types::PyString::new(py, "").into_any()
+            } else {
+                location
+            };
+            let mut ev = self
+                .event(kind, &tuple.get_item(1)?, &tuple.get_item(2)?, &location)
+                .map_err(|e| prefix_err(n, e))?;
+            let hashes = match kind {
+                // a drop names no keys; whatever is in the hashes slot is ignored
+                EventKind::Drop | EventKind::DropAll => Vec::new(),
+                _ => IntsArg::<u64>::extract(&tuple.get_item(4)?, "hashes")
+                    .and_then(|h| h.view().map(|v| v.into_owned()))
+                    .map_err(|e| prefix_err(n, e))?,
+            };
+            // names repeat across events: share the previous event's allocation
+            if let Some(prev) = batch.events.last() {
+                if prev.instance == ev.instance {
+                    ev.instance = prev.instance.clone();
+                }
+                if prev.location == ev.location {
+                    ev.location = prev.location.clone();
+                }
+            }
+            ev.start = batch.keys.len();
+            batch.keys.extend_from_slice(&hashes);
+            ev.end = batch.keys.len();
+            batch.events.push(ev);
+        }
+        Ok(Arc::new(batch))
+    }
+
+    /// Queue a batch for the write-behind thread (waiting, without the GIL, while it is full).
+    pub(crate) fn write_batch_later(&self, py: Python<'_>, batch: Arc<Batch>) -> PyResult<()> {
+        detached(py, || self.inner.write_later(Op::Batch(batch)))
+    }
+
     /// The /lookup answer for `body` (bytes, or any byte buffer, copied), with the GIL released.
     fn answer_json(
         &self,
@@ -395,73 +468,44 @@ impl PyIndex {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(u64, u64)> {
         no_kwargs("apply_batch", kwargs)?;
-        let mut batch = Batch::default();
-        let it = events.try_iter().map_err(|_| {
-            Error::ty(
-                "events must be an iterable of (op, instance_id, worker_id, location, hashes)",
-            )
-        })?;
-        for (n, item) in it.enumerate() {
-            let item = item?;
-            let tuple = item.cast::<PyTuple>().map_err(|_| {
-                Error::ty(format!(
-                    "events[{n}] must be a tuple (op, instance_id, worker_id, location, hashes)"
-                ))
-            })?;
-            if tuple.len() != 5 {
-                return Err(Error::arg(format!(
-                    "events[{n}] has {} items; expected (op, instance_id, worker_id, location, hashes)",
-                    tuple.len()
-                ))
-                .into());
-            }
-            let op = str_arg(&tuple.get_item(0)?, "op").map_err(|e| prefix_err(n, e))?;
-            let location = tuple.get_item(3)?;
-            let kind = match &*op {
-                "admit" => EventKind::Admit,
-                "evict" => EventKind::Evict,
-                "drop" if location.is_none() => EventKind::DropAll,
-                "drop" => EventKind::Drop,
-                other => {
-                    return Err(Error::arg(format!(
-                    "events[{n}]: unknown op {other:?} (expected \"admit\", \"evict\" or \"drop\")"
-                ))
-                    .into())
-                }
-            };
-            let location = if kind == EventKind::DropAll {
-                pyo3::types::PyString::new(py, "").into_any()
-            } else {
-                location
-            };
-            let mut ev = self
-                .event(kind, &tuple.get_item(1)?, &tuple.get_item(2)?, &location)
-                .map_err(|e| prefix_err(n, e))?;
-            let hashes = match kind {
-                // a drop names no keys; whatever is in the hashes slot is ignored
-                EventKind::Drop | EventKind::DropAll => Vec::new(),
-                _ => IntsArg::<u64>::extract(&tuple.get_item(4)?, "hashes")
-                    .and_then(|h| h.view().map(|v| v.into_owned()))
-                    .map_err(|e| prefix_err(n, e))?,
-            };
-            // names repeat across events: share the previous event's allocation
-            if let Some(prev) = batch.events.last() {
-                if prev.instance == ev.instance {
-                    ev.instance = prev.instance.clone();
-                }
-                if prev.location == ev.location {
-                    ev.location = prev.location.clone();
-                }
-            }
-            ev.start = batch.keys.len();
-            batch.keys.extend_from_slice(&hashes);
-            ev.end = batch.keys.len();
-            batch.events.push(ev);
-        }
-        let batch = Arc::new(batch);
+        let batch = self.batch_arg(py, events)?;
         detached(py, || Ok(self.inner.write(Op::Batch(batch))))
     }
 
+    /// Start a thread that applies ``apply_batch_later``'s batches in order, behind the caller
+    /// (once; a second call does nothing). From then on every other write, ``dump`` and
+    /// ``check_invariants`` first wait until the batches queued are applied.
+    fn start_write_behind(&self) {
+        self.inner.start_write_behind();
+    }
+
+    /// ``apply_batch``, validated now and applied by the write-behind thread after the batches
+    /// queued before it: readers see it a little later, all of it or none. Waits while that
+    /// thread is a few batches behind. ``settle()`` waits for it and returns its counts.
+    #[pyo3(signature = (events, **kwargs), text_signature = "(self, events)")]
+    fn apply_batch_later(
+        &self,
+        py: Python<'_>,
+        events: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        no_kwargs("apply_batch_later", kwargs)?;
+        let batch = self.batch_arg(py, events)?;
+        self.write_batch_later(py, batch)
+    }
+
+    /// Wait until every batch queued by ``apply_batch_later`` (or ``EngineOps.apply_later``) is
+    /// applied; returns their (admitted, evicted) since the last ``settle`` ((0, 0) when
+    /// nothing writes behind).
+    fn settle(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        detached(py, || self.inner.settle())
+    }
+
+    /// Whether ``start_write_behind`` was called.
+    #[getter]
+    fn writes_behind(&self) -> bool {
+        self.inner.writes_behind()
+    }
     /// Drop the instance's holdings (at one location, or all); returns holdings dropped.
     #[pyo3(signature = (instance_id, location=None, **kwargs), text_signature = "(self, instance_id, location=None)")]
     fn clear(

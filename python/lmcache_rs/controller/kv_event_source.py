@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .. import Index
 from ..log_limit import RateLimitedLog
 from .engine_blocks import EngineBlocks, Namespace, Namespaces
 from .kv_events import Batch, BatchError, EventDecoder
@@ -48,6 +49,8 @@ RECENT_SEQS = 4096
 MAX_REPLAY_ATTEMPTS = 3  # replays in a row for one gap before its messages count as lost
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
+ROUNDS_BEHIND = 16  # bursts a live loop queues behind it before the loop's other tasks run
+NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag arithmetic on the enum costs more than the read
 LIVE_BURST = 64  # queued live messages applied before their index writes (and the next await)
 def offset_port(endpoint: str, rank: int) -> str:
     """A data-parallel rank's endpoint: vLLM offsets the port by the rank."""
@@ -229,8 +232,27 @@ class KVEventSource:
     # -- live stream -----------------------------------------------------------------------
     async def _live_loop(self, position: int, sub: Subscription) -> None:
         assert sub.sub is not None
+        # The burst's non-blocking reads go through a plain socket over the same one: the
+        # asyncio socket would make a Future (and enum flag arithmetic) for each, which cost
+        # more than the read.
+        reader = zmq.Socket.shadow(sub.sub.underlying)
+        rounds = 0
         while True:
-            frames = await sub.sub.recv_multipart(copy=True)
+            # While messages keep coming, the indexes apply each burst's writes on their own
+            # thread while this one reads and maps the next; before anything else on the loop
+            # runs, every write is applied (``settle``), so what it sees is as before.
+            try:
+                frames = reader.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                frames = None
+            if frames is None or rounds >= ROUNDS_BEHIND:
+                self.settle()
+                rounds = 0
+                if frames is None:
+                    frames = await sub.sub.recv_multipart(copy=True)
+                else:
+                    await asyncio.sleep(0)  # the loop's other tasks get their turn
+            rounds += 1
             # Then whatever else is queued, without a trip through the event loop each, and
             # with one index write per engine and namespace for the lot (``_flush``).
             self._deferred = {}
@@ -238,12 +260,20 @@ class KVEventSource:
                 self._live_message(position, sub, frames)
                 for _ in range(LIVE_BURST - 1):
                     try:
-                        frames = sub.sub.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
+                        frames = reader.recv_multipart(NOBLOCK)
                     except zmq.Again:
                         break
                     self._live_message(position, sub, frames)
             finally:
-                self._flush()
+                self._flush(later=True)
+
+    def settle(self) -> None:
+        """Wait for the writes the indexes apply behind the live loops; count them."""
+        for ns in self.namespaces.all():
+            if isinstance(ns.index, Index) and ns.index.writes_behind:
+                admitted, evicted = ns.index.settle()
+                self.metrics.admits += admitted
+                self.metrics.evicts += evicted
 
     def _live_message(self, position: int, sub: Subscription, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:
@@ -387,24 +417,30 @@ class KVEventSource:
         self._write(pub.engine)
         self.registry.touch(pub.record)
 
-    def _write(self, engine: EngineBlocks) -> None:
+    def _write(self, engine: EngineBlocks, later: bool = False) -> None:
+        """The engine's queued index operations, applied (``later``: by a plain index's
+        write-behind thread, counted by ``settle``)."""
         if self._deferred is not None:
             self._deferred[id(engine)] = engine
             return
         ops = engine.take_ops()
         for ns, batch in ops:
+            if later and isinstance(ns.index, Index):
+                ns.index.start_write_behind()  # once per index; later calls do nothing
+                batch.apply_later(ns.index)
+                continue
             admitted, evicted = batch.apply_to(ns.index)
             self.metrics.admits += admitted
             self.metrics.evicts += evicted
         if ops:
             self.registry.changes += 1
 
-    def _flush(self) -> None:
+    def _flush(self, later: bool = False) -> None:
         """The index writes a burst of live messages deferred."""
         deferred, self._deferred = self._deferred, None
         for engine in (deferred or {}).values():
             try:
-                self._write(engine)
+                self._write(engine, later)
             except Exception as exc:  # a bug costs this engine's writes, never the socket's loop
                 self._count("handler_errors")
                 log.exception("KV events: index writes for %s failed (%s)", engine.instance_id, exc)

@@ -32,7 +32,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from .. import read_lmcache_push
+from .. import Index, read_lmcache_push
 from ..log_limit import RateLimitedLog
 from ..wire import RemoteError, unpack_u32s
 from ..wire.session import BAD_ARGS
@@ -179,19 +179,43 @@ class LMCacheSource:
 
     # -- PUSH messages ---------------------------------------------------------------------
     async def _pull_loop(self, sock: zmq.asyncio.Socket) -> None:
+        # non-blocking reads through a plain socket over the same one: no Future each
+        reader = zmq.Socket.shadow(sock.underlying)
+        # While reads keep coming, the index applies each batch on its own thread while this
+        # one reads the next; before anything else on the loop runs, every batch is applied.
+        behind = isinstance(self.index, Index)
+        if behind:
+            self.index.start_write_behind()
+        rounds = 0
         while True:
-            frames = await sock.recv_multipart(copy=True)
+            try:
+                frames = reader.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                frames = None
+            if frames is None or rounds >= ROUNDS_BEHIND:
+                self.settle()
+                rounds = 0
+                if frames is None:
+                    frames = await sock.recv_multipart(copy=True)
+                else:
+                    await asyncio.sleep(0)  # the loop's other tasks get their turn
+            rounds += 1
             pending = PendingOps()
             self.read_pull(frames, pending)
-            # Reads already waiting join the same index batch: fewer, larger batches. A
-            # non-blocking recv completes at once, so no other task runs before the apply.
+            # Reads already waiting join the same index batch: fewer, larger batches.
             while pending.keys < PULL_BATCH_KEYS:
                 try:
-                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True).result()
+                    frames = reader.recv_multipart(NOBLOCK)
                 except zmq.Again:
                     break
                 self.read_pull(frames, pending)
-            self.apply_pending(pending)
+            self.apply_pending(pending, later=behind)
+
+    def settle(self) -> None:
+        """Wait for the batches the index applies behind the pull loop; count them."""
+        admitted, evicted = self.index.settle()
+        self.metrics.admits += admitted
+        self.metrics.evicts += evicted
 
     def on_pull(self, frames: list[bytes]) -> None:
         """One read of the pull socket, applied (the loop above joins reads; tests use this)."""
@@ -270,18 +294,24 @@ class LMCacheSource:
                    state.record.instance_id, state.record.worker_id, location, expected, got)
         state.sync_reason = "seq_gap"
 
-    def apply_pending(self, pending: PendingOps) -> None:
+    def apply_pending(self, pending: PendingOps, later: bool = False) -> None:
+        """Apply what ``pending`` holds (``later``: queued for the index's write-behind
+        thread, counted by ``settle``)."""
         if pending.keys:
             events = pending.events()
             pending.clear()
-            if not self._apply(events, quiet=len(events) > 1):
+            if not self._apply(events, quiet=len(events) > 1, later=later):
                 # one bad event must not cost the other holders theirs: each on its own
                 for event in events:
-                    self._apply([event])
+                    self._apply([event], later=later)
 
-    def _apply(self, events: list[tuple], quiet: bool = False) -> bool:
+    def _apply(self, events: list[tuple], quiet: bool = False, later: bool = False) -> bool:
         try:
-            admitted, evicted = self.index.apply_batch(events)
+            if later:
+                self.index.apply_batch_later(events)  # validated now; counted by settle()
+                admitted = evicted = 0
+            else:
+                admitted, evicted = self.index.apply_batch(events)
         except Exception as exc:  # checked before; the index has the last word
             if not quiet:
                 self._count("index_refused")
@@ -691,6 +721,9 @@ class LMCacheSource:
 
 # Keys read from the pull socket per index batch, at most (reads waiting are joined up to this).
 PULL_BATCH_KEYS = 64 * 1024
+# Batches the pull loop queues behind it before it lets the loop's other tasks run.
+ROUNDS_BEHIND = 16
+NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag arithmetic on the enum costs more than the read
 
 
 class PendingOps:

@@ -1,0 +1,234 @@
+//! Writes applied behind the caller: a bounded queue and one thread that applies its ops in
+//! order, so a caller with more to read and parse (an ingest loop) goes on while the index
+//! writes on another core. `settle` waits until everything queued is applied; the index
+//! settles before every write of its own, so writes keep one order whichever way they came.
+
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+
+/// Admitted and evicted holdings of one write.
+pub type Counts = (u64, u64);
+
+#[derive(Default)]
+struct Progress {
+    queued: u64,
+    applied: u64,
+    /// Counts of the writes applied since the last `settle`.
+    counts: Counts,
+    /// The thread stopped before applying everything queued (a write panicked).
+    failed: bool,
+}
+
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        // nothing panics while holding this lock; keep going rather than poison every call
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Marks the queue failed if the thread unwinds, so no one waits for it forever.
+struct FailOnUnwind(Arc<Shared>);
+
+impl Drop for FailOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().failed = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+pub struct WriteBehind<Op: Send + 'static> {
+    queue: Mutex<Option<SyncSender<Op>>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn stopped() -> Error {
+    Error::invariant("the index's write-behind thread stopped (a write failed); see the log")
+}
+
+impl<Op: Send + 'static> WriteBehind<Op> {
+    /// Start the thread; at most `depth` ops wait in the queue (a `submit` beyond that waits).
+    pub fn start(depth: usize, mut apply: impl FnMut(Op) -> Counts + Send + 'static) -> Self {
+        let (tx, rx) = sync_channel::<Op>(depth.max(1));
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress::default()),
+            changed: Condvar::new(),
+        });
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("index-writer".into())
+            .spawn(move || {
+                let guard = FailOnUnwind(for_thread);
+                for op in rx {
+                    let (a, e) = apply(op);
+                    let mut p = guard.0.lock();
+                    p.applied += 1;
+                    p.counts.0 += a;
+                    p.counts.1 += e;
+                    if p.applied == p.queued {
+                        guard.0.changed.notify_all();
+                    }
+                }
+            })
+            .expect("spawning the index's writer thread");
+        WriteBehind {
+            queue: Mutex::new(Some(tx)),
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Queue `op`; waits while the queue is full.
+    pub fn submit(&self, op: Op) -> Result<()> {
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = queue.as_ref().ok_or_else(stopped)?;
+        {
+            let mut p = self.shared.lock();
+            if p.failed {
+                return Err(stopped());
+            }
+            p.queued += 1;
+        }
+        // the queue lock is held across the send, so ops enter in `queued` order
+        tx.send(op).map_err(|_| stopped())
+    }
+
+    /// Wait until every queued op is applied; returns their counts since the last settle.
+    pub fn settle(&self) -> Result<Counts> {
+        let mut p = self.shared.lock();
+        while p.applied < p.queued && !p.failed {
+            p = self
+                .shared
+                .changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if p.failed {
+            return Err(stopped());
+        }
+        Ok(std::mem::take(&mut p.counts))
+    }
+
+    /// Wait until every queued op is applied, keeping their counts for the next `settle`.
+    /// Whether the thread failed is reported by `settle` and `submit`.
+    pub fn wait(&self) {
+        let mut p = self.shared.lock();
+        while p.applied < p.queued && !p.failed {
+            p = self
+                .shared
+                .changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ops queued and not yet applied.
+    pub fn pending(&self) -> u64 {
+        let p = self.shared.lock();
+        p.queued - p.applied
+    }
+}
+
+impl<Op: Send + 'static> Drop for WriteBehind<Op> {
+    fn drop(&mut self) {
+        // closing the queue ends the thread after it applied what was queued
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn applies_in_order_and_settles() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let wb = WriteBehind::start(4, move |n: u64| {
+            log.lock().unwrap().push(n);
+            (n, 1)
+        });
+        for n in 0..1000 {
+            wb.submit(n).unwrap();
+        }
+        let (a, e) = wb.settle().unwrap();
+        assert_eq!(*seen.lock().unwrap(), (0..1000).collect::<Vec<_>>());
+        assert_eq!((a, e), ((0..1000).sum(), 1000));
+        assert_eq!(wb.pending(), 0);
+        assert_eq!(wb.settle().unwrap(), (0, 0), "counts are taken once");
+    }
+
+    #[test]
+    fn settle_waits_for_a_slow_write() {
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
+        let wb = WriteBehind::start(1, move |_: ()| {
+            while !r.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (1, 0)
+        });
+        wb.submit(()).unwrap();
+        assert_eq!(wb.pending(), 1);
+        let releaser = {
+            let release = release.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                release.store(true, Ordering::Release);
+            })
+        };
+        assert_eq!(wb.settle().unwrap(), (1, 0));
+        assert!(
+            release.load(Ordering::Acquire),
+            "settled before the write finished"
+        );
+        releaser.join().unwrap();
+    }
+
+    #[test]
+    fn a_panicking_write_fails_settle_and_submit_instead_of_hanging() {
+        let wb = WriteBehind::start(2, |n: u64| {
+            assert!(n != 3, "write {n} fails");
+            (1, 0)
+        });
+        for n in 0..3 {
+            wb.submit(n).unwrap();
+        }
+        assert_eq!(wb.settle().unwrap(), (3, 0));
+        wb.submit(3).unwrap();
+        assert!(wb.settle().is_err());
+        assert!(wb.submit(4).is_err());
+        wb.wait(); // returns: the thread is gone
+    }
+
+    #[test]
+    fn drop_applies_what_was_queued() {
+        let seen = Arc::new(Mutex::new(0u64));
+        let log = seen.clone();
+        {
+            let wb = WriteBehind::start(8, move |n: u64| {
+                *log.lock().unwrap() += n;
+                (0, 0)
+            });
+            for n in 1..=100 {
+                wb.submit(n).unwrap();
+            }
+        }
+        assert_eq!(*seen.lock().unwrap(), 5050);
+    }
+}
