@@ -51,6 +51,26 @@ pub struct Batch {
     pub keys: Vec<PrefixHash>,
 }
 
+impl Batch {
+    /// One batch doing what `batches` do applied one after another.
+    pub fn join(batches: &[Arc<Batch>]) -> Batch {
+        let mut out = Batch {
+            events: Vec::with_capacity(batches.iter().map(|b| b.events.len()).sum()),
+            keys: Vec::with_capacity(batches.iter().map(|b| b.keys.len()).sum()),
+        };
+        for b in batches {
+            let shift = out.keys.len();
+            out.keys.extend_from_slice(&b.keys);
+            out.events.extend(b.events.iter().map(|e| Event {
+                start: e.start + shift,
+                end: e.end + shift,
+                ..e.clone()
+            }));
+        }
+        out
+    }
+}
+
 /// A write, logged once and absorbed into both copies.
 #[derive(Debug)]
 pub enum Op {
@@ -690,5 +710,53 @@ impl ChunkKeys for KeyList<'_> {
     #[inline]
     fn next_len(&self) -> usize {
         usize::from(self.0.len() > 0)
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn batch(events: &[(u8, u8, u8, Vec<u64>)]) -> Arc<Batch> {
+        let mut b = Batch::default();
+        for (kind, inst, loc, keys) in events {
+            let start = b.keys.len();
+            b.keys.extend_from_slice(keys);
+            b.events.push(Event {
+                kind: [EventKind::Admit, EventKind::Evict, EventKind::Drop][*kind as usize % 3],
+                instance: format!("i{}", inst % 2).into(),
+                worker: 0,
+                location: ["GPU", "LocalCPUBackend"][*loc as usize % 2].into(),
+                start,
+                end: b.keys.len(),
+            });
+        }
+        Arc::new(b)
+    }
+
+    proptest! {
+        /// Batches joined into one do what they do applied one after another.
+        #[test]
+        fn a_joined_batch_is_the_batches_in_order(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(
+                    (0u8..3, 0u8..2, 0u8..2, proptest::collection::vec(1u64..40, 0..8)), 1..4),
+                1..6),
+        ) {
+            let batches: Vec<Arc<Batch>> = batches.iter().map(|b| batch(b)).collect();
+            let mut one_by_one = Core::new(4, KeySpace::Xxh3 { seed: 0 });
+            let mut total = (0, 0);
+            for b in &batches {
+                let (a, e) = one_by_one.apply(&Op::Batch(b.clone()));
+                total.0 += a;
+                total.1 += e;
+            }
+            let mut joined = Core::new(4, KeySpace::Xxh3 { seed: 0 });
+            let got = joined.apply(&Op::Batch(Arc::new(Batch::join(&batches))));
+            prop_assert_eq!(got, total);
+            prop_assert_eq!(joined.content_digest(), one_by_one.content_digest());
+            joined.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
     }
 }

@@ -14,7 +14,7 @@ use left_right::{ReadHandle, ReadHandleFactory, WriteHandle};
 use thread_local::ThreadLocal;
 
 use crate::error::{Error, Result};
-use crate::index::{Core, Op, OpResult};
+use crate::index::{Batch, Core, Op, OpResult};
 use crate::json;
 use crate::keyspace::KeySpace;
 use crate::snapshot;
@@ -41,6 +41,44 @@ fn publish(writer: &Writer, op: Op) -> OpResult {
 }
 
 /// A `/lookup` response body and what the lookup matched.
+/// Apply ops queued behind, in order: runs of batches joined into one batch, so each run is one
+/// publish (one left-right swap and one wait for readers) however many callers queued it.
+fn publish_joined(writer: &Writer, ops: Vec<Op>) -> OpResult {
+    let mut total = (0, 0);
+    let mut run: Vec<Arc<Batch>> = Vec::new();
+    let mut apply = |op: Op| {
+        let (a, r) = publish(writer, op);
+        total.0 += a;
+        total.1 += r;
+    };
+    for op in ops {
+        match op {
+            Op::Batch(b) => run.push(b),
+            other => {
+                if let Some(joined) = joined(&mut run) {
+                    apply(joined);
+                }
+                apply(other);
+            }
+        }
+    }
+    if let Some(joined) = joined(&mut run) {
+        apply(joined);
+    }
+    total
+}
+
+/// The batches of `run` as one op (None for none); empties `run`.
+fn joined(run: &mut Vec<Arc<Batch>>) -> Option<Op> {
+    let op = match run.len() {
+        0 => return None,
+        1 => Op::Batch(run.pop().expect("one batch")),
+        _ => Op::Batch(Arc::new(Batch::join(run))),
+    };
+    run.clear();
+    Some(op)
+}
+
 #[derive(Debug)]
 pub struct LookupAnswer {
     pub body: String,
@@ -141,7 +179,7 @@ impl SharedIndex {
     pub fn start_write_behind(&self) {
         self.behind.get_or_init(|| {
             let writer = self.writer.clone();
-            WriteBehind::start(WRITE_BEHIND_DEPTH, move |op| publish(&writer, op))
+            WriteBehind::start(WRITE_BEHIND_DEPTH, move |ops| publish_joined(&writer, ops))
         });
     }
 

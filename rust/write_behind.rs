@@ -58,7 +58,9 @@ fn stopped() -> Error {
 
 impl<Op: Send + 'static> WriteBehind<Op> {
     /// Start the thread; at most `depth` ops wait in the queue (a `submit` beyond that waits).
-    pub fn start(depth: usize, mut apply: impl FnMut(Op) -> Counts + Send + 'static) -> Self {
+    /// The thread hands `apply` every op waiting when it comes for the next, in queue order
+    /// (at most `depth`), so a writer that fell behind catches up with fewer, larger writes.
+    pub fn start(depth: usize, mut apply: impl FnMut(Vec<Op>) -> Counts + Send + 'static) -> Self {
         let (tx, rx) = sync_channel::<Op>(depth.max(1));
         let shared = Arc::new(Shared {
             progress: Mutex::new(Progress::default()),
@@ -69,10 +71,19 @@ impl<Op: Send + 'static> WriteBehind<Op> {
             .name("index-writer".into())
             .spawn(move || {
                 let guard = FailOnUnwind(for_thread);
-                for op in rx {
-                    let (a, e) = apply(op);
+                let depth = depth.max(1);
+                while let Ok(first) = rx.recv() {
+                    let mut ops = vec![first];
+                    while ops.len() < depth {
+                        match rx.try_recv() {
+                            Ok(op) => ops.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    let n = ops.len() as u64;
+                    let (a, e) = apply(ops);
                     let mut p = guard.0.lock();
-                    p.applied += 1;
+                    p.applied += n;
                     p.counts.0 += a;
                     p.counts.1 += e;
                     if p.applied == p.queued {
@@ -157,11 +168,13 @@ mod tests {
 
     #[test]
     fn applies_in_order_and_settles() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
         let log = seen.clone();
-        let wb = WriteBehind::start(4, move |n: u64| {
-            log.lock().unwrap().push(n);
-            (n, 1)
+        let wb = WriteBehind::start(4, move |ns: Vec<u64>| {
+            assert!(!ns.is_empty() && ns.len() <= 4);
+            let mut seen = log.lock().unwrap();
+            seen.extend(&ns);
+            (ns.iter().sum(), ns.len() as u64)
         });
         for n in 0..1000 {
             wb.submit(n).unwrap();
@@ -177,7 +190,7 @@ mod tests {
     fn settle_waits_for_a_slow_write() {
         let release = Arc::new(AtomicBool::new(false));
         let r = release.clone();
-        let wb = WriteBehind::start(1, move |_: ()| {
+        let wb = WriteBehind::start(1, move |_: Vec<()>| {
             while !r.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -202,9 +215,9 @@ mod tests {
 
     #[test]
     fn a_panicking_write_fails_settle_and_submit_instead_of_hanging() {
-        let wb = WriteBehind::start(2, |n: u64| {
-            assert!(n != 3, "write {n} fails");
-            (1, 0)
+        let wb = WriteBehind::start(2, |ns: Vec<u64>| {
+            assert!(!ns.contains(&3), "write 3 fails");
+            (ns.len() as u64, 0)
         });
         for n in 0..3 {
             wb.submit(n).unwrap();
@@ -221,8 +234,8 @@ mod tests {
         let seen = Arc::new(Mutex::new(0u64));
         let log = seen.clone();
         {
-            let wb = WriteBehind::start(8, move |n: u64| {
-                *log.lock().unwrap() += n;
+            let wb = WriteBehind::start(8, move |ns: Vec<u64>| {
+                *log.lock().unwrap() += ns.iter().sum::<u64>();
                 (0, 0)
             });
             for n in 1..=100 {

@@ -133,6 +133,7 @@ class KVEventSource:
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
         # engines whose index writes wait for the end of a burst of live messages (None: none is running)
         self._deferred: dict[int, EngineBlocks] | None = None
+        self.writes_behind = True  # the live loops' writes go to the indexes' write threads
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -268,10 +269,18 @@ class KVEventSource:
                 self._flush(later=True)
 
     def settle(self) -> None:
-        """Wait for the writes the indexes apply behind the live loops; count them."""
+        """Wait for the writes the indexes apply behind the live loops; count them. Should a
+        write thread ever fail (a bug), the loops go on writing directly."""
         for ns in self.namespaces.all():
             if isinstance(ns.index, Index) and ns.index.writes_behind:
-                admitted, evicted = ns.index.settle()
+                try:
+                    admitted, evicted = ns.index.settle()
+                except Exception as exc:
+                    if self.writes_behind:
+                        self.writes_behind = False
+                        self._count("handler_errors")
+                        log.error("KV events: an index's write thread failed (%s); writing directly from now on", exc)
+                    continue
                 self.metrics.admits += admitted
                 self.metrics.evicts += evicted
 
@@ -425,7 +434,7 @@ class KVEventSource:
             return
         ops = engine.take_ops()
         for ns, batch in ops:
-            if later and isinstance(ns.index, Index):
+            if later and self.writes_behind and isinstance(ns.index, Index):
                 ns.index.start_write_behind()  # once per index; later calls do nothing
                 batch.apply_later(ns.index)
                 continue

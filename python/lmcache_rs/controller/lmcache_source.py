@@ -112,6 +112,7 @@ class LMCacheSource:
         self.tasks: list[asyncio.Task] = []
         self.event_counter = itertools.count(1)
         self.native_push = True  # the usual admit/evict batches read in Rust (False: all in msgspec)
+        self.writes_behind = False  # the pull loop's batches go to the index's write thread
         self._warn = RateLimitedLog(log)
         self._heartbeat_host = ""
 
@@ -183,9 +184,9 @@ class LMCacheSource:
         reader = zmq.Socket.shadow(sock.underlying)
         # While reads keep coming, the index applies each batch on its own thread while this
         # one reads the next; before anything else on the loop runs, every batch is applied.
-        behind = isinstance(self.index, Index)
-        if behind:
+        if isinstance(self.index, Index):
             self.index.start_write_behind()
+            self.writes_behind = True
         rounds = 0
         while True:
             try:
@@ -209,11 +210,19 @@ class LMCacheSource:
                 except zmq.Again:
                     break
                 self.read_pull(frames, pending)
-            self.apply_pending(pending, later=behind)
+            self.apply_pending(pending, later=self.writes_behind)
 
     def settle(self) -> None:
-        """Wait for the batches the index applies behind the pull loop; count them."""
-        admitted, evicted = self.index.settle()
+        """Wait for the batches the index applies behind the pull loop; count them. Should its
+        write thread ever fail (a bug), the loop goes on writing directly."""
+        try:
+            admitted, evicted = self.index.settle()
+        except Exception as exc:
+            if self.writes_behind:
+                self.writes_behind = False
+                self._count("index_refused")
+                log.error("the index's write thread failed (%s); writing directly from now on", exc)
+            return
         self.metrics.admits += admitted
         self.metrics.evicts += evicted
 
