@@ -116,14 +116,7 @@ impl<Op: Send + 'static> WriteBehind<Op> {
 
     /// Wait until every queued op is applied; returns their counts since the last settle.
     pub fn settle(&self) -> Result<Counts> {
-        let mut p = self.shared.lock();
-        while p.applied < p.queued && !p.failed {
-            p = self
-                .shared
-                .changed
-                .wait(p)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        let mut p = self.applied_all();
         if p.failed {
             return Err(stopped());
         }
@@ -133,6 +126,11 @@ impl<Op: Send + 'static> WriteBehind<Op> {
     /// Wait until every queued op is applied, keeping their counts for the next `settle`.
     /// Whether the thread failed is reported by `settle` and `submit`.
     pub fn wait(&self) {
+        drop(self.applied_all());
+    }
+
+    /// The progress once every queued op is applied (or the thread failed).
+    fn applied_all(&self) -> MutexGuard<'_, Progress> {
         let mut p = self.shared.lock();
         while p.applied < p.queued && !p.failed {
             p = self
@@ -141,6 +139,7 @@ impl<Op: Send + 'static> WriteBehind<Op> {
                 .wait(p)
                 .unwrap_or_else(|e| e.into_inner());
         }
+        p
     }
 
     /// Ops queued and not yet applied.

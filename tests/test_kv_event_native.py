@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lmcache_rs import EngineMap, Index, parse_kv_batch
 from lmcache_rs.controller.engine_blocks import MEDIUM_LOCATIONS, Namespaces, location_of
-from lmcache_rs.controller import kv_event_source
+from lmcache_rs.controller import burst_reader, kv_event_source
 from lmcache_rs.controller.kv_event_source import KVEventSource
 from lmcache_rs.controller.kv_events import BatchError, EventDecoder
 from lmcache_rs.controller.metrics import Metrics
@@ -307,12 +307,12 @@ def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
             ctx.destroy(linger=0)
 
     # short bursts and few of them between the loop's turns, so a stream here spans several
-    saved = kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND
-    kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND = 3, 2
+    saved = kv_event_source.LIVE_BURST, burst_reader.ROUNDS_BEHIND
+    kv_event_source.LIVE_BURST, burst_reader.ROUNDS_BEHIND = 3, 2
     try:
         asyncio.run(run())
     finally:
-        kv_event_source.LIVE_BURST, kv_event_source.ROUNDS_BEHIND = saved
+        kv_event_source.LIVE_BURST, burst_reader.ROUNDS_BEHIND = saved
     assert state(burst) == state(one_by_one)
 
 

@@ -36,7 +36,9 @@ import zmq.asyncio
 from .. import Index
 from ..log_limit import RateLimitedLog
 from .engine_blocks import EngineBlocks, Namespace, Namespaces
+from .burst_reader import BurstReader
 from .kv_events import Batch, BatchError, EventDecoder
+from .metrics import settle_writes
 from .operations import OperationError
 from .registry import Registry, WorkerRecord
 
@@ -49,8 +51,6 @@ RECENT_SEQS = 4096
 MAX_REPLAY_ATTEMPTS = 3  # replays in a row for one gap before its messages count as lost
 TOPIC_PATTERN = re.compile(r"^kv@([^@]+)@(.+)$")  # llm-d's convention: kv@<pod>@<model>
 DEFAULT_MODEL = "default"
-ROUNDS_BEHIND = 16  # bursts a live loop queues behind it before the loop's other tasks run
-NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag arithmetic on the enum costs more than the read
 LIVE_BURST = 64  # queued live messages applied before their index writes (and the next await)
 def offset_port(endpoint: str, rank: int) -> str:
     """A data-parallel rank's endpoint: vLLM offsets the port by the rank."""
@@ -233,38 +233,21 @@ class KVEventSource:
     # -- live stream -----------------------------------------------------------------------
     async def _live_loop(self, position: int, sub: Subscription) -> None:
         assert sub.sub is not None
-        # The burst's non-blocking reads go through a plain socket over the same one: the
-        # asyncio socket would make a Future (and enum flag arithmetic) for each, which cost
-        # more than the read.
-        reader = zmq.Socket.shadow(sub.sub.underlying)
-        rounds = 0
+        # While messages keep coming, the indexes apply each burst's writes on their own thread
+        # while this one reads and maps the next (see burst_reader.py).
+        reader = BurstReader(sub.sub, self.settle)
         while True:
-            # While messages keep coming, the indexes apply each burst's writes on their own
-            # thread while this one reads and maps the next; before anything else on the loop
-            # runs, every write is applied (``settle``), so what it sees is as before.
-            try:
-                frames = reader.recv_multipart(NOBLOCK)
-            except zmq.Again:
-                frames = None
-            if frames is None or rounds >= ROUNDS_BEHIND:
-                self.settle()
-                rounds = 0
-                if frames is None:
-                    frames = await sub.sub.recv_multipart(copy=True)
-                else:
-                    await asyncio.sleep(0)  # the loop's other tasks get their turn
-            rounds += 1
+            frames = await reader.next()
             # Then whatever else is queued, without a trip through the event loop each, and
             # with one index write per engine and namespace for the lot (``_flush``).
             self._deferred = {}
             try:
                 self._live_message(position, sub, frames)
                 for _ in range(LIVE_BURST - 1):
-                    try:
-                        frames = reader.recv_multipart(NOBLOCK)
-                    except zmq.Again:
+                    more = reader.waiting()
+                    if more is None:
                         break
-                    self._live_message(position, sub, frames)
+                    self._live_message(position, sub, more)
             finally:
                 self._flush(later=True)
 
@@ -272,17 +255,13 @@ class KVEventSource:
         """Wait for the writes the indexes apply behind the live loops; count them. Should a
         write thread ever fail (a bug), the loops go on writing directly."""
         for ns in self.namespaces.all():
-            if isinstance(ns.index, Index) and ns.index.writes_behind:
-                try:
-                    admitted, evicted = ns.index.settle()
-                except Exception as exc:
-                    if self.writes_behind:
-                        self.writes_behind = False
-                        self._count("handler_errors")
-                        log.error("KV events: an index's write thread failed (%s); writing directly from now on", exc)
-                    continue
-                self.metrics.admits += admitted
-                self.metrics.evicts += evicted
+            if not (isinstance(ns.index, Index) and ns.index.writes_behind):
+                continue
+            failed = settle_writes(ns.index, self.metrics)
+            if failed is not None and self.writes_behind:
+                self.writes_behind = False
+                self._count("handler_errors")
+                log.error("KV events: an index's write thread failed (%s); writing directly from now on", failed)
 
     def _live_message(self, position: int, sub: Subscription, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:

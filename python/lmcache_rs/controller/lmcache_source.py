@@ -37,6 +37,8 @@ from ..log_limit import RateLimitedLog
 from ..wire import RemoteError, unpack_u32s
 from ..wire.session import BAD_ARGS
 from . import lmcache_messages as m
+from .burst_reader import BurstReader
+from .metrics import settle_writes
 from .registry import Registry, WorkerRecord
 
 log = logging.getLogger("lmcache_rs.controller.lmcache")
@@ -180,51 +182,29 @@ class LMCacheSource:
 
     # -- PUSH messages ---------------------------------------------------------------------
     async def _pull_loop(self, sock: zmq.asyncio.Socket) -> None:
-        # non-blocking reads through a plain socket over the same one: no Future each
-        reader = zmq.Socket.shadow(sock.underlying)
         # While reads keep coming, the index applies each batch on its own thread while this
-        # one reads the next; before anything else on the loop runs, every batch is applied.
+        # one reads the next (see burst_reader.py).
         if isinstance(self.index, Index):
             self.index.start_write_behind()
             self.writes_behind = True
-        rounds = 0
+        reader = BurstReader(sock, self.settle)
         while True:
-            try:
-                frames = reader.recv_multipart(NOBLOCK)
-            except zmq.Again:
-                frames = None
-            if frames is None or rounds >= ROUNDS_BEHIND:
-                self.settle()
-                rounds = 0
-                if frames is None:
-                    frames = await sock.recv_multipart(copy=True)
-                else:
-                    await asyncio.sleep(0)  # the loop's other tasks get their turn
-            rounds += 1
+            frames: list[bytes] | None = await reader.next()
             pending = PendingOps()
-            self.read_pull(frames, pending)
-            # Reads already waiting join the same index batch: fewer, larger batches.
-            while pending.keys < PULL_BATCH_KEYS:
-                try:
-                    frames = reader.recv_multipart(NOBLOCK)
-                except zmq.Again:
-                    break
+            while frames is not None:
                 self.read_pull(frames, pending)
+                # reads already waiting join the same index batch: fewer, larger batches
+                frames = reader.waiting() if pending.keys < PULL_BATCH_KEYS else None
             self.apply_pending(pending, later=self.writes_behind)
 
     def settle(self) -> None:
         """Wait for the batches the index applies behind the pull loop; count them. Should its
         write thread ever fail (a bug), the loop goes on writing directly."""
-        try:
-            admitted, evicted = self.index.settle()
-        except Exception as exc:
-            if self.writes_behind:
-                self.writes_behind = False
-                self._count("index_refused")
-                log.error("the index's write thread failed (%s); writing directly from now on", exc)
-            return
-        self.metrics.admits += admitted
-        self.metrics.evicts += evicted
+        failed = settle_writes(self.index, self.metrics)
+        if failed is not None and self.writes_behind:
+            self.writes_behind = False
+            self._count("index_refused")
+            log.error("the index's write thread failed (%s); writing directly from now on", failed)
 
     def on_pull(self, frames: list[bytes]) -> None:
         """One read of the pull socket, applied (the loop above joins reads; tests use this)."""
@@ -730,9 +710,6 @@ class LMCacheSource:
 
 # Keys read from the pull socket per index batch, at most (reads waiting are joined up to this).
 PULL_BATCH_KEYS = 64 * 1024
-# Batches the pull loop queues behind it before it lets the loop's other tasks run.
-ROUNDS_BEHIND = 16
-NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag arithmetic on the enum costs more than the read
 
 
 class PendingOps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import copy
 import time
+from typing import Any
 
 # Lookup latency buckets in seconds (upper bounds; +Inf is implicit).
 LATENCY_BUCKETS = (
@@ -105,3 +106,15 @@ class Metrics:
 
     def count_rejected_frame(self, code: str) -> None:
         self.rejected_frames[code] = self.rejected_frames.get(code, 0) + 1
+
+
+def settle_writes(index: Any, metrics: Metrics) -> Exception | None:
+    """Wait until the writes ``index`` applies behind its caller (``Index.apply_batch_later``)
+    are applied, and count them in ``metrics``; the error instead if its write thread failed."""
+    try:
+        admitted, evicted = index.settle()
+    except Exception as exc:
+        return exc
+    metrics.admits += admitted
+    metrics.evicts += evicted
+    return None
