@@ -40,7 +40,6 @@ fn publish(writer: &Writer, op: Op) -> OpResult {
     w.enter().map(|c| c.last).unwrap_or((0, 0))
 }
 
-/// A `/lookup` response body and what the lookup matched.
 /// Apply ops queued behind, in order: runs of batches joined into one batch, so each run is one
 /// publish (one left-right swap and one wait for readers) however many callers queued it.
 fn publish_joined(writer: &Writer, ops: Vec<Op>) -> OpResult {
@@ -79,6 +78,7 @@ fn joined(run: &mut Vec<Arc<Batch>>) -> Option<Op> {
     Some(op)
 }
 
+/// A `/lookup` response body and what the lookup matched.
 #[derive(Debug)]
 pub struct LookupAnswer {
     pub body: String,
@@ -191,7 +191,10 @@ impl SharedIndex {
     /// once that thread applied it; `settle` waits for that.
     pub fn write_later(&self, op: Op) -> Result<()> {
         match self.behind.get() {
-            Some(b) => b.submit(op),
+            Some(b) => {
+                b.submit(op);
+                Ok(())
+            }
             None => Err(Error::arg(
                 "this index writes nothing behind: call start_write_behind() first",
             )),

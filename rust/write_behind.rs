@@ -3,6 +3,7 @@
 //! writes on another core. `settle` waits until everything queued is applied; the index
 //! settles before every write of its own, so writes keep one order whichever way they came.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -18,8 +19,8 @@ struct Progress {
     applied: u64,
     /// Counts of the writes applied since the last `settle`.
     counts: Counts,
-    /// The thread stopped before applying everything queued (a write panicked).
-    failed: bool,
+    /// What the writes that panicked since the last `settle` said (a bug, never input).
+    failures: Vec<String>,
 }
 
 struct Shared {
@@ -34,43 +35,36 @@ impl Shared {
     }
 }
 
-/// Marks the queue failed if the thread unwinds, so no one waits for it forever.
-struct FailOnUnwind(Arc<Shared>);
-
-impl Drop for FailOnUnwind {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.lock().failed = true;
-            self.0.changed.notify_all();
-        }
-    }
-}
-
 pub struct WriteBehind<Op: Send + 'static> {
     queue: Mutex<Option<SyncSender<Op>>>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn stopped() -> Error {
-    Error::invariant("the index's write-behind thread stopped (a write failed); see the log")
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl<Op: Send + 'static> WriteBehind<Op> {
     /// Start the thread; at most `depth` ops wait in the queue (a `submit` beyond that waits).
     /// The thread hands `apply` every op waiting when it comes for the next, in queue order
     /// (at most `depth`), so a writer that fell behind catches up with fewer, larger writes.
+    /// A call of `apply` that panics loses its ops, as the same write made directly would
+    /// raise; the thread goes on with the next, and `settle` reports it.
     pub fn start(depth: usize, mut apply: impl FnMut(Vec<Op>) -> Counts + Send + 'static) -> Self {
         let (tx, rx) = sync_channel::<Op>(depth.max(1));
         let shared = Arc::new(Shared {
             progress: Mutex::new(Progress::default()),
             changed: Condvar::new(),
         });
-        let for_thread = shared.clone();
+        let progress = shared.clone();
         let thread = std::thread::Builder::new()
             .name("index-writer".into())
             .spawn(move || {
-                let guard = FailOnUnwind(for_thread);
                 let depth = depth.max(1);
                 while let Ok(first) = rx.recv() {
                     let mut ops = vec![first];
@@ -81,13 +75,18 @@ impl<Op: Send + 'static> WriteBehind<Op> {
                         }
                     }
                     let n = ops.len() as u64;
-                    let (a, e) = apply(ops);
-                    let mut p = guard.0.lock();
+                    let done = catch_unwind(AssertUnwindSafe(|| apply(ops)));
+                    let mut p = progress.lock();
                     p.applied += n;
-                    p.counts.0 += a;
-                    p.counts.1 += e;
+                    match done {
+                        Ok((a, e)) => {
+                            p.counts.0 += a;
+                            p.counts.1 += e;
+                        }
+                        Err(payload) => p.failures.push(panic_text(&*payload)),
+                    }
                     if p.applied == p.queued {
-                        guard.0.changed.notify_all();
+                        progress.changed.notify_all();
                     }
                 }
             })
@@ -100,39 +99,39 @@ impl<Op: Send + 'static> WriteBehind<Op> {
     }
 
     /// Queue `op`; waits while the queue is full.
-    pub fn submit(&self, op: Op) -> Result<()> {
+    pub fn submit(&self, op: Op) {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = queue.as_ref().ok_or_else(stopped)?;
-        {
-            let mut p = self.shared.lock();
-            if p.failed {
-                return Err(stopped());
-            }
-            p.queued += 1;
-        }
-        // the queue lock is held across the send, so ops enter in `queued` order
-        tx.send(op).map_err(|_| stopped())
+        let tx = queue.as_ref().expect("the queue closes only when dropped");
+        self.shared.lock().queued += 1;
+        // The queue lock is held across the send, so ops enter in `queued` order. The thread
+        // never ends while the queue is open (it catches panics), so the send cannot fail.
+        tx.send(op).expect("the index's writer thread ended");
     }
 
     /// Wait until every queued op is applied; returns their counts since the last settle.
+    /// Raises, keeping those counts for the next settle, if a write panicked since the last.
     pub fn settle(&self) -> Result<Counts> {
         let mut p = self.applied_all();
-        if p.failed {
-            return Err(stopped());
+        if !p.failures.is_empty() {
+            let failures = std::mem::take(&mut p.failures);
+            return Err(Error::invariant(format!(
+                "{} write(s) applied behind the caller failed and were lost: {}",
+                failures.len(),
+                failures.join("; ")
+            )));
         }
         Ok(std::mem::take(&mut p.counts))
     }
 
     /// Wait until every queued op is applied, keeping their counts for the next `settle`.
-    /// Whether the thread failed is reported by `settle` and `submit`.
     pub fn wait(&self) {
         drop(self.applied_all());
     }
 
-    /// The progress once every queued op is applied (or the thread failed).
+    /// The progress once every queued op is applied.
     fn applied_all(&self) -> MutexGuard<'_, Progress> {
         let mut p = self.shared.lock();
-        while p.applied < p.queued && !p.failed {
+        while p.applied < p.queued {
             p = self
                 .shared
                 .changed
@@ -176,7 +175,7 @@ mod tests {
             (ns.iter().sum(), ns.len() as u64)
         });
         for n in 0..1000 {
-            wb.submit(n).unwrap();
+            wb.submit(n);
         }
         let (a, e) = wb.settle().unwrap();
         assert_eq!(*seen.lock().unwrap(), (0..1000).collect::<Vec<_>>());
@@ -195,7 +194,7 @@ mod tests {
             }
             (1, 0)
         });
-        wb.submit(()).unwrap();
+        wb.submit(());
         assert_eq!(wb.pending(), 1);
         let releaser = {
             let release = release.clone();
@@ -213,19 +212,22 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_write_fails_settle_and_submit_instead_of_hanging() {
-        let wb = WriteBehind::start(2, |ns: Vec<u64>| {
+    fn a_panicking_write_is_reported_and_the_next_ones_still_apply() {
+        let wb = WriteBehind::start(1, |ns: Vec<u64>| {
             assert!(!ns.contains(&3), "write 3 fails");
             (ns.len() as u64, 0)
         });
         for n in 0..3 {
-            wb.submit(n).unwrap();
+            wb.submit(n);
         }
         assert_eq!(wb.settle().unwrap(), (3, 0));
-        wb.submit(3).unwrap();
-        assert!(wb.settle().is_err());
-        assert!(wb.submit(4).is_err());
-        wb.wait(); // returns: the thread is gone
+        wb.submit(3);
+        wb.submit(4);
+        let err = wb.settle().unwrap_err().to_string();
+        assert!(err.contains("write 3 fails"), "{err}");
+        wb.submit(5);
+        // the count of write 4 was kept through the failed settle
+        assert_eq!(wb.settle().unwrap(), (2, 0));
     }
 
     #[test]
@@ -238,7 +240,7 @@ mod tests {
                 (0, 0)
             });
             for n in 1..=100 {
-                wb.submit(n).unwrap();
+                wb.submit(n);
             }
         }
         assert_eq!(*seen.lock().unwrap(), 5050);

@@ -94,32 +94,39 @@ def test_queued_and_immediate_writes_end_as_the_same_writes_applied_at_once(ws):
 
 
 def test_a_reader_sees_each_queued_batch_whole():
-    """Each queued batch admits one whole prompt for one holder and the next evicts it: a
-    reader on another thread sees the prompt fully held or not at all, never a part."""
+    """Each queued batch moves a prompt from one instance to the other (admits it for one,
+    evicts it for the other): a reader on another thread, whose every lookup reads one
+    published state, sees exactly one instance holding the whole prompt, never part of it,
+    both or neither; and after settle the last batch's state is there."""
     ix = Index(CHUNK)
     ix.start_write_behind()
-    prompt = PROMPTS[0]
-    keys = KEYS[0]
-    seen: set[int] = set()
+    prompt, keys = PROMPTS[0], KEYS[0]
+    ix.apply_batch([("admit", "A", 0, "GPU", keys)])
+    whole = {"A": ("GPU", len(prompt))}, {"B": ("GPU", len(prompt))}
+    seen: list[dict] = []
     stop = threading.Event()
 
     def read() -> None:
         while not stop.is_set():
-            got = ix.lookup(prompt).get("A")
-            seen.add(got[1] if got else 0)
+            got = ix.lookup(prompt)
+            if got not in whole:
+                seen.append(got)
+                return
+            if not seen:
+                seen.append(got)
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for _ in range(2000):
-            ix.apply_batch_later([("admit", "A", 0, "GPU", keys)])
-            ix.apply_batch_later([("evict", "A", 0, "GPU", keys)])
+        for n in range(2000):
+            to, away = ("B", "A") if n % 2 == 0 else ("A", "B")
+            ix.apply_batch_later([("admit", to, 0, "GPU", keys), ("evict", away, 0, "GPU", keys)])
     finally:
         ix.settle()
         stop.set()
         reader.join()
-    assert seen <= {0, len(prompt)}, f"a reader saw part of a batch: {sorted(seen)}"
-    assert ix.lookup(prompt) == {}
+    assert seen and all(got in whole for got in seen), f"a reader saw part of a batch: {seen}"
+    assert ix.lookup(prompt) == whole[0]  # 2000 moves: back with A
 
 
 def test_bad_batches_are_refused_when_queued_and_nothing_is_applied():

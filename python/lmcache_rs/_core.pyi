@@ -166,7 +166,8 @@ class Index:
     def settle(self) -> tuple[int, int]:
         """Wait until every batch queued by ``apply_batch_later`` (or ``EngineOps.apply_later``) is
         applied; returns their (admitted, evicted) since the last ``settle`` ((0, 0) when
-        nothing writes behind)."""
+        nothing writes behind). Raises LMCacheError if a queued write failed (a bug; it is
+        lost, as it would have raised written directly), keeping the counts for the next settle."""
     @property
     def writes_behind(self) -> bool:
         """Whether ``start_write_behind`` was called."""

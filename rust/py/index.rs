@@ -496,7 +496,8 @@ impl PyIndex {
 
     /// Wait until every batch queued by ``apply_batch_later`` (or ``EngineOps.apply_later``) is
     /// applied; returns their (admitted, evicted) since the last ``settle`` ((0, 0) when
-    /// nothing writes behind).
+    /// nothing writes behind). Raises LMCacheError if a queued write failed (a bug; it is
+    /// lost, as it would have raised written directly), keeping the counts for the next settle.
     fn settle(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
         detached(py, || self.inner.settle())
     }

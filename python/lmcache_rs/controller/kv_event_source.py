@@ -133,7 +133,6 @@ class KVEventSource:
         self._stale_count = 0  # publishers marked stale (read by lookups on any thread)
         # engines whose index writes wait for the end of a burst of live messages (None: none is running)
         self._deferred: dict[int, EngineBlocks] | None = None
-        self.writes_behind = True  # the live loops' writes go to the indexes' write threads
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -236,32 +235,33 @@ class KVEventSource:
         # While messages keep coming, the indexes apply each burst's writes on their own thread
         # while this one reads and maps the next (see burst_reader.py).
         reader = BurstReader(sub.sub, self.settle)
-        while True:
-            frames = await reader.next()
-            # Then whatever else is queued, without a trip through the event loop each, and
-            # with one index write per engine and namespace for the lot (``_flush``).
-            self._deferred = {}
-            try:
-                self._live_message(position, sub, frames)
-                for _ in range(LIVE_BURST - 1):
-                    more = reader.waiting()
-                    if more is None:
-                        break
-                    self._live_message(position, sub, more)
-            finally:
-                self._flush(later=True)
+        try:
+            while True:
+                frames = await reader.next()
+                # Then whatever else is queued, without a trip through the event loop each, and
+                # with one index write per engine and namespace for the lot (``_flush``).
+                self._deferred = {}
+                try:
+                    self._live_message(position, sub, frames)
+                    for _ in range(LIVE_BURST - 1):
+                        more = reader.waiting()
+                        if more is None:
+                            break
+                        self._live_message(position, sub, more)
+                finally:
+                    self._flush(later=True)
+        finally:
+            self.settle()  # an error ends the loop: what it queued is still applied and counted
 
     def settle(self) -> None:
-        """Wait for the writes the indexes apply behind the live loops; count them. Should a
-        write thread ever fail (a bug), the loops go on writing directly."""
+        """Wait for the writes the indexes apply behind the live loops; count them."""
         for ns in self.namespaces.all():
             if not (isinstance(ns.index, Index) and ns.index.writes_behind):
                 continue
             failed = settle_writes(ns.index, self.metrics)
-            if failed is not None and self.writes_behind:
-                self.writes_behind = False
+            if failed is not None:  # a bug: those writes are lost, as a direct write would have raised
                 self._count("handler_errors")
-                log.error("KV events: an index's write thread failed (%s); writing directly from now on", failed)
+                self._warn("KV events: index writes applied behind the live loop failed: %s", failed)
 
     def _live_message(self, position: int, sub: Subscription, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:
@@ -413,7 +413,7 @@ class KVEventSource:
             return
         ops = engine.take_ops()
         for ns, batch in ops:
-            if later and self.writes_behind and isinstance(ns.index, Index):
+            if later and isinstance(ns.index, Index):
                 ns.index.start_write_behind()  # once per index; later calls do nothing
                 batch.apply_later(ns.index)
                 continue

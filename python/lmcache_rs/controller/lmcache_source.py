@@ -188,23 +188,26 @@ class LMCacheSource:
             self.index.start_write_behind()
             self.writes_behind = True
         reader = BurstReader(sock, self.settle)
-        while True:
-            frames: list[bytes] | None = await reader.next()
-            pending = PendingOps()
-            while frames is not None:
-                self.read_pull(frames, pending)
-                # reads already waiting join the same index batch: fewer, larger batches
-                frames = reader.waiting() if pending.keys < PULL_BATCH_KEYS else None
-            self.apply_pending(pending, later=self.writes_behind)
+        try:
+            while True:
+                frames: list[bytes] | None = await reader.next()
+                pending = PendingOps()
+                while frames is not None:
+                    self.read_pull(frames, pending)
+                    # reads already waiting join the same index batch: fewer, larger batches
+                    frames = reader.waiting() if pending.keys < PULL_BATCH_KEYS else None
+                self.apply_pending(pending, later=self.writes_behind)
+        finally:
+            self.settle()  # an error ends the loop: what it queued is still applied and counted
 
     def settle(self) -> None:
-        """Wait for the batches the index applies behind the pull loop; count them. Should its
-        write thread ever fail (a bug), the loop goes on writing directly."""
+        """Wait for the batches the index applies behind the pull loop; count them."""
+        if not self.writes_behind:
+            return
         failed = settle_writes(self.index, self.metrics)
-        if failed is not None and self.writes_behind:
-            self.writes_behind = False
+        if failed is not None:  # a bug: those batches are lost, as a direct write would have raised
             self._count("index_refused")
-            log.error("the index's write thread failed (%s); writing directly from now on", failed)
+            self._warn("index batches applied behind the pull loop failed: %s", failed)
 
     def on_pull(self, frames: list[bytes]) -> None:
         """One read of the pull socket, applied (the loop above joins reads; tests use this)."""

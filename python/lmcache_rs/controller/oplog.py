@@ -80,7 +80,8 @@ class RecordingIndex:
     def admit(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a recorded index takes apply_batch only")
 
-    evict = clear = load = admit
+    # writes applied behind would skip the sink: a recorded index writes directly
+    evict = clear = load = start_write_behind = apply_batch_later = settle = admit
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
