@@ -4,7 +4,7 @@
 //! from a factory) and reads whichever copy is published. Writers serialize on a mutex around
 //! the `WriteHandle`, append one op per call and publish once, so every call is atomic for
 //! readers. Nothing here starts a thread, except `start_write_behind`, on request: from then on
-//! `write_later` queues writes for one thread that applies them in order (`write_behind.rs`),
+//! `write_later` queues batches for one thread that applies them in order (`write_behind.rs`),
 //! and every other write, snapshot and invariant check first waits for that queue.
 
 use std::path::Path;
@@ -20,7 +20,7 @@ use crate::keyspace::KeySpace;
 use crate::snapshot;
 use crate::write_behind::{Counts, WriteBehind};
 
-/// Ops the write-behind queue holds before `write_later` waits: enough to keep its thread busy
+/// Batches the write-behind queue holds before `write_later` waits: enough to keep its thread busy
 /// while the caller parses the next batch, few enough to bound the memory they hold.
 pub const WRITE_BEHIND_DEPTH: usize = 16;
 
@@ -40,42 +40,14 @@ fn publish(writer: &Writer, op: Op) -> OpResult {
     w.enter().map(|c| c.last).unwrap_or((0, 0))
 }
 
-/// Apply ops queued behind, in order: runs of batches joined into one batch, so each run is one
-/// publish (one left-right swap and one wait for readers) however many callers queued it.
-fn publish_joined(writer: &Writer, ops: Vec<Op>) -> OpResult {
-    let mut total = (0, 0);
-    let mut run: Vec<Arc<Batch>> = Vec::new();
-    let mut apply = |op: Op| {
-        let (a, r) = publish(writer, op);
-        total.0 += a;
-        total.1 += r;
+/// Apply the batches queued behind, in order, as one joined batch: one publish (one left-right
+/// swap and one wait for readers) however many callers queued them.
+fn publish_batches(writer: &Writer, mut batches: Vec<Arc<Batch>>) -> OpResult {
+    let batch = match batches.len() {
+        1 => batches.pop().expect("one batch"),
+        _ => Arc::new(Batch::join(&batches)),
     };
-    for op in ops {
-        match op {
-            Op::Batch(b) => run.push(b),
-            other => {
-                if let Some(joined) = joined(&mut run) {
-                    apply(joined);
-                }
-                apply(other);
-            }
-        }
-    }
-    if let Some(joined) = joined(&mut run) {
-        apply(joined);
-    }
-    total
-}
-
-/// The batches of `run` as one op (None for none); empties `run`.
-fn joined(run: &mut Vec<Arc<Batch>>) -> Option<Op> {
-    let op = match run.len() {
-        0 => return None,
-        1 => Op::Batch(run.pop().expect("one batch")),
-        _ => Op::Batch(Arc::new(Batch::join(run))),
-    };
-    run.clear();
-    Some(op)
+    publish(writer, Op::Batch(batch))
 }
 
 /// A `/lookup` response body and what the lookup matched.
@@ -92,7 +64,7 @@ pub struct SharedIndex {
     chunk_size: usize,
     key_space: KeySpace,
     writer: Writer,
-    behind: OnceLock<WriteBehind<Op>>,
+    behind: OnceLock<WriteBehind<Arc<Batch>>>,
     factory: ReadHandleFactory<Core>,
     readers: ThreadLocal<ReadHandle<Core>>,
 }
@@ -175,11 +147,13 @@ impl SharedIndex {
         publish(&self.writer, op)
     }
 
-    /// Start the thread that applies `write_later`'s ops (once; later calls do nothing).
+    /// Start the thread that applies `write_later`'s batches (once; later calls do nothing).
     pub fn start_write_behind(&self) {
         self.behind.get_or_init(|| {
             let writer = self.writer.clone();
-            WriteBehind::start(WRITE_BEHIND_DEPTH, move |ops| publish_joined(&writer, ops))
+            WriteBehind::start(WRITE_BEHIND_DEPTH, move |batches| {
+                publish_batches(&writer, batches)
+            })
         });
     }
 
@@ -189,10 +163,10 @@ impl SharedIndex {
 
     /// Queue `op` for the write-behind thread (waits while its queue is full). Readers see it
     /// once that thread applied it; `settle` waits for that.
-    pub fn write_later(&self, op: Op) -> Result<()> {
+    pub fn write_later(&self, batch: Arc<Batch>) -> Result<()> {
         match self.behind.get() {
             Some(b) => {
-                b.submit(op);
+                b.submit(batch);
                 Ok(())
             }
             None => Err(Error::arg(

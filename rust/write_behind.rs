@@ -142,7 +142,8 @@ impl<Op: Send + 'static> WriteBehind<Op> {
     }
 
     /// Ops queued and not yet applied.
-    pub fn pending(&self) -> u64 {
+    #[cfg(test)]
+    fn pending(&self) -> u64 {
         let p = self.shared.lock();
         p.queued - p.applied
     }

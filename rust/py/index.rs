@@ -200,7 +200,7 @@ impl PyIndex {
 
     /// Queue a batch for the write-behind thread (waiting, without the GIL, while it is full).
     pub(crate) fn write_batch_later(&self, py: Python<'_>, batch: Arc<Batch>) -> PyResult<()> {
-        detached(py, || self.inner.write_later(Op::Batch(batch)))
+        detached(py, || self.inner.write_later(batch))
     }
 
     /// The /lookup answer for `body` (bytes, or any byte buffer, copied), with the GIL released.

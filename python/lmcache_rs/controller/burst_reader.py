@@ -26,12 +26,11 @@ class BurstReader:
         self.plain = zmq.Socket.shadow(sock.underlying)
         self.settle = settle
         self.rounds = 0
-        self.rounds_behind = ROUNDS_BEHIND
 
     async def next(self) -> list[bytes]:
         """The next message: at once while they keep coming, else after settling and waiting."""
         frames = self.waiting()
-        if frames is None or self.rounds >= self.rounds_behind:
+        if frames is None or self.rounds >= ROUNDS_BEHIND:
             self.settle()
             self.rounds = 0
             if frames is None:
