@@ -15,7 +15,8 @@ use rmp::Marker;
 
 use crate::engine_map::{location_of, EngineHash};
 use crate::msgpack_read::{
-    array_len, int, int_after, is_str, len_of, marker, peek, str_after, take, Skip, R,
+    array_len, int, int_after, is_str, len_of, marker, peek, str_after, str_bytes_after, take,
+    Skip, R,
 };
 
 pub const MAX_HASH_BYTES: usize = 64;
@@ -290,7 +291,8 @@ impl<'a> Parser<'a> {
         let mut spec_kind = Group::Absent; // Zero here: a prefix kind
         for _ in 0..len_of(rd, m)? {
             let km = marker(rd)?;
-            let key = str_after(rd, km)?;
+            // names are compared with known ASCII ones (any other is refused): no UTF-8 check
+            let key = str_bytes_after(rd, km)?;
             let bit = field_bit(key).ok_or(Skip)?;
             if seen & (1 << bit) != 0 {
                 return Err(Skip);
@@ -299,7 +301,7 @@ impl<'a> Parser<'a> {
             match bit {
                 0 => {
                     let vm = marker(rd)?;
-                    kind = Some(match str_after(rd, vm)? {
+                    kind = Some(match str_bytes_after(rd, vm)? {
                         b"BlockStored" => Kind::Stored,
                         b"BlockRemoved" => Kind::Removed,
                         b"AllBlocksCleared" => Kind::Cleared,
@@ -357,7 +359,7 @@ impl<'a> Parser<'a> {
                     let vm = marker(rd)?;
                     spec_kind = if vm == Marker::Null {
                         Group::Absent
-                    } else if PREFIX_KINDS.contains(&str_after(rd, vm)?) {
+                    } else if PREFIX_KINDS.contains(&str_bytes_after(rd, vm)?) {
                         Group::Zero
                     } else {
                         Group::Other
@@ -553,6 +555,49 @@ mod tests {
             1
         });
         assert!(parse(&big).is_none());
+    }
+
+    #[test]
+    fn strings_that_are_not_utf8_are_refused() {
+        // a field name, the type, the attention kind and the medium: bytes that are not UTF-8
+        // (the Python decoder refuses such a payload; names are matched without a UTF-8 check)
+        let bad: &[u8] = b"\xffblock_size";
+        let with_raw_str = |b: &mut Vec<u8>, s: &[u8]| {
+            enc::write_str_len(b, s.len() as u32).unwrap();
+            b.extend_from_slice(s);
+        };
+        for field in 0..5 {
+            let p = batch(|b| {
+                enc::write_map_len(b, 5).unwrap();
+                enc::write_str(b, "type").unwrap();
+                match field {
+                    1 => with_raw_str(b, b"Block\xffStored"),
+                    _ => enc::write_str(b, "BlockStored").unwrap(),
+                }
+                enc::write_str(b, "block_hashes").unwrap();
+                enc::write_array_len(b, 0).unwrap();
+                enc::write_str(b, "token_ids").unwrap();
+                enc::write_array_len(b, 0).unwrap();
+                match field {
+                    0 => with_raw_str(b, bad),
+                    _ => enc::write_str(b, "block_size").unwrap(),
+                }
+                enc::write_uint(b, 2).unwrap();
+                match field {
+                    2 => {
+                        enc::write_str(b, "kv_cache_spec_kind").unwrap();
+                        with_raw_str(b, b"full_attention\xff");
+                    }
+                    _ => {
+                        enc::write_str(b, "medium").unwrap();
+                        with_raw_str(b, if field == 3 { b"GP\xffU" } else { b"GPU" });
+                    }
+                }
+                1
+            });
+            // field 4: every string valid, the same payload is taken
+            assert_eq!(parse(&p).is_none(), field < 4, "field {field}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmcache_rs import EngineMap, Index, InvalidArgumentError, InvalidTypeError, chunk_hashes
+from lmcache_rs import EngineMap, EngineOps, Index, InvalidArgumentError, InvalidTypeError, chunk_hashes
 from lmcache_rs.controller.kv_events import EventDecoder
 
 CHUNK = 4
@@ -179,3 +179,40 @@ def test_dump_holds_every_write_queued_before_it(tmp_path):
     loaded.load(tmp_path / "snap")
     assert state(loaded) == state(ix)
     assert len(loaded) == len({k for ks in KEYS for k in ks})  # every queued admit
+
+
+engine_steps = st.lists(
+    st.tuples(st.integers(0, 2),  # engine
+              st.sampled_from(["store", "store", "remove", "clear"]),
+              st.integers(0, 2),  # prompt
+              st.integers(1, 12),  # blocks
+              st.sampled_from(["GPU", "LocalCPUBackend"])),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(engine_steps, st.integers(1, 4))
+def test_engine_ops_joined_do_what_they_do_one_after_another(steps, rounds):
+    """Several engines' operations on one namespace, joined into one write (as the KV-event live
+    loop queues a burst), leave the index as applying each engine's in turn."""
+    engines = [EngineMap(f"pod-{e}", 0, {}) for e in range(3)]
+    one_by_one, joined = Index(CHUNK), Index(CHUNK)
+    joined.start_write_behind()
+    for part in range(rounds):  # several bursts, each joined on its own
+        burst = []
+        for e, what, prompt, n, loc in steps[part::rounds]:
+            hashes = [(prompt << 8) | i for i in range(n)]
+            if what == "store":
+                engines[e].store(hashes, None, PROMPTS[prompt][:n * CHUNK], CHUNK, loc, 0, n)
+            elif what == "remove":
+                engines[e].remove(hashes[n // 2:], loc)
+            else:
+                engines[e].clear()
+            burst.extend(ops for _, ops in engines[e].take_pending())
+        for ops in burst:
+            ops.apply_to(one_by_one)
+        if burst:
+            EngineOps.join(burst).apply_later(joined)
+    joined.settle()
+    assert state(joined) == state(one_by_one)
+    assert len(EngineOps.join([])) == 0

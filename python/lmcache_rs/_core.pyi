@@ -240,6 +240,9 @@ class ParsedBatch:
     @property
     def dp_rank(self) -> int: ...
     @property
+    def digest(self) -> int:
+        """xxh3 of the payload: tells a repeated message from a new one (faster than ``hash``)."""
+    @property
     def root_sizes(self) -> list[int]:
         """Block sizes of the stores without a parent, first seen first: their namespaces must
         exist before the batch is applied."""
@@ -300,6 +303,10 @@ class EngineOps:
         """Queue for ``index``'s write-behind thread (``Index.apply_batch_later``); the counts come
         from ``index.settle()``. Only an ``Index`` that writes behind takes this: an index that
         records what it applies takes ``apply_to``."""
+    @staticmethod
+    def join(ops: Sequence[EngineOps]) -> EngineOps:
+        """One ``EngineOps`` doing what ``ops`` do applied one after another (of one namespace,
+        typically from several engines): queued as one write, it wakes the index's writer once."""
     def as_tuples(self) -> list[tuple[str, str, int, str | None, list[int]]]:
         """The operations in ``Index.apply_batch``'s form."""
     def __len__(self) -> int: ...

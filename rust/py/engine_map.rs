@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyTuple};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::engine_map::{EngineHash, EngineMap, OpKind, PendingOp, Store};
 use crate::index::{Batch, Event, EventKind};
@@ -40,6 +41,7 @@ fn hash_object<'py>(py: Python<'py>, h: &EngineHash) -> PyResult<Bound<'py, PyAn
 #[pyclass(name = "ParsedBatch", module = "lmcache_rs._core", frozen)]
 pub struct PyParsedBatch {
     parsed: Parsed,
+    digest: u64,
 }
 
 #[pymethods]
@@ -52,6 +54,12 @@ impl PyParsedBatch {
     #[getter]
     fn dp_rank(&self) -> u16 {
         self.parsed.dp_rank
+    }
+
+    /// xxh3 of the payload: tells a repeated message from a new one (faster than ``hash``).
+    #[getter]
+    fn digest(&self) -> u64 {
+        self.digest
     }
 
     /// Block sizes of the stores without a parent, first seen first: their namespaces must
@@ -78,12 +86,13 @@ impl PyParsedBatch {
 #[pyfunction]
 pub fn parse_kv_batch(py: Python<'_>, payload: &[u8]) -> Option<PyParsedBatch> {
     // releasing the GIL costs more than parsing a usual (few kB) payload
+    let parse = || kv_payload::parse(payload).map(|p| (p, xxh3_64(payload)));
     let parsed = if payload.len() < 1 << 16 {
-        kv_payload::parse(payload)
+        parse()
     } else {
-        py.detach(|| kv_payload::parse(payload))
+        py.detach(parse)
     };
-    parsed.map(|parsed| PyParsedBatch { parsed })
+    parsed.map(|(parsed, digest)| PyParsedBatch { parsed, digest })
 }
 
 /// One namespace's index operations from an ``EngineMap``.
@@ -118,6 +127,16 @@ impl PyEngineOps {
         index
             .borrow()
             .write_batch_later(index.py(), self.batch.clone())
+    }
+
+    /// One ``EngineOps`` doing what ``ops`` do applied one after another (of one namespace,
+    /// typically from several engines): queued as one write, it wakes the index's writer once.
+    #[staticmethod]
+    fn join(ops: Vec<PyRef<'_, PyEngineOps>>) -> PyEngineOps {
+        let batches: Vec<Arc<Batch>> = ops.iter().map(|o| o.batch.clone()).collect();
+        PyEngineOps {
+            batch: Arc::new(Batch::join(&batches)),
+        }
     }
 
     /// The operations in ``Index.apply_batch``'s form.

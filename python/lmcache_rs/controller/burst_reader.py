@@ -24,6 +24,7 @@ class BurstReader:
         # non-blocking reads through a plain socket over the same one: the asyncio socket
         # would make a Future (and enum flag arithmetic) for each, which cost more than the read
         self.plain = zmq.Socket.shadow(sock.underlying)
+        self.recv = self.plain.recv
         self.settle = settle
         self.rounds = 0
 
@@ -42,7 +43,15 @@ class BurstReader:
 
     def waiting(self) -> list[bytes] | None:
         """A message already received, or None."""
+        # frame by frame: a frame's ``more`` flag is read from the frame itself, where
+        # ``recv_multipart`` asks the socket for RCVMORE after each one (a third of its cost)
         try:
-            return self.plain.recv_multipart(NOBLOCK)
+            frame = self.recv(NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        frames = [frame.bytes]
+        while frame.more:
+            # a message's frames arrive together: the rest is there once the first is
+            frame = self.recv(NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        return frames

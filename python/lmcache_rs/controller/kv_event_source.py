@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .. import Index
+from .. import EngineOps, Index
 from ..log_limit import RateLimitedLog
 from .engine_blocks import EngineBlocks, Namespace, Namespaces
 from .burst_reader import BurstReader
@@ -239,7 +239,7 @@ class KVEventSource:
             while True:
                 frames = await reader.next()
                 # Then whatever else is queued, without a trip through the event loop each, and
-                # with one index write per engine and namespace for the lot (``_flush``).
+                # with one index write per namespace for the lot (``_flush``).
                 self._deferred = {}
                 try:
                     self._live_message(position, sub, frames)
@@ -249,7 +249,7 @@ class KVEventSource:
                             break
                         self._live_message(position, sub, more)
                 finally:
-                    self._flush(later=True)
+                    self._flush()
         finally:
             self.settle()  # an error ends the loop: what it queued is still applied and counted
 
@@ -405,33 +405,50 @@ class KVEventSource:
         self._write(pub.engine)
         self.registry.touch(pub.record)
 
-    def _write(self, engine: EngineBlocks, later: bool = False) -> None:
-        """The engine's queued index operations, applied (``later``: by a plain index's
-        write-behind thread, counted by ``settle``)."""
+    def _write(self, engine: EngineBlocks) -> None:
+        """The engine's queued index operations, applied now (during a live burst: by ``_flush``)."""
         if self._deferred is not None:
             self._deferred[id(engine)] = engine
             return
         ops = engine.take_ops()
         for ns, batch in ops:
-            if later and isinstance(ns.index, Index):
-                ns.index.start_write_behind()  # once per index; later calls do nothing
-                batch.apply_later(ns.index)
-                continue
-            admitted, evicted = batch.apply_to(ns.index)
-            self.metrics.admits += admitted
-            self.metrics.evicts += evicted
+            self._apply_now(ns, batch)
         if ops:
             self.registry.changes += 1
 
-    def _flush(self, later: bool = False) -> None:
-        """The index writes a burst of live messages deferred."""
+    def _apply_now(self, ns: Namespace, batch: EngineOps) -> None:
+        admitted, evicted = batch.apply_to(ns.index)
+        self.metrics.admits += admitted
+        self.metrics.evicts += evicted
+
+    def _flush(self) -> None:
+        """The index writes a burst of live messages deferred: per namespace, every engine's
+        operations joined into one write queued for the index's write-behind thread (which then
+        wakes once a burst, not once an engine; ``settle`` counts them). An index that records
+        what it applies (not a plain ``Index``) is written at once."""
         deferred, self._deferred = self._deferred, None
+        queued: dict[int, tuple[Namespace, list[EngineOps]]] = {}
         for engine in (deferred or {}).values():
             try:
-                self._write(engine, later)
+                ops = engine.take_ops()
+                for ns, batch in ops:
+                    if isinstance(ns.index, Index):
+                        queued.setdefault(ns.number, (ns, []))[1].append(batch)
+                    else:
+                        self._apply_now(ns, batch)
+                if ops:
+                    self.registry.changes += 1
             except Exception as exc:  # a bug costs this engine's writes, never the socket's loop
                 self._count("handler_errors")
                 log.exception("KV events: index writes for %s failed (%s)", engine.instance_id, exc)
+        for ns, batches in queued.values():
+            try:
+                ns.index.start_write_behind()  # once per index; later calls do nothing
+                joined = batches[0] if len(batches) == 1 else EngineOps.join(batches)
+                joined.apply_later(ns.index)
+            except Exception as exc:  # a bug costs this burst's writes to one namespace, never the loop
+                self._count("handler_errors")
+                log.exception("KV events: index writes for namespace %s failed (%s)", ns.describe(), exc)
 
     def _drop(self, pub: Publisher) -> None:
         pub.engine.clear()

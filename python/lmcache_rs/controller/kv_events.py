@@ -99,7 +99,9 @@ class Batch:
         self.ts = ts
         self.events = events
         self.dp_rank = dp_rank
-        self.digest = digest  # hash of the payload: tells a repeated message from a new one
+        # a hash of the payload (the native parser's xxh3, else ``hash``; a payload always takes the
+        # same path): tells a repeated message from a new one
+        self.digest = digest
         self.parsed = parsed
 
     @property
@@ -131,7 +133,7 @@ class EventDecoder:
         if self.native and type(payload) is bytes:
             parsed = parse_kv_batch(payload)
             if parsed is not None:
-                return Batch(parsed.ts, [], parsed.dp_rank, hash(payload), parsed)
+                return Batch(parsed.ts, [], parsed.dp_rank, parsed.digest, parsed)
         # The fast path: vLLM >= 0.24's and SGLang's usual batch (an array of 2 to 8 items;
         # more is the tolerant path's error), decoded and type-checked by msgspec in one go.
         # Anything it refuses (arrays of events, unknown fields or types, a bad value) is
