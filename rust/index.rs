@@ -239,7 +239,11 @@ impl Core {
         for (i, &k) in keys.iter().enumerate() {
             // the slots of keys a few places ahead load while this one is updated
             if let Some(&ahead) = keys.get(i + PREFETCH_AHEAD) {
-                self.table.prefetch(ahead);
+                if insert_absent {
+                    self.table.prefetch_insert(ahead);
+                } else {
+                    self.table.prefetch(ahead);
+                }
             }
             self.table.update(k, |cur| {
                 let s = match cur {

@@ -113,10 +113,14 @@ impl Slots {
         self.slots[i] = Slot { key, val };
     }
 
+    /// Start loading `key`'s home line and, for an insert (`lines` 2), the next one too.
     #[inline]
-    fn prefetch(&self, key: u64) {
+    fn prefetch(&self, key: u64, lines: usize) {
         if !self.slots.is_empty() {
-            memory::prefetch(self.slots.as_ptr().wrapping_add(self.home(key)));
+            let home = self.slots.as_ptr().wrapping_add(self.home(key));
+            for line in 0..lines {
+                memory::prefetch(home.wrapping_byte_add(64 * line));
+            }
         }
     }
 
@@ -365,10 +369,24 @@ impl Table {
     /// Start loading `key`'s home slot, for a `get` or `update` of it a little later.
     #[inline]
     pub fn prefetch(&self, key: u64) {
+        self.prefetch_lines(key, 1);
+    }
+
+    /// Like `prefetch`, for an update that may insert `key`: a new key's probe runs on to the
+    /// first empty slot (~5 slots at load 0.67, 60 bytes), often into the next cache line, so
+    /// that line is loaded too (measured: from-empty batch writes −18 %; lookups, whose keys
+    /// sit near their home, were slower with it).
+    #[inline]
+    pub fn prefetch_insert(&self, key: u64) {
+        self.prefetch_lines(key, 2);
+    }
+
+    #[inline]
+    fn prefetch_lines(&self, key: u64, lines: usize) {
         if self.drain.is_none() {
-            return self.cur.prefetch(key); // the common case, kept to one test
+            return self.cur.prefetch(key, lines); // the common case, kept to one test
         }
-        self.array_of(key).prefetch(key);
+        self.array_of(key).prefetch(key, lines);
     }
 
     #[inline]
