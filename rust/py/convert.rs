@@ -499,6 +499,8 @@ mod fastint {
         digit_off: usize,
         /// 3.12+: the size word is `lv_tag`.
         tagged: bool,
+        /// The size word of a one-digit positive int.
+        one_digit: isize,
     }
 
     // A PyOnceLock, not std's OnceLock: the probe runs Python code (imports) that may release
@@ -544,6 +546,7 @@ mod fastint {
             size_off: basic - 8,
             digit_off: basic,
             tagged: minor >= 12,
+            one_digit: if minor >= 12 { 1 << 3 } else { 1 },
         };
         // self-test: every value, read here, must be what the interpreter says it is
         let mut probes: Vec<Bound<'_, PyAny>> = Vec::new();
@@ -586,6 +589,12 @@ mod fastint {
             }
             let base = obj as *const u8;
             let size = (base.add(self.size_off) as *const isize).read();
+            let d = base.add(self.digit_off) as *const u32;
+            // one positive digit (every token below 2^30) in one compare: `lv_tag` 1 << 3, or
+            // `ob_size` 1
+            if size == self.one_digit {
+                return Some(d.read() as u64);
+            }
             let n = if self.tagged {
                 let tag = size as usize;
                 match tag & 3 {
@@ -598,7 +607,6 @@ mod fastint {
             } else {
                 size as usize
             };
-            let d = base.add(self.digit_off) as *const u32;
             match n {
                 0 => Some(0),
                 1 => Some(d.read() as u64),
