@@ -15,7 +15,7 @@ use rmp::Marker;
 
 use crate::engine_map::{location_of, EngineHash};
 use crate::msgpack_read::{
-    array_len, int, int_after, is_str, len_of, marker, peek, str_after, str_bytes_after, take,
+    array_len, int, int_after, is_str, len_of, marker, peek, str_after, str_unchecked_after, take,
     Skip, R,
 };
 
@@ -292,7 +292,7 @@ impl<'a> Parser<'a> {
         for _ in 0..len_of(rd, m)? {
             let km = marker(rd)?;
             // names are compared with known ASCII ones (any other is refused): no UTF-8 check
-            let key = str_bytes_after(rd, km)?;
+            let key = str_unchecked_after(rd, km)?;
             let bit = field_bit(key).ok_or(Skip)?;
             if seen & (1 << bit) != 0 {
                 return Err(Skip);
@@ -301,7 +301,7 @@ impl<'a> Parser<'a> {
             match bit {
                 0 => {
                     let vm = marker(rd)?;
-                    kind = Some(match str_bytes_after(rd, vm)? {
+                    kind = Some(match str_unchecked_after(rd, vm)? {
                         b"BlockStored" => Kind::Stored,
                         b"BlockRemoved" => Kind::Removed,
                         b"AllBlocksCleared" => Kind::Cleared,
@@ -359,7 +359,7 @@ impl<'a> Parser<'a> {
                     let vm = marker(rd)?;
                     spec_kind = if vm == Marker::Null {
                         Group::Absent
-                    } else if PREFIX_KINDS.contains(&str_bytes_after(rd, vm)?) {
+                    } else if PREFIX_KINDS.contains(&str_unchecked_after(rd, vm)?) {
                         Group::Zero
                     } else {
                         Group::Other

@@ -81,14 +81,14 @@ pub fn is_str(m: Marker) -> bool {
 
 /// A str's bytes (valid UTF-8, as the Python decoder requires).
 pub fn str_after<'a>(rd: &mut &'a [u8], m: Marker) -> R<&'a [u8]> {
-    let s = str_bytes_after(rd, m)?;
+    let s = str_unchecked_after(rd, m)?;
     std::str::from_utf8(s).map_err(|_| Skip)?;
     Ok(s)
 }
 
 /// A str's bytes, not checked as UTF-8: only for strs whose use is to be compared with known
 /// ASCII names, where anything else is refused (or counted as other) whatever its encoding.
-pub fn str_bytes_after<'a>(rd: &mut &'a [u8], m: Marker) -> R<&'a [u8]> {
+pub fn str_unchecked_after<'a>(rd: &mut &'a [u8], m: Marker) -> R<&'a [u8]> {
     if !is_str(m) {
         return Err(Skip);
     }

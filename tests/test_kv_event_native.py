@@ -246,13 +246,23 @@ def test_garbage_never_crashes_the_parser(seed):
     good = msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
                                           "token_ids": list(range(8)), "block_size": 4, "medium": "GPU"},
                                          {"type": "BlockRemoved", "block_hashes": [b"\x01" * 32]}], 0])
+    taken = []
     for _ in range(5000):
         buf = bytearray(good)
         for _ in range(rnd.randint(1, 4)):
             buf[rnd.randrange(len(buf))] = rnd.randrange(256)
-        parse_kv_batch(bytes(buf))
+        if parse_kv_batch(bytes(buf)) is not None:
+            taken.append(bytes(buf))
     for _ in range(2000):
         parse_kv_batch(rnd.randbytes(rnd.randint(0, 64)))
+    # whatever mutated payload the parser takes, the Python decoder reads to the same state
+    # (a mutated name, type or attention kind that is not valid UTF-8 is refused by both)
+    assert len(taken) > 100
+    stream = [(b"kv@pod-0@m", payload) for payload in taken]
+    native, python = source(True), source(False)
+    feed(native, stream)
+    feed(python, stream)
+    assert state(native) == state(python)
 
 
 class _Done(Exception):
@@ -264,6 +274,40 @@ class _Done(Exception):
 def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
     """The live loop applies what is queued in bursts, with the index writes at the end of
     each: the same state as applying message by message (gaps and restarts included)."""
+    burst, one_by_one = bursts_and_one_at_a_time(stream, jumps)
+    assert burst == one_by_one
+
+
+class _FailingJoin:
+    @staticmethod
+    def join(ops):
+        raise RuntimeError("a join that fails")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_bursts_lose_nothing_when_the_join_fails_or_messages_are_read_whole(stream):
+    """Two fallbacks of the live loop: a burst's joined write that fails (a bug) is queued
+    engine by engine instead, and a reader that takes whole messages (pyzmq without the frame
+    flag) reads the same messages: the state is that of message by message either way."""
+    read_by_frame = burst_reader.BurstReader.__init__
+
+    def whole_messages(self, *args):
+        read_by_frame(self, *args)
+        self.by_frame = False
+
+    saved = kv_event_source.EngineOps
+    kv_event_source.EngineOps, burst_reader.BurstReader.__init__ = _FailingJoin, whole_messages
+    try:
+        burst, one_by_one = bursts_and_one_at_a_time(stream, 0)
+    finally:
+        kv_event_source.EngineOps, burst_reader.BurstReader.__init__ = saved, read_by_frame
+    assert burst == one_by_one
+
+
+def bursts_and_one_at_a_time(stream, jumps) -> tuple[dict, dict]:
+    """The stream through the live loop (bursts read from a real socket) and message by
+    message: both sources' states."""
     messages, seqs = [], {}
     for i, (topic, payload) in enumerate(stream):
         seq = seqs.get(topic, 0)
@@ -313,7 +357,7 @@ def test_bursts_of_queued_messages_end_as_one_at_a_time(stream, jumps):
         asyncio.run(run())
     finally:
         kv_event_source.LIVE_BURST, burst_reader.ROUNDS_BEHIND = saved
-    assert state(burst) == state(one_by_one)
+    return state(burst), state(one_by_one)
 
 
 class RecordingIndex:

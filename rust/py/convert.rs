@@ -480,7 +480,8 @@ pub fn fast_int_lists(py: Python<'_>) -> bool {
 /// CPython's `int` is `PyObject` header, then a size word, then 30-bit digits (`u32`). The size
 /// word sits right before the digits in every version this supports, and the digits start at
 /// `int.__basicsize__`: up to 3.11 it is `ob_size` (signed digit count), from 3.12 it is `lv_tag`
-/// (`ndigits << 3 | sign`, sign 0 positive / 1 zero / 2 negative). The layout is only used on
+/// (`ndigits << 3 | sign`, sign 0 positive / 1 zero / 2 negative; 3.14 marks the cached small
+/// ints immortal in bit 2, which the reads here ignore). The layout is only used on
 /// CPython 3.10-3.14 with the GIL, 30-bit digits, and after a self-test on known values at
 /// first use agrees with the interpreter's own conversion; otherwise every item goes through
 /// the general path.
@@ -499,8 +500,9 @@ mod fastint {
         digit_off: usize,
         /// 3.12+: the size word is `lv_tag`.
         tagged: bool,
-        /// The size word of a one-digit positive int.
+        /// The size word of a one-digit positive int, after `size_mask`.
         one_digit: isize,
+        size_mask: isize,
     }
 
     // A PyOnceLock, not std's OnceLock: the probe runs Python code (imports) that may release
@@ -547,6 +549,7 @@ mod fastint {
             digit_off: basic,
             tagged: minor >= 12,
             one_digit: if minor >= 12 { 1 << 3 } else { 1 },
+            size_mask: if minor >= 12 { !4 } else { !0 },
         };
         // self-test: every value, read here, must be what the interpreter says it is
         let mut probes: Vec<Bound<'_, PyAny>> = Vec::new();
@@ -590,9 +593,9 @@ mod fastint {
             let base = obj as *const u8;
             let size = (base.add(self.size_off) as *const isize).read();
             let d = base.add(self.digit_off) as *const u32;
-            // one positive digit (every token below 2^30) in one compare: `lv_tag` 1 << 3, or
-            // `ob_size` 1
-            if size == self.one_digit {
+            // one positive digit (every token below 2^30) in one compare: `lv_tag` 1 << 3 (bit 2
+            // masked), or `ob_size` 1
+            if size & self.size_mask == self.one_digit {
                 return Some(d.read() as u64);
             }
             let n = if self.tagged {

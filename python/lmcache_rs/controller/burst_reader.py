@@ -25,6 +25,9 @@ class BurstReader:
         # would make a Future (and enum flag arithmetic) for each, which cost more than the read
         self.plain = zmq.Socket.shadow(sock.underlying)
         self.recv = self.plain.recv
+        # pyzmq's Cython backend sets a received frame's ``more`` flag; its cffi backend (PyPy)
+        # does not, so there messages are read whole
+        self.by_frame = zmq.backend.Socket.__module__.startswith("zmq.backend.cython")
         self.settle = settle
         self.rounds = 0
 
@@ -43,9 +46,11 @@ class BurstReader:
 
     def waiting(self) -> list[bytes] | None:
         """A message already received, or None."""
-        # frame by frame: a frame's ``more`` flag is read from the frame itself, where
-        # ``recv_multipart`` asks the socket for RCVMORE after each one (a third of its cost)
+        # frame by frame: each frame comes back with its ``more`` flag, where ``recv_multipart``
+        # makes a Python ``getsockopt(RCVMORE)`` call after each one (a third of its cost)
         try:
+            if not self.by_frame:
+                return self.plain.recv_multipart(NOBLOCK)
             frame = self.recv(NOBLOCK, copy=False)
         except zmq.Again:
             return None

@@ -417,6 +417,7 @@ class KVEventSource:
             self.registry.changes += 1
 
     def _apply_now(self, ns: Namespace, batch: EngineOps) -> None:
+        """Write ``batch`` to the namespace's index now and count it."""
         admitted, evicted = batch.apply_to(ns.index)
         self.metrics.admits += admitted
         self.metrics.evicts += evicted
@@ -446,7 +447,14 @@ class KVEventSource:
                 ns.index.start_write_behind()  # once per index; later calls do nothing
                 joined = batches[0] if len(batches) == 1 else EngineOps.join(batches)
                 joined.apply_later(ns.index)
-            except Exception as exc:  # a bug costs this burst's writes to one namespace, never the loop
+            except Exception:
+                self._queue_each(ns, batches)  # a bug: then one bad batch costs its own writes only
+
+    def _queue_each(self, ns: Namespace, batches: list[EngineOps]) -> None:
+        for batch in batches:
+            try:
+                batch.apply_later(ns.index)
+            except Exception as exc:  # a bug costs this engine's writes, never the socket's loop
                 self._count("handler_errors")
                 log.exception("KV events: index writes for namespace %s failed (%s)", ns.describe(), exc)
 
