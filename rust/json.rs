@@ -89,70 +89,130 @@ fn one_value<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Option<(T, usize)> {
 /// The list `[d, d, ...]` starting at `b[i]`, of plain non-negative integers and any whitespace:
 /// its tokens and the index just after its `]`. None for anything else.
 ///
-/// Every byte is checked: numbers of up to 7 digits are read 8 bytes at a time
-/// (`swar_number`), together with the separator after them; longer numbers, other whitespace and
-/// the body's last bytes are read one byte at a time.
-fn fast_list(b: &[u8], mut i: usize) -> Option<(Vec<u32>, usize)> {
+/// Every byte is checked. Numbers are found from a bit mask of the digits, 64 bytes at a time
+/// (`digit_mask`), so where the next number starts never waits on reading the one before; each
+/// is read from one 8-byte word (`swar_number`, up to 7 digits; `scalar_number` otherwise), and
+/// the bytes between two numbers must be one comma and whitespace (`separator`). The body's
+/// last bytes (under 64) are read one at a time.
+fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
-    i = ws(b, i + 1);
     // each token takes at least 2 bytes ("d,"), most bodies 5-8
     let mut out = Vec::with_capacity(b.len() / 5 + 1);
-    if b.get(i) == Some(&b']') {
-        i += 1;
-    } else {
-        loop {
-            // the separator read with the previous number may be followed by more whitespace
-            i = ws(b, i);
-            let n = match swar_number(b, i) {
-                Some((v, n, w)) => {
-                    out.push(v);
-                    // the separator usually sits in the word already read: take ", " or ","
-                    // followed by a non-space from it, without reading the body again
-                    if n <= 6 {
-                        let sep = (w >> (8 * n)) as u16;
-                        if sep == u16::from_le_bytes(*b", ") {
-                            i += n + 2;
-                            continue;
-                        }
-                        if sep as u8 == b','
-                            && !matches!((sep >> 8) as u8, b' ' | b'\n' | b'\r' | b'\t')
-                        {
-                            i += n + 1;
-                            continue;
-                        }
-                    }
-                    n
-                }
-                None => {
-                    let (v, n) = scalar_number(b, i)?;
-                    out.push(v);
-                    n
-                }
-            };
-            i += n;
-            match b.get(i) {
-                Some(b',') => i = ws(b, i + 1),
-                Some(b']') => {
-                    i += 1;
-                    break;
-                }
-                _ => {
-                    i = ws(b, i);
-                    match b.get(i) {
-                        Some(b',') => i = ws(b, i + 1),
-                        Some(b']') => {
-                            i += 1;
-                            break;
-                        }
-                        _ => return None,
-                    }
-                }
+    // just past the '[' or the last number read: a separator must come next
+    let mut end = i + 1;
+    let mut block = i + 1;
+    // the last byte of the previous block was a digit (the run goes on: not a new number)
+    let mut carry = 0u64;
+    while block + 64 <= b.len() {
+        let digits = digit_mask(b, block);
+        let mut starts = digits & !((digits << 1) | carry);
+        carry = digits >> 63;
+        while starts != 0 {
+            let at = block + starts.trailing_zeros() as usize;
+            starts &= starts - 1;
+            match separator(b, end, at, out.is_empty()) {
+                Separator::Comma => {}
+                Separator::Close(after) => return Some((out, after)),
+                Separator::Bad => return None,
+            }
+            let (v, n) = number(b, at)?;
+            out.push(v);
+            end = at + n;
+        }
+        block += 64;
+    }
+    // the tail, one byte at a time: after `end`, whitespace and `]`, or a separator and a number
+    loop {
+        let j = ws(b, end);
+        let at = match b.get(j) {
+            Some(b']') => return Some((out, j + 1)),
+            Some(b',') if !out.is_empty() => ws(b, j + 1),
+            Some(_) if out.is_empty() => j,
+            _ => return None,
+        };
+        let (v, n) = number(b, at)?;
+        out.push(v);
+        end = at + n;
+    }
+}
+
+/// Bit k is set iff `b[at + k]` is an ASCII digit (`at + 64 <= b.len()`).
+#[inline(always)]
+fn digit_mask(b: &[u8], at: usize) -> u64 {
+    let block: &[u8; 64] = b[at..at + 64].try_into().expect("64 bytes");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_set1_epi8,
+            _mm_sub_epi8,
+        };
+        let mut mask = 0u64;
+        for k in 0..4 {
+            // SAFETY: SSE2 is part of x86_64; the 16 bytes read are within `block` (unaligned load).
+            unsafe {
+                let x = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
+                // byte - '0' is a digit's value, or wraps to >= 10 for anything else
+                let d = _mm_sub_epi8(x, _mm_set1_epi8(b'0' as i8));
+                let is_digit = _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d);
+                mask |= u64::from(_mm_movemask_epi8(is_digit) as u16) << (16 * k);
             }
         }
+        mask
     }
-    Some((out, i))
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        block
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (k, c)| m | (u64::from(c.is_ascii_digit()) << k))
+    }
+}
+
+/// What the bytes `b[end..at]` between a number (or the list's `[`) and the next digit are.
+enum Separator {
+    /// One comma and whitespace (after `[`: whitespace only): the number at `at` is next.
+    Comma,
+    /// Whitespace (after a number or `[`) and `]`: the list ended; the index after the `]`.
+    Close(usize),
+    /// Anything else.
+    Bad,
+}
+
+#[inline(always)]
+fn separator(b: &[u8], end: usize, at: usize, first: bool) -> Separator {
+    // json.dumps writes ", ", compact writers ","
+    if !first && ((at - end == 2 && b[end..at] == *b", ") || (at - end == 1 && b[end] == b',')) {
+        return Separator::Comma;
+    }
+    separator_slow(b, end, at, first)
+}
+
+#[inline(never)]
+fn separator_slow(b: &[u8], end: usize, at: usize, first: bool) -> Separator {
+    let mut j = ws(b, end);
+    if b.get(j) == Some(&b']') {
+        return Separator::Close(j + 1);
+    }
+    if !first {
+        if b.get(j) != Some(&b',') {
+            return Separator::Bad;
+        }
+        j = ws(b, j + 1);
+    }
+    if j == at {
+        Separator::Comma
+    } else {
+        Separator::Bad
+    }
+}
+
+/// The number starting at `b[at]` (a digit): its value and digits; None if it is not a JSON
+/// integer that fits a u32.
+#[inline(always)]
+fn number(b: &[u8], at: usize) -> Option<(u32, usize)> {
+    swar_number(b, at).or_else(|| scalar_number(b, at))
 }
 
 #[inline]
@@ -164,10 +224,10 @@ fn ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// A JSON non-negative integer of 1 to 7 digits at `b[i..]`, read from one 8-byte word:
-/// (value, digits, the word). None when fewer than 8 bytes remain, the number has 8 or more digits, or
+/// (value, digits). None when fewer than 8 bytes remain, the number has 8 or more digits, or
 /// there is no number (or a leading zero) here: `scalar_number` decides those.
 #[inline(always)]
-fn swar_number(b: &[u8], i: usize) -> Option<(u32, usize, u64)> {
+fn swar_number(b: &[u8], i: usize) -> Option<(u32, usize)> {
     let w = u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?);
     // byte k of x is the digit's value iff byte k of the input is an ASCII digit (x_k < 10)
     let x = w ^ 0x3030_3030_3030_3030;
@@ -189,7 +249,7 @@ fn swar_number(b: &[u8], i: usize) -> Option<(u32, usize, u64)> {
         .wrapping_mul(0x000F_4240_0000_0064)
         .wrapping_add(((v >> 16) & 0x0000_00FF_0000_00FF).wrapping_mul(0x0000_2710_0000_0001)))
         >> 32;
-    Some((v as u32, n, w))
+    Some((v as u32, n))
 }
 
 /// The general case of `swar_number`: up to 10 digits, no leading zero, at most u32::MAX.
@@ -569,6 +629,51 @@ mod tests {
                         let fast = fast_tokens(body.as_bytes());
                         let full = full_parse(body.as_bytes());
                         assert_eq!(fast, full, "{body}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_lists_with_any_byte_changed_read_as_the_full_parser() {
+        // long enough for the 64-byte digit masks, with numbers across block boundaries, each
+        // separator spelling, a list that ends before, inside and after the last full block,
+        // and other keys (with digits) after it; then every byte replaced by each of a few
+        // that change the grammar
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        for (count, after) in [(40, "}"), (61, ", \"m\": \"a1\"}"), (70, " }\n"), (17, "}")] {
+            let mut list = String::new();
+            for k in 0..count {
+                if k > 0 {
+                    list.push_str([",", ", ", " ,", ",\n  ", "\t, "][next(5) as usize]);
+                }
+                let digits = 1 + next(7) as u32;
+                list.push_str(&next(10u64.pow(digits)).to_string());
+            }
+            let body = format!("{{\"tokens\": [{list}]{after}");
+            let bytes = body.as_bytes();
+            assert_eq!(fast_tokens(bytes), full_parse(bytes), "{body}");
+            assert!(fast_tokens(bytes).is_some(), "{body}");
+            for pos in 0..bytes.len() {
+                for c in [
+                    b',', b' ', b']', b'[', b'-', b'0', b'9', b'a', b'\n', b'"', b'.', b'}',
+                ] {
+                    let mut changed = bytes.to_vec();
+                    changed[pos] = c;
+                    if let Some(t) = fast_tokens(&changed) {
+                        assert_eq!(
+                            Some(t),
+                            full_parse(&changed),
+                            "{}",
+                            String::from_utf8_lossy(&changed)
+                        );
                     }
                 }
             }
