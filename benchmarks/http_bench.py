@@ -480,7 +480,7 @@ def report(res: dict) -> str:
 
 
 def driver(args) -> int:
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and not args.breakdown_only:
         log("wrk not found: apt-get install -y wrk")
         return 2
     if args.pin:
@@ -500,6 +500,9 @@ def driver(args) -> int:
         for toks, _ in wl.queries:
             f.write(json.dumps({"tokens": toks.tolist()}, separators=(",", ":")) + "\n")
     res["body_bytes_mean"] = bodies.stat().st_size / len(wl.queries)
+    if args.breakdown_only:  # in process only: no servers, nothing published
+        print(json.dumps(inproc_breakdown(wl, bodies), indent=1))
+        return 0
     missing = None if args.anchor_only else ours_available()
     if args.anchor_only:
         res["ours_pending"] = "skipped (--anchor-only)"
@@ -551,6 +554,8 @@ def main() -> int:
     ap.add_argument("--ours-only", action="store_true", help="run only our side (and nginx with --nginx)")
     ap.add_argument("--nginx", action="store_true", help="also run nginx answering a fixed reply (the transport alone)")
     ap.add_argument("--pin", action="store_true", help="servers on core 0, wrk on core 1")
+    ap.add_argument("--breakdown-only", action="store_true",
+                    help="only time Index.lookup_json's parts in process on the bodies (no servers)")
     args = ap.parse_args()
     return driver(args)
 
