@@ -89,11 +89,12 @@ fn one_value<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Option<(T, usize)> {
 /// The list `[d, d, ...]` starting at `b[i]`, of plain non-negative integers and any whitespace:
 /// its tokens and the index just after its `]`. None for anything else.
 ///
-/// Every byte is checked. Numbers are found from a bit mask of the digits, 64 bytes at a time
-/// (`digit_mask`), so where the next number starts never waits on reading the one before; each
-/// is read from one 8-byte word (`swar_number`, up to 7 digits; `scalar_number` otherwise), and
-/// the bytes between two numbers must be one comma and whitespace (`separator`). The body's
-/// last bytes (under 64) are read one at a time.
+/// Every byte is checked. Where each number starts comes from a bit mask of the digits, 64
+/// bytes at a time (`digit_mask`), so finding the next number does not wait on reading the one
+/// before; each is read from one 8-byte word (`swar_number`, up to 7 digits; `scalar_number`
+/// otherwise), and the bytes between two numbers must be one comma and whitespace
+/// (`separator`). What follows the last number found in whole 64-byte blocks (the body's last
+/// bytes, or the list's end) is read one byte at a time.
 fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
     if b.get(i) != Some(&b'[') {
         return None;
@@ -113,7 +114,7 @@ fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
             let at = block + starts.trailing_zeros() as usize;
             starts &= starts - 1;
             match separator(b, end, at, out.is_empty()) {
-                Separator::Comma => {}
+                Separator::Next => {}
                 Separator::Close(after) => return Some((out, after)),
                 Separator::Bad => return None,
             }
@@ -123,7 +124,8 @@ fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
         }
         block += 64;
     }
-    // the tail, one byte at a time: after `end`, whitespace and `]`, or a separator and a number
+    // the rest, one byte at a time from just after the last number (no digit is left in the
+    // blocks read above): whitespace and `]`, or a separator and a number
     loop {
         let j = ws(b, end);
         let at = match b.get(j) {
@@ -142,7 +144,7 @@ fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
 #[inline(always)]
 fn digit_mask(b: &[u8], at: usize) -> u64 {
     let block: &[u8; 64] = b[at..at + 64].try_into().expect("64 bytes");
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     {
         use std::arch::x86_64::{
             _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_set1_epi8,
@@ -150,7 +152,8 @@ fn digit_mask(b: &[u8], at: usize) -> u64 {
         };
         let mut mask = 0u64;
         for k in 0..4 {
-            // SAFETY: SSE2 is part of x86_64; the 16 bytes read are within `block` (unaligned load).
+            // SAFETY: SSE2 is enabled (cfg above); the 16 bytes read are within `block`
+            // (an unaligned load).
             unsafe {
                 let x = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
                 // byte - '0' is a digit's value, or wraps to >= 10 for anything else
@@ -161,7 +164,7 @@ fn digit_mask(b: &[u8], at: usize) -> u64 {
         }
         mask
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
         block
             .iter()
@@ -173,7 +176,7 @@ fn digit_mask(b: &[u8], at: usize) -> u64 {
 /// What the bytes `b[end..at]` between a number (or the list's `[`) and the next digit are.
 enum Separator {
     /// One comma and whitespace (after `[`: whitespace only): the number at `at` is next.
-    Comma,
+    Next,
     /// Whitespace (after a number or `[`) and `]`: the list ended; the index after the `]`.
     Close(usize),
     /// Anything else.
@@ -184,7 +187,7 @@ enum Separator {
 fn separator(b: &[u8], end: usize, at: usize, first: bool) -> Separator {
     // json.dumps writes ", ", compact writers ","
     if !first && ((at - end == 2 && b[end..at] == *b", ") || (at - end == 1 && b[end] == b',')) {
-        return Separator::Comma;
+        return Separator::Next;
     }
     separator_slow(b, end, at, first)
 }
@@ -202,7 +205,7 @@ fn separator_slow(b: &[u8], end: usize, at: usize, first: bool) -> Separator {
         j = ws(b, j + 1);
     }
     if j == at {
-        Separator::Comma
+        Separator::Next
     } else {
         Separator::Bad
     }
@@ -636,11 +639,24 @@ mod tests {
     }
 
     #[test]
+    fn digit_mask_marks_the_digits_of_every_byte_value_at_every_position() {
+        for value in 0..=255u8 {
+            for pos in 0..64 {
+                let mut b = vec![b'7'; 70];
+                b[3 + pos] = value;
+                let expected =
+                    (0..64).fold(0u64, |m, k| m | (u64::from(b[3 + k].is_ascii_digit()) << k));
+                assert_eq!(digit_mask(&b, 3), expected, "byte {value:#x} at {pos}");
+            }
+        }
+    }
+
+    #[test]
     fn long_lists_with_any_byte_changed_read_as_the_full_parser() {
-        // long enough for the 64-byte digit masks, with numbers across block boundaries, each
-        // separator spelling, a list that ends before, inside and after the last full block,
-        // and other keys (with digits) after it; then every byte replaced by each of a few
-        // that change the grammar
+        // long enough for the 64-byte digit masks, with numbers across block boundaries, of
+        // 1 to 10 digits (some over u32::MAX), each separator spelling, and lists that end in
+        // the last bytes or well inside the whole blocks, followed by other keys with digits;
+        // then every byte replaced by each of a few that change the grammar
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |m: u64| {
             rng ^= rng << 13;
@@ -648,32 +664,50 @@ mod tests {
             rng ^= rng << 17;
             rng % m
         };
-        for (count, after) in [(40, "}"), (61, ", \"m\": \"a1\"}"), (70, " }\n"), (17, "}")] {
-            let mut list = String::new();
-            for k in 0..count {
-                if k > 0 {
-                    list.push_str([",", ", ", " ,", ",\n  ", "\t, "][next(5) as usize]);
+        let digits_after = format!(
+            ", \"n\": [{}], \"m\": \"a1\"}}",
+            (0..40)
+                .map(|k| (k * 37).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (count, after) in [
+            (40, "}"),
+            (61, ", \"m\": \"a1\"}"),
+            (70, " }\n"),
+            (17, "}"),
+            (30, digits_after.as_str()),
+        ] {
+            for wide in [false, true] {
+                let mut list = String::new();
+                for k in 0..count {
+                    if k > 0 {
+                        list.push_str([",", ", ", " ,", ",\n  ", "\t, "][next(5) as usize]);
+                    }
+                    let digits = 1 + next(if wide { 10 } else { 7 }) as u32;
+                    list.push_str(&next(10u64.pow(digits)).to_string());
                 }
-                let digits = 1 + next(7) as u32;
-                list.push_str(&next(10u64.pow(digits)).to_string());
-            }
-            let body = format!("{{\"tokens\": [{list}]{after}");
-            let bytes = body.as_bytes();
-            assert_eq!(fast_tokens(bytes), full_parse(bytes), "{body}");
-            assert!(fast_tokens(bytes).is_some(), "{body}");
-            for pos in 0..bytes.len() {
-                for c in [
-                    b',', b' ', b']', b'[', b'-', b'0', b'9', b'a', b'\n', b'"', b'.', b'}',
-                ] {
-                    let mut changed = bytes.to_vec();
-                    changed[pos] = c;
-                    if let Some(t) = fast_tokens(&changed) {
-                        assert_eq!(
-                            Some(t),
-                            full_parse(&changed),
-                            "{}",
-                            String::from_utf8_lossy(&changed)
-                        );
+                let body = format!("{{\"tokens\": [{list}]{after}");
+                let bytes = body.as_bytes();
+                assert_eq!(fast_tokens(bytes), full_parse(bytes), "{body}");
+                if !wide {
+                    assert!(fast_tokens(bytes).is_some(), "{body}");
+                }
+                for pos in 0..bytes.len() {
+                    for c in [
+                        b',', b' ', b']', b'[', b'-', b'0', b'9', b'a', b'\n', b'\t', b'\r', 0x0b,
+                        0x0c, 0x80, 0xff, b'"', b'.', b'}',
+                    ] {
+                        let mut changed = bytes.to_vec();
+                        changed[pos] = c;
+                        if let Some(t) = fast_tokens(&changed) {
+                            assert_eq!(
+                                Some(t),
+                                full_parse(&changed),
+                                "{}",
+                                String::from_utf8_lossy(&changed)
+                            );
+                        }
                     }
                 }
             }
