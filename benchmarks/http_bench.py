@@ -303,9 +303,10 @@ def inproc_breakdown(wl, bodies: Path) -> dict:
     body, best of 5 passes):
 
     - ``lookup_json_us``: ``Index.lookup_json`` on the benchmark's index, all of it;
-    - ``parse_us``: ``lookup_json`` on an empty index: the body parsed, then the walk stops at
-      the first chunk (two chunks hashed, ``{}`` rendered), so this is the parse within a
-      fraction of a µs;
+    - ``parse_us``: ``lookup_json`` on an empty index: the body checked whole, then the walk
+      stops at the first chunk (two chunks' numbers read and hashed, ``{}`` rendered). The
+      numbers of the chunks a lookup goes on to hash are read as it hashes them, so that part
+      of the parse is counted in ``hash_walk_render_us``;
     - ``hash_walk_render_us``: ``lookup_json_us - parse_us``, the rest;
     - and for scale, each timed on its own through its Python binding: ``hash_us``,
       ``chunk_hashes`` of every chunk of the body's tokens from numpy (an upper bound: a walk

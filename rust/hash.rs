@@ -9,18 +9,40 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// A chained prefix hash: the key of the chunk prefix `tokens[..end of chunk i]`.
 pub type PrefixHash = u64;
 
+/// Tokens read front to back, a chunk at a time: a slice, or a request body whose numbers are
+/// read only as far as a walk hashes (`json::LazyTokens`).
+pub trait TokenCursor {
+    /// Tokens not yet taken.
+    fn remaining(&self) -> usize;
+    /// The next `n` tokens (`n <= remaining()`).
+    fn take(&mut self, n: usize) -> &[u32];
+}
+
+impl TokenCursor for &[u32] {
+    #[inline]
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> &[u32] {
+        let (head, rest) = self.split_at(n);
+        *self = rest;
+        head
+    }
+}
+
 /// Lazily yields the keys of successive chunks, so a walk can stop hashing as soon as it stops
 /// matching. Keeps one scratch buffer of `8 + 4 * chunk_size` bytes.
-pub struct ChunkHasher<'a> {
-    tokens: &'a [u32],
+pub struct ChunkHasher<T> {
+    tokens: T,
     chunk_size: usize,
     seed: u64,
-    pos: usize,
     prev: Option<u64>,
     buf: Vec<u8>,
 }
 
-impl<'a> ChunkHasher<'a> {
+impl<'a> ChunkHasher<&'a [u32]> {
     /// `chunk_size` must be > 0 (checked by the callers that take it from users).
     pub fn new(tokens: &'a [u32], chunk_size: usize, seed: u64) -> Self {
         Self::after(None, tokens, chunk_size, seed)
@@ -30,12 +52,17 @@ impl<'a> ChunkHasher<'a> {
     /// (`None`: `tokens` start the sequence). Engine events announce blocks after a parent
     /// block, so their keys continue the parent's chain.
     pub fn after(parent: Option<u64>, tokens: &'a [u32], chunk_size: usize, seed: u64) -> Self {
-        let chunk_size = chunk_size.max(1);
+        ChunkHasher::over(parent, tokens, chunk_size, seed)
+    }
+}
+
+impl<T: TokenCursor> ChunkHasher<T> {
+    /// `after` for tokens from any cursor.
+    pub fn over(parent: Option<u64>, tokens: T, chunk_size: usize, seed: u64) -> Self {
         ChunkHasher {
             tokens,
-            chunk_size,
+            chunk_size: chunk_size.max(1),
             seed,
-            pos: 0,
             prev: parent,
             buf: Vec::new(),
         }
@@ -44,11 +71,11 @@ impl<'a> ChunkHasher<'a> {
     /// Number of tokens in the chunk the next call to `next` hashes (0 when done).
     #[inline]
     pub fn next_len(&self) -> usize {
-        (self.tokens.len() - self.pos).min(self.chunk_size)
+        self.tokens.remaining().min(self.chunk_size)
     }
 }
 
-impl Iterator for ChunkHasher<'_> {
+impl<T: TokenCursor> Iterator for ChunkHasher<T> {
     type Item = PrefixHash;
 
     #[inline]
@@ -57,8 +84,7 @@ impl Iterator for ChunkHasher<'_> {
         if n == 0 {
             return None;
         }
-        let chunk = &self.tokens[self.pos..self.pos + n];
-        self.pos += n;
+        let chunk = self.tokens.take(n);
         let head = if self.prev.is_some() { 8 } else { 0 };
         self.buf.resize(head + 4 * n, 0);
         if let Some(prev) = self.prev {
@@ -73,7 +99,7 @@ impl Iterator for ChunkHasher<'_> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = num_chunks(self.tokens.len() - self.pos, self.chunk_size);
+        let n = num_chunks(self.tokens.remaining(), self.chunk_size);
         (n, Some(n))
     }
 }

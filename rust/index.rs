@@ -10,7 +10,7 @@ use left_right::Absorb;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{Error, Result};
-use crate::hash::{ChunkHasher, PrefixHash};
+use crate::hash::{ChunkHasher, PrefixHash, TokenCursor};
 use crate::holders::{
     pair, unpair, FxMap, HolderIx, InstanceIx, LocationIx, Registry, SetIx, WorkerId,
     RESERVED_INSTANCE_IDS,
@@ -395,9 +395,15 @@ impl Core {
     /// Every instance with a match > 0: its best location and matched tokens, sorted by
     /// instance id.
     pub fn lookup(&self, tokens: &[u32]) -> Vec<Match> {
+        self.lookup_from(tokens)
+    }
+
+    /// `lookup` for tokens read from a cursor, which is asked for no more chunks than the walk
+    /// hashes.
+    pub fn lookup_from(&self, tokens: impl TokenCursor) -> Vec<Match> {
         match self.key_space {
             KeySpace::Xxh3 { seed } => {
-                self.lookup_by(ChunkHasher::new(tokens, self.chunk_size, seed))
+                self.lookup_by(ChunkHasher::over(None, tokens, self.chunk_size, seed))
             }
             KeySpace::LmcacheBuiltin { none_hash } => {
                 self.lookup_by(LmcacheHasher::new(tokens, self.chunk_size, none_hash))

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
+use crate::hash::TokenCursor;
 use crate::index::{DetailedMatch, Match};
 
 /// Parse `{"tokens": [u32, ...], ...}` (other keys ignored).
@@ -26,13 +27,107 @@ pub fn parse_lookup_body(body: &[u8]) -> Result<Vec<u32>> {
     tokens.ok_or_else(|| Error::arg("bad /lookup body: missing \"tokens\""))
 }
 
-/// A valid body `{"k": v, "tokens": [d, d, ...], ...}`, keys in any order, read in one pass:
-/// the list by `fast_list` (plain non-negative integers, any whitespace), each other key and
-/// value by serde_json on its own, with the UTF-8 of every byte it skips checked (serde_json
-/// does not check what it ignores; `fast_list` takes ASCII only). None for anything else (a
-/// duplicate or missing `tokens`, any error, a list `fast_list` does not take): the full parser
-/// then gives the answer or the error.
+/// The tokens of a `/lookup` body, for a lookup that may need only their first chunks: the
+/// whole body is checked here (the same answers and errors as `parse_lookup_body`), and the
+/// numbers of the usual list are read only as the walk takes them (`LazyTokens`).
+pub fn parse_lookup_tokens(body: &[u8]) -> Result<BodyTokens<'_>> {
+    if let Some(tokens) = tokens_member(body, checked_list) {
+        return Ok(BodyTokens::Lazy(tokens));
+    }
+    Ok(BodyTokens::Parsed(parse_lookup_body(body)?, 0))
+}
+
+/// A body's tokens as `parse_lookup_tokens` gives them.
+pub enum BodyTokens<'a> {
+    /// A list checked whole, its numbers not yet read.
+    Lazy(LazyTokens<'a>),
+    /// A list read whole (a spelling `checked_list` leaves to the full parsers) and how many
+    /// of its tokens were taken.
+    Parsed(Vec<u32>, usize),
+}
+
+impl BodyTokens<'_> {
+    /// How many tokens the list has.
+    pub fn len(&self) -> usize {
+        match self {
+            BodyTokens::Lazy(t) => t.total,
+            BodyTokens::Parsed(t, _) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every token not yet taken.
+    pub fn into_vec(self) -> Vec<u32> {
+        match self {
+            BodyTokens::Lazy(mut t) => {
+                let n = t.left;
+                t.take(n).to_vec()
+            }
+            BodyTokens::Parsed(mut t, taken) => t.split_off(taken),
+        }
+    }
+}
+
+impl TokenCursor for BodyTokens<'_> {
+    #[inline]
+    fn remaining(&self) -> usize {
+        match self {
+            BodyTokens::Lazy(t) => t.left,
+            BodyTokens::Parsed(t, taken) => t.len() - taken,
+        }
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> &[u32] {
+        match self {
+            BodyTokens::Lazy(t) => t.take(n),
+            BodyTokens::Parsed(t, taken) => {
+                *taken += n;
+                &t[*taken - n..*taken]
+            }
+        }
+    }
+}
+
+/// The numbers of a list that `checked_list` has checked, read front to back as they are
+/// taken.
+pub struct LazyTokens<'a> {
+    body: &'a [u8],
+    /// Where the next number is looked for: just after the list's `[` or the last number read.
+    at: usize,
+    left: usize,
+    total: usize,
+    taken: Vec<u32>,
+}
+
+impl LazyTokens<'_> {
+    fn take(&mut self, n: usize) -> &[u32] {
+        assert!(n <= self.left, "took {n} of {} tokens left", self.left);
+        self.taken.clear();
+        self.at = read_numbers(self.body, self.at, n, &mut self.taken);
+        self.left -= n;
+        &self.taken
+    }
+}
+
+/// The eager form of `tokens_member`: the list read by `fast_list`.
 fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
+    tokens_member(b, fast_list)
+}
+
+/// A valid body `{"k": v, "tokens": [d, d, ...], ...}`, keys in any order, read in one pass:
+/// the list by `list` (plain non-negative integers, any whitespace), each other key and
+/// value by serde_json on its own, with the UTF-8 of every byte it skips checked (serde_json
+/// does not check what it ignores; both list readers take ASCII only). None for anything else
+/// (a duplicate or missing `tokens`, any error, a list `list` does not take): the full parser
+/// then gives the answer or the error.
+fn tokens_member<'a, T>(
+    b: &'a [u8],
+    list: impl Fn(&'a [u8], usize) -> Option<(T, usize)>,
+) -> Option<T> {
     let mut i = ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -58,8 +153,8 @@ fn fast_tokens(b: &[u8]) -> Option<Vec<u32>> {
             if tokens.is_some() {
                 return None;
             }
-            let (list, end) = fast_list(b, i)?;
-            tokens = Some(list);
+            let (read, end) = list(b, i)?;
+            tokens = Some(read);
             i = end;
         } else {
             let n = one_value::<IgnoredAny>(&b[i..])?.1;
@@ -138,6 +233,267 @@ fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
         out.push(v);
         end = at + n;
     }
+}
+
+/// The list `[d, d, ...]` starting at `b[i]`, checked whole without reading its numbers: its
+/// numbers (to read with `read_numbers`) and the index just after its `]`. Takes a subset of
+/// what `fast_list` takes (numbers of up to 9 digits; longer ones are left to it), 64 bytes
+/// at a time with no work per number: every byte is a digit, a comma or whitespace up to the
+/// `]`, and, with whitespace left out, digit runs and single commas alternate, with no comma
+/// first or last and no number with a leading zero. With no comma first, last or after
+/// another, there is one comma fewer than numbers iff every two numbers have a comma between
+/// them, so counting both checks that.
+fn checked_list(b: &[u8], i: usize) -> Option<(LazyTokens<'_>, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU has AVX2 (checked just above)
+        return unsafe { checked_list_avx2(b, i) };
+    }
+    checked_list_by(b, i, classify)
+}
+
+/// `checked_list` with 32-byte compares; AVX2 must be there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn checked_list_avx2(b: &[u8], i: usize) -> Option<(LazyTokens<'_>, usize)> {
+    // SAFETY: the caller made sure that this CPU has AVX2
+    checked_list_by(b, i, |block| unsafe { classify_avx2(block) })
+}
+
+#[inline(always)]
+fn checked_list_by(
+    b: &[u8],
+    i: usize,
+    classify: impl Fn(&[u8; 64]) -> Classes,
+) -> Option<(LazyTokens<'_>, usize)> {
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    let first = i + 1;
+    let mut block = first;
+    let mut count = 0usize;
+    let mut commas = 0usize;
+    // what the bytes before this block end with, as bits for its byte -1 (the '[' counts as
+    // a comma: no comma may follow it)
+    let mut digit_before = 0u64;
+    let mut comma_before = 1u64;
+    // the previous block's digits, for runs of ten digits across the boundary
+    let mut digits_before = 0u64;
+    // a whitespace run after a comma reached the previous block's end
+    let mut space_after_comma = 0u64;
+    // the previous block ended with a number's first digit, a '0'
+    let mut zero_start = 0u64;
+    // the last digit or comma seen was a comma (or the '[')
+    let mut last_comma = true;
+    let mut tail = [0u8; 64];
+    loop {
+        let bytes: &[u8; 64] = match b.get(block..block + 64) {
+            Some(whole) => whole.try_into().expect("64 bytes"),
+            None => {
+                // the body's last bytes, then zeros: not list bytes, so the list ends there
+                let rest = b.len().saturating_sub(block);
+                tail[..rest].copy_from_slice(&b[block..]);
+                &tail
+            }
+        };
+        let Classes {
+            mut digit,
+            mut comma,
+            mut space,
+            mut zero,
+        } = classify(bytes);
+        let other = !(digit | comma | space);
+        let end = (other != 0).then(|| other.trailing_zeros());
+        if let Some(e) = end {
+            let list = (1u64 << e) - 1;
+            (digit, comma, space, zero) = (digit & list, comma & list, space & list, zero & list);
+        }
+        // bit k: byte k - 1 is a digit (a comma)
+        let after_digit = (digit << 1) | digit_before;
+        let after_comma = (comma << 1) | comma_before;
+        let starts = digit & !after_digit;
+        count += starts.count_ones() as usize;
+        commas += comma.count_ones() as usize;
+        let mut bad = comma & after_comma;
+        // the byte after each whitespace run: adding a run's first bit carries past its end
+        let (sum, o1) = space.overflowing_add(space & after_comma);
+        let (sum, o2) = sum.overflowing_add(space_after_comma);
+        space_after_comma = u64::from(o1 | o2);
+        bad |= sum & !space & comma;
+        let zero_starts = starts & zero;
+        bad |= ((zero_starts << 1) | zero_start) & digit;
+        if bad != 0 {
+            return None;
+        }
+        // bit k of `run(n)`: bytes k - n + 1 ..= k are digits (this block's bits on top)
+        let run1 = (u128::from(digit) << 64) | u128::from(digits_before);
+        let run2 = run1 & (run1 << 1);
+        let run4 = run2 & (run2 << 2);
+        let run8 = run4 & (run4 << 4);
+        if (run8 & (run2 << 8)) >> 64 != 0 {
+            return None;
+        }
+        let marks = digit | comma;
+        if marks != 0 {
+            last_comma = comma & (1 << (63 - marks.leading_zeros())) != 0;
+        }
+        if let Some(e) = end {
+            let close = block + e as usize;
+            if b.get(close) != Some(&b']')
+                || (last_comma && count > 0)
+                || commas + 1 != count.max(1)
+            {
+                return None;
+            }
+            let tokens = LazyTokens {
+                body: b,
+                at: first,
+                left: count,
+                total: count,
+                taken: Vec::new(),
+            };
+            return Some((tokens, close + 1));
+        }
+        digit_before = digit >> 63;
+        comma_before = comma >> 63;
+        digits_before = digit;
+        zero_start = zero_starts >> 63;
+        block += 64;
+    }
+}
+
+/// The next `n` numbers of a list `checked_list` took, from `b[at]` (never inside a number),
+/// appended to `out`; returns the index just after the last one.
+fn read_numbers(b: &[u8], mut at: usize, n: usize, out: &mut Vec<u32>) -> usize {
+    let want = out.len() + n;
+    out.reserve(n);
+    let mut block = at;
+    let mut carry = 0u64;
+    while out.len() < want && block + 64 <= b.len() {
+        let digits = digit_mask(b, block);
+        let mut starts = digits & !((digits << 1) | carry);
+        carry = digits >> 63;
+        while starts != 0 {
+            let s = block + starts.trailing_zeros() as usize;
+            starts &= starts - 1;
+            let (v, len) = number(b, s).expect("checked_list took the number");
+            out.push(v);
+            at = s + len;
+            if out.len() == want {
+                return at;
+            }
+        }
+        block += 64;
+    }
+    // the rest, one byte at a time: no number starts in the blocks read above after `at`
+    while out.len() < want {
+        while !b[at].is_ascii_digit() {
+            at += 1;
+        }
+        let (v, len) = number(b, at).expect("checked_list took the number");
+        out.push(v);
+        at += len;
+    }
+    at
+}
+
+/// Bit masks of 64 bytes' classes for `checked_list`: bit k is set iff byte k is one.
+struct Classes {
+    digit: u64,
+    comma: u64,
+    /// JSON whitespace: space, tab, line feed, carriage return
+    space: u64,
+    zero: u64,
+}
+
+#[inline(always)]
+fn classify(block: &[u8; 64]) -> Classes {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+            _mm_set1_epi8, _mm_sub_epi8,
+        };
+        let mut c = Classes {
+            digit: 0,
+            comma: 0,
+            space: 0,
+            zero: 0,
+        };
+        for k in 0..4 {
+            // SAFETY: SSE2 is enabled (cfg above); the 16 bytes read are within `block`
+            // (an unaligned load).
+            unsafe {
+                let x = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
+                let is = |byte: u8| _mm_cmpeq_epi8(x, _mm_set1_epi8(byte as i8));
+                let bits = |m| u64::from(_mm_movemask_epi8(m) as u16) << (16 * k);
+                let d = _mm_sub_epi8(x, _mm_set1_epi8(b'0' as i8));
+                c.digit |= bits(_mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d));
+                c.comma |= bits(is(b','));
+                c.space |= bits(_mm_or_si128(
+                    _mm_or_si128(is(b' '), is(b'\n')),
+                    _mm_or_si128(is(b'\r'), is(b'\t')),
+                ));
+                c.zero |= bits(is(b'0'));
+            }
+        }
+        c
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    {
+        let mask = |f: fn(u8) -> bool| {
+            block
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (k, &c)| m | (u64::from(f(c)) << k))
+        };
+        Classes {
+            digit: mask(|c| c.is_ascii_digit()),
+            comma: mask(|c| c == b','),
+            space: mask(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t')),
+            zero: mask(|c| c == b'0'),
+        }
+    }
+}
+
+/// `classify` with AVX2's 32-byte compares.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn classify_avx2(block: &[u8; 64]) -> Classes {
+    use std::arch::x86_64::{
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_min_epu8, _mm256_movemask_epi8,
+        _mm256_or_si256, _mm256_set1_epi8, _mm256_sub_epi8,
+    };
+    let mut c = Classes {
+        digit: 0,
+        comma: 0,
+        space: 0,
+        zero: 0,
+    };
+    for k in 0..2 {
+        let x = _mm256_loadu_si256(block.as_ptr().add(32 * k).cast::<__m256i>());
+        let d = _mm256_sub_epi8(x, _mm256_set1_epi8(b'0' as i8));
+        let digit = _mm256_cmpeq_epi8(_mm256_min_epu8(d, _mm256_set1_epi8(9)), d);
+        let comma = _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b',' as i8));
+        let space = _mm256_or_si256(
+            _mm256_or_si256(
+                _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b' ' as i8)),
+                _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b'\n' as i8)),
+            ),
+            _mm256_or_si256(
+                _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b'\r' as i8)),
+                _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b'\t' as i8)),
+            ),
+        );
+        let zero = _mm256_cmpeq_epi8(x, _mm256_set1_epi8(b'0' as i8));
+        let shift = 32 * k;
+        c.digit |= u64::from(_mm256_movemask_epi8(digit) as u32) << shift;
+        c.comma |= u64::from(_mm256_movemask_epi8(comma) as u32) << shift;
+        c.space |= u64::from(_mm256_movemask_epi8(space) as u32) << shift;
+        c.zero |= u64::from(_mm256_movemask_epi8(zero) as u32) << shift;
+    }
+    c
 }
 
 /// Bit k is set iff `b[at + k]` is an ASCII digit (`at + 64 <= b.len()`).
@@ -602,6 +958,41 @@ mod tests {
         }
     }
 
+    /// The tokens `checked_list` takes, read `chunk` at a time (the last read may be shorter).
+    fn checked_tokens(body: &[u8], chunk: usize) -> Option<Vec<u32>> {
+        // the 16-byte compares take what the 32-byte ones take, at the same end
+        let sse2 = tokens_member(body, |b, i| checked_list_by(b, i, classify));
+        let taken = tokens_member(body, checked_list);
+        assert_eq!(
+            sse2.map(|t| (t.at, t.total)),
+            taken.map(|t| (t.at, t.total)),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        let mut lazy = tokens_member(body, checked_list)?;
+        let mut out = Vec::new();
+        while lazy.left > 0 {
+            let n = chunk.min(lazy.left);
+            out.extend_from_slice(lazy.take(n));
+        }
+        assert_eq!(out.len(), lazy.total);
+        Some(out)
+    }
+
+    /// `checked_list` takes only what the full parser takes, with the same tokens, read in
+    /// chunks of any size; and `parse_lookup_tokens` answers as `parse_lookup_body` does.
+    fn assert_checked_agrees(body: &[u8]) {
+        let full = full_parse(body);
+        for chunk in [1, 3, 64, 256, usize::MAX] {
+            if let Some(t) = checked_tokens(body, chunk) {
+                assert_eq!(Some(t), full, "{}", String::from_utf8_lossy(body));
+            }
+        }
+        let eager = parse_lookup_body(body).ok();
+        let lazy = parse_lookup_tokens(body).ok().map(BodyTokens::into_vec);
+        assert_eq!(lazy, eager, "{}", String::from_utf8_lossy(body));
+    }
+
     fn full_parse(body: &[u8]) -> Option<Vec<u32>> {
         let mut de = serde_json::Deserializer::from_slice(body);
         de.deserialize_any(BodyVisitor)
@@ -632,7 +1023,107 @@ mod tests {
                         let fast = fast_tokens(body.as_bytes());
                         let full = full_parse(body.as_bytes());
                         assert_eq!(fast, full, "{body}");
+                        assert_checked_agrees(body.as_bytes());
+                        // what checked_list leaves to the others: numbers of 10 digits
+                        // or more, and whatever is not valid
+                        let short = |n: &String| n.len() < 10;
+                        if full.is_some() && short(a) && short(b) {
+                            assert!(checked_tokens(body.as_bytes(), 256).is_some(), "{body}");
+                        }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checked_list_edges() {
+        let took = |list: &str| checked_tokens(format!("{{\"tokens\": {list}}}").as_bytes(), 2);
+        assert_eq!(took("[]"), Some(vec![]));
+        assert_eq!(took("[ \n]"), Some(vec![]));
+        assert_eq!(took("[0, 10,7 ,\t8]"), Some(vec![0, 10, 7, 8]));
+        assert_eq!(took("[999999999]"), Some(vec![999_999_999]));
+        for refused in [
+            "[,]",
+            "[,1]",
+            "[1,]",
+            "[1 ,]",
+            "[1,,2]",
+            "[1, ,2]",
+            "[1 2]",
+            "[01]",
+            "[1, 00]",
+            "[1.0]",
+            "[-0]",
+            "[1",
+            "[1,",
+            "[",
+            "[1]x",
+            "[1, ,2 3]",
+            "[1 2, ,3]",
+            "[ ,1 2]",
+            "[1 2,]",
+            "[1,,2 3]",
+        ] {
+            assert_eq!(took(refused), None, "{refused}");
+        }
+        // ten digits or more: valid, but left to fast_list
+        assert_eq!(took("[1000000000]"), None);
+        assert_eq!(
+            parse_lookup_tokens(b"{\"tokens\": [4294967295, 1]}")
+                .unwrap()
+                .into_vec(),
+            vec![u32::MAX, 1]
+        );
+        // whitespace runs after a digit or a comma that cross 64-byte blocks
+        for pad in 0..130 {
+            let gap = " ".repeat(pad);
+            assert_eq!(took(&format!("[1{gap}, 2]")), Some(vec![1, 2]), "{pad}");
+            assert_eq!(took(&format!("[1,{gap}2]")), Some(vec![1, 2]), "{pad}");
+            if pad > 0 {
+                assert_eq!(took(&format!("[1{gap}2]")), None, "{pad}");
+            }
+            assert_eq!(took(&format!("[1,{gap},2]")), None, "{pad}");
+            // as many commas as gaps between numbers, but two in one gap
+            assert_eq!(took(&format!("[1,{gap},2 3]")), None, "{pad}");
+            assert_eq!(took(&format!("[{gap},1 2]")), None, "{pad}");
+            assert_eq!(took(&format!("[1,{gap}]")), None, "{pad}");
+            assert_eq!(took(&format!("[{gap}1]")), Some(vec![1]), "{pad}");
+            assert_eq!(took(&format!("[{gap},1]")), None, "{pad}");
+            let zeros = format!("[{gap}0{}]", "1".repeat(pad % 3));
+            assert_eq!(took(&zeros), (pad % 3 == 0).then(|| vec![0]), "{zeros}");
+            let nines = "9".repeat(pad % 12 + 1);
+            let value = nines.parse::<u64>().unwrap();
+            assert_eq!(
+                took(&format!("[{gap}{nines}]")),
+                (value < 1_000_000_000).then(|| vec![value as u32]),
+                "{gap}{nines}"
+            );
+        }
+    }
+
+    #[test]
+    fn classify_marks_every_byte_value_at_every_position() {
+        for value in 0..=255u8 {
+            for pos in 0..64 {
+                let mut block = [b'7'; 64];
+                block[pos] = value;
+                let mask = |f: fn(u8) -> bool| {
+                    (0..64).fold(0u64, |m, k| m | (u64::from(f(block[k])) << k))
+                };
+                let expected = (
+                    mask(|c| c.is_ascii_digit()),
+                    mask(|c| c == b','),
+                    mask(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t')),
+                    mask(|c| c == b'0'),
+                );
+                let got = |c: Classes| (c.digit, c.comma, c.space, c.zero);
+                assert_eq!(got(classify(&block)), expected, "byte {value:#x} at {pos}");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: this CPU has AVX2 (checked just above)
+                    let avx2 = unsafe { classify_avx2(&block) };
+                    assert_eq!(got(avx2), expected, "byte {value:#x} at {pos}");
                 }
             }
         }
@@ -692,6 +1183,7 @@ mod tests {
                 assert_eq!(fast_tokens(bytes), full_parse(bytes), "{body}");
                 if !wide {
                     assert!(fast_tokens(bytes).is_some(), "{body}");
+                    assert_eq!(checked_tokens(bytes, 16), fast_tokens(bytes), "{body}");
                 }
                 for pos in 0..bytes.len() {
                     for c in [
@@ -708,6 +1200,7 @@ mod tests {
                                 String::from_utf8_lossy(&changed)
                             );
                         }
+                        assert_checked_agrees(&changed);
                     }
                 }
             }
@@ -749,6 +1242,7 @@ mod tests {
                 proptest::prop_assert_eq!(fast_tokens(&bytes), full);
             }
             check(&bytes)?;
+            assert_checked_agrees(&bytes);
             // damaged: whatever it takes, the full parser reads the same
             if let Some((pos, byte)) = flip {
                 if pos < bytes.len() {
@@ -756,6 +1250,7 @@ mod tests {
                 }
             }
             check(&bytes)?;
+            assert_checked_agrees(&bytes);
         }
 
         #[test]
@@ -781,6 +1276,11 @@ mod tests {
             let at = bytes.iter().position(|&c| c == b'[').unwrap();
             let full = full_parse(&bytes);
             let fast = fast_list(&bytes, at).map(|(t, _)| t);
+            // the checked list takes every valid list of numbers under 10 digits
+            if vals.iter().all(|&v| v < 1_000_000_000) {
+                proptest::prop_assert_eq!(&checked_tokens(&bytes, 7), &full);
+            }
+            assert_checked_agrees(&bytes);
             // valid: the fast reader takes it (whatever whitespace follows a comma) and agrees
             if vals.iter().all(|&v| v <= u32::MAX as u64) {
                 proptest::prop_assert_eq!(&fast, &full);
@@ -793,6 +1293,7 @@ mod tests {
                     bytes[pos] = byte;
                 }
             }
+            assert_checked_agrees(&bytes);
             if let Some((t, end)) = fast_list(&bytes, at) {
                 // framed as fast_tokens frames it: the same prefix, then only "}" and whitespace
                 let close = ws(&bytes, end);
@@ -824,6 +1325,7 @@ mod tests {
             let full = full_parse(&bytes);
             // a well-formed body: both agree, and the fast path takes it whenever it is valid
             proptest::prop_assert_eq!(&fast, &full);
+            assert_checked_agrees(&bytes);
             // damaged bodies: whatever the fast path accepts, the full parser accepts the same
             if let Some((at, byte)) = flip {
                 if at < bytes.len() {
@@ -831,6 +1333,7 @@ mod tests {
                 }
             }
             bytes.truncate(bytes.len().saturating_sub(cut % 4));
+            assert_checked_agrees(&bytes);
             if let Some(t) = fast_tokens(&bytes) {
                 proptest::prop_assert_eq!(Some(t), full_parse(&bytes));
             }

@@ -6,7 +6,7 @@
 //! per-chunk loop has no dispatch.
 
 use crate::error::{Error, Result};
-use crate::hash::{ChunkHasher, PrefixHash};
+use crate::hash::{ChunkHasher, PrefixHash, TokenCursor};
 use crate::pyhash::LmcacheHasher;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,14 +92,14 @@ pub trait ChunkKeys: Iterator<Item = PrefixHash> {
     fn next_len(&self) -> usize;
 }
 
-impl ChunkKeys for ChunkHasher<'_> {
+impl<T: TokenCursor> ChunkKeys for ChunkHasher<T> {
     #[inline]
     fn next_len(&self) -> usize {
         ChunkHasher::next_len(self)
     }
 }
 
-impl ChunkKeys for LmcacheHasher<'_> {
+impl<T: TokenCursor> ChunkKeys for LmcacheHasher<T> {
     #[inline]
     fn next_len(&self) -> usize {
         LmcacheHasher::next_len(self)

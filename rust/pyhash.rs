@@ -6,6 +6,8 @@
 //! Every constant and rule below is checked against real interpreters by the tests in this file
 //! (vectors printed by CPython 3.10-3.13) and by tests/test_lmcache_hash.py.
 
+use crate::hash::TokenCursor;
+
 /// The modulus of CPython's numeric hash on 64-bit builds (`_PyHASH_MODULUS`, 2^61 - 1).
 pub const MODULUS: u64 = (1 << 61) - 1;
 
@@ -106,19 +108,17 @@ pub fn lmcache_chunk_key(prev: i64, chunk: &[u32]) -> i64 {
 /// Lazily yields LMCache's chain of keys over `tokens`: `key[-1] = none_hash`,
 /// `key[i] = hash((key[i-1], tuple(chunk_i), ()))`, the final partial chunk included. Keys come
 /// out as the two's-complement bit pattern of the signed hash, the form the index stores.
-pub struct LmcacheHasher<'a> {
-    tokens: &'a [u32],
+pub struct LmcacheHasher<T> {
+    tokens: T,
     chunk_size: usize,
-    pos: usize,
     prev: i64,
 }
 
-impl<'a> LmcacheHasher<'a> {
-    pub fn new(tokens: &'a [u32], chunk_size: usize, none_hash: i64) -> Self {
+impl<T: TokenCursor> LmcacheHasher<T> {
+    pub fn new(tokens: T, chunk_size: usize, none_hash: i64) -> Self {
         LmcacheHasher {
             tokens,
             chunk_size: chunk_size.max(1),
-            pos: 0,
             prev: none_hash,
         }
     }
@@ -126,11 +126,11 @@ impl<'a> LmcacheHasher<'a> {
     /// Number of tokens in the chunk the next call to `next` hashes (0 when done).
     #[inline]
     pub fn next_len(&self) -> usize {
-        (self.tokens.len() - self.pos).min(self.chunk_size)
+        self.tokens.remaining().min(self.chunk_size)
     }
 }
 
-impl Iterator for LmcacheHasher<'_> {
+impl<T: TokenCursor> Iterator for LmcacheHasher<T> {
     type Item = u64;
 
     #[inline]
@@ -139,14 +139,13 @@ impl Iterator for LmcacheHasher<'_> {
         if n == 0 {
             return None;
         }
-        let chunk = &self.tokens[self.pos..self.pos + n];
-        self.pos += n;
+        let chunk = self.tokens.take(n);
         self.prev = lmcache_chunk_key(self.prev, chunk);
         Some(self.prev as u64)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = (self.tokens.len() - self.pos).div_ceil(self.chunk_size);
+        let n = self.tokens.remaining().div_ceil(self.chunk_size);
         (n, Some(n))
     }
 }
@@ -415,7 +414,7 @@ mod tests {
                 1528685510177700188
             ]
         );
-        let mut h = LmcacheHasher::new(&tokens, 4, 0);
+        let mut h = LmcacheHasher::new(&tokens[..], 4, 0);
         assert_eq!(h.size_hint(), (3, Some(3)));
         assert_eq!(h.next_len(), 4);
         assert_eq!(h.next(), Some(4965923915475442220));

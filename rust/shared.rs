@@ -119,13 +119,19 @@ impl SharedIndex {
         event_id: &str,
         detail: bool,
     ) -> Result<LookupAnswer> {
-        let tokens = json::parse_lookup_body(body)?;
+        let tokens = json::parse_lookup_tokens(body)?;
+        let asked = tokens.len() as u64;
         Ok(self.read(|c| {
-            let matches = c.lookup(&tokens);
-            let det = detail.then(|| c.lookup_detailed(&tokens));
+            let (matches, det) = if detail {
+                let tokens = tokens.into_vec();
+                (c.lookup(&tokens), Some(c.lookup_detailed(&tokens)))
+            } else {
+                // a walk that stops early leaves the rest of the list unread
+                (c.lookup_from(tokens), None)
+            };
             LookupAnswer {
                 body: json::render_lookup(event_id, &matches, det.as_deref()),
-                asked: tokens.len() as u64,
+                asked,
                 matched: matches.iter().map(|m| m.length).max().unwrap_or(0),
             }
         }))

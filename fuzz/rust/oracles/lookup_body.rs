@@ -4,16 +4,30 @@
 // * when it returns tokens, serde_json's own reading of the body agrees: an object whose
 //   single "tokens" key is a list of integers in u32 range, each spelled as plain digits or
 //   `-0` (read as 0), equal to what was returned;
+// * `parse_lookup_tokens` (which reads the numbers only as they are taken) accepts and refuses
+//   what `parse_lookup_body` does, with the same tokens, taken whole or a few at a time;
 // * the response rendered for any event id and instance/location names read from the
 //   input is valid JSON and gives those strings back.
 
 use _core::index::Match;
-use _core::json::{parse_lookup_body, render_lookup};
+use _core::hash::TokenCursor;
+use _core::json::{parse_lookup_body, parse_lookup_tokens, render_lookup};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// One input through the target's checks; panics on a finding.
 pub fn check(data: &[u8]) {
+    let eager = parse_lookup_body(data).ok();
+    let whole = parse_lookup_tokens(data).ok().map(|t| t.into_vec());
+    assert_eq!(whole, eager, "parse_lookup_tokens and parse_lookup_body disagree");
+    if let Ok(mut lazy) = parse_lookup_tokens(data) {
+        let mut taken = Vec::new();
+        while lazy.remaining() > 0 {
+            let n = lazy.remaining().min(3);
+            taken.extend_from_slice(lazy.take(n));
+        }
+        assert_eq!(Some(taken), eager, "tokens taken 3 at a time differ");
+    }
     if let Ok(tokens) = parse_lookup_body(data) {
         // serde_json::Value keeps the last of duplicate keys; the parser refuses duplicate
         // "tokens", so the two agree whenever the parser accepts.
