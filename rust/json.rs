@@ -245,16 +245,20 @@ fn fast_list(b: &[u8], i: usize) -> Option<(Vec<u32>, usize)> {
 /// them, so counting both checks that.
 fn checked_list(b: &[u8], i: usize) -> Option<(LazyTokens<'_>, usize)> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: this CPU has AVX2 (checked just above)
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("popcnt")
+        && std::arch::is_x86_feature_detected!("lzcnt")
+    {
+        // SAFETY: this CPU has AVX2, POPCNT and LZCNT (checked just above)
         return unsafe { checked_list_avx2(b, i) };
     }
     checked_list_by(b, i, classify)
 }
 
-/// `checked_list` with 32-byte compares; AVX2 must be there.
+/// `checked_list` with 32-byte compares and one-instruction bit counts (without POPCNT a
+/// count is a dozen instructions); AVX2, POPCNT and LZCNT must be there.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,popcnt,lzcnt")]
 unsafe fn checked_list_avx2(b: &[u8], i: usize) -> Option<(LazyTokens<'_>, usize)> {
     // SAFETY: the caller made sure that this CPU has AVX2
     checked_list_by(b, i, |block| unsafe { classify_avx2(block) })
