@@ -64,8 +64,10 @@ impl BodyTokens<'_> {
         match self {
             BodyTokens::Lazy(mut t) => {
                 let n = t.left;
-                t.take(n).to_vec()
+                t.take(n);
+                t.taken
             }
+            BodyTokens::Parsed(t, 0) => t,
             BodyTokens::Parsed(mut t, taken) => t.split_off(taken),
         }
     }
@@ -1079,6 +1081,14 @@ mod tests {
                 .into_vec(),
             vec![u32::MAX, 1]
         );
+        // two commas in a row, or with whitespace between, the first on a block's last byte
+        // (bytes 13-75 are the first block), where two numbers without a comma between them
+        // keep the count of commas right
+        let gap = " ".repeat(60);
+        assert_eq!(took(&format!("[1 2{gap},,3]")), None);
+        assert_eq!(took(&format!("[1 2{gap}, ,3]")), None);
+        // a comma last, then a block of whitespace only
+        assert_eq!(took(&format!("[1 2,{gap}{gap}]")), None);
         // whitespace runs after a digit or a comma that cross 64-byte blocks
         for pad in 0..130 {
             let gap = " ".repeat(pad);
