@@ -10,6 +10,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.eof = False
         self.aborted = False
         self.reading = True
         self._protocol = None
@@ -25,6 +26,8 @@ class FakeTransport(asyncio.Transport):
         return self._protocol
 
     def write(self, data):
+        if self.eof:
+            raise RuntimeError("Cannot call write() after write_eof()")  # as asyncio's transports
         if not self.closed:
             self.written += data
 
@@ -34,6 +37,17 @@ class FakeTransport(asyncio.Transport):
 
     def is_closing(self):
         return self.closed
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.eof = True
+
+    @property
+    def done(self):
+        """Our side is finished: closed, or its end sent (the peer's late bytes are dropped)."""
+        return self.closed or self.eof
 
     def close(self):
         if not self.closed:

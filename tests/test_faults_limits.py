@@ -171,6 +171,65 @@ def test_expect_continue_with_a_huge_length_gets_413_and_no_100(controller):
     assert run(main()).startswith(b"HTTP/1.1 413")
 
 
+def test_a_refused_body_still_arriving_is_dropped_and_the_answer_is_not_lost(controller):
+    # The 413 goes out as soon as Content-Length is read; the client goes on sending the body.
+    # The server reads and drops what still comes (it never resets the connection, which can
+    # destroy the answer unread), closes as soon as the client ends its side, and bounds what
+    # it drops (16 MiB) and how long it waits (2 s).
+    c = controller("--max-body-bytes", str(1 << 20))
+    head = b"POST /lookup HTTP/1.1\r\nHost: a\r\nContent-Length: 1073741824\r\n\r\n"
+
+    def client(after_answer: int, end: bool) -> tuple[bytes, int, float, bytes]:
+        s = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
+        try:
+            s.sendall(head)
+            answer = s.recv(65536)
+            sent = 0
+            for _ in range(after_answer // 65536):
+                try:
+                    s.sendall(b"1" * 65536)
+                except OSError:
+                    break
+                sent += 65536
+            if end:
+                try:
+                    s.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # already reset
+            t0 = time.monotonic()
+            try:
+                rest = s.recv(65536)
+            except OSError as e:
+                rest = repr(e).encode()
+            return answer, sent, time.monotonic() - t0, rest
+        finally:
+            s.close()
+
+    # 4 MiB after the answer: every byte taken, then our end is answered by the server's close
+    answer, sent, closed_in, rest = client(4 << 20, end=True)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"exceeds" in answer
+    assert sent == 4 << 20 and rest == b"" and closed_in < 1.5
+    # a client that never ends its side: still read after the answer and its end (FIN), and
+    # closed after the linger time (then its next bytes meet a reset)
+    s = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
+    try:
+        s.sendall(head)
+        assert s.recv(65536).startswith(b"HTTP/1.1 413 ")
+        assert s.recv(65536) == b""  # the server's end: nothing more comes
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - t0 < 30:
+                s.sendall(b"1")
+                time.sleep(0.05)
+        cut_after = time.monotonic() - t0
+    finally:
+        s.close()
+    assert 1.0 <= cut_after < 30
+    # past 16 MiB of dropped bytes the server stops reading them and closes
+    answer, sent, closed_in, rest = client(64 << 20, end=True)
+    assert answer.startswith(b"HTTP/1.1 413 ") and sent < 64 << 20
+
+
 def test_endless_chunked_body_is_cut_at_the_limit_and_memory_stays_bounded(controller):
     c = controller("--max-body-bytes", str(1 << 20))
 

@@ -47,17 +47,17 @@ def test_request_over_the_budget_gets_503_from_its_content_length_and_others_go_
         assert state.buffered_body == 300
         b, tb = connect(state)
         b.data_received(head(600))  # 300 held + 600 announced fits in 1000
-        assert tb.take() == b"" and not tb.closed
+        assert tb.take() == b"" and not tb.done
         b.data_received(b"y" * 600)
         assert json.loads(tb.take().split(b"\r\n\r\n", 1)[1]) == {"len": 600}
         c, tc = connect(state)
         c.data_received(head(800))  # 300 held + 800 > 1000
         out = tc.take()
-        assert status_of(out) == 503 and b"Retry-After: 1\r\n" in out and tc.closed
+        assert status_of(out) == 503 and b"Retry-After: 1\r\n" in out and tc.done
         assert "server busy" in json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]
         assert state.metrics.rejected_requests == {503: 1}
         a.data_received(b"x" * 300)
-        assert json.loads(ta.take().split(b"\r\n\r\n", 1)[1]) == {"len": 600} and not ta.closed
+        assert json.loads(ta.take().split(b"\r\n\r\n", 1)[1]) == {"len": 600} and not ta.done
         assert state.buffered_body == 0
         d, td = connect(state)
         d.data_received(head(800) + b"z" * 800)  # the budget is free again
@@ -73,7 +73,7 @@ def test_chunked_body_is_cut_when_the_budget_runs_out_and_a_drop_gives_bytes_bac
         a.data_received(head(900) + b"x" * 700)
         b, tb = connect(state)
         b.data_received(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"200\r\n" + b"y" * 0x200 + b"\r\n")
-        assert status_of(tb.take()) == 503 and tb.closed
+        assert status_of(tb.take()) == 503 and tb.done
         await asyncio.sleep(0)  # connection_lost runs
         assert state.buffered_body == 700
         ta.close()  # the client goes away mid-body
@@ -110,7 +110,7 @@ def test_buffered_bytes_match_a_model_on_random_interleavings(steps):
             if k not in conns:
                 conns[k] = connect(state)
             proto, t = conns[k]
-            if op == "drop" or t.closed:
+            if op == "drop" or t.done:
                 t.close()
                 await asyncio.sleep(0)
                 del conns[k]
@@ -119,7 +119,7 @@ def test_buffered_bytes_match_a_model_on_random_interleavings(steps):
                 n = min(n, 600)
                 proto.data_received(head(n))
                 if sum(sent for _, sent in model.values()) + n > budget:
-                    assert status_of(t.take()) == 503 and t.closed
+                    assert status_of(t.take()) == 503 and t.done
                 else:
                     model[k] = [n, 0]
             elif op == "send" and k in model:

@@ -104,7 +104,7 @@ def both(*chunks: bytes, settle: bool = False, applied_seq: int | None = None, *
     fast, slow = asyncio.run(main())
     assert slow.fast_answered == 0
     assert bytes(fast.t.written) == bytes(slow.t.written)
-    assert fast.t.closed == slow.t.closed
+    assert fast.t.done == slow.t.done
     assert fast.metrics.lookups == slow.metrics.lookups
     # the hit-ratio counts too: the fast path sums in Rust what the parser path counts per lookup
     for name in ("lookup_hits", "lookup_tokens", "lookup_matched_tokens"):
@@ -130,7 +130,7 @@ def test_a_replicas_log_position_header_is_the_same_on_both_paths():
     closing = lookup_req(extra="Connection: close\r\n")
     fast, _ = both(request, request, closing, applied_seq=42)
     out = bytes(fast.t.written)
-    assert out.count(b"\r\nX-Lmc-Seq: 42\r\n\r\n") == 3 and fast.t.closed
+    assert out.count(b"\r\nX-Lmc-Seq: 42\r\n\r\n") == 3 and fast.t.done
     assert fast.fast_answered == 2 * len(request) + len(closing)
 
 
@@ -181,10 +181,10 @@ def test_requests_behind_a_pending_response_wait_for_it():
 
 def test_limits_still_answered_413_and_431():
     fast, _ = both(lookup_req() + lookup_req(TOKENS * 4), max_body_bytes=400)
-    assert b"HTTP/1.1 413 " in bytes(fast.t.written) and fast.t.closed
+    assert b"HTTP/1.1 413 " in bytes(fast.t.written) and fast.t.done
     big = "X-Pad: " + "p" * 300 + "\r\n"
     fast, _ = both(lookup_req() + lookup_req(extra=big), max_header_bytes=300)
-    assert b"HTTP/1.1 431 " in bytes(fast.t.written) and fast.t.closed
+    assert b"HTTP/1.1 431 " in bytes(fast.t.written) and fast.t.done
     # a request exactly at the header limit is still answered (both paths)
     head = len(lookup_req(body=b"{}")) - 2
     fast, _ = both(lookup_req(body=b'{"tokens": []}'), max_header_bytes=head)
@@ -201,7 +201,7 @@ def test_limits_still_answered_413_and_431():
 ])
 def test_keep_alive_and_close(version, extra, closes):
     fast, _ = both(lookup_req(version=version, extra=extra) + lookup_req())
-    assert fast.t.closed == closes
+    assert fast.t.done == closes
     if not extra:
         assert fast.fast_answered >= len(lookup_req(version=version))
     if closes and "Upgrade" not in extra:

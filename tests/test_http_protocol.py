@@ -73,7 +73,7 @@ def test_keep_alive_and_pipelined_sync_requests():
         assert [json.loads(b)["path"] for _, _, b in rs] == ["/a", "/b", "/c"]
         assert app.seen[1] == (b"POST", b"/b", b"detail=1", b"22")
         assert all(s == 200 and "connection" not in h for s, h, _ in rs)
-        assert not t.closed
+        assert not t.done
         proto.data_received(req(path="/d", body=b"x"))
         assert len(responses(t.take())) == 1
 
@@ -128,11 +128,11 @@ def test_http10_and_connection_close_close_after_response():
         state, app, proto, t = make()
         proto.data_received(b"GET /x HTTP/1.0\r\n\r\n")
         (r,) = responses(t.take())
-        assert r[0] == 200 and r[1]["connection"] == "close" and t.closed
+        assert r[0] == 200 and r[1]["connection"] == "close" and t.done
         state, app, proto, t = make()
         proto.data_received(req("GET", "/x", extra="Connection: close\r\n") + req("GET", "/never"))
         (r,) = responses(t.take())
-        assert r[1]["connection"] == "close" and t.closed
+        assert r[1]["connection"] == "close" and t.done
         assert [s[1] for s in app.seen] == [b"/x"]
 
     run(main())
@@ -143,7 +143,7 @@ def test_malformed_request_gets_400_and_close():
         state, app, proto, t = make()
         proto.data_received(b"HELLO WORLD\r\n\r\n")
         (r,) = responses(t.take())
-        assert r[0] == 400 and "malformed" in json.loads(r[2])["error"] and t.closed
+        assert r[0] == 400 and "malformed" in json.loads(r[2])["error"] and t.done
         assert state.metrics.rejected_requests == {400: 1}
 
     run(main())
@@ -155,7 +155,7 @@ def test_body_over_limit_refused_from_content_length_before_reading_it():
         proto.data_received(b"POST /lookup HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
         (r,) = responses(t.take())
         assert r[0] == 413 and "exceeds the limit of 100" in json.loads(r[2])["error"]
-        assert r[1]["connection"] == "close" and t.closed and app.seen == []
+        assert r[1]["connection"] == "close" and t.done and app.seen == []
 
     run(main())
 
@@ -166,7 +166,7 @@ def test_chunked_body_over_limit_refused():
         chunk = b"80\r\n" + b"x" * 128 + b"\r\n"
         proto.data_received(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
         (r,) = responses(t.take())
-        assert r[0] == 413 and t.closed and app.seen == []
+        assert r[0] == 413 and t.done and app.seen == []
 
     run(main())
 
@@ -196,11 +196,11 @@ def test_headers_over_limit_get_431(how):
         else:  # a header that never ends, sent in small pieces
             proto.data_received(b"GET /x HTTP/1.1\r\nX-Big: ")
             for _ in range(40):
-                if t.closed:
+                if t.done:
                     break
                 proto.data_received(b"a" * 100)
         (r,) = responses(t.take())
-        assert r[0] == 431 and t.closed and app.seen == []
+        assert r[0] == 431 and t.done and app.seen == []
 
     run(main())
 
@@ -212,7 +212,7 @@ def test_handler_exception_is_a_bare_500_without_traceback():
         rs = responses(t.take())
         assert rs[0][0] == 500 and json.loads(rs[0][2]) == {"error": "internal error"}
         assert b"secret" not in rs[0][2] and b"Traceback" not in rs[0][2]
-        assert rs[1][0] == 200 and not t.closed
+        assert rs[1][0] == 200 and not t.done
 
     run(main())
 
@@ -223,9 +223,9 @@ def test_connection_limit_answers_503():
         state = HttpServerState(s, Metrics(), App())
         conns = [HttpProtocol(state) for _ in range(3)]
         ts = [attach(c) for c in conns]
-        assert not ts[0].closed and not ts[1].closed
+        assert not ts[0].done and not ts[1].done
         (r,) = responses(ts[2].take())
-        assert r[0] == 503 and ts[2].closed and len(state.connections) == 2
+        assert r[0] == 503 and ts[2].done and len(state.connections) == 2
         assert state.metrics.connections_refused == 1
 
     run(main())
@@ -244,15 +244,15 @@ def test_sweeper_times_out_slow_request_and_idle_connection():
         busy.data_received(req(path="/slow"))
         sweeper.sweep(100.0)
         sweeper.sweep(101.0)
-        assert not t_slow.closed and not t_idle.closed
+        assert not t_slow.done and not t_idle.done
         slow.data_received(b"3")  # trickling bytes does not reset the request clock
         sweeper.sweep(102.5)
         (r,) = responses(t_slow.take())
-        assert r[0] == 408 and t_slow.closed
-        assert not t_idle.closed
+        assert r[0] == 408 and t_slow.done
+        assert not t_idle.done
         sweeper.sweep(105.5)
-        assert t_idle.closed and t_idle.take() == b""
-        assert not t_busy.closed  # a request being served is not idle
+        assert t_idle.done and t_idle.take() == b""
+        assert not t_busy.done  # a request being served is not idle
         state.app.gates[b"/slow"].set()
         await asyncio.sleep(0.01)
 
@@ -267,7 +267,7 @@ def test_eof_after_pipelined_requests_still_answers_them():
         app.gates[b"/slow"].set()
         await asyncio.sleep(0.01)
         (r,) = responses(t.take())
-        assert r[0] == 200 and t.closed
+        assert r[0] == 200 and t.done
 
     run(main())
 
@@ -280,7 +280,7 @@ def test_nothing_after_a_closing_request_is_processed_even_behind_a_slow_one():
         app.gates[b"/slow"].set()
         await asyncio.sleep(0.01)
         rs = responses(t.take())
-        assert [r[0] for r in rs] == [200, 200] and rs[1][1]["connection"] == "close" and t.closed
+        assert [r[0] for r in rs] == [200, 200] and rs[1][1]["connection"] == "close" and t.done
 
     run(main())
 
@@ -316,7 +316,7 @@ def test_pipelined_large_bodies_are_not_mistaken_for_large_headers():
         for a, b in zip(cuts, cuts[1:]):
             proto.data_received(data[a:b])
         rs = responses(t.take())
-        assert [r[0] for r in rs] == [200] * 5 and not t.closed
+        assert [r[0] for r in rs] == [200] * 5 and not t.done
 
     run(main())
 
@@ -380,7 +380,7 @@ def test_an_error_answer_to_a_head_request_has_no_body_either():
         out = t.take()
         head, _, rest = out.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 431 ") and b"Content-Length: 0" not in head and rest == b""
-        assert t.closed
+        assert t.done
 
     run(main())
 
@@ -401,9 +401,9 @@ def test_requests_still_waiting_after_the_shutdown_grace_get_503():
         assert [s for s, _, _ in rs] == [503, 200, 503]
         assert json.loads(rs[0][2])["error"].startswith("the controller is shutting down")
         assert rs[0][1]["retry-after"] == "1" and "connection" not in rs[0][1]
-        assert rs[2][1]["connection"] == "close" and t.closed
+        assert rs[2][1]["connection"] == "close" and t.done
         ((status, headers, _),) = responses(half.take())
-        assert status == 503 and headers["connection"] == "close" and half.closed
+        assert status == 503 and headers["connection"] == "close" and half.done
         assert state.metrics.rejected_requests == {503: 3}
 
     run(main())
@@ -424,7 +424,7 @@ def test_a_worker_at_the_http_port_is_told_which_port_once(first, says, caplog, 
         state.other_ports.update({"monitor": 9001, "pull": 8300, "reply": 8400})
         proto.data_received(first)
         ((status, _, body),) = responses(bytes(t.written))
-        assert status == 400 and says in json.loads(body)["error"] and t.closed
+        assert status == 400 and says in json.loads(body)["error"] and t.done
         for _ in range(3):  # the worker retries: not logged again
             proto2 = HttpProtocol(state)
             attach(proto2)

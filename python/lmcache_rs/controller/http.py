@@ -18,7 +18,9 @@ rust/http_fast.rs) with the same bytes the parser path would write; it leaves an
 
 Bad input is answered, never raised: a parse error is a 400, an oversized body a 413
 (refused from its Content-Length before the body is read), oversized headers a 431,
-a slow client a 408, then the connection is closed. Handler failures are logged and
+a slow client a 408, then the connection is closed; after a closing answer the server ends its
+side and reads and drops what the client still sends for a moment (``_linger``), so that a
+client still sending does not lose the answer to a reset. Handler failures are logged and
 answered with a bare 500. Idle connections are closed after the keep-alive timeout by
 a periodic sweep (no timer per request).
 """
@@ -172,6 +174,10 @@ class _Slot:
 class HttpProtocol(asyncio.Protocol):
     # Responses queued (pipelined requests not yet written) at which reading pauses.
     HIGH_WATER = 64
+    # After a closing answer, what the client still sends is read and dropped for this long
+    # (or up to this many bytes) before the connection closes (`_linger`).
+    LINGER_S = 2.0
+    LINGER_BYTES = 16 << 20
 
     def __init__(self, state: HttpServerState):
         self.state = state
@@ -189,6 +195,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queue: collections.deque[_Slot] = collections.deque()
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_left = 0
         # activity counters read by the sweeper (cheaper than a timer per request)
         self.activity = 0
         self.begun = 0
@@ -226,6 +234,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._release_body()
         self.state.connections.discard(self)
         for task in self.tasks:
@@ -253,6 +263,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self._linger_timer is not None:
+                self._linger_left -= len(data)
+                if self._linger_left < 0 and self.transport is not None:
+                    self.transport.close()
             return
         self.activity += 1
         # Fast path: complete plain POST /lookup requests at the start of this read are answered
@@ -266,7 +280,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(out)
                 if close:
                     self.closing = True  # nothing after a closing response is read
-                    self.transport.close()
+                    self._linger(self.transport)
                     return
                 if consumed == len(data):
                     return
@@ -431,7 +445,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(data)
             if not keep_alive:
                 self.closing = True
-                self.transport.close()
+                self._linger(self.transport)
                 raise _Abort  # nothing after a closing response is read
             return
         slot = _Slot()
@@ -468,7 +482,7 @@ class HttpProtocol(asyncio.Protocol):
             if slot.close:
                 queue.clear()
                 self.closing = True
-                transport.close()
+                self._linger(transport)
                 return
         if self._continue_owed and not queue and self.receiving and transport is not None:
             self._continue_owed = False
@@ -484,6 +498,22 @@ class HttpProtocol(asyncio.Protocol):
         elif self.transport is not None:
             self.closing = True
             self.transport.close()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after a closing answer without losing it: send the end of our side (FIN) after
+        the answer, then read and drop what the client still sends until it closes its side,
+        for at most LINGER_S seconds and LINGER_BYTES bytes. Closing at once while its bytes
+        arrive or wait unread (a body we refused, a slow client's next byte, requests pipelined
+        after a closing one) makes the kernel answer with a reset, which can throw away the
+        answer before the client reads it."""
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger_left = self.LINGER_BYTES
+        self._linger_timer = asyncio.get_running_loop().call_later(self.LINGER_S, transport.close)
+        if self.flow is not None:
+            self.flow.resume_reading()
 
     def _refuse_other_protocol(self, first: bytes) -> None:
         """A worker at the HTTP port (lmcache_rs's frames start with a zero length byte, a ZMQ
