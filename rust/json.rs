@@ -404,6 +404,7 @@ fn read_numbers(b: &[u8], mut at: usize, n: usize, out: &mut Vec<u32>) -> usize 
 }
 
 /// Bit masks of 64 bytes' classes for `checked_list`: bit k is set iff byte k is one.
+#[derive(Default)]
 struct Classes {
     digit: u64,
     comma: u64,
@@ -420,12 +421,7 @@ fn classify(block: &[u8; 64]) -> Classes {
             _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
             _mm_set1_epi8, _mm_sub_epi8,
         };
-        let mut c = Classes {
-            digit: 0,
-            comma: 0,
-            space: 0,
-            zero: 0,
-        };
+        let mut c = Classes::default();
         for k in 0..4 {
             // SAFETY: SSE2 is enabled (cfg above); the 16 bytes read are within `block`
             // (an unaligned load).
@@ -471,12 +467,7 @@ unsafe fn classify_avx2(block: &[u8; 64]) -> Classes {
         __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_min_epu8, _mm256_movemask_epi8,
         _mm256_or_si256, _mm256_set1_epi8, _mm256_sub_epi8,
     };
-    let mut c = Classes {
-        digit: 0,
-        comma: 0,
-        space: 0,
-        zero: 0,
-    };
+    let mut c = Classes::default();
     for k in 0..2 {
         let x = _mm256_loadu_si256(block.as_ptr().add(32 * k).cast::<__m256i>());
         let d = _mm256_sub_epi8(x, _mm256_set1_epi8(b'0' as i8));

@@ -225,7 +225,7 @@ def test_connection_limit_answers_503():
         ts = [attach(c) for c in conns]
         assert not ts[0].done and not ts[1].done
         (r,) = responses(ts[2].take())
-        assert r[0] == 503 and ts[2].done and len(state.connections) == 2
+        assert r[0] == 503 and ts[2].closed and len(state.connections) == 2  # no linger: not counted
         assert state.metrics.connections_refused == 1
 
     run(main())
@@ -248,10 +248,10 @@ def test_sweeper_times_out_slow_request_and_idle_connection():
         slow.data_received(b"3")  # trickling bytes does not reset the request clock
         sweeper.sweep(102.5)
         (r,) = responses(t_slow.take())
-        assert r[0] == 408 and t_slow.done
+        assert r[0] == 408 and t_slow.eof and not t_slow.closed
         assert not t_idle.done
         sweeper.sweep(105.5)
-        assert t_idle.done and t_idle.take() == b""
+        assert t_idle.closed and t_idle.take() == b""  # no answer: nothing to linger for
         assert not t_busy.done  # a request being served is not idle
         state.app.gates[b"/slow"].set()
         await asyncio.sleep(0.01)
@@ -267,7 +267,45 @@ def test_eof_after_pipelined_requests_still_answers_them():
         app.gates[b"/slow"].set()
         await asyncio.sleep(0.01)
         (r,) = responses(t.take())
-        assert r[0] == 200 and t.done
+        # the client has ended its side already: nothing can come to linger for
+        assert r[0] == 200 and t.closed
+
+    run(main())
+
+
+def test_after_a_closing_answer_our_side_ends_and_what_still_comes_is_dropped(monkeypatch):
+    async def main():
+        state, app, proto, t = make(max_body_bytes=100)
+        proto.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"1" * 50)
+        (r,) = responses(t.take())
+        assert r[0] == 413 and t.eof and not t.closed
+        proto.data_received(b"1" * 500)  # read and dropped
+        assert t.take() == b"" and app.seen == [] and not t.closed and t.reading
+        # shutdown while lingering: nothing more is written (the fake raises on a write after
+        # write_eof, as asyncio's transports do); the connection is closed
+        proto.shed("shutting down")
+        assert t.take() == b"" and t.closed
+
+        # past LINGER_BYTES dropped, it closes
+        state, app, proto, t = make(max_body_bytes=100)
+        proto.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        assert t.eof and not t.closed
+        proto.data_received(b"1" * HttpProtocol.LINGER_BYTES)
+        assert not t.closed
+        proto.data_received(b"1")
+        assert t.closed
+
+        # and after LINGER_S in any case; the client's end closes it at once
+        monkeypatch.setattr(HttpProtocol, "LINGER_S", 0.05)
+        state, app, proto, t = make()
+        proto.data_received(b"NOT HTTP\r\n\r\n")
+        assert t.eof and not t.closed
+        await asyncio.sleep(0.2)
+        assert t.closed
+        state, app, proto, t = make()
+        proto.data_received(req(extra="Connection: close\r\n"))
+        assert t.eof and not t.closed
+        assert proto.eof_received() is None  # None: the transport closes itself
 
     run(main())
 
@@ -424,7 +462,7 @@ def test_a_worker_at_the_http_port_is_told_which_port_once(first, says, caplog, 
         state.other_ports.update({"monitor": 9001, "pull": 8300, "reply": 8400})
         proto.data_received(first)
         ((status, _, body),) = responses(bytes(t.written))
-        assert status == 400 and says in json.loads(body)["error"] and t.done
+        assert status == 400 and says in json.loads(body)["error"] and t.closed
         for _ in range(3):  # the worker retries: not logged again
             proto2 = HttpProtocol(state)
             attach(proto2)

@@ -73,7 +73,7 @@ def test_a_flood_of_malformed_requests_logs_a_burst_and_counts_all(caplog, monke
             proto = HttpProtocol(state)
             t = attach(proto)
             proto.data_received(b"NOT HTTP\r\n\r\n")
-            assert t.take().startswith(b"HTTP/1.1 400 ") and t.closed
+            assert t.take().startswith(b"HTTP/1.1 400 ") and t.done
         await asyncio.sleep(0)
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -197,6 +197,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_left = 0
+        self._peer_ended = False  # the client ended its side (EOF received)
         # activity counters read by the sweeper (cheaper than a timer per request)
         self.activity = 0
         self.begun = 0
@@ -256,6 +257,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client finished sending; answer what is queued, then close.
+        self._peer_ended = True
         if not self.queue:
             return None
         self._close_after_queue()
@@ -475,7 +477,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         while queue and queue[0].data is not None:
             slot = queue.popleft()
-            if transport is None or transport.is_closing():
+            if transport is None or transport.is_closing() or self._linger_timer is not None:
                 queue.clear()
                 return
             transport.write(slot.data)  # type: ignore[arg-type]
@@ -506,8 +508,10 @@ class HttpProtocol(asyncio.Protocol):
         arrive or wait unread (a body we refused, a slow client's next byte, requests pipelined
         after a closing one) makes the kernel answer with a reset, which can throw away the
         answer before the client reads it."""
-        if not transport.can_write_eof():
-            transport.close()
+        # nothing is read after a closing answer: a half-read request is over too
+        self.receiving = False
+        if self._peer_ended or not transport.can_write_eof():
+            transport.close()  # (after the client's end nothing more comes that could be reset)
             return
         transport.write_eof()
         self._linger_left = self.LINGER_BYTES
@@ -539,8 +543,8 @@ class HttpProtocol(asyncio.Protocol):
         """Answer a canned error after what is queued, then close the connection."""
         self._body = []
         self._release_body()
-        if self.closing and not force:
-            return
+        if (self.closing and not force) or self._linger_timer is not None:
+            return  # (our side has ended: nothing more can be written)
         log_refusal("http: %d %s", status, message)
         self.metrics.count_rejected(status)
         head = self.receiving and self._head
