@@ -37,12 +37,14 @@ class Finding(AssertionError):
 
 
 class FuzzTransport(asyncio.Transport):
-    """Records writes; close() calls connection_lost on the next loop iteration, like a socket."""
+    """Records writes; close() calls connection_lost on the next loop iteration, like a socket;
+    write_eof() ends our side, after which a write raises, as on a socket."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.eof = False  # our side ended (the server lingers before closing)
         self.reading = True
         self.protocol: asyncio.BaseProtocol | None = None
 
@@ -50,8 +52,16 @@ class FuzzTransport(asyncio.Transport):
         return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 9000)}.get(name, default)
 
     def write(self, data) -> None:
+        if self.eof:
+            raise RuntimeError("Cannot call write() after write_eof()")  # as asyncio's transports
         if not self.closed:
             self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:

@@ -510,7 +510,11 @@ class HttpProtocol(asyncio.Protocol):
         answer before the client reads it."""
         # nothing is read after a closing answer: a half-read request is over too
         self.receiving = False
-        if self._peer_ended or not transport.can_write_eof():
+        try:
+            can_end = transport.can_write_eof()
+        except NotImplementedError:  # (asyncio.Transport's default)
+            can_end = False
+        if self._peer_ended or not can_end:
             transport.close()  # (after the client's end nothing more comes that could be reset)
             return
         transport.write_eof()
