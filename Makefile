@@ -7,7 +7,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 
 INTEROP ?= .venv-interop
 
-.PHONY: help install build demo test test-rust test-py test-interop pytest-interop interop-venv demo-lmcache demo-vllm test-interpreters lint bench fuzz soak clean
+.PHONY: help install build demo test test-rust test-py test-interop interop-venv demo-lmcache demo-vllm test-interpreters lint bench fuzz soak clean
 
 help:  ## list the entry points
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,7 +30,7 @@ demo: install  ## run the spec's flow: controller + worker, then the spec's /loo
 # pytest and the real-engine tests run side by side: the engine tests mostly wait for vLLM and
 # LMCache processes to start, so on two cores the pair takes about 15 minutes instead of 22.
 test: install test-rust interop-venv  ## run every test (cargo test, pytest, the real engines)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-py pytest-interop
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-py test-interop SETUP_DONE=1
 
 test-rust:
 	cargo test --release
@@ -47,9 +47,9 @@ demo-vllm: install interop-venv  ## the spec's flow on a real vLLM server (CPU) 
 interop-venv:  ## build $(INTEROP): LMCache and vLLM on CPU (about 6 GB, once per machine)
 	tools/interop_venv.sh $(INTEROP)
 
-test-interop: install interop-venv pytest-interop  ## tests against real LMCache engines (and vLLM) on loopback
-
-pytest-interop:
+# (SETUP_DONE: called by `test`, which has set up both venvs; rebuilding the extension while
+# pytest runs beside would replace the module under it)
+test-interop: $(if $(SETUP_DONE),,install interop-venv)  ## tests against real LMCache engines (and vLLM) on loopback
 	$(PY) -m pytest -q tests/interop
 
 test-interpreters:  ## the index's tests under every CPython 3.10-3.14 installed here
