@@ -103,13 +103,15 @@ pub struct LazyTokens<'a> {
     left: usize,
     total: usize,
     taken: Vec<u32>,
+    /// where the numbers being taken start (scratch space of `read_numbers`)
+    starts: Vec<usize>,
 }
 
 impl LazyTokens<'_> {
     fn take(&mut self, n: usize) -> &[u32] {
         assert!(n <= self.left, "took {n} of {} tokens left", self.left);
-        self.taken.clear();
-        self.at = read_numbers(self.body, self.at, n, &mut self.taken);
+        self.taken.resize(n, 0);
+        self.at = read_numbers(self.body, self.at, &mut self.taken, &mut self.starts);
         self.left -= n;
         &self.taken
     }
@@ -357,6 +359,7 @@ fn checked_list_by(
                 left: count,
                 total: count,
                 taken: Vec::new(),
+                starts: Vec::new(),
             };
             return Some((tokens, close + 1));
         }
@@ -368,39 +371,159 @@ fn checked_list_by(
     }
 }
 
-/// The next `n` numbers of a list `checked_list` took, from `b[at]` (never inside a number),
-/// appended to `out`; returns the index just after the last one.
-fn read_numbers(b: &[u8], mut at: usize, n: usize, out: &mut Vec<u32>) -> usize {
-    let want = out.len() + n;
-    out.reserve(n);
+/// The next `out.len()` numbers of a list `checked_list` took, from `b[at]` (never inside a
+/// number), written to `out`; returns the index just after the last one. Two passes: where
+/// the numbers start (from digit masks), then their values, four at a time with AVX2. One
+/// pass that read each number as its start was found was about twice as slow: a chain of
+/// dependent steps per number, and a mispredicted branch where each 64-byte block's numbers
+/// ran out.
+fn read_numbers(b: &[u8], at: usize, out: &mut [u32], starts: &mut Vec<usize>) -> usize {
+    let n = out.len();
+    if n == 0 {
+        return at;
+    }
+    number_starts(b, at, n, starts);
+    let starts = &starts[..n];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU has AVX2 (checked just above)
+        unsafe { numbers_at_avx2(b, starts, out) };
+        let last = starts[n - 1];
+        return last + number(b, last).expect("checked_list took the number").1;
+    }
+    numbers_at(b, starts, out, 0)
+}
+
+/// The starts of at least `n` numbers from `b[at]` (never inside a number) into `starts`, in
+/// order (it may hold more).
+fn number_starts(b: &[u8], at: usize, n: usize, starts: &mut Vec<usize>) {
+    // a block's starts are written 8 at a time whether there are 8 or not (no branch per
+    // number), so `starts` has room for a whole block past the n-th
+    starts.resize(n + 64, 0);
+    let mut k = 0;
     let mut block = at;
-    let mut carry = 0u64;
-    while out.len() < want && block + 64 <= b.len() {
+    let mut digit_before = 0u64;
+    while k < n && block + 64 <= b.len() {
         let digits = digit_mask(b, block);
-        let mut starts = digits & !((digits << 1) | carry);
-        carry = digits >> 63;
-        while starts != 0 {
-            let s = block + starts.trailing_zeros() as usize;
-            starts &= starts - 1;
-            let (v, len) = number(b, s).expect("checked_list took the number");
-            out.push(v);
-            at = s + len;
-            if out.len() == want {
-                return at;
+        let mut bits = digits & !((digits << 1) | digit_before);
+        digit_before = digits >> 63;
+        let count = bits.count_ones() as usize;
+        let slots = &mut starts[k..k + 64];
+        let mut j = 0;
+        while j < count {
+            for slot in &mut slots[j..j + 8] {
+                // past the last start trailing_zeros is 64: a slot written but never used
+                *slot = block + bits.trailing_zeros() as usize;
+                bits &= bits.wrapping_sub(1);
             }
+            j += 8;
         }
+        k += count;
         block += 64;
     }
-    // the rest, one byte at a time: no number starts in the blocks read above after `at`
-    while out.len() < want {
-        while !b[at].is_ascii_digit() {
-            at += 1;
+    // the list's last bytes, one at a time
+    let mut i = block;
+    let mut after_digit = digit_before != 0;
+    while k < n {
+        let digit = b[i].is_ascii_digit();
+        if digit && !after_digit {
+            starts[k] = i;
+            k += 1;
         }
-        let (v, len) = number(b, at).expect("checked_list took the number");
-        out.push(v);
-        at += len;
+        after_digit = digit;
+        i += 1;
     }
-    at
+}
+
+/// The numbers starting at `starts[from..]`, into `out[from..]`; returns the index just after
+/// the last one.
+fn numbers_at(b: &[u8], starts: &[usize], out: &mut [u32], from: usize) -> usize {
+    let mut end = 0;
+    for (value, &s) in out[from..].iter_mut().zip(&starts[from..]) {
+        let (v, len) = number(b, s).expect("checked_list took the number");
+        *value = v;
+        end = s + len;
+    }
+    end
+}
+
+/// `numbers_at` for four numbers at a time: each number's 8-byte word in one 64-bit lane, its
+/// leading digits found and moved to the lane's top, and the digits combined by pairs, quads
+/// and eights with multiply-adds. A group with a number of 8 or more digits (or too near the
+/// end of `b` for an 8-byte read) is read one number at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
+    use std::arch::x86_64::{
+        _mm256_add_epi64, _mm256_and_si256, _mm256_castsi256_si128, _mm256_cmpeq_epi64,
+        _mm256_cmpeq_epi8, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_min_epu8,
+        _mm256_movemask_epi8, _mm256_mul_epu32, _mm256_or_si256, _mm256_permutevar8x32_epi32,
+        _mm256_sad_epu8, _mm256_set1_epi64x, _mm256_set1_epi8, _mm256_set_epi32, _mm256_set_epi64x,
+        _mm256_setzero_si256, _mm256_slli_epi64, _mm256_sllv_epi64, _mm256_srli_epi64,
+        _mm256_sub_epi64, _mm256_sub_epi8, _mm_storeu_si128,
+    };
+    let n = starts.len();
+    let word = |s: usize| {
+        b.get(s..s + 8)
+            .map(|w| i64::from_le_bytes(w.try_into().expect("8 bytes")))
+    };
+    let mut i = 0;
+    while i + 4 <= n {
+        let (Some(w0), Some(w1), Some(w2), Some(w3)) = (
+            word(starts[i]),
+            word(starts[i + 1]),
+            word(starts[i + 2]),
+            word(starts[i + 3]),
+        ) else {
+            break;
+        };
+        let x = _mm256_sub_epi8(
+            _mm256_set_epi64x(w3, w2, w1, w0),
+            _mm256_set1_epi8(b'0' as i8),
+        );
+        let digit = _mm256_cmpeq_epi8(_mm256_min_epu8(x, _mm256_set1_epi8(9)), x);
+        // the lane's leading digits: byte k stays set iff bytes 0..=k are all digits
+        let mut lead = digit;
+        lead = _mm256_and_si256(
+            lead,
+            _mm256_or_si256(_mm256_slli_epi64(lead, 8), _mm256_set1_epi64x(0xff)),
+        );
+        lead = _mm256_and_si256(
+            lead,
+            _mm256_or_si256(_mm256_slli_epi64(lead, 16), _mm256_set1_epi64x(0xffff)),
+        );
+        lead = _mm256_and_si256(
+            lead,
+            _mm256_or_si256(_mm256_slli_epi64(lead, 32), _mm256_set1_epi64x(0xffff_ffff)),
+        );
+        // 8 x the number of digits, per lane (psadbw sums a lane's bytes)
+        let bits = _mm256_sad_epu8(
+            _mm256_and_si256(lead, _mm256_set1_epi8(8)),
+            _mm256_setzero_si256(),
+        );
+        if _mm256_movemask_epi8(_mm256_cmpeq_epi64(bits, _mm256_set1_epi64x(64))) != 0 {
+            break; // 8 digits or more: the number may go on past its word
+        }
+        // the digits to the lane's top bytes (what is above them shifted out): an 8-digit
+        // number with leading zeros, most significant digit in the lowest byte
+        let v = _mm256_sllv_epi64(x, _mm256_sub_epi64(_mm256_set1_epi64x(64), bits));
+        let pairs = _mm256_maddubs_epi16(v, _mm256_set1_epi64x(0x010a_010a_010a_010a));
+        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi64x(0x0001_0064_0001_0064));
+        let eights = _mm256_add_epi64(
+            _mm256_mul_epu32(quads, _mm256_set1_epi64x(10_000)),
+            _mm256_srli_epi64(quads, 32),
+        );
+        let packed = _mm256_permutevar8x32_epi32(eights, _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0));
+        // SAFETY: i + 4 <= n = out.len(): the 16 bytes written are within `out`
+        unsafe {
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(i).cast(),
+                _mm256_castsi256_si128(packed),
+            )
+        };
+        i += 4;
+    }
+    numbers_at(b, starts, out, i);
 }
 
 /// Bit masks of 64 bytes' classes for `checked_list`: bit k is set iff byte k is one.
@@ -1144,6 +1267,98 @@ mod tests {
                     (0..64).fold(0u64, |m, k| m | (u64::from(b[3 + k].is_ascii_digit()) << k));
                 assert_eq!(digit_mask(&b, 3), expected, "byte {value:#x} at {pos}");
             }
+        }
+    }
+
+    #[test]
+    fn numbers_of_every_length_in_every_place_of_a_group_of_four() {
+        // 1 to 9 digits (8 and 9 need more than the group's 8-byte words) in each of the four
+        // lanes of a group, the rest 1 to 7 digits; the lists end right after the group or a
+        // few numbers later, so groups meet the end of the body (no 8-byte word left there);
+        // read in chunks of every size that splits groups differently
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        for digits in 1..=9u32 {
+            for lane in 0..4 {
+                for (lead, trail) in [(0, 0), (4, 0), (5, 3), (66, 1), (63, 2)] {
+                    let mut nums: Vec<u64> = (0..lead + 4 + trail)
+                        .map(|_| {
+                            let d = 1 + next(7) as u32;
+                            next(10u64.pow(d))
+                        })
+                        .collect();
+                    let low = 10u64.pow(digits - 1);
+                    nums[lead + lane] = low + next(9 * low);
+                    for sep in [",", ", ", ",\n "] {
+                        let list: Vec<String> = nums.iter().map(u64::to_string).collect();
+                        let body = format!("{{\"tokens\": [{}]}}", list.join(sep));
+                        let want: Vec<u32> = nums.iter().map(|&v| v as u32).collect();
+                        for chunk in 1..=9 {
+                            assert_eq!(
+                                checked_tokens(body.as_bytes(), chunk).as_ref(),
+                                Some(&want),
+                                "{body} in chunks of {chunk}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn number_starts_and_both_readers_agree_with_a_byte_at_a_time_scan() {
+        let mut rng = 0x853c_49e6_748f_ea9bu64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        for round in 0..200 {
+            let count = 1 + next(300) as usize;
+            let nums: Vec<u32> = (0..count)
+                .map(|_| {
+                    let d = 1 + next(if round % 2 == 0 { 6 } else { 9 }) as u32;
+                    next(10u64.pow(d)) as u32
+                })
+                .collect();
+            let list: Vec<String> = nums.iter().map(u32::to_string).collect();
+            let sep = [",", ", ", " ,\t", ",\r\n    "][round % 4];
+            let body = format!("[{}]", list.join(sep)).into_bytes();
+            let mut expected_starts = Vec::new();
+            for i in 1..body.len() {
+                if body[i].is_ascii_digit() && !body[i - 1].is_ascii_digit() {
+                    expected_starts.push(i);
+                }
+            }
+            let mut starts = Vec::new();
+            number_starts(&body, 1, count, &mut starts);
+            assert_eq!(
+                &starts[..count],
+                &expected_starts[..],
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            let mut one_at_a_time = vec![0u32; count];
+            let end = numbers_at(&body, &starts[..count], &mut one_at_a_time, 0);
+            assert_eq!(one_at_a_time, nums);
+            assert_eq!(body[end], b']');
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut grouped = vec![0u32; count];
+                // SAFETY: this CPU has AVX2 (checked just above)
+                unsafe { numbers_at_avx2(&body, &starts[..count], &mut grouped) };
+                assert_eq!(grouped, nums, "{}", String::from_utf8_lossy(&body));
+            }
+            let mut out = vec![0u32; count];
+            assert_eq!(read_numbers(&body, 1, &mut out, &mut starts), end);
+            assert_eq!(out, nums);
         }
     }
 
