@@ -449,11 +449,12 @@ fn numbers_at(b: &[u8], starts: &[usize], out: &mut [u32], from: usize) -> usize
 
 /// `numbers_at` for four numbers at a time: each number's 8-byte word in one 64-bit lane, its
 /// leading digits found and moved to the lane's top, and the digits combined by pairs, quads
-/// and eights with multiply-adds. A group with a number of 8 or more digits (or too near the
-/// end of `b` for an 8-byte read) is read one number at a time.
+/// and eights with multiply-adds. A group with a number of 8 or more digits is read one number
+/// at a time, and so are the numbers too near the end of `b` for 8-byte reads. Returns how
+/// many numbers were read four at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
+unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) -> usize {
     use std::arch::x86_64::{
         _mm256_add_epi64, _mm256_and_si256, _mm256_castsi256_si128, _mm256_cmpeq_epi64,
         _mm256_cmpeq_epi8, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_min_epu8,
@@ -462,12 +463,14 @@ unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
         _mm256_setzero_si256, _mm256_slli_epi64, _mm256_sllv_epi64, _mm256_srli_epi64,
         _mm256_sub_epi64, _mm256_sub_epi8, _mm_storeu_si128,
     };
+    assert_eq!(starts.len(), out.len(), "one start for each number");
     let n = starts.len();
     let word = |s: usize| {
         b.get(s..s + 8)
             .map(|w| i64::from_le_bytes(w.try_into().expect("8 bytes")))
     };
     let mut i = 0;
+    let mut grouped = 0;
     while i + 4 <= n {
         let (Some(w0), Some(w1), Some(w2), Some(w3)) = (
             word(starts[i]),
@@ -502,7 +505,10 @@ unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
             _mm256_setzero_si256(),
         );
         if _mm256_movemask_epi8(_mm256_cmpeq_epi64(bits, _mm256_set1_epi64x(64))) != 0 {
-            break; // 8 digits or more: the number may go on past its word
+            // 8 digits or more: the number may go on past its word
+            numbers_at(b, &starts[..i + 4], &mut out[..i + 4], i);
+            i += 4;
+            continue;
         }
         // the digits to the lane's top bytes (what is above them shifted out): an 8-digit
         // number with leading zeros, most significant digit in the lowest byte
@@ -514,7 +520,8 @@ unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
             _mm256_srli_epi64(quads, 32),
         );
         let packed = _mm256_permutevar8x32_epi32(eights, _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0));
-        // SAFETY: i + 4 <= n = out.len(): the 16 bytes written are within `out`
+        // SAFETY: i + 4 <= n = out.len() (asserted above): the 16 bytes written are within
+        // `out`
         unsafe {
             _mm_storeu_si128(
                 out.as_mut_ptr().add(i).cast(),
@@ -522,8 +529,10 @@ unsafe fn numbers_at_avx2(b: &[u8], starts: &[usize], out: &mut [u32]) {
             )
         };
         i += 4;
+        grouped += 4;
     }
     numbers_at(b, starts, out, i);
+    grouped
 }
 
 /// Bit masks of 64 bytes' classes for `checked_list`: bit k is set iff byte k is one.
@@ -1353,8 +1362,22 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx2") {
                 let mut grouped = vec![0u32; count];
                 // SAFETY: this CPU has AVX2 (checked just above)
-                unsafe { numbers_at_avx2(&body, &starts[..count], &mut grouped) };
+                let four_at_a_time =
+                    unsafe { numbers_at_avx2(&body, &starts[..count], &mut grouped) };
                 assert_eq!(grouped, nums, "{}", String::from_utf8_lossy(&body));
+                // every group of numbers under 8 digits is read four at a time, also after a
+                // group with a longer one, except those in the body's last 8 bytes
+                let short_groups = nums
+                    .chunks_exact(4)
+                    .filter(|g| g.iter().all(|&v| v < 10_000_000))
+                    .count();
+                assert!(
+                    four_at_a_time + 8 >= 4 * short_groups && four_at_a_time <= 4 * short_groups,
+                    "{four_at_a_time} of {short_groups} short groups: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            } else {
+                eprintln!("no AVX2 here: numbers_at_avx2 not tested");
             }
             let mut out = vec![0u32; count];
             assert_eq!(read_numbers(&body, 1, &mut out, &mut starts), end);
