@@ -1122,6 +1122,16 @@ mod tests {
         assert_eq!(lazy, eager, "{}", String::from_utf8_lossy(body));
     }
 
+    /// A small deterministic random source: `next(m)` is below `m`.
+    fn xorshift(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |m| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        }
+    }
+
     fn full_parse(body: &[u8]) -> Option<Vec<u32>> {
         let mut de = serde_json::Deserializer::from_slice(body);
         de.deserialize_any(BodyVisitor)
@@ -1285,13 +1295,7 @@ mod tests {
         // lanes of a group, the rest 1 to 7 digits; the lists end right after the group or a
         // few numbers later, so groups meet the end of the body (no 8-byte word left there);
         // read in chunks of every size that splits groups differently
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |m: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % m
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for digits in 1..=9u32 {
             for lane in 0..4 {
                 for (lead, trail) in [(0, 0), (4, 0), (5, 3), (66, 1), (63, 2)] {
@@ -1322,13 +1326,7 @@ mod tests {
 
     #[test]
     fn number_starts_and_both_readers_agree_with_a_byte_at_a_time_scan() {
-        let mut rng = 0x853c_49e6_748f_ea9bu64;
-        let mut next = |m: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % m
-        };
+        let mut next = xorshift(0x853c_49e6_748f_ea9bu64);
         for round in 0..200 {
             let count = 1 + next(300) as usize;
             let nums: Vec<u32> = (0..count)
@@ -1391,13 +1389,7 @@ mod tests {
         // 1 to 10 digits (some over u32::MAX), each separator spelling, and lists that end in
         // the last bytes or well inside the whole blocks, followed by other keys with digits;
         // then every byte replaced by each of a few that change the grammar
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |m: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % m
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let digits_after = format!(
             ", \"n\": [{}], \"m\": \"a1\"}}",
             (0..40)
