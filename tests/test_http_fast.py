@@ -220,6 +220,9 @@ def test_keep_alive_and_close(version, extra, closes):
     b"POST /lookup HTTP/1.1\r\nContent-Length: 5\r\n\r\n{\"tok",
     b"POST /lookup HTTP/1.1\r\nContent-Length: 9\r\n\r\n{\"tokens\"",
     b"POST /lookup HTTP/1.1\r\nContent-Length: 9\r\n\r\nnot json!",
+    # a worker frame's or a ZMQ greeting's first bytes: another protocol only at the connection's start
+    b"\x00\x00\x00\x07\xed\xed\xed\xed\xed\xed\xed",
+    b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f",
 ])
 def test_malformed_input_gets_the_parser_paths_answer(bad):
     fast, _ = both(lookup_req() + bad + lookup_req())

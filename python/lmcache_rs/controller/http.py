@@ -271,6 +271,8 @@ class HttpProtocol(asyncio.Protocol):
                     self.transport.close()
             return
         self.activity += 1
+        # the connection's first bytes, where another protocol's peer would show itself
+        at_start = self.activity == 1
         # Fast path: complete plain POST /lookup requests at the start of this read are answered
         # in one call, only between requests and with no response pending (order is kept). The
         # rest goes to the parser, which answers it as it always does.
@@ -287,6 +289,7 @@ class HttpProtocol(asyncio.Protocol):
                 if consumed == len(data):
                     return
                 data = data[consumed:]
+                at_start = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -298,7 +301,7 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(400, "protocol upgrade is not supported")
             return
         except httptools.HttpParserError as exc:
-            if self.activity == 1 and data[:1] in (b"\x00", b"\xff"):  # a frame's length or a ZMQ greeting
+            if at_start and data[:1] in (b"\x00", b"\xff"):  # a frame's length or a ZMQ greeting
                 self._refuse_other_protocol(data[:1])
             else:
                 self._fail(400, f"malformed HTTP request: {exc}")
