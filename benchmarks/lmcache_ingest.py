@@ -4,8 +4,8 @@ A producer (LMCache's own message classes, run in .venv-interop) registers W wor
 reply socket and pushes BatchedKVOperationMsg admits (``--ops-per-msg`` ops each, up to 50 frames
 a multipart message, as LMCache's worker sends them) to the controller's pull socket as fast as
 it can. Both controllers get the same number of keys. The clock runs from the first push until
-the controller reports every key applied (our /metrics ``lmcache_index_holdings``; LMCache's
-``/controller/key-stats`` total). Ours runs this checkout's code (``python -m
+the controller reports every key applied (both asked through LMCache's
+``/controller/key-stats``, which ours answers too). Ours runs this checkout's code (``python -m
 lmcache_rs.controller`` with ``python/`` first on the path).
 
 Then, in process and without sockets, where each side's time goes on the same frames: ours
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -94,14 +93,8 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def ours_applied(http: int) -> int:
-    text = get(f"http://127.0.0.1:{http}/metrics").decode()
-    # prometheus_client writes 2,000,000 as 2e+06
-    m = re.search(r"^lmcache_index_holdings (\S+)", text, re.M)
-    return int(float(m.group(1))) if m else 0
-
-
-def theirs_applied(http: int) -> int:
+def applied(http: int) -> int:
+    """Keys the controller has applied, as both controllers report them."""
     return int(json.loads(get(f"http://127.0.0.1:{http}/controller/key-stats"))["total_key_count"])
 
 
@@ -113,11 +106,9 @@ def run_side(side: str, keys: int, workers: int, per_msg: int) -> dict:
         env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "lmcache_rs.controller", "--host", "127.0.0.1", "--port", str(http),
                "--monitor-port", str(free_port()), "--monitor-ports", ports, "--log-level", "WARNING"]
-        applied = ours_applied
     else:
         cmd = [str(INTEROP_PY), "-m", "lmcache.v1.api_server", "--host", "127.0.0.1", "--port", str(http),
                "--monitor-ports", ports]
-        applied = theirs_applied
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     producer = None
     try:

@@ -54,7 +54,8 @@ MAX_HEADER = 1024
 
 PATHS = ["/lookup", "/lookup?detail=1", "/clear", "/pin", "/unpin", "/move", "/compress", "/decompress", "/health",
          "/check_finish", "/query_worker_info", "/query_instance", "/metrics", "/healthz", "/", "/dashboard.json",
-         "/nope", "/lookup?detail=true&x=%ff", "*", "http://a/lookup", "/lookup/../metrics", "//lookup"]
+         "/controller/key-stats", "/controller/workers", "/controller/workers?instance_id=inst_a&worker_id=1",
+         "/controller/workers?worker_id=%ff&instance_id=nope", "/nope", "/lookup?detail=true&x=%ff", "*", "http://a/lookup", "/lookup/../metrics", "//lookup"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "CONNECT", "PATCH", "post", "X"]
 HEADERS = [
     ("Content-Type", "application/json"), ("Connection", "close"), ("Connection", "keep-alive"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import urllib.error
@@ -91,9 +90,8 @@ class OurController:
         self.ctl.start()
         self.http_port = self.ctl.http_port
 
-    def holdings(self) -> int:
-        text = _http(self.http_port, "/metrics")["text"]
-        return int(float(re.search(r"^lmcache_index_holdings (\S+)", text, re.M).group(1)))
+    def holdings(self) -> int:  # the endpoint LMCache's controller is asked through
+        return _http(self.http_port, "/controller/key-stats")["total_key_count"]
 
     def lookup(self, tokens: list[int]) -> dict:
         return _http(self.http_port, "/lookup", {"tokens": tokens})["layout_info"]
@@ -129,16 +127,24 @@ QUERIES = {
 }
 
 
-def run_scenario(controller_class) -> tuple[dict, dict]:
-    """Start the controller and the engines, store, and return (answers, truth) per query:
-    the controller's /lookup and, per instance, what that engine itself holds of the query."""
+# LMCache's read-only registry endpoints, asked of both controllers after the stores
+LISTINGS = ("/controller/key-stats", "/controller/workers", "/controller/workers?instance_id=lmc-b",
+            "/controller/workers?instance_id=lmc-a&worker_id=0")
+
+
+def run_scenario(controller_class) -> tuple[dict, dict, dict]:
+    """Start the controller and the engines, store, and return (answers, truth) per query (the
+    controller's /lookup and, per instance, what that engine itself holds of the query) and the
+    controller's answers to LISTINGS."""
     pull, reply = free_ports(2)
     controller = controller_class(pull, reply)
     engines: list[Engine] = []
+    ports: dict[str, int] = {}  # each engine's worker port
     try:
         expected = 0
         for instance_id, prompts in STORES.items():  # one at a time: A registers before B
             (port,) = free_ports(1)
+            ports[instance_id] = port
             engine = Engine(instance_id, pull, reply, port, chunk_size=CHUNK, heartbeat=None, loopback=True)
             engines.append(engine)
             keys: set[int] = set()
@@ -151,7 +157,11 @@ def run_scenario(controller_class) -> tuple[dict, dict]:
         answers = {name: controller.lookup(tokens) for name, tokens in QUERIES.items()}
         truth = {name: {e.instance_id: hit for e in engines if (hit := e.hit(tokens))}
                  for name, tokens in QUERIES.items()}
-        return answers, truth
+        listings = {path: _http(controller.http_port, path) for path in LISTINGS}
+        for listing in listings.values():  # each run's engines listen on fresh ports
+            for worker in listing.get("workers", [listing] if "worker_id" in listing else []):
+                assert worker["port"] == ports[worker["instance_id"]], (controller.name, listing)
+        return answers, truth, listings
     finally:
         for engine in engines:
             engine.stop()
@@ -170,9 +180,18 @@ def first_holder_rule(truth: dict[str, int], order: list[str]) -> dict[str, int]
     return out
 
 
+def _without_clocks(listing: dict) -> dict:
+    """A listing without what differs between runs: registration and heartbeat times, ports."""
+    def strip(worker: dict) -> dict:
+        return {k: v for k, v in worker.items() if k not in ("registration_time", "last_heartbeat_time", "port")}
+    if "workers" in listing:
+        return {**listing, "workers": [strip(w) for w in listing["workers"]]}
+    return strip(listing) if "worker_id" in listing else listing
+
+
 def test_same_engines_against_lmcache_controller_and_ours():
-    theirs, truth_theirs = run_scenario(TheirController)
-    ours, truth_ours = run_scenario(OurController)
+    theirs, truth_theirs, listings_theirs = run_scenario(TheirController)
+    ours, truth_ours, listings_ours = run_scenario(OurController)
     assert truth_theirs == truth_ours  # the engines held the same on both runs
     truth = truth_ours
     order = list(STORES)
@@ -190,6 +209,12 @@ def test_same_engines_against_lmcache_controller_and_ours():
     # the scenario exercises both the agreement and the documented difference
     assert differ == ["both hold all of it", "the first instance holds more", "both hold the same prefix, then a miss"]
     assert len(ours["the later instance holds more"]) == 2 and ours["nobody"] == {}
+    # the registry endpoints: the same counts and workers from both
+    for path in LISTINGS:
+        assert _without_clocks(listings_theirs[path]) == _without_clocks(listings_ours[path]), path
+    stats = listings_ours["/controller/key-stats"]
+    assert stats["total_instance_count"] == 2 and stats["total_worker_count"] == 2
+    assert stats["total_key_count"] > 0
 
 
 # What an LMCache worker with P2P on asks the controller before fetching from a peer: the

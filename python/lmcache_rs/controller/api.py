@@ -21,6 +21,7 @@ from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
 from .operations import OperationError, Operations
 from .prometheus import ControllerCollector, Exposition, worker_state
 from .registry import Registry
+from . import worker_listing
 from ..log_limit import RateLimitedLog
 
 log = logging.getLogger("lmcache_rs.controller.api")
@@ -291,6 +292,8 @@ class Api:
             "/healthz": self.healthz,
             "/": self.dashboard,
             "/dashboard.json": self.dashboard_json,
+            "/controller/key-stats": self.key_stats,
+            "/controller/workers": self.workers,
         }
         self.exposition = Exposition(ControllerCollector(controller, self._stats, self._holder_counts))
         key = controller.settings.api_key
@@ -531,6 +534,33 @@ class Api:
 
     def _holder_counts(self) -> list[tuple[str, int, str, int]]:
         return [row for index in self._indexes() for row in index.holder_counts()]
+
+    def _peer_url(self, record: Any) -> str | None:
+        """The worker's P2P address as it registered it: LMCache's ``peer_init_url``; ours
+        host:port; None for an engine event publisher or a worker without one."""
+        lmcache = self.c.lmcache
+        if lmcache is not None and record.source is lmcache:
+            state = lmcache.workers.get(record.key)
+            return state.peer_init_url if state is not None else None
+        if record.source is None and record.p2p_port:
+            return f"{record.p2p_host}:{record.p2p_port}"
+        return None
+
+    def key_stats(self, request: Request) -> Response:
+        counts = worker_listing.key_counts(self._holder_counts())
+        return _ok(worker_listing.key_stats(self.registry.instances(), counts))
+
+    def workers(self, request: Request) -> Response:
+        try:
+            instance_id, worker_id = worker_listing.parse_worker_query(request.query)
+        except worker_listing.BadQuery as exc:
+            raise BadRequest(str(exc)) from None
+        counts = worker_listing.key_counts(self._holder_counts())
+        try:
+            return _ok(worker_listing.workers(self.registry.instances(), counts, self._peer_url,
+                                              instance_id, worker_id))
+        except worker_listing.NotFound as exc:
+            raise OperationError(404, str(exc)) from None
 
     def metrics_page(self, request: Request) -> Response:
         return (200, PROMETHEUS, self.exposition.render())
