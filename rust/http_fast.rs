@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::json::names_any;
 use crate::shared::{LookupAnswer, SharedIndex};
 
 /// Most header lines a fast-path request may have (more: the general server answers it).
@@ -182,15 +183,17 @@ pub fn write_response(out: &mut Vec<u8>, body: &[u8], keep_alive: bool, extra: &
 
 /// Answer the leading fast-path requests of `data` with `lookup(body, detail, event_id)`, the
 /// n-th answered request getting event id `event_prefix` + (`first_id` + n). Stops at the first
-/// request that is not a fast-path one or whose lookup fails (the general server then answers
-/// it, error included), and after a request that closes the connection. Every response gets
-/// the `extra` header lines.
+/// request that is not a fast-path one, whose body gives one of `leave_named` a value
+/// (`json::names_any`: such a body is for the caller to route), or whose lookup fails (the
+/// general server then answers it, error included), and after a request that closes the
+/// connection. Every response gets the `extra` header lines.
 pub fn answer_with(
     data: &[u8],
     limits: &Limits,
     event_prefix: &str,
     first_id: u64,
     extra: &[u8],
+    leave_named: &[&str],
     mut lookup: impl FnMut(&[u8], bool, &str) -> Result<LookupAnswer>,
 ) -> Answered {
     let mut out = Answered::default();
@@ -200,6 +203,9 @@ pub fn answer_with(
         let Some(req) = parse_lookup_request(&data[out.consumed..], limits) else {
             break;
         };
+        if names_any(req.body, leave_named) {
+            break;
+        }
         event_id.clear();
         event_id.push_str(event_prefix);
         let _ = write!(event_id, "{}", first_id + out.seconds.len() as u64);
@@ -233,6 +239,7 @@ pub fn answer_lookups(
     event_prefix: &str,
     first_id: u64,
     extra: &[u8],
+    leave_named: &[&str],
 ) -> Answered {
     answer_with(
         data,
@@ -240,6 +247,7 @@ pub fn answer_lookups(
         event_prefix,
         first_id,
         extra,
+        leave_named,
         |body, detail, id| index.lookup_json_counted(body, id, detail),
     )
 }
@@ -280,7 +288,7 @@ mod tests {
     }
 
     fn answer(data: &[u8]) -> Answered {
-        answer_with(data, &LIMITS, "E-", 1, b"", fake)
+        answer_with(data, &LIMITS, "E-", 1, b"", &[], fake)
     }
 
     #[test]
@@ -372,6 +380,28 @@ mod tests {
     }
 
     #[test]
+    fn a_body_naming_a_left_field_is_left_to_the_caller() {
+        let plain = post("{\"tokens\": [1, 2]}", "");
+        let named = post("{\"tokens\": [1, 2], \"model\": \"m\"}", "");
+        let data = [plain.clone(), named.clone(), plain.clone()].concat();
+        let a = answer_with(&data, &LIMITS, "E-", 1, b"", &["model"], fake);
+        assert_eq!((a.consumed, a.seconds.len()), (plain.len(), 1));
+        // a null value names nothing; without names to leave, every request is answered
+        let unnamed = post("{\"tokens\": [1, 2], \"model\": null}", "");
+        let a = answer_with(
+            &[plain.clone(), unnamed].concat(),
+            &LIMITS,
+            "E-",
+            1,
+            b"",
+            &["model"],
+            fake,
+        );
+        assert_eq!(a.seconds.len(), 2);
+        assert_eq!(answer(&data).seconds.len(), 3);
+    }
+
+    #[test]
     fn answers_from_the_index() {
         let index = SharedIndex::new(4, crate::keyspace::KeySpace::Xxh3 { seed: 0 }).unwrap();
         let a = answer_lookups(
@@ -381,6 +411,7 @@ mod tests {
             "L-",
             7,
             b"",
+            &[],
         );
         let text = String::from_utf8(a.responses).unwrap();
         assert!(
@@ -394,6 +425,7 @@ mod tests {
             "L-",
             7,
             b"",
+            &[],
         );
         assert_eq!(a, Answered::default());
     }
@@ -415,7 +447,7 @@ mod tests {
         let mut data = post("{\"tokens\": [1, 2, 3, 4, 5]}", "");
         data.extend(post("{\"tokens\": [1, 2, 9]}", ""));
         data.extend(post("{\"tokens\": [7, 8]}", ""));
-        let a = answer_lookups(&index, &data, &LIMITS, "L-", 1, b"");
+        let a = answer_lookups(&index, &data, &LIMITS, "L-", 1, b"", &[]);
         assert_eq!(a.seconds.len(), 3);
         assert_eq!((a.hits, a.asked_tokens, a.matched_tokens), (2, 10, 6));
     }
@@ -460,7 +492,7 @@ mod tests {
             for cut in cuts {
                 pending.extend_from_slice(&data[from..cut]);
                 from = cut;
-                let a = answer_with(&pending, &LIMITS, "E-", next_id, b"", fake);
+                let a = answer_with(&pending, &LIMITS, "E-", next_id, b"", &[], fake);
                 responses.extend(a.responses);
                 next_id += a.seconds.len() as u64;
                 pending.drain(..a.consumed);

@@ -178,6 +178,90 @@ fn tokens_member<'a, T>(
     tokens
 }
 
+/// Whether the top-level object of a `/lookup` body gives one of `names` a value other than
+/// null. The usual body is read for its structure only: its tokens list is skipped to its `]`
+/// (found with memchr) without reading a number. Anything that reading does not follow is
+/// parsed whole by serde_json; a body that is not a JSON object names nothing (the lookup
+/// refuses it, however it is routed). A duplicated name counts if any of its values is not
+/// null.
+pub fn names_any(b: &[u8], names: &[&str]) -> bool {
+    if names.is_empty() {
+        return false;
+    }
+    names_any_skimmed(b, names).unwrap_or_else(|| names_any_parsed(b, names))
+}
+
+/// `names_any` for the usual shapes; None where the full parse must decide.
+fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(b, i + 1);
+    let mut found = false;
+    loop {
+        let (key, n) = if b[i..].starts_with(b"\"tokens\"") {
+            (std::borrow::Cow::Borrowed("tokens"), b"\"tokens\"".len())
+        } else {
+            one_value::<std::borrow::Cow<'_, str>>(&b[i..])?
+        };
+        i = ws(b, i + n);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = ws(b, i + 1);
+        if key == "tokens" && b.get(i) == Some(&b'[') {
+            // with no quote and no inner list before it, the first `]` ends the list
+            let end = i + 1 + memchr::memchr3(b']', b'"', b'[', &b[i + 1..])?;
+            if b[end] != b']' {
+                return None;
+            }
+            i = end + 1;
+        } else if names.contains(&key.as_ref()) {
+            let (value, n) = one_value::<Option<IgnoredAny>>(&b[i..])?;
+            found |= value.is_some();
+            i += n;
+        } else {
+            i += one_value::<IgnoredAny>(&b[i..])?.1;
+        }
+        i = ws(b, i);
+        match b.get(i) {
+            Some(b',') => i = ws(b, i + 1),
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    (ws(b, i + 1) == b.len()).then_some(found)
+}
+
+/// `names_any` by a full parse.
+fn names_any_parsed(b: &[u8], names: &[&str]) -> bool {
+    struct Names<'n>(&'n [&'n str]);
+    impl<'de> Visitor<'de> for Names<'_> {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if self.0.contains(&key.as_ref()) {
+                    found |= map.next_value::<Option<IgnoredAny>>()?.is_some();
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(b);
+    de.deserialize_any(Names(names))
+        .and_then(|found| de.end().map(|_| found))
+        .unwrap_or(false)
+}
+
 /// The JSON value at the start of `b` and the bytes it takes.
 fn one_value<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Option<(T, usize)> {
     let mut stream = serde_json::Deserializer::from_slice(b).into_iter::<T>();
@@ -1580,5 +1664,125 @@ mod tests {
         let mut s = String::new();
         write_str(&mut s, "a\"b\\c\n\u{1}é😀");
         assert_eq!(s, r#""a\"b\\c\n\u0001\u00e9\ud83d\ude00""#);
+    }
+
+    const NAMES: [&str; 3] = ["model", "lora_name", "cache_salt"];
+
+    #[test]
+    fn names_any_reads_the_usual_bodies_without_their_lists() {
+        let list = format!(
+            "[{}]",
+            (0..5000)
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for (body, named) in [
+            (format!("{{\"tokens\": {list}}}"), false),
+            (format!("{{\"model\": \"m\", \"tokens\": {list}}}"), true),
+            (
+                format!("{{\"tokens\": {list}, \"cache_salt\": \"s\"}}"),
+                true,
+            ),
+            (
+                format!("{{\"model\": null, \"lora_name\": null, \"tokens\": {list}}}"),
+                false,
+            ),
+            (
+                format!("{{\"tokens\": {list}, \"\\u006dodel\": \"m\"}}"),
+                true,
+            ),
+            (
+                format!("{{\"modelx\": 1, \"tokens\": {list}, \"x\": {{\"model\": 1}}}}"),
+                false,
+            ),
+            (format!("{{\"model\": 5, \"tokens\": {list}}}"), true),
+            (
+                format!("{{\"model\": \"m\", \"model\": null, \"tokens\": {list}}}"),
+                true,
+            ),
+        ] {
+            let b = body.as_bytes();
+            assert_eq!(
+                names_any_skimmed(b, &NAMES),
+                Some(named),
+                "{}",
+                &body[..60.min(body.len())]
+            );
+            assert_eq!(names_any_parsed(b, &NAMES), named);
+        }
+        // what the skim does not follow, the full parse decides
+        for (body, named) in [
+            ("{\"tokens\": [1, \"]\", 2], \"model\": \"m\"}", true),
+            ("{\"tokens\": [[1], 2], \"model\": \"m\"}", true),
+            ("{\"tokens\": [1, 2], \"model\": \"m\"} x", false),
+            ("[{\"model\": \"m\"}]", false),
+            ("{\"tokens\": [1, 2], \"model\": \"m\"", false),
+            ("", false),
+        ] {
+            assert_eq!(names_any(body.as_bytes(), &NAMES), named, "{body}");
+        }
+        assert!(!names_any(b"{\"model\": \"m\"}", &[]));
+    }
+
+    #[test]
+    fn names_any_skim_agrees_with_the_full_parse() {
+        // bodies from pieces (keys, values, lists with strings and inner lists in them, stray
+        // brackets and quotes), and each with one byte cut off or doubled: wherever the skim
+        // answers for a JSON body, the full parse answers the same
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let keys = [
+            "\"tokens\"",
+            "\"model\"",
+            "\"lora_name\"",
+            "\"cache_salt\"",
+            "\"x\"",
+            "\"mod\\u0065l\"",
+        ];
+        let values = [
+            "null",
+            "\"m\"",
+            "\"]\"",
+            "5",
+            "[1, 2, 3]",
+            "[1, \"]\", 2]",
+            "[[1], 2]",
+            "{\"model\": \"m\"}",
+            "[]",
+            "\"a\\\"b\"",
+            "[1,\n 2 ]",
+            "true",
+        ];
+        for _ in 0..20_000 {
+            let mut body = String::from("{");
+            for m in 0..next(4) {
+                if m > 0 {
+                    body.push_str([",", " , "][next(2) as usize]);
+                }
+                body.push_str(keys[next(keys.len() as u64) as usize]);
+                body.push_str([":", " : "][next(2) as usize]);
+                body.push_str(values[next(values.len() as u64) as usize]);
+            }
+            body.push('}');
+            let mut bodies = vec![body.clone().into_bytes()];
+            let at = next(body.len() as u64) as usize;
+            let mut cut = body.clone().into_bytes();
+            cut.remove(at);
+            let mut doubled = body.into_bytes();
+            doubled.insert(at, doubled[at]);
+            bodies.extend([cut, doubled]);
+            for b in &bodies {
+                // (a body that is not JSON is refused by the lookup whatever it names)
+                let json = serde_json::from_slice::<IgnoredAny>(b).is_ok();
+                if let (true, Some(found)) = (json, names_any_skimmed(b, &NAMES)) {
+                    assert_eq!(
+                        found,
+                        names_any_parsed(b, &NAMES),
+                        "{}",
+                        String::from_utf8_lossy(b)
+                    );
+                }
+            }
+        }
     }
 }

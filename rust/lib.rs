@@ -38,7 +38,7 @@ mod _core {
     #[pymodule_export]
     use crate::py::engine_map::{parse_kv_batch, PyEngineMap, PyEngineOps, PyParsedBatch};
     #[pymodule_export]
-    use crate::py::index::{chunk_hashes, runtime_info, PyIndex};
+    use crate::py::index::{chunk_hashes, lookup_body_names, runtime_info, PyIndex};
     #[pymodule_export]
     use crate::py::kv_copy::copy_cpu_blocks;
     #[pymodule_export]

@@ -3,7 +3,8 @@
 ``Index`` is the chunked-prefix radix index (implemented in Rust); ``chunk_hashes`` computes
 the chunk keys every component agrees on; ``lmcache_chunk_hashes`` and
 ``python_str_hash`` reproduce the keys LMCache's own workers compute with Python's ``hash()``;
-``copy_cpu_blocks`` copies KV blocks out of vLLM's CPU paged cache for the vLLM connector.
+``copy_cpu_blocks`` copies KV blocks out of vLLM's CPU paged cache for the vLLM connector;
+``lookup_body_names`` tells the controller which /lookup bodies name a namespace.
 See rust/README.md for the design.
 """
 
@@ -20,6 +21,7 @@ from ._core import (
     chunk_hashes,
     copy_cpu_blocks,
     lmcache_chunk_hashes,
+    lookup_body_names,
     parse_kv_batch,
     python_str_hash,
     read_lmcache_push,
@@ -39,6 +41,7 @@ __all__ = [
     "chunk_hashes",
     "copy_cpu_blocks",
     "lmcache_chunk_hashes",
+    "lookup_body_names",
     "parse_kv_batch",
     "python_str_hash",
     "read_lmcache_push",

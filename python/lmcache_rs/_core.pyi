@@ -8,6 +8,7 @@ __all__ = [
     "chunk_hashes",
     "copy_cpu_blocks",
     "lmcache_chunk_hashes",
+    "lookup_body_names",
     "python_str_hash",
     "runtime_info",
     "parse_kv_batch",
@@ -64,6 +65,10 @@ def lmcache_chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, none_hash: 
     Raises InvalidTypeError / InvalidArgumentError on bad tokens, chunk_size == 0 or a
     none_hash outside -2**63..2**63-1.
     """
+
+def lookup_body_names(body: bytes, names: tuple[str, ...]) -> bool:
+    """Whether a /lookup body's top-level object gives one of ``names`` a value other than
+    null, read without its tokens list. A body that is not a JSON object names nothing."""
 
 def python_str_hash(text: str, hash_seed: int, siphash: str = "siphash13") -> int:
     """``hash(text)`` of a 64-bit CPython started with ``PYTHONHASHSEED=hash_seed``
@@ -195,7 +200,7 @@ class Index:
         longest prefix any instance holds, 0 without a match), for the hit-ratio metrics."""
     def answer_lookups(
         self, data: bytes, event_prefix: str, first_id: int, max_header_bytes: int, max_body_bytes: int,
-        extra_header: bytes = b"",
+        extra_header: bytes = b"", leave_named: tuple[str, ...] = (),
     ) -> tuple[bytes, int, list[float], bool, int, int, int]:
         """The controller's /lookup fast path (rust/http_fast.rs): answer the complete plain
         ``POST /lookup`` requests at the start of ``data`` (bytes a connection received), the
@@ -203,8 +208,10 @@ class Index:
         released, stopping at the first request it leaves to the general HTTP server. Returns
         (responses, bytes consumed, seconds per answered request, whether the last one closes
         the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
-        header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
-        when ``data`` or ``extra_header`` is not bytes."""
+        header lines (each ending in CRLF) every response carries. ``leave_named``: field
+        names that leave a request to the caller when its body gives one of them a value other
+        than null (``lookup_body_names``). Raises InvalidTypeError when ``data`` or
+        ``extra_header`` is not bytes or ``leave_named`` not a tuple of str."""
     def digest(self) -> int:
         """An order-independent 64-bit digest of the holdings and registered workers: the
         wrapping sum of xxh3_64(b"h" + key u64 LE + worker u32 LE + instance + b"\\0" + location)

@@ -687,6 +687,20 @@ pub fn i64_arg(obj: &Bound<'_, PyAny>, name: &str) -> Result<i64> {
 }
 
 /// A str argument.
+/// A tuple of str as strings; InvalidTypeError naming `name` for anything else.
+pub fn str_tuple(obj: &Bound<'_, PyAny>, name: &str) -> Result<Vec<String>> {
+    let tuple = obj.cast::<PyTuple>().map_err(|_| {
+        Error::ty(format!(
+            "{name} must be a tuple of str, not {}",
+            type_name(obj)
+        ))
+    })?;
+    tuple
+        .iter()
+        .map(|item| str_arg(&item, name).map(|s| s.to_string()))
+        .collect()
+}
+
 pub fn str_arg(obj: &Bound<'_, PyAny>, name: &str) -> Result<Arc<str>> {
     match obj.cast::<PyString>() {
         Ok(s) => s

@@ -11,7 +11,9 @@ use crate::hash::{chunk_hashes_after, PrefixHash};
 use crate::http_fast;
 use crate::index::{validate_instance_id, Batch, DetailedMatch, Event, EventKind, Match, Op};
 use crate::keyspace::KeySpace;
-use crate::py::convert::{bool_arg, i64_arg, int_arg, no_kwargs, path_arg, str_arg, IntsArg};
+use crate::py::convert::{
+    bool_arg, i64_arg, int_arg, no_kwargs, path_arg, str_arg, str_tuple, IntsArg,
+};
 use crate::shared::{LookupAnswer, SharedIndex};
 
 /// Run `f` with the GIL released; map the core error on the way back.
@@ -61,6 +63,22 @@ pub fn chunk_hashes<'py>(
         Ok(chunk_hashes_after(parent, &tokens.view()?, cs, seed))
     })?;
     PyList::new(py, keys)
+}
+
+/// Whether a `/lookup` body's top-level object gives one of `names` (a tuple of str) a value
+/// other than null, read without its tokens list (rust/json.rs `names_any`). A body that is
+/// not a JSON object names nothing.
+#[pyfunction]
+#[pyo3(signature = (body, names, **kwargs), text_signature = "(body, names)")]
+pub fn lookup_body_names(
+    body: &[u8],
+    names: &Bound<'_, PyAny>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<bool> {
+    no_kwargs("lookup_body_names", kwargs)?;
+    let names = str_tuple(names, "names")?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Ok(crate::json::names_any(body, &names))
 }
 
 /// What this build does on the running interpreter (for diagnostics and tests).
@@ -632,11 +650,13 @@ impl PyIndex {
     /// released, stopping at the first request it leaves to the general HTTP server. Returns
     /// (responses, bytes consumed, seconds per answered request, whether the last one closes
     /// the connection, lookups that matched, tokens asked, tokens matched). ``extra_header``:
-    /// header lines (each ending in CRLF) every response carries. Raises InvalidTypeError
-    /// when ``data`` or ``extra_header`` is not bytes.
+    /// header lines (each ending in CRLF) every response carries. ``leave_named``: field names
+    /// that leave a request to the caller when its body gives one of them a value other
+    /// than null (``lookup_body_names``). Raises InvalidTypeError when ``data`` or
+    /// ``extra_header`` is not bytes or ``leave_named`` not a tuple of str.
     #[pyo3(
-        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=None, **kwargs),
-        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=b'')"
+        signature = (data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=None, leave_named=None, **kwargs),
+        text_signature = "(self, data, event_prefix, first_id, max_header_bytes, max_body_bytes, extra_header=b'', leave_named=())"
     )]
     #[allow(clippy::too_many_arguments)]
     fn answer_lookups<'py>(
@@ -648,9 +668,15 @@ impl PyIndex {
         max_header_bytes: &Bound<'py, PyAny>,
         max_body_bytes: &Bound<'py, PyAny>,
         extra_header: Option<&Bound<'py, PyAny>>,
+        leave_named: Option<&Bound<'py, PyAny>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<AnsweredTuple<'py>> {
         no_kwargs("answer_lookups", kwargs)?;
+        let names = match leave_named {
+            Some(v) => str_tuple(v, "leave_named")?,
+            None => Vec::new(),
+        };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let extra: Vec<u8> = match extra_header {
             Some(v) => v
                 .cast::<PyBytes>()
@@ -684,6 +710,7 @@ impl PyIndex {
                 &prefix,
                 first_id,
                 &extra,
+                &names,
             ))
         })?;
         Ok((

@@ -6,13 +6,14 @@
 //   only when the call says it closes;
 // * the counts (lookups with a match, tokens asked, tokens matched) are the answered lookups' sums;
 // * it stops only where it must: after the last answered request, the rest of the input is not
-//   a fast-path request whose lookup succeeds (unless the connection was closed).
+//   a fast-path request whose lookup succeeds and whose body names no field it was told to
+//   leave (unless the connection was closed); no answered body names one (`names_any`).
 //
 // The first input byte picks the limits (small ones reach the "leave it to the general server"
-// branches with short inputs).
+// branches with short inputs), the extra header and whether the namespace fields are left.
 
 use _core::http_fast::{answer_with, parse_lookup_request, Limits};
-use _core::json::parse_lookup_body;
+use _core::json::{names_any, parse_lookup_body};
 use _core::shared::LookupAnswer;
 
 /// A stand-in lookup that "matches" half the tokens it is asked.
@@ -50,7 +51,12 @@ pub fn check(data: &[u8]) {
     } else {
         b""
     };
-    let out = answer_with(input, &limits, "E-", 1, extra, lookup);
+    let leave: &[&str] = if data[0] & 8 == 8 {
+        &["model", "lora_name", "cache_salt"]
+    } else {
+        &[]
+    };
+    let out = answer_with(input, &limits, "E-", 1, extra, leave, lookup);
     assert!(out.consumed <= input.len());
     // replay the requests it answered, one by one, and rebuild the responses it must have written
     let mut pos = 0;
@@ -59,6 +65,7 @@ pub fn check(data: &[u8]) {
     for n in 0..out.seconds.len() {
         let req = parse_lookup_request(&input[pos..], &limits)
             .expect("answered a request it does not parse");
+        assert!(!names_any(req.body, leave), "answered a body naming a field to leave");
         let body = lookup(req.body, req.detail, &format!("E-{}", 1 + n))
             .expect("answered a failing lookup");
         _core::http_fast::write_response(&mut expected, body.body.as_bytes(), req.keep_alive, extra);
@@ -90,7 +97,7 @@ pub fn check(data: &[u8]) {
     if !out.close {
         if let Some(next) = parse_lookup_request(&input[pos..], &limits) {
             assert!(
-                lookup(next.body, next.detail, "x").is_err(),
+                lookup(next.body, next.detail, "x").is_err() || names_any(next.body, leave),
                 "stopped before a request it answers"
             );
         }

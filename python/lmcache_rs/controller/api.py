@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
+from .. import lookup_body_names
 from ..wire import pack_u32s
 from .dashboard import DASHBOARD_HTML
 from .http import HTML, JSON, PROMETHEUS, Request, Response, error_body
@@ -92,7 +93,6 @@ def _position(data: dict, name: str) -> tuple[str, str]:
 
 # A /lookup body naming one of these picks engine-event namespaces (model, LoRA, salt).
 NAMESPACE_FIELDS = ("model", "lora_name", "cache_salt")
-_NAMESPACE_KEYS = tuple(f'"{name}"'.encode() for name in NAMESPACE_FIELDS)
 
 
 class Lookup:
@@ -155,7 +155,7 @@ class Lookup:
             self._sample = request.body
         seq = self.applied_seq() if self.applied_seq is not None else 0  # read before the index
         try:
-            if self.kv_events is not None and any(k in request.body for k in _NAMESPACE_KEYS):
+            if self.kv_events is not None and lookup_body_names(request.body, NAMESPACE_FIELDS):
                 indexes = self._named_indexes(request.body)
             else:
                 indexes = self._indexes()
@@ -221,18 +221,16 @@ class Lookup:
         if self._sample_wanted:
             return b"", 0, False
         kv = self.kv_events
-        if kv is not None and (any(k in data for k in _NAMESPACE_KEYS) or (kv.any_stale and b"detail=1" in data)):
-            return b"", 0, False  # the general path picks namespaces and lists stale engines
+        if kv is not None and kv.any_stale and b"detail=1" in data:
+            return b"", 0, False  # the general path lists stale engines
         indexes = self._indexes()
         if len(indexes) != 1:
             return b"", 0, False
-        if self.applied_seq is None:
-            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
-                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes)
-        else:
-            out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
-                data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes,
-                b"X-Lmc-Seq: %d\r\n" % self.applied_seq())
+        # a body naming a namespace is left to the general path, which picks the namespaces
+        leave = NAMESPACE_FIELDS if kv is not None else ()
+        extra = b"X-Lmc-Seq: %d\r\n" % self.applied_seq() if self.applied_seq is not None else b""
+        out, consumed, seconds, close, hits, asked, matched = indexes[0].answer_lookups(
+            data, self.prefix, self.counter + 1, max_header_bytes, max_body_bytes, extra, leave)
         if seconds:
             self.counter += len(seconds)
             self.metrics.observe_lookups(seconds, hits, asked, matched)
