@@ -139,21 +139,9 @@ fn tokens_member<'a, T>(
     i = ws(b, i + 1);
     let mut tokens = None;
     loop {
-        // the usual spelling of the key is matched as bytes; any other is decoded
-        let is_tokens = if b[i..].starts_with(b"\"tokens\"") {
-            i += b"\"tokens\"".len();
-            true
-        } else {
-            let (key, n) = one_value::<std::borrow::Cow<'_, str>>(&b[i..])?;
-            i += n;
-            key == "tokens"
-        };
-        i = ws(b, i);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        i = ws(b, i + 1);
-        if is_tokens {
+        let (key, value_at) = member_key(b, i)?;
+        i = value_at;
+        if key == "tokens" {
             if tokens.is_some() {
                 return None;
             }
@@ -178,12 +166,27 @@ fn tokens_member<'a, T>(
     tokens
 }
 
+/// The key of the object member at `b[i]` (the usual spelling of `"tokens"` matched as bytes,
+/// any other decoded) and where its value starts, past the colon and whitespace.
+fn member_key(b: &[u8], i: usize) -> Option<(std::borrow::Cow<'_, str>, usize)> {
+    let (key, n) = if b[i..].starts_with(b"\"tokens\"") {
+        (std::borrow::Cow::Borrowed("tokens"), b"\"tokens\"".len())
+    } else {
+        one_value::<std::borrow::Cow<'_, str>>(&b[i..])?
+    };
+    let i = ws(b, i + n);
+    if b.get(i) != Some(&b':') {
+        return None;
+    }
+    Some((key, ws(b, i + 1)))
+}
+
 /// Whether the top-level object of a `/lookup` body gives one of `names` a value other than
 /// null. The usual body is read for its structure only: its tokens list is skipped to its `]`
 /// (found with memchr) without reading a number. Anything that reading does not follow is
-/// parsed whole by serde_json; a body that is not a JSON object names nothing (the lookup
-/// refuses it, however it is routed). A duplicated name counts if any of its values is not
-/// null.
+/// parsed whole by serde_json. Exact for every JSON body (a duplicated name counts if any of
+/// its values is not null; a JSON value that is not an object names nothing); for a body that
+/// is not JSON the answer is unspecified (the lookup refuses it, however it is routed).
 pub fn names_any(b: &[u8], names: &[&str]) -> bool {
     if names.is_empty() {
         return false;
@@ -191,8 +194,10 @@ pub fn names_any(b: &[u8], names: &[&str]) -> bool {
     names_any_skimmed(b, names).unwrap_or_else(|| names_any_parsed(b, names))
 }
 
-/// `names_any` for the usual shapes; None where the full parse must decide.
-fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
+/// `names_any` for the usual shapes; None where the full parse must decide. (Public for the
+/// fuzz oracle, which holds it to `names_any_parsed`.)
+#[doc(hidden)]
+pub fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
     let mut i = ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -200,17 +205,9 @@ fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
     i = ws(b, i + 1);
     let mut found = false;
     loop {
-        let (key, n) = if b[i..].starts_with(b"\"tokens\"") {
-            (std::borrow::Cow::Borrowed("tokens"), b"\"tokens\"".len())
-        } else {
-            one_value::<std::borrow::Cow<'_, str>>(&b[i..])?
-        };
-        i = ws(b, i + n);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        i = ws(b, i + 1);
-        if key == "tokens" && b.get(i) == Some(&b'[') {
+        let (key, value_at) = member_key(b, i)?;
+        i = value_at;
+        if key == "tokens" && b.get(i) == Some(&b'[') && !names.contains(&"tokens") {
             // with no quote and no inner list before it, the first `]` ends the list
             let end = i + 1 + memchr::memchr3(b']', b'"', b'[', &b[i + 1..])?;
             if b[end] != b']' {
@@ -235,7 +232,8 @@ fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
 }
 
 /// `names_any` by a full parse.
-fn names_any_parsed(b: &[u8], names: &[&str]) -> bool {
+#[doc(hidden)]
+pub fn names_any_parsed(b: &[u8], names: &[&str]) -> bool {
     struct Names<'n>(&'n [&'n str]);
     impl<'de> Visitor<'de> for Names<'_> {
         type Value = bool;
@@ -1723,6 +1721,8 @@ mod tests {
             assert_eq!(names_any(body.as_bytes(), &NAMES), named, "{body}");
         }
         assert!(!names_any(b"{\"model\": \"m\"}", &[]));
+        assert!(names_any(b"{\"tokens\": [1, 2]}", &["tokens"]));
+        assert!(!names_any(b"{\"tokens\": null}", &["tokens"]));
     }
 
     #[test]

@@ -11,14 +11,12 @@ import logging
 import random
 import urllib.request
 
-import msgspec
 import pytest
-import zmq
 
 from lmcache_rs import lmcache_chunk_hashes
-from lmcache_rs.controller import lmcache_messages as m
 from lmcache_rs.controller.server import Controller
 from lmcache_rs.controller.settings import Settings
+from lmcache_worker_client import report_admits
 
 CHUNK = 4
 NEEDED = 5
@@ -53,24 +51,8 @@ class Deployment:
     async def start(self) -> None:
         await self.controller.start()
         self.port = self.controller.http_port
-        bound = self.controller.lmcache.bound
-        ctx = zmq.asyncio.Context()
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{bound['reply']}")
-        await dealer.send_multipart([b"", msgspec.msgpack.encode(m.RegisterMsg(
-            instance_id="lmc", worker_id=0, ip="127.0.0.1", port=1, peer_init_url=None))])
-        await dealer.recv_multipart()
-        push = ctx.socket(zmq.PUSH)
-        push.connect(f"tcp://127.0.0.1:{bound['pull']}")
         keys = [k for p in self.prompts for k in lmcache_chunk_hashes(p, CHUNK, self.worker_none_hash)]
-        ops = [m.AdmitOp(key=k, seq_num=i) for i, k in enumerate(keys)]
-        await push.send(msgspec.msgpack.encode(m.BatchedKVOperationMsg(
-            instance_id="lmc", worker_id=0, location="LocalCPUBackend", operations=ops)))
-        while len(self.controller.lmcache.index) < len(keys):
-            await asyncio.sleep(0.01)
-        for sock in (dealer, push):
-            sock.close(0)
-        ctx.term()
+        await report_admits(self.controller, "lmc", 0, [("LocalCPUBackend", keys)])
 
     async def lookup(self, tokens: list[int]) -> dict:
         return await asyncio.to_thread(_post, self.port, tokens)

@@ -7,42 +7,14 @@ from __future__ import annotations
 import asyncio
 import random
 
-import msgspec
-import zmq
-import zmq.asyncio
-
 from fake_worker import FakeWorker, HttpClient, run_with_workers
-from lmcache_rs.controller import lmcache_messages as m
 from lmcache_rs.controller import worker_listing
+from lmcache_worker_client import report_admits
 from lmcache_rs.controller.server import Controller
 from lmcache_rs.controller.settings import Settings
 
 CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
 PEER = "127.0.0.1:8200"
-
-
-async def lmcache_worker(controller: Controller, cpu_keys: list[int], disk_keys: list[int]) -> None:
-    """Register LMCache worker lmc/3 with a P2P URL and admit keys at two locations."""
-    bound = controller.lmcache.bound
-    ctx = zmq.asyncio.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(f"tcp://127.0.0.1:{bound['reply']}")
-    await dealer.send_multipart([b"", msgspec.msgpack.encode(m.RegisterMsg(
-        instance_id="lmc", worker_id=3, ip="127.0.0.1", port=1, peer_init_url=PEER))])
-    await dealer.recv_multipart()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{bound['pull']}")
-    seq = 0
-    for location, keys in ((CPU, cpu_keys), (DISK, disk_keys)):
-        ops = [m.AdmitOp(key=k, seq_num=seq + i) for i, k in enumerate(keys)]
-        seq += len(ops)
-        await push.send(msgspec.msgpack.encode(m.BatchedKVOperationMsg(
-            instance_id="lmc", worker_id=3, location=location, operations=ops)))
-    while len(controller.lmcache.index) < len(set(cpu_keys) | set(disk_keys)):
-        await asyncio.sleep(0.01)
-    for sock in (dealer, push):
-        sock.close(0)
-    ctx.term()
 
 
 def test_key_stats_and_workers_count_every_workers_holdings():
@@ -62,7 +34,7 @@ def test_key_stats_and_workers_count_every_workers_holdings():
             ranks[1].admit_tokens(DISK, list(range(8)))  # 2 chunks
             for rank in ranks:
                 await rank.barrier()
-            await lmcache_worker(controller, cpu_keys, disk_keys)
+            await report_admits(controller, "lmc", 3, [(CPU, cpu_keys), (DISK, disk_keys)], peer_init_url=PEER)
             async with HttpClient("127.0.0.1", controller.http_port) as http:
                 ask = lambda path: http.json("GET", path)  # noqa: E731
                 status, stats = await ask("/controller/key-stats")
@@ -95,6 +67,10 @@ def test_key_stats_and_workers_count_every_workers_holdings():
                 for path, want in (("/controller/workers?instance_id=nobody", 404),
                                    ("/controller/workers?instance_id=ours&worker_id=7", 404),
                                    ("/controller/workers?instance_id=nobody&worker_id=0", 404),
+                                   ("/controller/workers?instance_id=", 404),
+                                   ("/controller/workers?instance_id=&worker_id=0", 404),
+                                   ("/controller/workers?worker_id=", 400),
+                                   ("/controller/workers?worker_id=1_0", 400),
                                    ("/controller/workers?worker_id=one", 400),
                                    ("/controller/workers?worker_id=%ff", 400)):
                     status, body = await ask(path)
@@ -147,3 +123,4 @@ def test_listing_queries_against_a_filter_model():
     stats = worker_listing.key_stats(instances, counts)
     assert stats["total_key_count"] == 12 and stats["total_worker_count"] == 3
     assert worker_listing.parse_worker_query(b"instance_id=a%20b&worker_id=-2&x=1") == ("a b", -2)
+    assert worker_listing.parse_worker_query(b"instance_id=&x") == ("", None)

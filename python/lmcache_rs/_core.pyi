@@ -68,7 +68,8 @@ def lmcache_chunk_hashes(tokens: _TokensLike, chunk_size: int = 256, none_hash: 
 
 def lookup_body_names(body: bytes, names: tuple[str, ...]) -> bool:
     """Whether a /lookup body's top-level object gives one of ``names`` a value other than
-    null, read without its tokens list. A body that is not a JSON object names nothing."""
+    null, read without its tokens list. Exact for JSON (a JSON value that is not an object names
+    nothing); unspecified for a body that is not JSON."""
 
 def python_str_hash(text: str, hash_seed: int, siphash: str = "siphash13") -> int:
     """``hash(text)`` of a 64-bit CPython started with ``PYTHONHASHSEED=hash_seed``

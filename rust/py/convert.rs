@@ -686,8 +686,7 @@ pub fn i64_arg(obj: &Bound<'_, PyAny>, name: &str) -> Result<i64> {
     })
 }
 
-/// A str argument.
-/// A tuple of str as strings; InvalidTypeError naming `name` for anything else.
+/// A tuple of str as strings; InvalidTypeError naming `name` (and the item) for anything else.
 pub fn str_tuple(obj: &Bound<'_, PyAny>, name: &str) -> Result<Vec<String>> {
     let tuple = obj.cast::<PyTuple>().map_err(|_| {
         Error::ty(format!(
@@ -697,10 +696,12 @@ pub fn str_tuple(obj: &Bound<'_, PyAny>, name: &str) -> Result<Vec<String>> {
     })?;
     tuple
         .iter()
-        .map(|item| str_arg(&item, name).map(|s| s.to_string()))
+        .enumerate()
+        .map(|(k, item)| str_arg(&item, &format!("{name}[{k}]")).map(|s| s.to_string()))
         .collect()
 }
 
+/// A str argument.
 pub fn str_arg(obj: &Bound<'_, PyAny>, name: &str) -> Result<Arc<str>> {
     match obj.cast::<PyString>() {
         Ok(s) => s

@@ -66,8 +66,8 @@ pub fn chunk_hashes<'py>(
 }
 
 /// Whether a `/lookup` body's top-level object gives one of `names` (a tuple of str) a value
-/// other than null, read without its tokens list (rust/json.rs `names_any`). A body that is
-/// not a JSON object names nothing.
+/// other than null, read without its tokens list (rust/json.rs `names_any`). Exact for JSON
+/// (a JSON value that is not an object names nothing); unspecified for a body that is not JSON.
 #[pyfunction]
 #[pyo3(signature = (body, names, **kwargs), text_signature = "(body, names)")]
 pub fn lookup_body_names(

@@ -7,16 +7,25 @@
 // * `parse_lookup_tokens` (which reads the numbers only as they are taken) accepts and refuses
 //   what `parse_lookup_body` does, with the same tokens, taken whole or a few at a time;
 // * the response rendered for any event id and instance/location names read from the
-//   input is valid JSON and gives those strings back.
+//   input is valid JSON and gives those strings back;
+// * `names_any`'s skim of a JSON body, wherever it answers, answers as the full parse
+//   (for names with and without "tokens").
 
 use _core::index::Match;
 use _core::hash::TokenCursor;
-use _core::json::{parse_lookup_body, parse_lookup_tokens, render_lookup};
+use _core::json::{names_any_parsed, names_any_skimmed, parse_lookup_body, parse_lookup_tokens, render_lookup};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// One input through the target's checks; panics on a finding.
 pub fn check(data: &[u8]) {
+    if serde_json::from_slice::<&RawValue>(data).is_ok() {
+        for names in [&["model", "lora_name", "cache_salt"][..], &["x", "tokens"][..]] {
+            if let Some(found) = names_any_skimmed(data, names) {
+                assert_eq!(found, names_any_parsed(data, names), "names_any's skim and parse disagree");
+            }
+        }
+    }
     let eager = parse_lookup_body(data).ok();
     let whole = parse_lookup_tokens(data).ok().map(|t| t.into_vec());
     assert_eq!(whole, eager, "parse_lookup_tokens and parse_lookup_body disagree");

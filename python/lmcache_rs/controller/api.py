@@ -185,7 +185,7 @@ class Lookup:
                 raise BadRequest(f"field {field!r} must be a non-empty string or null")
             names.append(value)
         _tokens(data)  # checked here too: no namespace may answer, and a bad body is still a 400
-        if all(name is None for name in names):  # {"model": null}: the same as not naming one
+        if all(name is None for name in names):  # {"model": "m", "model": null}: the last value wins
             return self._indexes()
         return [ns.index for ns in self.kv_events.lookup_namespaces(*names)]
 

@@ -12,8 +12,11 @@ order). docs/lmcache-compat.md lists the differences.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 from urllib.parse import parse_qs
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 
 
 class NotFound(Exception):
@@ -21,7 +24,7 @@ class NotFound(Exception):
 
 
 class BadQuery(Exception):
-    """A query parameter that cannot be read (LMCache answers 422)."""
+    """A query parameter that cannot be read (LMCache answers 422, ours 400)."""
 
 
 def key_counts(rows: Iterable[tuple[str, int, str, int]]) -> dict[tuple[str, int], int]:
@@ -53,19 +56,20 @@ def worker_info(record: Any, count: int, peer_init_url: str | None) -> dict:
 
 
 def parse_worker_query(query: bytes) -> tuple[str | None, int | None]:
-    """(instance_id, worker_id) from ``?instance_id=...&worker_id=...``; either may be absent."""
+    """(instance_id, worker_id) from ``?instance_id=...&worker_id=...``; either may be absent.
+    An empty ``instance_id`` names no instance (404 later); ``worker_id`` must be an integer
+    in ASCII digits."""
     try:
-        params = parse_qs(query.decode("utf-8"), strict_parsing=False)
+        params = parse_qs(query.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:
         raise BadQuery("the query string is not UTF-8") from None
     instance_id = params["instance_id"][-1] if "instance_id" in params else None
     worker_id = None
     if "worker_id" in params:
         text = params["worker_id"][-1]
-        try:
-            worker_id = int(text)
-        except ValueError:
-            raise BadQuery(f"worker_id must be an integer, got {text[:100]!r}") from None
+        if not _INTEGER.fullmatch(text):
+            raise BadQuery(f"worker_id must be an integer, got {text[:100]!r}")
+        worker_id = int(text)
     return instance_id, worker_id
 
 
