@@ -132,38 +132,43 @@ fn tokens_member<'a, T>(
     b: &'a [u8],
     list: impl Fn(&'a [u8], usize) -> Option<(T, usize)>,
 ) -> Option<T> {
-    let mut i = ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = ws(b, i + 1);
     let mut tokens = None;
-    loop {
-        let (key, value_at) = member_key(b, i)?;
-        i = value_at;
+    object_members(b, |key, i| {
         if key == "tokens" {
             if tokens.is_some() {
                 return None;
             }
             let (read, end) = list(b, i)?;
             tokens = Some(read);
-            i = end;
+            Some(end)
         } else {
             let n = one_value::<IgnoredAny>(&b[i..])?.1;
             std::str::from_utf8(&b[i..i + n]).ok()?;
-            i += n;
+            Some(i + n)
         }
-        i = ws(b, i);
+    })?;
+    tokens
+}
+
+/// Walk the object that is the whole of `b` (whitespace around it allowed): `member(key, i)`
+/// reads the value starting at `b[i]` and returns the index just after it, or None to stop.
+/// None when `b` is not such an object or a member stopped.
+fn object_members(b: &[u8], mut member: impl FnMut(&str, usize) -> Option<usize>) -> Option<()> {
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(b, i + 1);
+    loop {
+        let (key, value_at) = member_key(b, i)?;
+        i = ws(b, member(&key, value_at)?);
         match b.get(i) {
             Some(b',') => i = ws(b, i + 1),
             Some(b'}') => break,
             _ => return None,
         }
     }
-    if ws(b, i + 1) != b.len() {
-        return None;
-    }
-    tokens
+    (ws(b, i + 1) == b.len()).then_some(())
 }
 
 /// The key of the object member at `b[i]` (the usual spelling of `"tokens"` matched as bytes,
@@ -198,37 +203,21 @@ pub fn names_any(b: &[u8], names: &[&str]) -> bool {
 /// fuzz oracle, which holds it to `names_any_parsed`.)
 #[doc(hidden)]
 pub fn names_any_skimmed(b: &[u8], names: &[&str]) -> Option<bool> {
-    let mut i = ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = ws(b, i + 1);
     let mut found = false;
-    loop {
-        let (key, value_at) = member_key(b, i)?;
-        i = value_at;
+    object_members(b, |key, i| {
         if key == "tokens" && b.get(i) == Some(&b'[') && !names.contains(&"tokens") {
             // with no quote and no inner list before it, the first `]` ends the list
             let end = i + 1 + memchr::memchr3(b']', b'"', b'[', &b[i + 1..])?;
-            if b[end] != b']' {
-                return None;
-            }
-            i = end + 1;
-        } else if names.contains(&key.as_ref()) {
+            (b[end] == b']').then_some(end + 1)
+        } else if names.contains(&key) {
             let (value, n) = one_value::<Option<IgnoredAny>>(&b[i..])?;
             found |= value.is_some();
-            i += n;
+            Some(i + n)
         } else {
-            i += one_value::<IgnoredAny>(&b[i..])?.1;
+            Some(i + one_value::<IgnoredAny>(&b[i..])?.1)
         }
-        i = ws(b, i);
-        match b.get(i) {
-            Some(b',') => i = ws(b, i + 1),
-            Some(b'}') => break,
-            _ => return None,
-        }
-    }
-    (ws(b, i + 1) == b.len()).then_some(found)
+    })?;
+    Some(found)
 }
 
 /// `names_any` by a full parse.
