@@ -716,11 +716,11 @@ class LMCacheSource:
 # Keys read from the pull socket per index batch, at most (reads waiting are joined up to this).
 PULL_BATCH_KEYS = 64 * 1024
 
-# Messages (LMCache's worker sends up to 50 operations' frames as one) the pull socket queues
-# per connected worker before ZMQ stops reading that worker's connection: past it, reports
-# wait in the kernel's socket buffers and the worker's own send queue, and nothing is dropped
-# (PUSH/PULL never drops). ZMQ's default of 1,000 let a burst pile up in this process (the
-# whole 52 MB of a 2 M-admit burst, in fresh pages that ZMQ's I/O thread faulted in while the
+# ZMQ messages the pull socket queues per connected worker (one is a multipart send, in which
+# LMCache's worker puts up to 50 of its messages) before ZMQ stops reading that worker's
+# connection: past it, reports wait in the kernel's socket buffers and the worker's own send
+# queue, and nothing is dropped (PUSH/PULL never drops). ZMQ's default of 1,000 let a burst pile up in this process (the
+# whole 78 MB of a 2 M-admit burst, in fresh pages that ZMQ's I/O thread faulted in while the
 # loop waited for the index); bounded, the same few MB are reused (BENCHMARKS.md,
 # lmcache_ingest: about a fifth off the end-to-end time).
 PULL_QUEUE_MESSAGES = 64
